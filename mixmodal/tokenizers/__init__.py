@@ -1,0 +1,1 @@
+"""Tokenizers: byte-level BPE for text; VQ and KL-VAE for images."""
