@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mixmodal.demo --out demo_out
+	$(BIN)/python -m mixmodal.demo --config configs/demo.yaml --out demo_out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -107,9 +107,9 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     for key in data:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"{_join(path, key)}: unknown key{hint} Allowed keys of {cls.__name__}: {', '.join(fields)}"
+                f"{_join(path, key)}: unknown key{hint}; allowed keys of {cls.__name__}: {', '.join(fields)}"
             )
     kwargs = {k: _convert(hints[k], v, _join(path, k)) for k, v in data.items()}
     try:

@@ -29,8 +29,8 @@ from mixmodal.tokenizers.text import TextTokenizerConfig
 class DemoConfig:
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     text_tokenizer: TextTokenizerConfig = field(default_factory=lambda: TextTokenizerConfig(vocab_size=1024))
-    num_train: int = 2000  # documents in the train split
-    num_heldout: int = 200  # documents in each held-out split
+    num_train: int = 5000  # documents in the train split
+    num_heldout: int = 500  # documents in each held-out split
     num_shown: int = 24  # documents on each contact sheet
 
     def __post_init__(self) -> None:

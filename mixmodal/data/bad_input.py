@@ -21,6 +21,7 @@ TRUNCATED_IMAGE = "truncated-image"
 TOO_MANY_PIXELS = "too-many-pixels"
 EMPTY_DOCUMENT = "empty-document"
 MISSING_FIELD = "missing-field"
+BAD_SHARD = "bad-shard"  # a tar shard (or .jsonl.gz) that cannot be opened or read to its end
 
 
 class BadInputError(ValueError):

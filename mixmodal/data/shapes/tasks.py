@@ -1,0 +1,83 @@
+"""`shapes_document(config, split, index)`: document `index` of a split, as a pure function.
+
+Any consumer can build document `index` without building the others (the data loader
+shards by index). Each document draws, from its own stream (`splits.split_rng`), first its
+scene (so its first scene is `sample_scene(config, split, index)`), then its task from
+`config.tasks`, then its text and any later scenes. Layouts (T = text, I = image):
+
+    caption  T I          the caption, then the image it describes
+    vqa      I T          "Question: ... Answer: ..."
+    edit     I T I        before, instruction, after
+    story    T I (T I)*   caption of the first scene, then one change per later image
+
+`metadata`: source, task, split, index, resolution, and `scenes` (one scene dict per
+image, in image order), plus per task: caption; question, answer, question_type;
+instruction, edit; steps, edits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mixmodal.data.shapes.captions import caption
+from mixmodal.data.shapes.edits import Edit, random_edit
+from mixmodal.data.shapes.render import render
+from mixmodal.data.shapes.scene import Scene, ShapesConfig
+from mixmodal.data.shapes.splits import MAX_TRIES, allowed_later, draw_scene, split_rng
+from mixmodal.data.shapes.text import instruction, story_step, vqa
+from mixmodal.documents import Document, Image, Text
+
+
+def document_id(split: str, index: int) -> str:
+    return f"shapes-{split}-{index:06d}"
+
+
+def _next_edit(rng: np.random.Generator, scene: Scene, config: ShapesConfig, split: str) -> Edit:
+    for _ in range(MAX_TRIES):
+        edit = random_edit(rng, scene, config)
+        if allowed_later(edit.apply(scene), split):
+            return edit
+    raise RuntimeError(f"no {split} edit of {scene.canonical()} in {MAX_TRIES} draws; this is a bug")
+
+
+def shapes_document(config: ShapesConfig, split: str, index: int) -> Document:
+    """Document `index` of `split` ("train", "heldout" or "heldout-combos")."""
+    config.validate()  # the config may have been changed field by field since it was built
+    rng = split_rng(config, split, index)
+    scene = draw_scene(rng, config, split)
+    weights = config.task_weights()
+    names = list(weights)
+    p = np.array([weights[n] for n in names]) / sum(weights.values())
+    task = names[int(rng.choice(len(names), p=p))]
+    doc_id = document_id(split, int(index))
+    scenes = [scene]
+    meta: dict = {}
+    if task == "caption":
+        text = caption(scene, rng)
+        layout: list = [text, 0]
+        meta["caption"] = text
+    elif task == "vqa":
+        question, answer, kind = vqa(scene, rng)
+        layout = [0, f"Question: {question} Answer: {answer}"]
+        meta.update(question=question, answer=answer, question_type=kind)
+    elif task == "edit":
+        edit = _next_edit(rng, scene, config, split)
+        text = instruction(edit, scene, rng)
+        scenes.append(edit.apply(scene))
+        layout = [0, text, 1]
+        meta.update(instruction=text, edit=edit.to_dict())
+    else:
+        steps, edits = [caption(scene, rng)], []
+        for k in range(1, config.story_length):
+            edit = _next_edit(rng, scenes[-1], config, split)
+            steps.append(story_step(edit, scenes[-1], rng, last=k == config.story_length - 1))
+            scenes.append(edit.apply(scenes[-1]))
+            edits.append(edit.to_dict())
+        layout = [part for k, step in enumerate(steps) for part in (step, k)]
+        meta.update(steps=steps, edits=edits)
+    parts = [Text(item) if isinstance(item, str)
+             else Image(render(scenes[item], config.resolution), origin=f"{doc_id}#image{item}")
+             for item in layout]
+    metadata = {"source": "shapes", "task": task, "split": split, "index": int(index),
+                "resolution": config.resolution, "scenes": [s.to_dict() for s in scenes], **meta}
+    return Document(parts, metadata, doc_id)
