@@ -26,7 +26,7 @@ def cmd_data_shapes(args: argparse.Namespace, overrides: list[str]) -> int:
     from mixmodal.data.sources import write_webdataset
     from mixmodal.documents import write_jsonl
 
-    flags = [f"{k}={v}" for k, v in (("resolution", args.resolution), ("seed", args.seed)) if v is not None]
+    flags = _flags(args, resolution="resolution", seed="seed")
     config = build_config(ShapesConfig, args.config, flags + overrides)  # defaults <- YAML <- flags <- key=value
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -53,6 +53,16 @@ def _open(args: argparse.Namespace):
     return open_source(args.source, **kwargs)
 
 
+def _flags(args: argparse.Namespace, **fields: str) -> list[str]:
+    """Command-line flags given by the user, as overrides of config fields (field=flag_dest)."""
+    return [f"{field}={getattr(args, dest)}" for field, dest in fields.items() if getattr(args, dest) is not None]
+
+
+def _report_bad_input(source) -> None:
+    if source.log.num_skipped or source.log.converted:
+        print(source.log.summary())
+
+
 def _take(source, limit: int | None):
     for i, doc in enumerate(source):
         if limit is not None and i >= limit:
@@ -71,8 +81,7 @@ def cmd_data_show(args: argparse.Namespace, overrides: list[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     print(f"contact sheet of {len(docs)} documents -> {out}")
-    if source.log.num_skipped or source.log.converted:
-        print(source.log.summary())
+    _report_bad_input(source)
     return 0
 
 
@@ -103,8 +112,7 @@ def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from mixmodal.config import build_config, save_config, to_dict
     from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
 
-    flags = [f"{k}={v}" for k, v in (("vocab_size", args.vocab_size), ("min_frequency", args.min_frequency),
-                                      ("max_texts", args.max_texts)) if v is not None]
+    flags = _flags(args, vocab_size="vocab_size", min_frequency="min_frequency", max_texts="max_texts")
     config = build_config(TextTokenizerConfig, args.config, flags + overrides)  # defaults <- YAML <- flags <- key=value
     source = _open(args)
     started = time.perf_counter()
@@ -113,8 +121,7 @@ def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> int:
     path = tokenizer.save(args.out)
     save_config({"text_tokenizer": to_dict(config), "source": args.source}, args.out)
     print(f"trained byte-level BPE: {tokenizer.vocab_size} ids -> {path} in {time.perf_counter() - started:.1f}s")
-    if source.log.num_skipped or source.log.converted:
-        print(source.log.summary())
+    _report_bad_input(source)
     return 0
 
 
