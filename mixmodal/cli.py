@@ -135,6 +135,120 @@ def cmd_tokenizer_encode(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# --- image ------------------------------------------------------------------------------
+
+def cmd_image_encode(args: argparse.Namespace, overrides: list[str]) -> int:
+    import numpy as np
+    import torch
+
+    from mixmodal.data.bad_input import BadInputLog
+    from mixmodal.data.images import DEFAULT_MAX_PIXELS, decode_image
+    from mixmodal.tokenizers.image import load_image_tokenizer
+    from mixmodal.tokenizers.pixels import images_to_tensor
+
+    _no_overrides("image encode", overrides)
+    tokenizer = load_image_tokenizer(args.tokenizer)
+    log = BadInputLog(strict=True)  # one bad file fails the command, naming the file and why
+    max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
+    pil_images = [decode_image(None, path, log=log, max_pixels=max_pixels) for path in args.images]
+    resolution = tokenizer.config.resolution
+    if not args.resize:
+        for path, image in zip(args.images, pil_images):
+            if image.size != (resolution, resolution):
+                raise ValueError(f"{path}: image is {image.width}x{image.height} but the tokenizer was trained at "
+                                 f"{resolution}x{resolution}; pass --resize to centre-crop and resize it (bicubic)")
+    pixels = images_to_tensor(pil_images, resolution)  # (N, 3, R, R) in [-1, 1]
+    with torch.no_grad():
+        out = torch.cat([tokenizer.encode(batch) for batch in pixels.split(args.batch_size)])
+    array = out.numpy().astype(np.int32 if tokenizer.kind == "vq" else np.float32)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, array)
+    what = "codes" if tokenizer.kind == "vq" else "latents (unscaled)"
+    print(f"encoded {len(pil_images)} image(s) -> {what} {list(array.shape)} {array.dtype} -> {path}")
+    return 0
+
+
+def cmd_image_decode(args: argparse.Namespace, overrides: list[str]) -> int:
+    import numpy as np
+    import torch
+
+    from mixmodal.tokenizers.image import load_image_tokenizer
+    from mixmodal.tokenizers.pixels import tensor_to_images
+
+    _no_overrides("image decode", overrides)
+    tokenizer = load_image_tokenizer(args.tokenizer)
+    array = np.load(args.array, allow_pickle=False)  # never unpickle a user file
+    if tokenizer.kind == "vq" and (array.ndim != 3 or array.dtype.kind not in "iu"):
+        raise ValueError(f"{args.array}: a VQ tokenizer decodes integer codes [N, h, w]; got {array.dtype} {list(array.shape)}")
+    if tokenizer.kind == "vae" and (array.ndim != 4 or array.dtype.kind != "f"):
+        raise ValueError(f"{args.array}: a VAE tokenizer decodes float latents [N, C, h, w] (unscaled); "
+                         f"got {array.dtype} {list(array.shape)}")
+    values = torch.from_numpy(array.astype(np.int64 if tokenizer.kind == "vq" else np.float32))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = 0
+    with torch.no_grad():
+        for batch in values.split(args.batch_size):
+            for image in tensor_to_images(tokenizer.decode(batch)):
+                image.save(out / f"{index:05d}.png")
+                index += 1
+    print(f"decoded {index} image(s) -> {out}/00000.png ...")
+    return 0
+
+
+# --- convert -----------------------------------------------------------------------------
+
+def cmd_convert_diffusers_vae(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.interop.diffusers_vae import convert_diffusers_vae
+
+    _no_overrides("convert diffusers-vae", overrides)
+    model, notes = convert_diffusers_vae(args.src, args.out)
+    _report_conversion(model, notes, args.out)
+    return 0
+
+
+def cmd_convert_chameleon_vqgan(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.interop.chameleon_vqgan import convert_chameleon_vqgan
+
+    _no_overrides("convert chameleon-vqgan", overrides)
+    model, notes = convert_chameleon_vqgan(args.src, args.out, config=args.config)
+    _report_conversion(model, notes, args.out)
+    return 0
+
+
+def _report_conversion(model, notes: list[str], out: str) -> None:
+    c = model.config
+    shape = (f"{c.codebook_size} codes, {model.grid_size}x{model.grid_size} grid" if model.kind == "vq"
+             else f"{c.latent_channels} x {model.grid_size}x{model.grid_size} latents")
+    params = sum(p.numel() for p in model.parameters())
+    print(f"converted {model.kind} tokenizer ({params / 1e6:.1f}M parameters, {c.resolution}px -> {shape}) -> {out}")
+    for note in notes:
+        print(f"note: {note}")
+
+
+# --- train --------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.train.checkpoint import CheckpointError
+    from mixmodal.train.run import load_run_config, train
+    from mixmodal.train.trainer import TrainingError
+
+    flags = ["trainer.resume=true"] if args.resume else []
+    config = load_run_config(args.config, overrides + flags)  # defaults <- YAML <- key=value <- flags
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    started = time.perf_counter()
+    try:
+        result = train(config, out)
+    except (TrainingError, CheckpointError) as e:
+        print(f"mixmodal train: error: {e}", file=sys.stderr)
+        return 1
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    print(f"trained {config.task} for {result['step']} steps in {time.perf_counter() - started:.0f}s -> {out}\n"
+          f"final eval: {shown}")
+    return 0
+
+
 def _no_overrides(verb: str, overrides: list[str]) -> None:
     if overrides:
         raise SystemExit(f"mixmodal {verb}: unexpected arguments {' '.join(overrides)} (this verb takes no config overrides)")
@@ -212,10 +326,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_tokenizer_train)
 
+    p = verbs.add_parser("train", help="train a model from a run config (image tokenizers; more tasks to come)",
+                         description="Train the task named by the config's top-level `task:` key (image-tokenizer). "
+                         "The resolved config goes to RUN_DIR/config.yaml; metrics to RUN_DIR/metrics.jsonl; "
+                         "checkpoints to RUN_DIR/checkpoints/step_NNNNNN/; the final eval to RUN_DIR/eval.json; "
+                         "the task's artifacts (e.g. RUN_DIR/tokenizer/) at the end.",
+                         epilog="Trailing key=value arguments override fields of the run config, by dotted path "
+                         "(e.g. trainer.steps=200 tokenizer.vq.codebook_size=1024 loss.gan.weight=0.1). "
+                         "Presets: configs/tokenizers/{vq,vae}-{tiny,shapes-64}.yaml.")
+    p.add_argument("config", metavar="CONFIG", help="run config YAML with a top-level `task:` key")
+    p.add_argument("--out", default=None, help="run directory (default runs/CONFIG_NAME)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the run directory (same as trainer.resume=true)")
+    p.set_defaults(func=cmd_train)
+
     p = tok_verbs.add_parser("encode", help="show the ids and tokens of a text", description="Encode TEXT with a trained tokenizer.")
     p.add_argument("tokenizer", metavar="TOKENIZER_DIR")
     p.add_argument("text", metavar="TEXT")
     p.set_defaults(func=cmd_tokenizer_encode)
+
+    image = verbs.add_parser("image", help="encode images to codes / latents with an image tokenizer, and back",
+                             description="Encode images with a VQ or VAE image tokenizer directory, and decode back to PNGs.")
+    image_verbs = image.add_subparsers(dest="subverb", metavar="SUBVERB", required=True)
+    p = image_verbs.add_parser("encode", help="images -> codes (VQ) or latents (VAE) in a .npy file",
+                               description="Encode IMAGE files: a VQ tokenizer writes int32 codes [N, h, w], a VAE "
+                               "tokenizer float32 latents [N, C, h, w] (the posterior mean, unscaled).")
+    p.add_argument("tokenizer", metavar="TOKENIZER_DIR", help="folder with config.yaml and model.safetensors")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (any format Pillow reads; converted to RGB)")
+    p.add_argument("--out", required=True, help="output .npy file")
+    p.add_argument("--resize", action="store_true",
+                   help="centre-crop and resize (bicubic) images that are not at the trained resolution, instead of failing")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-pixels", type=int, default=None, help="images with more pixels are refused (decompression-bomb guard)")
+    p.set_defaults(func=cmd_image_encode)
+
+    p = image_verbs.add_parser("decode", help="codes / latents in a .npy file -> PNGs",
+                               description="Decode a .npy of int codes [N, h, w] (VQ) or float latents [N, C, h, w] "
+                               "(VAE, unscaled) into OUT/00000.png, 00001.png, ...")
+    p.add_argument("tokenizer", metavar="TOKENIZER_DIR", help="folder with config.yaml and model.safetensors")
+    p.add_argument("array", metavar="FILE.npy", help="what `mixmodal image encode` wrote")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_image_decode)
+
+    convert = verbs.add_parser("convert", help="convert public checkpoints into mixmodal tokenizer directories",
+                               description="Convert public checkpoints into mixmodal directories (config.yaml + "
+                               "model.safetensors). See docs/image_tokenizers.md.")
+    convert_verbs = convert.add_subparsers(dest="subverb", metavar="KIND", required=True)
+    p = convert_verbs.add_parser("diffusers-vae", help="a diffusers AutoencoderKL folder -> a VAE tokenizer",
+                                 description="Convert a diffusers AutoencoderKL folder (config.json + "
+                                 "diffusion_pytorch_model.safetensors, e.g. a pipeline's vae/) into a VAE tokenizer.")
+    p.add_argument("src", metavar="SRC", help="AutoencoderKL folder")
+    p.add_argument("out", metavar="OUT", help="output tokenizer folder")
+    p.set_defaults(func=cmd_convert_diffusers_vae)
+    p = convert_verbs.add_parser("chameleon-vqgan", help="Chameleon's VQGAN (transformers or taming layout) -> a VQ tokenizer",
+                                 description="Convert Chameleon's image tokenizer into a VQ tokenizer: a transformers "
+                                 "ChameleonVQVAE folder (config.json + model.safetensors; encoder only, so decode is "
+                                 "unavailable) or Meta's taming-layout vqgan.ckpt with its vqgan.yaml (encoder and "
+                                 "decoder). The .ckpt is read with torch.load(weights_only=True): no code is unpickled.")
+    p.add_argument("src", metavar="SRC", help="ChameleonVQVAE folder or .safetensors, or a taming vqgan.ckpt")
+    p.add_argument("out", metavar="OUT", help="output tokenizer folder")
+    p.add_argument("--config", default=None, help="vqgan.yaml for a .ckpt (default: vqgan.yaml or the .ckpt's name "
+                   "with .yaml next to it); config.json for a lone .safetensors")
+    p.set_defaults(func=cmd_convert_chameleon_vqgan)
     return parser
 
 

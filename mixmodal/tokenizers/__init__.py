@@ -1,1 +1,2 @@
-"""Tokenizers: byte-level BPE for text; VQ and KL-VAE for images."""
+"""Tokenizers: byte-level BPE for text (text.py); VQ (vq.py) and KL-VAE (vae.py) for images,
+sharing the conv trunk in trunk.py, saved and loaded by image.py."""

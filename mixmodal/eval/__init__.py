@@ -1,0 +1,1 @@
+"""Evaluation: metrics (image_metrics: PSNR, SSIM) and, later, the eval harness."""

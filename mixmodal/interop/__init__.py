@@ -1,0 +1,1 @@
+"""Converters between mixmodal and public checkpoint layouts (diffusers, transformers, taming)."""

@@ -1,0 +1,36 @@
+"""What every converter shares: reading tensors safely, checking them, writing the result."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from mixmodal.tokenizers.image import check_state_dict, load_image_tokenizer, save_image_tokenizer
+
+
+class ConversionError(ValueError):
+    """A source checkpoint that cannot be converted; the message names the file and what is wrong."""
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path), device="cpu").items()}
+
+
+def finish_conversion(model, state: dict[str, torch.Tensor], origin: str | os.PathLike, out: str | os.PathLike):
+    """Load `state` into `model` (every tensor accounted for, buffers kept at their
+    initial values), write the tokenizer directory and return it loaded back from disk."""
+    full = dict(state)
+    for name, buffer in model.named_buffers():  # bookkeeping buffers (dead-code counters) start fresh
+        full.setdefault(name, buffer)
+    try:
+        check_state_dict(model, full, origin)
+    except ValueError as e:
+        raise ConversionError(str(e).replace("(were config.yaml and model.safetensors written by different runs?)",
+                                             "(is the source config the one these weights were trained with?)")) from None
+    model.load_state_dict(full)
+    save_image_tokenizer(model, out)
+    return load_image_tokenizer(Path(out))

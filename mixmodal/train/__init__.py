@@ -1,0 +1,9 @@
+"""Training: one loop for every task, and the tasks.
+
+    trainer.py          TrainerConfig, the Task protocol, Trainer(task, config, run_dir).fit()
+    optim.py            AdamW with weight-decay groups, warmup + cosine schedule, clipping
+    checkpoint.py       atomic step_NNNNNN/ checkpoints: safetensors weights, optimizer, RNG, trainer state
+    metrics.py          RUN/metrics.jsonl and the progress bar
+    run.py              `mixmodal train CONFIG`: the `task:` key -> the task's config and Task
+    image_tokenizer.py  the first task: VQ / KL-VAE image tokenizers (image_data.py, patch_gan.py)
+"""

@@ -1,0 +1,251 @@
+"""Training checkpoints: one directory per step, written whole or not at all.
+
+    RUN/checkpoints/step_000123/
+        model.safetensors     weights of every model, keys prefixed by model name ("tokenizer.encoder.w")
+        optimizer.pt          {optimizer name: state_dict}; loaded with torch.load(weights_only=True)
+        rng.pt                torch CPU (+ CUDA) state, numpy and python `random` state, the task's generators
+        trainer_state.json    step, data-iterator state, config hash, architecture, metrics so far
+        config.yaml           the resolved run config
+
+The directory is built under a hidden temporary name and renamed into place, so a crash
+leaves either the complete checkpoint or none; `latest_checkpoint` only ever considers
+`step_NNNNNN` names. Nothing here unpickles arbitrary objects: weights go through
+safetensors, the rest through weights_only loading or JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
+RNG = "rng.pt"
+STATE = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run; the message says why and what to do."""
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary and foreign names ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# --- weights ----------------------------------------------------------------------------
+
+def models_state(models: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Prefixed state of several models, and aliases for tensors shared between keys
+    (tied weights): safetensors refuses to store one tensor twice, so later keys of a
+    shared tensor are dropped and recorded as {dropped key: kept key}."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, model in models.items():
+        for key, value in model.state_dict().items():
+            full = f"{name}.{key}"
+            ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+            if value.numel() and ident in seen:
+                aliases[full] = seen[ident]
+                continue
+            seen[ident] = full
+            tensors[full] = value.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def save_weights(models: dict[str, nn.Module], path: Path) -> None:
+    tensors, aliases = models_state(models)
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases), "models": json.dumps(list(models))})
+
+
+def load_weights(models: dict[str, nn.Module], path: Path) -> None:
+    """Load prefixed weights into `models`; a missing model or a key/shape mismatch fails
+    naming the checkpoint file (the usual cause: a different architecture in the config)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    tensors = load_file(str(path))
+    for dropped, kept in aliases.items():
+        tensors[dropped] = tensors[kept]
+    for name, model in models.items():
+        prefix = f"{name}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointError(f"{path} has no weights for model {name!r}; it holds "
+                                  f"{sorted({k.split('.')[0] for k in tensors})}")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: the weights do not fit model {name!r} ({e}); "
+                                  "was the checkpoint written with a different model config?") from None
+
+
+# --- random state -----------------------------------------------------------------------
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every random stream a run draws from, in a form torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": _to_lists(random.getstate()),
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, generator in (generators or {}).items():
+        if name not in state["generators"]:
+            raise CheckpointError(f"the checkpoint has no state for the task's random generator {name!r}")
+        generator.set_state(state["generators"][name])
+
+
+def _to_lists(value):
+    return [_to_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _to_tuples(value):
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+# --- whole checkpoints ------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]  # trainer_state.json
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    models: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    trainer_state: dict[str, Any],
+    rng: dict[str, Any],
+    config_yaml: str | None = None,
+    keep_last: int = 0,
+) -> Path:
+    """Write checkpoint `step` atomically (temporary directory, then rename) and prune
+    all but the newest `keep_last` (0 keeps all)."""
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_weights(models, tmp / WEIGHTS)
+    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / OPTIMIZER)
+    torch.save(rng, tmp / RNG)
+    (tmp / STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=1, allow_nan=False), encoding="utf-8")
+    if config_yaml is not None:
+        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    _fsync_dir(tmp)
+    _rename_into_place(tmp, final)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _rename_into_place(tmp: Path, final: Path) -> None:
+    # A checkpoint of the same step can exist (a run resumed from an earlier one reached it
+    # again): move it aside first, since a rename cannot replace a non-empty directory.
+    if final.exists():
+        trash = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a directory's files and entries to disk (best effort: not every OS allows it)."""
+    try:
+        for child in path.iterdir() if path.name.startswith(".tmp-") else ():
+            with open(child, "rb+") as f:
+                os.fsync(f.fileno())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:
+    """Delete leftovers of writes that crashed before their rename."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    state_file = path / STATE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint: {STATE} is missing")
+    return Checkpoint(path, json.loads(state_file.read_text(encoding="utf-8")))
+
+
+def load_checkpoint(
+    checkpoint: Checkpoint,
+    models: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+) -> dict[str, Any]:
+    """Load weights and optimizer states in place; return the RNG state (set it last,
+    after everything that might draw random numbers has been built)."""
+    load_weights(models, checkpoint.path / WEIGHTS)
+    states = torch.load(checkpoint.path / OPTIMIZER, weights_only=True)
+    for name, opt in optimizers.items():
+        if name not in states:
+            raise CheckpointError(f"{checkpoint.path / OPTIMIZER} has no state for optimizer {name!r} "
+                                  f"(it holds {sorted(states)})")
+        opt.load_state_dict(states[name])
+    return torch.load(checkpoint.path / RNG, weights_only=True)

@@ -1,0 +1,47 @@
+"""`mixmodal train CONFIG`: read the run config's `task:` key, build that task, fit it.
+
+A task module exposes `CONFIG` (its run-config dataclass, with `task` and `trainer`
+fields), `resolve(data, base_dir) -> data` (optional: expand references such as a
+model-config path relative to the YAML file) and `build_task(config) -> Task`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Sequence
+
+from mixmodal.config import ConfigError, build_config, load_yaml, merge, parse_overrides, save_config
+
+TASKS = {
+    "image-tokenizer": "mixmodal.train.image_tokenizer",
+}
+
+
+def task_module(name: Any, where: str) -> ModuleType:
+    if name not in TASKS:
+        raise ConfigError(f"{where}: task must be one of {', '.join(TASKS)}; got {name!r} "
+                          "(set the top-level `task:` key of the config)")
+    return importlib.import_module(TASKS[name])
+
+
+def load_run_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Any:
+    """The resolved run config: dataclass defaults <- YAML <- key=value overrides."""
+    data = merge(load_yaml(path), parse_overrides(overrides))  # overrides first: they may name a preset too
+    task = data.get("task")
+    module = task_module(str(task) if task is not None else None, str(path))
+    if hasattr(module, "resolve"):
+        data = module.resolve(data, Path(path).parent)
+    return build_config(module.CONFIG, data)
+
+
+def train(config: Any, out: str | os.PathLike) -> dict:
+    """Fit `config` (a task's run config) into run directory `out`; return the final eval."""
+    from mixmodal.train.trainer import Trainer
+
+    module = task_module(config.task, "config")
+    task = module.build_task(config)
+    save_config(config, out)
+    return Trainer(task, config.trainer, out).fit()
