@@ -197,6 +197,25 @@ def cmd_image_decode(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_image_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.tokenizers.image import load_image_tokenizer
+    from mixmodal.train.image_data import eval_images
+    from mixmodal.train.image_tokenizer import evaluate_reconstructions
+
+    _no_overrides("image eval", overrides)
+    tokenizer = load_image_tokenizer(args.tokenizer)
+    started = time.perf_counter()
+    images, scenes = eval_images(args.source, tokenizer.config.resolution, args.num)
+    _, metrics = evaluate_reconstructions(tokenizer, images, scenes, batch_size=args.batch_size)
+    metrics = {"tokenizer": str(args.tokenizer), "source": args.source, "images": len(images), **metrics}
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=2))
+    print(f"({time.perf_counter() - started:.1f}s)", file=sys.stderr)
+    return 0
+
+
 # --- convert -----------------------------------------------------------------------------
 
 def cmd_convert_diffusers_vae(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -368,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=cmd_image_decode)
+
+    p = image_verbs.add_parser("eval", help="measure reconstructions: PSNR, SSIM, codebook usage / KL, the shapes oracle",
+                               description="Reconstruct the first --num images of SOURCE with the tokenizer and report "
+                               "PSNR, SSIM, codebook usage and perplexity (VQ) or mean KL (VAE), and, on shapes "
+                               "sources, the oracle's scene recovery on the reconstructions.")
+    p.add_argument("tokenizer", metavar="TOKENIZER_DIR")
+    p.add_argument("--source", default="shapes:split=heldout", help="images to reconstruct (default: held-out shapes)")
+    p.add_argument("--num", type=int, default=1000, help="number of images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_image_eval)
 
     convert = verbs.add_parser("convert", help="convert public checkpoints into mixmodal tokenizer directories",
                                description="Convert public checkpoints into mixmodal directories (config.yaml + "

@@ -144,3 +144,17 @@ def test_unknown_task_names_the_choices(tmp_path, capsys):
     config.write_text("task: nope\n")
     assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
     assert "image-tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["vq-tiny", "vae-tiny"])
+def test_image_eval_of_the_saved_tokenizer_reproduces_the_final_eval(tmp_path, capsys, preset):
+    """`mixmodal image eval` on RUN/tokenizer measures what the run's final eval measured."""
+    out = _train(tmp_path, preset)
+    final = json.loads((out / "eval.json").read_text())
+    capsys.readouterr()
+    assert main(["image", "eval", str(out / "tokenizer"), "--num", "16", "--batch-size", "16",
+                 "--out", str(tmp_path / "m.json")]) == 0
+    measured = json.loads((tmp_path / "m.json").read_text())
+    assert measured["images"] == 16 and "oracle_overall" in measured
+    for key in ("psnr", "ssim", "oracle_overall", "usage" if preset.startswith("vq") else "kl"):
+        assert measured[key] == pytest.approx(final[key], rel=1e-5, abs=1e-6), key

@@ -209,40 +209,10 @@ class ImageTokenizerTask(TaskBase):
             self._eval = eval_images(self.config.data.eval_source, self.resolution, self.config.eval.num_images)
         return self._eval
 
-    def reconstruct(self, model, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Deterministic reconstructions of (N, 3, R, R) images in batches: VQ codes, the VAE's
-        posterior mean. Returns (reconstructions clamped to [-1, 1] on the CPU, stats)."""
-        out, kl_total = [], 0.0
-        counts = torch.zeros(getattr(model, "num_codes", 1), dtype=torch.long)
-        for chunk in images.split(self.config.eval.batch_size):
-            x = chunk.to(self.device)
-            if self.kind == "vq":
-                result = model(x)
-                counts += torch.bincount(result.codes.flatten().cpu(), minlength=model.num_codes)
-                recon = result.reconstruction
-            else:
-                posterior = model.encode_distribution(x)
-                kl_total += float(posterior.kl().float().sum())
-                recon = model.decode(posterior.mean)
-            out.append(recon.float().clamp(-1, 1).cpu())
-        stats = stats_from_counts(counts) if self.kind == "vq" else {"kl": kl_total / len(images)}
-        return torch.cat(out), stats
-
     def evaluate(self, models, step: int, run_dir: Path) -> dict[str, Any]:
-        from mixmodal.data.shapes import Scene, score
-        from mixmodal.tokenizers.pixels import tensor_to_images
-
         images, scenes = self._eval_set()
-        recons, metrics = self.reconstruct(models["tokenizer"], images)
-        a, b = (images + 1) / 2, (recons + 1) / 2  # [0, 1]
-        metrics = {"psnr": float(psnr(a, b).mean()), "ssim": float(ssim(a, b).mean()), **metrics}
-        if self.config.eval.oracle and scenes and all(s is not None for s in scenes):
-            totals = dict.fromkeys(ORACLE_KEYS, 0.0)
-            for image, scene in zip(tensor_to_images(recons), scenes):
-                scores = score(image, Scene.from_dict(scene))
-                for key in ORACLE_KEYS:
-                    totals[key] += scores[key]
-            metrics.update({f"oracle_{k}": v / len(scenes) for k, v in totals.items()})
+        recons, metrics = evaluate_reconstructions(models["tokenizer"], images, scenes if self.config.eval.oracle else None,
+                                                   batch_size=self.config.eval.batch_size, device=self.device)
         if self.config.eval.num_samples:
             save_sample_grid(images, recons, self.config.eval.num_samples, run_dir / "samples" / f"step_{step:06d}.png")
         return metrics
@@ -255,6 +225,50 @@ class ImageTokenizerTask(TaskBase):
             images, _ = eval_images(self.config.data.source, self.resolution, self.config.eval.num_images)
             fit_latent_scaling(model, (c.to(self.device) for c in images.split(self.config.eval.batch_size)))
         save_image_tokenizer(model, run_dir / "tokenizer")
+
+
+@torch.no_grad()
+def reconstruct(model, images: torch.Tensor, batch_size: int = 64, device: str | torch.device = "cpu"):
+    """Deterministic reconstructions of (N, 3, R, R) images in batches: VQ codes, the VAE's
+    posterior mean. Returns (reconstructions clamped to [-1, 1] on the CPU, stats: codebook
+    usage and perplexity over all N images (VQ) or the mean KL (VAE))."""
+    out, kl_total = [], 0.0
+    counts = torch.zeros(getattr(model, "num_codes", 1), dtype=torch.long)
+    for chunk in images.split(batch_size):
+        x = chunk.to(device)
+        if model.kind == "vq":
+            result = model(x)
+            counts += torch.bincount(result.codes.flatten().cpu(), minlength=model.num_codes)
+            recon = result.reconstruction
+        else:
+            posterior = model.encode_distribution(x)
+            kl_total += float(posterior.kl().float().sum())
+            recon = model.decode(posterior.mean)
+        out.append(recon.float().clamp(-1, 1).cpu())
+    stats = stats_from_counts(counts) if model.kind == "vq" else {"kl": kl_total / len(images)}
+    return torch.cat(out), stats
+
+
+def evaluate_reconstructions(model, images: torch.Tensor, scenes: list | None, batch_size: int = 64,
+                             device: str | torch.device = "cpu") -> tuple[torch.Tensor, dict[str, Any]]:
+    """PSNR, SSIM, codebook usage/perplexity (VQ) or KL (VAE) of `model`'s reconstructions of
+    `images` ((N, 3, R, R) in [-1, 1]), and, when every image has its shapes scene, the oracle
+    on the reconstructions: `oracle_overall` = fraction parsed back to exactly the original
+    scene, plus per attribute. Returns (reconstructions, metrics)."""
+    from mixmodal.data.shapes import Scene, score
+    from mixmodal.tokenizers.pixels import tensor_to_images
+
+    recons, stats = reconstruct(model, images, batch_size, device)
+    a, b = (images + 1) / 2, (recons + 1) / 2  # [0, 1]
+    metrics = {"psnr": float(psnr(a, b).mean()), "ssim": float(ssim(a, b).mean()), **stats}
+    if scenes and all(s is not None for s in scenes):
+        totals = dict.fromkeys(ORACLE_KEYS, 0.0)
+        for image, scene in zip(tensor_to_images(recons), scenes):
+            scores = score(image, Scene.from_dict(scene))
+            for key in ORACLE_KEYS:
+                totals[key] += scores[key]
+        metrics.update({f"oracle_{k}": v / len(scenes) for k, v in totals.items()})
+    return recons, metrics
 
 
 def save_sample_grid(images: torch.Tensor, recons: torch.Tensor, num: int, path: Path, columns: int = 4) -> Path:
