@@ -231,3 +231,18 @@ class Decoder(nn.Module):
         for level in self.up_blocks:
             x = level(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class TrunkTokenizer(nn.Module):
+    """Base of the image tokenizers: what they derive from their trunk config."""
+
+    config: TrunkConfig
+
+    @property
+    def grid_size(self) -> int:
+        """Latent positions (codes) per side for an image of the trained resolution."""
+        return self.config.grid_size
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.config.downsampling_factor

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mixmodal.tokenizers.pixels import check_images
-from mixmodal.tokenizers.trunk import Decoder, Encoder, TrunkConfig
+from mixmodal.tokenizers.trunk import Decoder, Encoder, TrunkConfig, TrunkTokenizer
 
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' clamp: keeps exp(logvar) finite in float16
 
@@ -78,7 +78,7 @@ class VAEOutput:
     latents: torch.Tensor  # (B, C, h, w), the sample that was decoded (unscaled)
 
 
-class VAETokenizer(nn.Module):
+class VAETokenizer(TrunkTokenizer):
     """Images (B, 3, R, R) in [-1, 1] <-> latents (B, latent_channels, R/f, R/f)."""
 
     kind = "vae"  # the `kind:` written into config.yaml
@@ -96,15 +96,6 @@ class VAETokenizer(nn.Module):
     @property
     def latent_channels(self) -> int:
         return self.config.latent_channels
-
-    @property
-    def grid_size(self) -> int:
-        """Latent positions per side for an image of the trained resolution."""
-        return self.config.grid_size
-
-    @property
-    def downsampling_factor(self) -> int:
-        return self.config.downsampling_factor
 
     def encode_distribution(self, images: torch.Tensor, *, any_size: bool = False) -> DiagonalGaussian:
         check_images(images, self.config.resolution, self.downsampling_factor, any_size=any_size)

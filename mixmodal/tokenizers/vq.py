@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixmodal.tokenizers.pixels import check_images
-from mixmodal.tokenizers.trunk import Decoder, Encoder, TrunkConfig
+from mixmodal.tokenizers.trunk import Decoder, Encoder, TrunkConfig, TrunkTokenizer
 
 EMA_EPS = 1e-5  # Laplace smoothing of the EMA cluster sizes
 
@@ -171,7 +171,7 @@ class VectorQuantizer(nn.Module):
         self.steps_since_used[dead] = 0
 
 
-class VQTokenizer(nn.Module):
+class VQTokenizer(TrunkTokenizer):
     """Images (B, 3, R, R) in [-1, 1] <-> codes (B, R/f, R/f) in [0, codebook_size)."""
 
     kind = "vq"  # the `kind:` written into config.yaml
@@ -188,15 +188,6 @@ class VQTokenizer(nn.Module):
     @property
     def num_codes(self) -> int:
         return self.config.codebook_size
-
-    @property
-    def grid_size(self) -> int:
-        """Codes per side for an image of the trained resolution (tokens per image = grid_size ** 2)."""
-        return self.config.grid_size
-
-    @property
-    def downsampling_factor(self) -> int:
-        return self.config.downsampling_factor
 
     def encode_latents(self, images: torch.Tensor, *, any_size: bool = False) -> torch.Tensor:
         """Continuous encoder output before quantisation: (B, codebook_dim, h, w)."""
