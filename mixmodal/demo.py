@@ -64,24 +64,11 @@ def _oracle_check(data_dir: Path) -> dict:
     totals: dict[str, float] = {}
     n = 0
     for doc in open_source(str(data_dir), strict=True):
-        scenes = _scenes_of(doc)
-        for img, scene in zip(doc.images, scenes):
+        for img, scene in zip(doc.images, doc.metadata["scenes"]):  # one scene per image, in order
             for k, v in score(img, Scene.from_dict(scene)).items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1
     return {k: round(v / max(1, n), 4) for k, v in totals.items()} | {"images": n}
-
-
-def _scenes_of(doc) -> list[dict]:
-    """The scene behind each image of a shapes document, in image order."""
-    meta = doc.metadata
-    if "scenes" in meta:
-        return list(meta["scenes"])
-    if "scene" in meta:
-        return [meta["scene"]]
-    if "before" in meta and "after" in meta:
-        return [meta["before"], meta["after"]]
-    raise KeyError(f"{doc.id}: no scene in metadata (keys: {sorted(meta)})")
 
 
 def main(argv: list[str] | None = None) -> int:
