@@ -236,6 +236,32 @@ def cmd_convert_chameleon_vqgan(args: argparse.Namespace, overrides: list[str]) 
     return 0
 
 
+def cmd_convert_hf_chameleon(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.interop.hf_chameleon import convert_hf_chameleon
+
+    _no_overrides("convert hf-chameleon", overrides)
+    config, notes = convert_hf_chameleon(args.src, args.out)
+    t, vocab = config.transformer, config.vocab
+    print(f"converted Chameleon ({t.num_layers} layers, dim {t.dim}, {t.num_heads} heads / {t.kv_heads} kv, "
+          f"{'swin' if t.swin_norm else 'pre'}-norm; {vocab.text_size} text ids + {vocab.num_image_codes} image codes) "
+          f"-> {args.out}")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_convert_to_hf_chameleon(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.interop.hf_chameleon import convert_to_hf_chameleon
+
+    _no_overrides("convert to-hf-chameleon", overrides)
+    hf_config, notes = convert_to_hf_chameleon(args.src, args.out)
+    print(f"wrote transformers ChameleonForConditionalGeneration ({hf_config['num_hidden_layers']} layers, "
+          f"vocab_size {hf_config['vocab_size']}) -> {args.out}")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
 def _report_conversion(model, notes: list[str], out: str) -> None:
     c = model.config
     shape = (f"{c.codebook_size} codes, {model.grid_size}x{model.grid_size} grid" if model.kind == "vq"
@@ -399,9 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_image_eval)
 
-    convert = verbs.add_parser("convert", help="convert public checkpoints into mixmodal tokenizer directories",
+    convert = verbs.add_parser("convert", help="convert public checkpoints into mixmodal directories, and back",
                                description="Convert public checkpoints into mixmodal directories (config.yaml + "
-                               "model.safetensors). See docs/image_tokenizers.md.")
+                               "model.safetensors), and mixmodal models into transformers folders. See "
+                               "docs/image_tokenizers.md and docs/interop.md.")
     convert_verbs = convert.add_subparsers(dest="subverb", metavar="KIND", required=True)
     p = convert_verbs.add_parser("diffusers-vae", help="a diffusers AutoencoderKL folder -> a VAE tokenizer",
                                  description="Convert a diffusers AutoencoderKL folder (config.json + "
@@ -419,6 +446,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="vqgan.yaml for a .ckpt (default: vqgan.yaml or the .ckpt's name "
                    "with .yaml next to it); config.json for a lone .safetensors")
     p.set_defaults(func=cmd_convert_chameleon_vqgan)
+    p = convert_verbs.add_parser("hf-chameleon", help="a transformers Chameleon folder -> a mixmodal token-mode model",
+                                 description="Convert a transformers ChameleonForConditionalGeneration folder (config.json "
+                                 "+ model.safetensors or a sharded index; safetensors only, nothing is unpickled) into a "
+                                 "model directory: config.yaml, model.safetensors, vocab_map.json (Chameleon id -> "
+                                 "mixmodal id: image tokens move after the text ids), hf_config.json, and "
+                                 "image_tokenizer/ when the folder holds the VQGAN. mixmodal's special-token ids do "
+                                 "not apply to the result: drive it with Chameleon's tokenizer through vocab_map.json. "
+                                 "See docs/interop.md.")
+    p.add_argument("src", metavar="SRC", help="transformers Chameleon folder")
+    p.add_argument("out", metavar="OUT", help="output model directory")
+    p.set_defaults(func=cmd_convert_hf_chameleon)
+    p = convert_verbs.add_parser("to-hf-chameleon", help="a mixmodal token-mode model -> a transformers Chameleon folder",
+                                 description="Write a mixmodal token-mode model directory as a folder that "
+                                 "transformers' ChameleonForConditionalGeneration.from_pretrained loads (config.json + "
+                                 "model.safetensors). A converted Chameleon goes back to Chameleon's ids and config "
+                                 "(vocab_map.json, hf_config.json); a model trained in mixmodal keeps its ids. Without "
+                                 "image_tokenizer/ the VQGAN is left to transformers' random init (it warns about the "
+                                 "missing model.vqmodel keys). See docs/interop.md.")
+    p.add_argument("src", metavar="SRC", help="mixmodal model directory (config.yaml + model.safetensors)")
+    p.add_argument("out", metavar="OUT", help="output folder")
+    p.set_defaults(func=cmd_convert_to_hf_chameleon)
     return parser
 
 

@@ -8,6 +8,11 @@ Two paths, picked from the source spec:
   resized; the state counts batches consumed and a resume skips that many (the
   stream restarts from the top when it runs out).
 
+With several processes (torchrun) each rank reads its own shard: shapes images in blocks
+of one batch, rank r taking blocks r, r + world_size, ... (so N ranks see together, per
+step, exactly the images one process sees with N times the grad_accumulation); any other
+source through its own rank/world_size sharding. The state is per rank.
+
 No flips or crops for shapes: positions are part of what the oracle checks.
 """
 
@@ -21,13 +26,14 @@ import torch.utils.data
 
 from mixmodal.data.sources import ShapesSource, open_source
 from mixmodal.tokenizers.pixels import images_to_tensor
+from mixmodal.train import distributed
 
 
-def open_image_source(spec: str, resolution: int):
-    """`open_source(spec)`, rendering shapes at `resolution` unless the spec names one."""
+def open_image_source(spec: str, resolution: int, **options):
+    """`open_source(spec, **options)`, rendering shapes at `resolution` unless the spec names one."""
     if (spec == "shapes" or spec.startswith("shapes:")) and "resolution=" not in spec:
         spec = f"shapes:resolution={resolution}" + ("," + spec.partition(":")[2] if ":" in spec else "")
-    return open_source(spec)
+    return open_source(spec, **options)
 
 
 class ShapesImages(torch.utils.data.Dataset):
@@ -48,12 +54,17 @@ class ShapesImages(torch.utils.data.Dataset):
         return pixels.permute(2, 0, 1).float() / 127.5 - 1  # (3, R, R) in [-1, 1]
 
 
-class _CountFrom(torch.utils.data.Sampler):
-    def __init__(self, start: int) -> None:
-        self.start = start
+class _ShardedCount(torch.utils.data.Sampler):
+    """Image indices of one rank from its `start`-th image on: batch-sized blocks rank,
+    rank + world_size, ... of 0, 1, 2, ... (with one rank: start, start + 1, ...)."""
+
+    def __init__(self, start: int, batch_size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.start, self.batch_size, self.rank, self.world_size = start, batch_size, rank, world_size
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.count(self.start)
+        for position in itertools.count(self.start):
+            block, offset = divmod(position, self.batch_size)
+            yield (block * self.world_size + self.rank) * self.batch_size + offset
 
 
 class _SourceImages(torch.utils.data.IterableDataset):
@@ -69,10 +80,15 @@ class _SourceImages(torch.utils.data.IterableDataset):
 
 
 class ImageBatches:
-    """Endless, resumable batches of images from a source spec (a trainer DataIterator)."""
+    """Endless, resumable batches of images from a source spec (a trainer DataIterator).
 
-    def __init__(self, spec: str, resolution: int, batch_size: int, num_workers: int = 0) -> None:
-        self.source = open_image_source(spec, resolution)
+    `rank` / `world_size` select this process's shard (default: the process group's)."""
+
+    def __init__(self, spec: str, resolution: int, batch_size: int, num_workers: int = 0,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        self.rank = distributed.rank() if rank is None else rank
+        self.world_size = distributed.world_size() if world_size is None else world_size
+        self.source = open_image_source(spec, resolution, rank=self.rank, world_size=self.world_size)
         self.resolution, self.batch_size, self.num_workers = resolution, batch_size, num_workers
         self.shapes = isinstance(self.source, ShapesSource)
         if self.shapes and self.source.config.resolution != resolution:
@@ -80,7 +96,7 @@ class ImageBatches:
                              f"tokenizer trains at {resolution} px; drop resolution= from the spec or make them equal")
         if self.shapes and self.source.num is not None:
             raise ValueError(f"data source {spec!r}: training streams endlessly; drop num= from the shapes spec")
-        self.position = 0  # shapes: next image index; otherwise: batches consumed
+        self.position = 0  # shapes: images this rank consumed; otherwise: batches consumed
         self._iterator: Iterator | None = None
 
     def _loader(self, dataset, **kwargs) -> torch.utils.data.DataLoader:
@@ -89,7 +105,8 @@ class ImageBatches:
 
     def _start(self) -> Iterator:
         if self.shapes:
-            return iter(self._loader(ShapesImages(self.source), sampler=_CountFrom(self.position)))
+            sampler = _ShardedCount(self.position, self.batch_size, self.rank, self.world_size)
+            return iter(self._loader(ShapesImages(self.source), sampler=sampler))
         return self._stream(skip=self.position)
 
     def _stream(self, skip: int) -> Iterator[torch.Tensor]:

@@ -29,6 +29,7 @@ from mixmodal.config import ConfigError, load_yaml, merge, to_dict
 from mixmodal.eval.image_metrics import psnr, ssim
 from mixmodal.tokenizers.vae import VAEConfig, fit_latent_scaling
 from mixmodal.tokenizers.vq import VQConfig, stats_from_counts
+from mixmodal.train import distributed
 from mixmodal.train.image_data import ImageBatches, eval_images
 from mixmodal.train.patch_gan import (
     GANConfig,
@@ -142,7 +143,7 @@ class ImageTokenizerTask(TaskBase):
 
     def setup(self, device: torch.device) -> None:
         self.device = device
-        self.noise = torch.Generator(device=device).manual_seed(self.config.trainer.seed + 1)
+        self.noise = torch.Generator(device=device).manual_seed(distributed.rank_seed(self.config.trainer.seed + 1))
 
     def architecture(self) -> dict:
         model = {k: v for k, v in to_dict(self.model_config).items() if k not in NOT_ARCHITECTURE}
@@ -173,6 +174,11 @@ class ImageTokenizerTask(TaskBase):
     def generators(self) -> dict[str, torch.Generator]:
         return {"noise": self.noise}
 
+    def locally_updated_modules(self, models) -> list[torch.nn.Module]:
+        # The VQ codebook's EMA and dead-code restarts run in the forward pass on each rank's
+        # own batch; under data parallelism rank 0's codebook is copied to all after each update.
+        return [models["tokenizer"].quantize] if self.kind == "vq" else []
+
     # -- training --
 
     def train_step(self, models, batch: torch.Tensor, step: int) -> dict[str, Any]:
@@ -195,7 +201,8 @@ class ImageTokenizerTask(TaskBase):
         if self.gan.weight > 0 and step >= self.gan.start_step:
             discriminator = models["discriminator"]
             adversarial = hinge_generator_loss(discriminator(reconstruction))
-            scale = adaptive_weight(rec, adversarial, last_decoder_weight(model)) if self.gan.adaptive_weight else 1.0
+            last_layer = last_decoder_weight(getattr(model, "module", model))  # DDP wraps the model: look inside
+            scale = adaptive_weight(rec, adversarial, last_layer) if self.gan.adaptive_weight else 1.0
             loss = loss + self.gan.weight * scale * adversarial
             losses.update(g_adv=adversarial, gan_scale=scale,
                           disc_loss=hinge_discriminator_loss(discriminator(batch), discriminator(reconstruction.detach())))

@@ -41,16 +41,20 @@ def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[di
 
 
 class MetricsLogger:
-    """Appends records to RUN/metrics.jsonl, flushing each line (a crash loses nothing logged)."""
+    """Appends records to RUN/metrics.jsonl, flushing each line (a crash loses nothing logged).
 
-    def __init__(self, run_dir: str | os.PathLike, started: float | None = None) -> None:
+    `enabled=False` (ranks other than 0 of a distributed run) builds records but writes nothing."""
+
+    def __init__(self, run_dir: str | os.PathLike, started: float | None = None, enabled: bool = True) -> None:
         self.path = Path(run_dir) / METRICS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.started = time.time() if started is None else started
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step`: a resumed run redoes them and logs them again."""
-        if not self.path.is_file():
+        if not self.enabled or not self.path.is_file():
             return
         keep = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -61,6 +65,8 @@ class MetricsLogger:
         now = time.time()
         record = {"step": step, "time": round(now, 3), "elapsed": round(now - self.started, 3), "kind": kind,
                   **jsonable(fields)}
+        if not self.enabled:
+            return record
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         return record

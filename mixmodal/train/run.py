@@ -2,7 +2,10 @@
 
 A task module exposes `CONFIG` (its run-config dataclass, with `task` and `trainer`
 fields), `resolve(data, base_dir) -> data` (optional: expand references such as a
-model-config path relative to the YAML file) and `build_task(config) -> Task`.
+model-config path relative to the YAML file), `prepare(config, run_dir, write=True) -> config`
+(optional: put what the run needs into its directory and fill derived config fields;
+rank 0 runs it first under torchrun, the other ranks after it with write=False) and
+`build_task(config) -> Task`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from mixmodal.config import ConfigError, build_config, load_yaml, merge, parse_o
 
 TASKS = {
     "image-tokenizer": "mixmodal.train.image_tokenizer",
+    "fusion": "mixmodal.train.fusion",
 }
 
 
@@ -41,7 +45,23 @@ def train(config: Any, out: str | os.PathLike) -> dict:
     """Fit `config` (a task's run config) into run directory `out`; return the final eval."""
     from mixmodal.train.trainer import Trainer
 
+    from mixmodal.train import distributed
+
     module = task_module(config.task, "config")
+    if hasattr(module, "prepare"):
+        distributed.init_from_env("cuda" if config.trainer.device != "cpu" and _cuda() else "cpu")
+        if distributed.is_main():
+            config = module.prepare(config, out)
+        distributed.barrier()
+        if not distributed.is_main():
+            config = module.prepare(config, out, write=False)
     task = module.build_task(config)
-    save_config(config, out)
+    if distributed.is_main():
+        save_config(config, out)
     return Trainer(task, config.trainer, out).fit()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

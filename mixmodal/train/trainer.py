@@ -9,8 +9,10 @@ implements `Task`; `Trainer(task, config, run_dir).fit()` does the rest:
       every save_every: an atomic checkpoint
     final eval -> RUN/eval.json -> task.save_artifacts
 
-Models are plain single-device modules; data-parallel wrapping (issue 4) belongs here in
-the trainer, around `self.models`, never inside a model. Step numbers: `train_step`
+Models are plain single-device modules; data parallelism is applied here, from outside:
+under torchrun (see distributed.py) each process wraps the models its optimizers train in
+DistributedDataParallel, reads its own shard of the data and draws its own random
+streams; rank 0 alone logs, evaluates and writes files. Step numbers: `train_step`
 receives the 0-based index of the update being made; records and checkpoints are
 labelled with the number of updates completed.
 """
@@ -22,7 +24,7 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from mixmodal.train import checkpoint as ckpt
+from mixmodal.train import distributed
 from mixmodal.train.metrics import MetricsLogger, Progress, jsonable
 from mixmodal.train.optim import build_adamw, clip_gradients, lr_multiplier, set_learning_rate
 
@@ -87,7 +90,12 @@ class OptimizerSpec:
 
 
 class DataIterator(Protocol):
-    """An endless batch iterator whose position can be saved and restored exactly."""
+    """An endless batch iterator whose position can be saved and restored exactly.
+
+    Under torchrun every process builds its own (after the process group is up) and must
+    yield its own rank's shard: the task reads `distributed.rank()` / `world_size()` in
+    `data_iterator()` (ImageBatches and the Sources do it themselves). Each rank's state is
+    saved, and restored into the same rank."""
 
     def __next__(self) -> Any: ...
     def state_dict(self) -> dict: ...  # JSON-serialisable
@@ -95,7 +103,16 @@ class DataIterator(Protocol):
 
 
 class Task(Protocol):
-    """What a training job supplies. `TaskBase` gives defaults for the optional parts."""
+    """What a training job supplies. `TaskBase` gives defaults for the optional parts.
+
+    Under torchrun, `setup` runs after the process group exists, and the trainer seeds
+    every rank alike before `build_models` (equal initial weights), then reseeds the
+    global streams per rank. A task's own generators must differ per rank too: seed them
+    with `distributed.rank_seed(seed + offset)` (seed + offset on a single process), or
+    every rank draws the same noise. `train_step` receives the models wrapped in
+    DistributedDataParallel and must call them (`models[name](...)`), since gradients are
+    averaged over ranks only through the wrapper's forward; `.module` is the model
+    itself. evaluate, save_artifacts and checkpoints get the models themselves."""
 
     config: Any  # the run config (a dataclass): hashed and saved into every checkpoint
 
@@ -115,6 +132,17 @@ class TaskBase:
 
     config: Any = None
     progress_keys: tuple[str, ...] | None = None  # losses shown on the progress bar (None: the first few)
+    # Data parallelism (torchrun): a reason this task cannot run on several processes, or None.
+    ddp_unsupported: str | None = None
+    # DDP's find_unused_parameters: needed when some trainable parameter gets no gradient in a step.
+    ddp_find_unused_parameters: bool = False
+
+    def locally_updated_modules(self, models: dict[str, nn.Module]) -> list[nn.Module]:
+        """Submodules whose forward pass edits their own weights or buffers from the local
+        batch, outside autograd (a VQ codebook's EMA and dead-code restarts). Under data
+        parallelism the ranks would drift apart; after every update the trainer copies rank
+        0's state of these modules to every rank."""
+        return []
 
     def setup(self, device: torch.device) -> None:
         pass
@@ -218,18 +246,28 @@ class Trainer:
         self.eval_history: list[dict] = []
         self.nonfinite_steps = 0
         self._streak = 0
+        self.rank, self.world_size, self.main = 0, 1, True  # set from the process group in _setup
 
     # -- set-up and resume --
 
     def _setup(self) -> None:
         cfg = self.config
+        device = resolve_device(cfg.device)
+        self._owns_process_group = distributed.init_from_env(device.type)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0
+        if device.type == "cuda" and self.world_size > 1:
+            device = torch.device("cuda", distributed.local_rank())
+        self.device = device
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(self.run_dir)
-        self.device = resolve_device(cfg.device)
+        if self.main:
+            ckpt.remove_stale_temporaries(self.run_dir)
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.task.setup(self.device)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # the same on every rank: equal initial weights
         self.models = {name: m.to(self.device).train() for name, m in self.task.build_models().items()}
+        if self.world_size > 1:  # dropout and other global draws must differ per rank
+            seed_everything(distributed.rank_seed(cfg.seed))
         self.specs = self.task.optimizers(self.models)
         self.optimizers = {
             name: build_adamw(spec.module, spec.lr if spec.lr is not None else cfg.lr,
@@ -238,16 +276,46 @@ class Trainer:
             for name, spec in self.specs.items()
         }
         self.params = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in self.optimizers.items()}
+        self.train_models = self._wrap_data_parallel()
         self.data = self.task.data_iterator()
-        self.logger = MetricsLogger(self.run_dir)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.main)
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is not None and not cfg.resume:
             raise TrainingError(f"{self.run_dir} already holds checkpoints (latest: {latest.name}); pass --resume "
                                 "(trainer.resume=true) to continue that run, or choose another --out")
         if latest is not None:
             self._resume(ckpt.read_checkpoint(latest))
-        elif cfg.resume:
+        elif cfg.resume and self.main:
             print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
+
+    def _wrap_data_parallel(self) -> dict[str, nn.Module]:
+        """The models train_step sees: with several processes, every model an optimizer
+        trains wrapped in DistributedDataParallel (which averages its gradients over ranks
+        during backward); otherwise the models themselves."""
+        self.synced_modules: list[nn.Module] = []
+        if self.world_size == 1:
+            return self.models
+        reason = getattr(self.task, "ddp_unsupported", None)
+        if reason:
+            raise TrainingError(f"this task cannot train on {self.world_size} processes: {reason}")
+        names = {id(m): name for name, m in self.models.items()}
+        trained = set()
+        for opt_name, spec in self.specs.items():
+            if id(spec.module) not in names:
+                raise TrainingError(
+                    f"optimizer {opt_name!r} trains a module that is not one of the task's models "
+                    f"({', '.join(self.models)}); data parallelism wraps whole models, so return that module "
+                    "from build_models under its own name")
+            trained.add(names[id(spec.module)])
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        find_unused = bool(getattr(self.task, "ddp_find_unused_parameters", False))
+        wrapped = {
+            name: nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+            if name in trained and any(p.requires_grad for p in model.parameters()) else model
+            for name, model in self.models.items()
+        }
+        self.synced_modules = list(getattr(self.task, "locally_updated_modules", lambda models: [])(self.models))
+        return wrapped
 
     def _resume(self, checkpoint: ckpt.Checkpoint) -> None:
         saved, now = checkpoint.state.get("architecture"), jsonable(self.task.architecture())
@@ -257,12 +325,23 @@ class Trainer:
                 f"cannot resume from {checkpoint.path}: the model architecture in the config differs from the "
                 f"checkpoint's, so its weights would not fit:\n  {diff}\nresume with the run's own config "
                 f"({checkpoint.path / 'config.yaml'}) or start a new run with another --out")
+        saved_world_size = int(checkpoint.state.get("world_size", 1))
+        if saved_world_size != self.world_size:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {checkpoint.path} on {self.world_size} process(es): it was written by a run "
+                f"of {saved_world_size}, and each process's data position and random streams are saved apart, "
+                f"so a different number of processes cannot continue it exactly. Resume with "
+                f"{'torchrun --nproc_per_node ' + str(saved_world_size) if saved_world_size > 1 else 'one process'}"
+                ", or start a new run with another --out")
         changed = config_differences(checkpoint.state.get("config"), _plain(self.task.config))
         changed = [c for c in changed if not c.startswith("trainer.resume")]
-        if changed:
+        if changed and self.main:
             print(f"resuming {checkpoint.path.name} with a changed config:\n  " + "\n  ".join(changed))
         rng = ckpt.load_checkpoint(checkpoint, self.models, self.optimizers)
-        self.data.load_state_dict(checkpoint.state["data"])
+        data = checkpoint.state["data"]
+        if self.world_size > 1:  # one entry per rank
+            data, rng = data[self.rank], rng["ranks"][self.rank]
+        self.data.load_state_dict(data)
         self.step = checkpoint.step
         self.eval_history = checkpoint.state.get("eval_history", [])
         self.nonfinite_steps = checkpoint.state.get("nonfinite_steps", 0)
@@ -285,38 +364,60 @@ class Trainer:
         totals: dict[str, float] = {}
         active: list[str] | None = None
         finite = True
-        for _ in range(cfg.grad_accumulation):
+        parallel = self.world_size > 1
+        for i in range(cfg.grad_accumulation):
             batch = to_device(next(self.data), self.device)
-            if not finite:
+            if not finite and not parallel:
                 continue  # draw the batch anyway: step k always sees the same data
-            with self._autocast():
-                losses = self.task.train_step(self.models, batch, step)
-            names = [n for n, spec in self.specs.items() if spec.loss in losses]
-            if active is not None and names != active:
-                raise TrainingError(f"step {step}: micro-batches returned different objectives ({active} vs {names})")
-            active = names
-            for key, value in losses.items():
-                value = value.detach() if isinstance(value, torch.Tensor) else value
-                totals[key] = totals.get(key, 0.0) + float(value) / cfg.grad_accumulation
-            objectives = [losses[self.specs[n].loss] for n in names]
-            if not all(math.isfinite(float(o.detach())) for o in objectives):
-                finite = False
-                continue
-            for i, (name, objective) in enumerate(zip(names, objectives)):
-                # inputs=: each loss fills only its own optimizer's grads (a generator's
-                # adversarial loss must not leave gradients in the discriminator).
-                (objective.float() / cfg.grad_accumulation).backward(
-                    inputs=self.params[name], retain_graph=i < len(objectives) - 1)
+            # With several processes every rank runs every forward (DDP's forward may talk to
+            # the other ranks), and all but the last micro-batch keep their gradients local.
+            last = i == cfg.grad_accumulation - 1
+            with self._gradient_sync(last):
+                with self._autocast():
+                    losses = self.task.train_step(self.train_models, batch, step)
+                names = [n for n, spec in self.specs.items() if spec.loss in losses]
+                if active is not None and names != active:
+                    raise TrainingError(f"step {step}: micro-batches returned different objectives ({active} vs {names})")
+                active = names
+                for key, value in losses.items():
+                    value = value.detach() if isinstance(value, torch.Tensor) else value
+                    totals[key] = totals.get(key, 0.0) + float(value) / cfg.grad_accumulation
+                objectives = [losses[self.specs[n].loss] for n in names]
+                finite = finite and all(math.isfinite(float(o.detach())) for o in objectives)
+                if parallel and last:
+                    # The backward below averages gradients over ranks: either every rank runs it or none does.
+                    finite = distributed.all_true(finite)
+                if not finite:
+                    continue
+                for j, (name, objective) in enumerate(zip(names, objectives)):
+                    # inputs=: each loss fills only its own optimizer's grads (a generator's
+                    # adversarial loss must not leave gradients in the discriminator).
+                    (objective.float() / cfg.grad_accumulation).backward(
+                        inputs=self.params[name], retain_graph=j < len(objectives) - 1)
         active = active or []
         grad_norms = {name: float(clip_gradients(self.params[name], cfg.grad_clip)) for name in active} if finite else {}
         finite = finite and all(math.isfinite(v) for v in grad_norms.values())
+        if parallel:  # the gradients are averaged, so the norms agree; make sure no rank steps alone
+            finite = distributed.all_true(finite)
         if finite:
             for name in active:
                 self.optimizers[name].step()
+            for module in self.synced_modules:
+                distributed.broadcast_module_state(module)
         else:
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
         return {"finite": finite, "losses": totals, "lr": lrs, "grad_norm": grad_norms}
+
+    def _gradient_sync(self, sync: bool):
+        """DDP's no_sync on every wrapped model unless `sync`: gradients of the micro-batches
+        before the last one are accumulated locally and averaged once, in the last backward."""
+        stack = ExitStack()
+        if not sync:
+            for model in self.train_models.values():
+                if isinstance(model, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(model.no_sync())
+        return stack
 
     # -- eval, checkpoints --
 
@@ -324,7 +425,10 @@ class Trainer:
         """task.evaluate in eval mode, without gradients, leaving every random stream as it was.
 
         In fp32 even when training uses bf16 autocast: the figures describe the saved
-        (fp32) weights, not the training-time arithmetic."""
+        (fp32) weights, not the training-time arithmetic. Rank 0 only (other ranks get {}):
+        they go on and wait for it at their next collective."""
+        if not self.main:
+            return {}
         generators = self.task.generators()
         saved = ckpt.rng_state(generators)
         for m in self.models.values():
@@ -341,29 +445,51 @@ class Trainer:
         return metrics
 
     def save(self) -> Path:
+        """Write a checkpoint (called on every rank). With several processes the data
+        positions and random streams of all ranks are gathered, rank 0 writes, and every
+        rank waits until the checkpoint is complete."""
         from mixmodal.config import to_yaml
 
-        state = {
-            "step": self.step,
-            "data": self.data.state_dict(),
-            "config_hash": config_hash(self.task.config),
-            "config": _plain(self.task.config),
-            "architecture": jsonable(self.task.architecture()),
-            "eval_history": self.eval_history,
-            "nonfinite_steps": self.nonfinite_steps,
-        }
-        return ckpt.save_checkpoint(
-            self.run_dir, self.step, self.models, self.optimizers, state, ckpt.rng_state(self.task.generators()),
-            to_yaml(self.task.config) if self.task.config is not None else None, self.config.keep_last)
+        data, rng = self.data.state_dict(), ckpt.rng_state(self.task.generators())
+        if self.world_size > 1:
+            data, rng = distributed.gather_objects(data), {"ranks": distributed.gather_objects(rng)}
+        path = ckpt.checkpoint_dir(self.run_dir, self.step)
+        if self.main:
+            state = {
+                "step": self.step,
+                "world_size": self.world_size,
+                "data": data,  # with several processes: a list, one state per rank
+                "config_hash": config_hash(self.task.config),
+                "config": _plain(self.task.config),
+                "architecture": jsonable(self.task.architecture()),
+                "eval_history": self.eval_history,
+                "nonfinite_steps": self.nonfinite_steps,
+            }
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.step, self.models, self.optimizers, state, rng,
+                to_yaml(self.task.config) if self.task.config is not None else None, self.config.keep_last)
+        distributed.barrier()
+        return path
 
     # -- the run --
 
     def fit(self) -> dict[str, Any]:
-        """Train to config.steps (from the latest checkpoint when resuming); return the final eval."""
+        """Train to config.steps (from the latest checkpoint when resuming); return the final
+        eval (on every rank: rank 0's). A process group this call created is destroyed at
+        the end, also when training fails."""
+        self._owns_process_group = False
+        try:
+            self._setup()
+            return self._fit()
+        finally:
+            if self._owns_process_group:
+                self.train_models = getattr(self, "models", None)  # drop the DDP wrappers before their group
+                distributed.destroy()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config
-        self._setup()
         keys = getattr(self.task, "progress_keys", None)
-        progress = Progress(cfg.steps, self.step, cfg.progress, keys)
+        progress = Progress(cfg.steps, self.step, cfg.progress and self.main, keys)
         window: dict[str, float] = {}
         counts: dict[str, int] = {}  # a loss may be absent from some steps (a GAN before it starts)
         window_steps, window_start = 0, time.perf_counter()
@@ -385,9 +511,10 @@ class Trainer:
                 final = None
                 if window_steps and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     seconds = max(time.perf_counter() - window_start, 1e-9)
-                    self.logger.log(self.step, "train", losses={k: v / counts[k] for k, v in window.items()},
-                                    lr=last["lr"], grad_norm=last["grad_norm"],
-                                    samples_per_s=window_steps * cfg.batch_size * cfg.grad_accumulation / seconds,
+                    losses = distributed.all_reduce_mean({k: v / counts[k] for k, v in window.items()})
+                    self.logger.log(self.step, "train", losses=losses, lr=last["lr"], grad_norm=last["grad_norm"],
+                                    samples_per_s=window_steps * cfg.batch_size * cfg.grad_accumulation
+                                    * self.world_size / seconds,
                                     steps_per_s=window_steps / seconds)
                     window, counts, window_steps, window_start = {}, {}, 0, time.perf_counter()
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -397,19 +524,24 @@ class Trainer:
                     self.save()
         finally:
             progress.close()
-        if final is None:
-            final = self.evaluate()
-        result = {"step": self.step, **final}
-        (self.run_dir / "eval.json").write_text(json.dumps(jsonable(result), indent=1) + "\n", encoding="utf-8")
-        self.task.save_artifacts(self.models, self.run_dir)
-        return result
+        result = None
+        if self.main:
+            if final is None:
+                final = self.evaluate()
+            result = {"step": self.step, **final}
+            (self.run_dir / "eval.json").write_text(json.dumps(jsonable(result), indent=1) + "\n", encoding="utf-8")
+            self.task.save_artifacts(self.models, self.run_dir)
+        return distributed.gather_objects(result)[0]  # also makes every rank wait for rank 0's files
 
     def _nonfinite(self, result: dict, progress: Progress) -> None:
         self._streak += 1
         self.nonfinite_steps += 1
-        self.logger.log(self.step, "nonfinite", losses=result["losses"], grad_norm=result["grad_norm"],
+        # Every rank gets here together (they agree on finiteness); the record shows the mean over ranks.
+        losses = distributed.all_reduce_mean(result["losses"])
+        self.logger.log(self.step, "nonfinite", losses=losses, grad_norm=result["grad_norm"],
                         lr=result["lr"], streak=self._streak)
-        progress.write(f"step {self.step}: non-finite loss or gradient norm, update skipped ({self._streak} in a row)")
+        if self.main:
+            progress.write(f"step {self.step}: non-finite loss or gradient norm, update skipped ({self._streak} in a row)")
         limit = self.config.max_nonfinite_streak
         if limit and self._streak >= limit:
             latest = ckpt.latest_checkpoint(self.run_dir)

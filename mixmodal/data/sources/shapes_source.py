@@ -33,6 +33,16 @@ class ShapesSource(Source):
         self.config = config
         self.split = split
         self.num = num
+        self._skip = 0
+
+    def skip(self, n: int) -> int:
+        """Start the next iteration after this consumer's first n documents, without
+        generating them; returns how many were skipped (fewer if the split ends first)."""
+        if self.num is not None:
+            consumer, num_consumers = self.consumer()
+            n = min(n, len(range(consumer, self.num, num_consumers)))
+        self._skip = max(n, 0)
+        return self._skip
 
     def __repr__(self) -> str:
         return f"ShapesSource({self.config}, split={self.split!r}, num={self.num}{self._sharding()})"
@@ -40,10 +50,11 @@ class ShapesSource(Source):
     def _documents(self, consumer: int, num_consumers: int) -> Iterator[Document]:
         from mixmodal.data.shapes import shapes_document
 
+        first = consumer + self._skip * num_consumers
         if self.num is None:
-            indices = itertools.count(consumer, num_consumers)
+            indices = itertools.count(first, num_consumers)
         else:
-            indices = range(consumer, self.num, num_consumers)
+            indices = range(first, self.num, num_consumers)
         for index in indices:
             yield shapes_document(self.config, self.split, index)
 

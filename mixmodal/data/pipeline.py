@@ -1,0 +1,376 @@
+"""Documents -> token sequences -> packed training rows, resumable exactly.
+
+One document becomes
+
+    <bos> text ids <boi> IMAGE <eoi> text ids ... <eos>
+
+where IMAGE is the image's N code ids (token mode; ids of the shared vocabulary) or N
+placeholder positions, one per latent patch (latent mode; the model writes the patch
+vectors there). Per-document transforms run first, each drawing from a random stream
+seeded by (seed, rank, document index), so a document is transformed the same way
+whatever came before it and however the run was resumed:
+  - caption order: a document of one text and one image is put caption-first with
+    probability `caption_first_prob` (Transfusion: 0.8), image-first otherwise;
+  - CM3 causal masking (data/cm3.py) on a fraction `cm3.rate` of documents.
+
+Rows of `seq_len` are filled greedily with whole documents; a document that does not
+fit ends the row (the rest is padding) and starts the next. A document longer than a
+row is cut at a part boundary (counted as truncated); one whose first image alone does
+not fit is dropped (counted). Targets (`labels`, already shifted: labels[t] is the id
+at t+1) are -100 for padding, for latent placeholders and the `<eoi>` that always
+follows them (the engine forces it), and for tokens of segments marked loss=False (the
+CM3 sentinels).
+
+A batch is a dict of tensors:
+    input_ids, labels, positions, document_ids, image_ids   [B, T]
+    image_latents [N, C, h, w]  clean scaled VAE latents      (latent mode)
+    image_index   [N, P]        flat positions b * T + t      (latent mode)
+    image_limited [N] bool      image precedes all text of its document (noise limiting)
+Its state is the index of the first document of the next row: resuming restarts the
+source there (the shapes world jumps; other sources are re-read and skipped).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mixmodal.data.cm3 import CM3Config, cm3_transform
+from mixmodal.data.segments import Segment
+from mixmodal.documents import Document, Image, Text
+from mixmodal.tokenizers.pixels import images_to_tensor
+from mixmodal.vocab import Vocab
+
+IGNORE = -100
+
+
+@dataclass
+class PipelineConfig:
+    seq_len: int = 512  # positions per packed row
+    caption_first_prob: float = 0.8  # one-text-one-image documents: P(caption before image)
+    cm3: CM3Config = field(default_factory=CM3Config)
+    encode_batch: int = 64  # documents whose images are encoded together
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 8:
+            raise ValueError(f"seq_len must be >= 8, got {self.seq_len}")
+        if not 0.0 <= self.caption_first_prob <= 1.0:
+            raise ValueError(f"caption_first_prob must be in [0, 1], got {self.caption_first_prob}")
+        if self.encode_batch < 1:
+            raise ValueError(f"encode_batch must be >= 1, got {self.encode_batch}")
+
+
+@dataclass
+class Encoded:
+    """One tokenized document: segments, plus its images' latents (latent mode)."""
+
+    index: int
+    segments: list[Segment]
+    latents: torch.Tensor | None = None  # [n_images, C, h, w]
+
+
+@dataclass
+class Flat:
+    """One document laid out as a sequence, ready to pack."""
+
+    index: int
+    ids: list[int]
+    targets_ok: list[bool]  # may this token be a prediction target
+    images: list[tuple[int, int, int]]  # (start position, length, image number in the document)
+    limited: list[bool]  # per image: no text before it
+    latents: torch.Tensor | None
+
+
+class DocumentEncoder:
+    """Document -> Encoded: BPE for text, the image tokenizer for images (batched, no grad)."""
+
+    def __init__(self, text_tokenizer, image_tokenizer, vocab: Vocab, mode: str, device: torch.device | str = "cpu",
+                 image_batch: int = 16):
+        self.text = text_tokenizer
+        self.image = image_tokenizer
+        self.vocab = vocab
+        self.mode = mode
+        self.device = torch.device(device)
+        self.resolution = image_tokenizer.config.resolution
+        self.image_batch = image_batch
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence) -> list[torch.Tensor]:
+        """PIL images -> per image: code ids [N] (tokens) or scaled latents [C, h, w] (latents).
+
+        Always in batches of exactly `image_batch` (the last one padded): an image's codes
+        or latents then never depend on which other images it was encoded with, so a
+        resumed run sees bitwise the same inputs as a straight one."""
+        out: list[torch.Tensor] = []
+        was_training = self.image.training
+        self.image.eval()
+        try:
+            for start in range(0, len(images), self.image_batch):
+                chunk = images[start:start + self.image_batch]
+                pixels = images_to_tensor(chunk, self.resolution)
+                if len(chunk) < self.image_batch:
+                    pad = pixels.new_zeros(self.image_batch - len(chunk), *pixels.shape[1:])
+                    pixels = torch.cat([pixels, pad])
+                pixels = pixels.to(self.device)
+                if self.mode == "tokens":
+                    result = self.vocab.image_code_to_id(self.image.encode(pixels).flatten(1))
+                else:
+                    result = self.image.scale_latents(self.image.encode(pixels)).float()
+                out += list(result[:len(chunk)].cpu())
+        finally:
+            self.image.train(was_training)
+        return out
+
+    def encode(self, docs: Sequence[tuple[int, Document]]) -> list[Encoded]:
+        images = [p.image for _, d in docs for p in d.parts if isinstance(p, Image)]
+        encoded = iter(self.encode_images(images))
+        out = []
+        for index, doc in docs:
+            segments, latents = [], []
+            for part in doc.parts:
+                if isinstance(part, Text):
+                    ids = self.text.encode(part.text)
+                    if ids:
+                        segments.append(Segment("text", list(ids)))
+                else:
+                    image = next(encoded)
+                    if self.mode == "tokens":
+                        segments.append(Segment("image", image.tolist(), image=len(latents)))
+                        latents.append(None)
+                    else:
+                        segments.append(Segment("image", [], image=len(latents)))
+                        latents.append(image)
+            stacked = torch.stack(latents) if self.mode == "latents" and latents else None
+            out.append(Encoded(index, segments, stacked))
+        return out
+
+
+def order_caption(segments: list[Segment], rng: np.random.Generator, caption_first_prob: float) -> list[Segment]:
+    """A one-text-one-image document: caption first with probability caption_first_prob."""
+    if len(segments) != 2 or {s.kind for s in segments} != {"text", "image"}:
+        return segments
+    text, image = (segments if segments[0].kind == "text" else segments[::-1])
+    return [text, image] if rng.random() < caption_first_prob else [image, text]
+
+
+def flatten(enc: Encoded, vocab: Vocab, mode: str, positions_per_image: int, seq_len: int) -> tuple[Flat | None, str]:
+    """Lay out a document; cut at a part boundary to fit seq_len. Returns (flat or None, "" | "truncated" | "dropped")."""
+    ids, ok, images, limited = [vocab.bos], [False], [], []
+    seen_text = False
+    status = ""
+    for seg in enc.segments:
+        room = seq_len - 1 - len(ids)  # keep one position for <eos>
+        if seg.kind == "text":
+            take = seg.ids[: max(room, 0)]
+            if len(take) < len(seg.ids):
+                status = "truncated"
+            ids += take
+            ok += [seg.loss] * len(take)
+            seen_text = seen_text or bool(take)
+            if status:
+                break
+        else:
+            n = positions_per_image
+            if room < n + 2:
+                status = "truncated"
+                break
+            content = seg.ids if mode == "tokens" else [vocab.pad] * n
+            if len(content) != n:
+                raise ValueError(f"an image has {len(content)} codes but the model expects {n} per image; "
+                                 "the image tokenizer does not match model.image.grid_size")
+            ids.append(vocab.boi)
+            ok.append(seg.loss)
+            images.append((len(ids), n, seg.image))
+            limited.append(not seen_text)
+            ids += content
+            ok += [seg.loss and mode == "tokens"] * n
+            ids.append(vocab.eoi)
+            ok.append(seg.loss and mode == "tokens")
+    if len(ids) == 1:
+        return None, "dropped"
+    ids.append(vocab.eos)
+    ok.append(True)
+    latents = None
+    if mode == "latents" and images:
+        latents = enc.latents[torch.tensor([im for _, _, im in images])]
+    return Flat(enc.index, ids, ok, images, limited, latents), status
+
+
+class Packer:
+    """Flat documents -> rows of seq_len -> a batch dict (see the module docstring)."""
+
+    def __init__(self, seq_len: int, batch_size: int, vocab: Vocab, mode: str) -> None:
+        self.seq_len, self.batch_size, self.vocab, self.mode = seq_len, batch_size, vocab, mode
+
+    def rows_fit(self, row: list[Flat], doc: Flat) -> bool:
+        return sum(len(f.ids) for f in row) + len(doc.ids) <= self.seq_len
+
+    def batch(self, rows: list[list[Flat]]) -> dict[str, Any]:
+        b, t = len(rows), self.seq_len
+        input_ids = torch.full((b, t), self.vocab.pad, dtype=torch.long)
+        labels = torch.full((b, t), IGNORE, dtype=torch.long)
+        positions = torch.zeros((b, t), dtype=torch.long)
+        document_ids = torch.full((b, t), -1, dtype=torch.long)
+        image_ids = torch.full((b, t), -1, dtype=torch.long)
+        latents, index, limited = [], [], []
+        image_count = 0
+        for r, row in enumerate(rows):
+            start = 0
+            for d, flat in enumerate(row):
+                n = len(flat.ids)
+                ids = torch.tensor(flat.ids, dtype=torch.long)
+                ok = torch.tensor(flat.targets_ok)
+                input_ids[r, start:start + n] = ids
+                target = torch.where(ok[1:], ids[1:], torch.full_like(ids[1:], IGNORE))
+                labels[r, start:start + n - 1] = target
+                positions[r, start:start + n] = torch.arange(n)
+                document_ids[r, start:start + n] = d
+                for k, (offset, length, _) in enumerate(flat.images):
+                    image_ids[r, start + offset:start + offset + length] = image_count
+                    if self.mode == "latents":
+                        index.append(r * t + start + offset + torch.arange(length))
+                        latents.append(flat.latents[k])
+                        limited.append(flat.limited[k])
+                    image_count += 1
+                start += n
+        batch = {"input_ids": input_ids, "labels": labels, "positions": positions,
+                 "document_ids": document_ids, "image_ids": image_ids}
+        if self.mode == "latents":
+            batch["image_latents"] = torch.stack(latents) if latents else torch.zeros(0)
+            batch["image_index"] = torch.stack(index) if index else torch.zeros(0, 0, dtype=torch.long)
+            batch["image_limited"] = torch.tensor(limited, dtype=torch.bool)
+        return batch
+
+
+@dataclass
+class PipelineStats:
+    documents: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0  # non-padding positions emitted
+    positions: int = 0  # all positions emitted
+
+    def as_dict(self) -> dict:
+        return {"documents": self.documents, "truncated": self.truncated, "dropped": self.dropped,
+                "fill": self.tokens / self.positions if self.positions else 0.0}
+
+
+class FusionBatches:
+    """The training iterator (trainer.DataIterator): endless packed batches of one consumer's shard.
+
+    `source_factory()` returns a fresh Source (a new pass over the data); a finite source is
+    restarted when exhausted (an epoch). `skip_documents(source, n)` positions a fresh
+    source after its first n documents."""
+
+    def __init__(self, source_factory, encoder: DocumentEncoder, config: PipelineConfig, batch_size: int,
+                 positions_per_image: int, *, seed: int = 0, rank: int = 0, endless: bool = True) -> None:
+        self.source_factory = source_factory
+        self.encoder = encoder
+        self.config = config
+        self.vocab = encoder.vocab
+        self.mode = encoder.mode
+        self.positions_per_image = positions_per_image
+        self.packer = Packer(config.seq_len, batch_size, encoder.vocab, encoder.mode)
+        self.batch_size = batch_size
+        self.seed, self.rank, self.endless = seed, rank, endless
+        self.stats = PipelineStats()
+        self.next_document = 0  # index of the first document of the next row
+        self._stream: Iterator[Flat] | None = None
+        self._pending: Flat | None = None
+
+    # -- state --
+    def state_dict(self) -> dict:
+        return {"next_document": self.next_document}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_document = int(state["next_document"])
+        self._stream, self._pending = None, None
+
+    # -- documents --
+    def _documents(self, start: int) -> Iterator[tuple[int, Document]]:
+        """(index, document) from `start` on; a finite source is read again when it runs out."""
+        index = 0
+        while True:
+            source = self.source_factory()
+            if index < start and hasattr(source, "skip"):  # the shapes world jumps straight there
+                index += source.skip(start - index)
+            produced = 0
+            for doc in source:
+                if index >= start:
+                    yield index, doc
+                index += 1
+                produced += 1
+            if not self.endless:
+                return
+            if produced == 0:
+                summary = source.summary() if hasattr(source, "summary") else ""
+                raise RuntimeError(f"the source {source!r} yields no usable documents{': ' + summary if summary else ''}")
+
+    def _flats(self, start: int) -> Iterator[Flat]:
+        docs = self._documents(start)
+        while True:
+            chunk = list(itertools.islice(docs, self.config.encode_batch))
+            if not chunk:
+                return
+            for enc in self.encoder.encode(chunk):
+                rng = np.random.default_rng([self.seed, self.rank, enc.index])
+                enc.segments = order_caption(enc.segments, rng, self.config.caption_first_prob)
+                enc.segments = cm3_transform(enc.segments, self.vocab, rng, self.config.cm3)
+                flat, status = flatten(enc, self.vocab, self.mode, self.positions_per_image, self.config.seq_len)
+                self.stats.documents += 1
+                if status == "truncated":
+                    self.stats.truncated += 1
+                if flat is None:
+                    self.stats.dropped += 1
+                    continue
+                yield flat
+
+    def _next_flat(self) -> Flat | None:
+        if self._pending is not None:
+            flat, self._pending = self._pending, None
+            return flat
+        if self._stream is None:
+            self._stream = self._flats(self.next_document)
+        return next(self._stream, None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        rows: list[list[Flat]] = []
+        row: list[Flat] = []
+        while len(rows) < self.batch_size:
+            flat = self._next_flat()
+            if flat is None:  # a finite pass is over
+                if row:
+                    rows.append(row)
+                    row = []
+                if not rows:
+                    raise StopIteration
+                break
+            if row and not self.packer.rows_fit(row, flat):
+                rows.append(row)
+                row = []
+                if len(rows) == self.batch_size:
+                    self._pending = flat
+                    break
+            row.append(flat)
+        if row:
+            rows.append(row)
+        nxt = self._pending.index if self._pending is not None else None
+        if nxt is None:
+            # the next document is not read yet: it is the one after the last packed
+            nxt = rows[-1][-1].index + 1
+        self.next_document = nxt
+        batch = self.packer.batch(rows)
+        self.stats.tokens += int((batch["document_ids"] >= 0).sum())
+        self.stats.positions += batch["document_ids"].numel()
+        return batch
+
+
+__all__ = ["DocumentEncoder", "Encoded", "Flat", "FusionBatches", "IGNORE", "Packer", "PipelineConfig",
+           "PipelineStats", "flatten", "order_caption"]

@@ -1,0 +1,551 @@
+"""transformers' Chameleon (`ChameleonForConditionalGeneration`) <-> a mixmodal token-mode model directory.
+
+    convert_hf_chameleon(SRC, OUT)     config.json + *.safetensors (one file or a sharded index)
+                                       -> OUT/config.yaml, model.safetensors, vocab_map.json,
+                                          hf_config.json, image_tokenizer/ (when SRC holds the VQGAN)
+    convert_to_hf_chameleon(SRC, OUT)  a mixmodal token-mode model directory
+                                       -> OUT/config.json + model.safetensors, which
+                                          `ChameleonForConditionalGeneration.from_pretrained(OUT)` loads
+
+The backbone mirrors transformers' module names (model/transformer.py), and transformers'
+q/k weights are already permuted for its rotate-half RoPE, which ours uses too, so every
+layer tensor is a renaming (`model.layers.i.*` <-> `transformer.layers.i.*`) copied bit
+for bit in its stored dtype. Only the vocabulary moves:
+
+- Chameleon's image tokens are the vocabulary entries named "IMGIMG..." (their letters
+  A-J spell the VQGAN code in decimal, and a last letter is dropped; transformers'
+  `ChameleonImageVocabularyMapping.bpe2img`), scattered through the id space. mixmodal's
+  `Vocab` puts code c at text_size + c. So embed_tokens and lm_head rows are permuted:
+  our ids 0..text_size-1 are the non-image ids of Chameleon in ascending order, our id
+  text_size + c is Chameleon's id of image code c, and text_size = vocab_size - (number of
+  image tokens). `Vocab` pads its size to a multiple of 64; the extra rows are zeros.
+- vocab_map.json records the permutation (`hf_to_mixmodal[hf_id] = mixmodal_id`), so a
+  tokenizer adapter can map ids both ways; the inverse conversion reads it back.
+
+Special tokens: mixmodal's own special-token ids (vocab.py: <pad> 0, <bos> 1, <eos> 2,
+<boi> 3, ...) do NOT match Chameleon's tokenizer. A converted Chameleon keeps Chameleon's
+meaning of every id: it must be driven with Chameleon's tokenizer, its ids sent through
+vocab_map.json (text ids keep their order, so a text id shifts down by the number of image
+tokens below it). Generating from it needs that tokenizer adapter, which mixmodal does not
+have yet; what the conversion proves is the network (tests/test_interop_hf_chameleon.py:
+logits equal to transformers' within 1e-4 on every column, and a bitwise round trip).
+
+The VQGAN (`model.vqmodel.*`), when present, goes through interop/chameleon_vqgan.py into
+OUT/image_tokenizer/ (encoder only: transformers ships no decoder), and the inverse
+writes it back from there. A model directory without image_tokenizer/ (a model trained in
+mixmodal) is written without VQGAN weights: transformers then initialises `model.vqmodel`
+at random and warns about its missing keys; the language model is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mixmodal.interop.common import ConversionError
+from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
+from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, ModelDirError, check_model_state, read_model_config, write_model_dir
+from mixmodal.model.transformer import TransformerConfig
+from mixmodal.vocab import NUM_SPECIAL, SPECIAL_TOKENS, Vocab
+
+VOCAB_MAP_FILE = "vocab_map.json"
+HF_CONFIG_FILE = "hf_config.json"  # the source's config.json, kept so the inverse writes the same fields back
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
+VOCAB_MAP_FORMAT = "mixmodal.vocab_map.v1"
+IMAGE_TOKEN_PREFIX = "IMGIMG"
+_HF_INDEX = "model.safetensors.index.json"
+_HF_WEIGHTS = "model.safetensors"
+_VQ_PREFIX = "model.vqmodel."
+_VQ_DEFAULTS = {"resolution": 512, "channel_multiplier": [1, 1, 2, 2, 4]}  # ChameleonVQVAEConfig's defaults
+
+
+# --- the vocabulary -------------------------------------------------------------------------
+
+def image_token_name(code: int) -> str:
+    """Chameleon's vocabulary name of VQGAN code `code`: "IMGIMG" + its digits as letters A-J + "Z"."""
+    return IMAGE_TOKEN_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def image_code_of(name: str) -> int | None:
+    """The VQGAN code of an "IMGIMG..." name (transformers' remap: letters A-J are digits, the last
+    character is dropped); None for any other name."""
+    if not name.startswith(IMAGE_TOKEN_PREFIX):
+        return None
+    digits = "".join(str(ord(c) - ord("A")) if "A" <= c <= "J" else c for c in name[len(IMAGE_TOKEN_PREFIX):-1])
+    return int(digits) if digits.isdigit() else -1
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """Chameleon id -> mixmodal id. hf_to_mixmodal has one entry per Chameleon id."""
+
+    hf_to_mixmodal: tuple[int, ...]
+    text_size: int
+    num_image_codes: int
+
+    @classmethod
+    def from_image_ids(cls, hf_vocab_size: int, hf_id_of_code: list[int]) -> "VocabMap":
+        """Text ids keep their order; code c goes to text_size + c."""
+        image_ids = set(hf_id_of_code)
+        text_size = hf_vocab_size - len(hf_id_of_code)
+        ours = [0] * hf_vocab_size
+        for i, hf_id in enumerate(j for j in range(hf_vocab_size) if j not in image_ids):
+            ours[hf_id] = i
+        for code, hf_id in enumerate(hf_id_of_code):
+            ours[hf_id] = text_size + code
+        return cls(tuple(ours), text_size, len(hf_id_of_code))
+
+    @property
+    def vocab(self) -> Vocab:
+        return Vocab(self.text_size, self.num_image_codes)
+
+    @property
+    def hf_vocab_size(self) -> int:
+        return len(self.hf_to_mixmodal)
+
+    def index(self) -> torch.Tensor:
+        return torch.tensor(self.hf_to_mixmodal, dtype=torch.long)
+
+    def to_dict(self) -> dict:
+        return {"format": VOCAB_MAP_FORMAT,
+                "about": "hf_to_mixmodal[chameleon_id] = mixmodal_id. Text ids keep their order, image code c is "
+                         "text_size + c; mixmodal ids from hf_vocab_size up to mixmodal_vocab_size are padding "
+                         "(zero rows). mixmodal's own special-token ids do not apply: drive this model with "
+                         "Chameleon's tokenizer through this map.",
+                "hf_vocab_size": self.hf_vocab_size, "text_size": self.text_size,
+                "num_image_codes": self.num_image_codes, "mixmodal_vocab_size": self.vocab.size,
+                "hf_to_mixmodal": list(self.hf_to_mixmodal)}
+
+    @classmethod
+    def read(cls, path: Path) -> "VocabMap":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConversionError(f"{path}: cannot read the vocabulary map: {e}") from None
+        if not isinstance(data, dict) or data.get("format") != VOCAB_MAP_FORMAT:
+            raise ConversionError(f"{path}: not a mixmodal vocabulary map (expected \"format\": \"{VOCAB_MAP_FORMAT}\")")
+        ours = data.get("hf_to_mixmodal")
+        text_size, num_codes = data.get("text_size"), data.get("num_image_codes")
+        if not isinstance(ours, list) or not isinstance(text_size, int) or not isinstance(num_codes, int) \
+                or sorted(ours) != list(range(len(ours))) or len(ours) != text_size + num_codes:
+            raise ConversionError(f"{path}: hf_to_mixmodal must be a permutation of 0..text_size + num_image_codes - 1")
+        return cls(tuple(ours), text_size, num_codes)
+
+
+def vocab_map_from_hf(config: dict, origin: str) -> VocabMap:
+    """The permutation named by a Chameleon config's vocabulary_map (its "IMGIMG" entries)."""
+    names = config.get("vocabulary_map")
+    vocab_size = config.get("vocab_size", 65536)
+    if not isinstance(names, dict) or not names:
+        raise ConversionError(f"{origin}: vocabulary_map is missing; a Chameleon config names its image tokens there")
+    id_of_code: dict[int, int] = {}
+    for name, hf_id in names.items():
+        code = image_code_of(name)
+        if code is None:
+            continue
+        if code < 0 or not isinstance(hf_id, int) or not 0 <= hf_id < vocab_size:
+            raise ConversionError(f"{origin}: vocabulary_map[{name!r}] = {hf_id!r} is not an image code with an id "
+                                  f"below vocab_size={vocab_size}")
+        if code in id_of_code:
+            raise ConversionError(f"{origin}: vocabulary_map names image code {code} twice")
+        id_of_code[code] = hf_id
+    num_codes = len(id_of_code)
+    if not num_codes:
+        raise ConversionError(f"{origin}: vocabulary_map has no {IMAGE_TOKEN_PREFIX}* entries (image tokens)")
+    if sorted(id_of_code) != list(range(num_codes)):
+        missing = sorted(set(range(num_codes)) - set(id_of_code))[:10]
+        raise ConversionError(f"{origin}: the {num_codes} image tokens of vocabulary_map do not cover codes "
+                              f"0..{num_codes - 1} (missing e.g. {missing})")
+    if len(set(id_of_code.values())) != num_codes:
+        raise ConversionError(f"{origin}: vocabulary_map gives two image codes the same id")
+    if vocab_size - num_codes <= NUM_SPECIAL:
+        raise ConversionError(f"{origin}: vocab_size={vocab_size} leaves {vocab_size - num_codes} text ids beside "
+                              f"{num_codes} image tokens; mixmodal needs more than {NUM_SPECIAL}")
+    return VocabMap.from_image_ids(vocab_size, [id_of_code[c] for c in range(num_codes)])
+
+
+def native_vocab_map(config: ModelConfig) -> VocabMap:
+    """The identity layout of a model trained in mixmodal: Chameleon id = mixmodal id (padding dropped)."""
+    vocab = config.vocab
+    return VocabMap(tuple(range(vocab.text_size + vocab.num_image_codes)), vocab.text_size, vocab.num_image_codes)
+
+
+def native_vocabulary_map(vocab: Vocab) -> dict[str, int]:
+    """A Chameleon `vocabulary_map` for mixmodal's layout: the special tokens and the image tokens
+    (ordinary text tokens have no names without a tokenizer; transformers needs only the image ones)."""
+    names = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    names.update({image_token_name(c): vocab.image_code_to_id(c) for c in range(vocab.num_image_codes)})
+    return names
+
+
+# --- configs --------------------------------------------------------------------------------
+
+def model_config_from_hf(config: dict, origin: str, vocab_map: VocabMap) -> ModelConfig:
+    """A Chameleon config.json dict -> ModelConfig; what mixmodal does not implement is refused by name."""
+    get = config.get
+    hidden, heads = get("hidden_size", 4096), get("num_attention_heads", 32)
+    kv_heads = get("num_key_value_heads") or heads
+    if get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{origin}: hidden_act={get('hidden_act')!r}; mixmodal's MLP is SwiGLU (silu)")
+    if hidden % heads:
+        raise ConversionError(f"{origin}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+    if get("head_dim") not in (None, hidden // heads):
+        raise ConversionError(f"{origin}: head_dim={get('head_dim')} differs from hidden_size / num_attention_heads "
+                              f"= {hidden // heads}; mixmodal derives head_dim from them")
+    if heads % kv_heads:
+        raise ConversionError(f"{origin}: num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}")
+    vq = {**_VQ_DEFAULTS, **(get("vq_config") or {})}
+    downsample = 2 ** (len(vq["channel_multiplier"]) - 1)
+    if vq["resolution"] % downsample:
+        raise ConversionError(f"{origin}: vq_config.resolution={vq['resolution']} is not divisible by the VQGAN's "
+                              f"downsampling {downsample} (2 ** (len(channel_multiplier) - 1))")
+    try:
+        transformer = TransformerConfig(
+            dim=hidden, num_layers=get("num_hidden_layers", 32), num_heads=heads, num_kv_heads=kv_heads,
+            ffn_dim=get("intermediate_size", 11008), norm_eps=float(get("rms_norm_eps", 1e-5)),
+            rope_theta=_rope_theta(config, origin), qk_norm=True, swin_norm=bool(get("swin_norm", False)),
+            attention_bias=bool(get("attention_bias", False)), mlp_bias=bool(get("mlp_bias", False)),
+            attention_dropout=float(get("attention_dropout") or 0.0), init_std=float(get("initializer_range", 0.02)))
+        image = ImageConfig(mode="tokens", num_codes=vocab_map.num_image_codes, grid_size=vq["resolution"] // downsample)
+    except ValueError as e:
+        raise ConversionError(f"{origin}: {e}") from None
+    return ModelConfig(text_vocab_size=vocab_map.text_size, transformer=transformer, image=image,
+                       tie_embeddings=bool(get("tie_word_embeddings", False)))
+
+
+def _rope_theta(config: dict, origin: str) -> float:
+    """transformers 5 writes rope_parameters {rope_type, rope_theta}; 4.x wrote rope_theta and rope_scaling."""
+    params = config.get("rope_parameters") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ConversionError(f"{origin}: rope_parameters.rope_type={rope_type!r} is not implemented in mixmodal "
+                              "(plain RoPE only: rope_type 'default')")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConversionError(f"{origin}: rope_parameters.partial_rotary_factor={params['partial_rotary_factor']} "
+                              "is not implemented in mixmodal (RoPE on the whole head)")
+    scaling = config.get("rope_scaling")
+    if scaling:
+        raise ConversionError(f"{origin}: rope_scaling={scaling} is not implemented in mixmodal (plain RoPE only)")
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def hf_config_from_model_config(config: ModelConfig, vocab_map: VocabMap, base: dict | None, dtype: torch.dtype) -> dict:
+    """A Chameleon config.json dict for `config`; fields mixmodal does not model come from `base`
+    (the converted checkpoint's own config) or, for a model trained in mixmodal, from its vocab."""
+    t = config.transformer
+    out = dict(base or {})
+    if base is None:
+        vocab = config.vocab
+        out.update(vocabulary_map=native_vocabulary_map(vocab), bos_token_id=vocab.bos, eos_token_id=vocab.eos,
+                   pad_token_id=vocab.pad, max_position_embeddings=4096, model_parallel_size=1, hidden_act="silu",
+                   use_cache=True, vq_config=_native_vq_config(config))
+    out.pop("rope_scaling", None)
+    out.update(
+        architectures=["ChameleonForConditionalGeneration"], model_type="chameleon",
+        vocab_size=vocab_map.hf_vocab_size, hidden_size=t.dim, intermediate_size=t.hidden_dim,
+        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.kv_heads,
+        rms_norm_eps=t.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta},
+        rope_theta=t.rope_theta,  # what transformers 4.x reads (5.x reads either)
+        swin_norm=t.swin_norm, attention_bias=t.attention_bias, mlp_bias=t.mlp_bias,
+        attention_dropout=t.attention_dropout, initializer_range=t.init_std, tie_word_embeddings=config.tie_embeddings,
+        dtype=str(dtype).removeprefix("torch."))
+    out.pop("torch_dtype", None)
+    return out
+
+
+def _native_vq_config(config: ModelConfig) -> dict:
+    """A small placeholder VQGAN config with the model's codebook size and grid (its weights are not
+    written; transformers initialises them at random). One level: resolution = grid size."""
+    image = config.image
+    return {"embed_dim": 8, "num_embeddings": image.num_codes, "latent_channels": 8, "resolution": image.grid_size,
+            "in_channels": 3, "base_channels": 32, "channel_multiplier": [1], "num_res_blocks": 1,
+            "attn_resolutions": [], "dropout": 0.0, "double_latent": False, "attn_type": "vanilla"}
+
+
+# --- tensors --------------------------------------------------------------------------------
+
+def hf_name_to_mixmodal(name: str) -> str | None:
+    if name == "lm_head.weight":
+        return name
+    if name == "model.embed_tokens.weight":
+        return "embed_tokens.weight"
+    if name.startswith("model.layers.") or name == "model.norm.weight":
+        return "transformer." + name[len("model."):]
+    return None
+
+
+def mixmodal_name_to_hf(name: str) -> str | None:
+    if name in ("lm_head.weight", "embed_tokens.weight"):
+        return "lm_head.weight" if name == "lm_head.weight" else "model.embed_tokens.weight"
+    if name.startswith("transformer."):
+        return "model." + name[len("transformer."):]
+    return None
+
+
+_VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")
+
+
+def hf_state_to_mixmodal(state: dict[str, torch.Tensor], vocab_map: VocabMap) -> dict[str, torch.Tensor]:
+    """Rename the language-model tensors and move the vocabulary rows; unknown names raise."""
+    out, unknown = {}, []
+    padded = vocab_map.vocab.size
+    for name, tensor in state.items():
+        new = hf_name_to_mixmodal(name)
+        if new is None:
+            unknown.append(name)
+        elif new in _VOCAB_ROWS:
+            if tensor.shape[0] != vocab_map.hf_vocab_size:
+                raise ConversionError(f"{name} has {tensor.shape[0]} rows, config.json says vocab_size="
+                                      f"{vocab_map.hf_vocab_size}")
+            rows = tensor.new_zeros(padded, *tensor.shape[1:])
+            rows[vocab_map.index()] = tensor
+            out[new] = rows
+        else:
+            out[new] = tensor
+    if unknown:
+        raise ConversionError(f"tensors with no mixmodal counterpart ({len(unknown)}): {', '.join(unknown[:12])}"
+                              + (" ..." if len(unknown) > 12 else ""))
+    return out
+
+
+def mixmodal_state_to_hf(state: dict[str, torch.Tensor], vocab_map: VocabMap) -> dict[str, torch.Tensor]:
+    out, unknown = {}, []
+    for name, tensor in state.items():
+        new = mixmodal_name_to_hf(name)
+        if new is None:
+            unknown.append(name)
+        else:
+            out[new] = tensor[vocab_map.index()].contiguous() if name in _VOCAB_ROWS else tensor
+    if unknown:
+        raise ConversionError(f"tensors with no Chameleon counterpart ({len(unknown)}): {', '.join(unknown[:12])}"
+                              + (" ..." if len(unknown) > 12 else ""))
+    return out
+
+
+def _check(config: ModelConfig, state: dict[str, torch.Tensor], origin: str) -> None:
+    with torch.device("meta"):  # names and shapes only: nothing is allocated
+        model = FusionModel(config)
+    try:
+        check_model_state(model, state, origin)
+    except ModelDirError as e:
+        raise ConversionError(str(e)) from None
+
+
+# --- reading --------------------------------------------------------------------------------
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{path} not found: {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: cannot read it as JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_hf_state(src: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers checkpoint folder (model.safetensors or a sharded index), in its
+    stored dtype. safetensors only: nothing is unpickled."""
+    from safetensors.torch import load_file
+
+    index = src / _HF_INDEX
+    if index.is_file():
+        weight_map = _read_json(index, "").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: no weight_map")
+        files = sorted(set(weight_map.values()))
+    elif (src / _HF_WEIGHTS).is_file():
+        files = [_HF_WEIGHTS]
+    else:
+        found = sorted(p.name for p in src.glob("*.bin")) or sorted(p.name for p in src.glob("*.pt*"))
+        hint = f" (found {', '.join(found[:3])}: pickled weights are not read; re-save with save_pretrained, " \
+               "which writes safetensors)" if found else ""
+        raise ConversionError(f"{src}: no {_HF_WEIGHTS} or {_HF_INDEX}{hint}")
+    state = {}
+    for name in files:
+        if not (src / name).is_file():
+            raise ConversionError(f"{src / name} is listed in {_HF_INDEX} but missing")
+        state.update(load_file(str(src / name), device="cpu"))
+    return state
+
+
+def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> tuple[ModelConfig, list[str]]:
+    """Convert a transformers ChameleonForConditionalGeneration folder into a model directory `out`.
+
+    Returns the model's config and notes for the user."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ConversionError(f"{src} is not a directory: pass a transformers Chameleon folder "
+                              "(config.json + model.safetensors or a sharded index)")
+    origin = str(src / "config.json")
+    hint = (" (this is a mixmodal model directory: `mixmodal convert to-hf-chameleon` writes it for transformers)"
+            if (src / CONFIG_FILE).is_file() else "")
+    hf_config = _read_json(src / "config.json", "a transformers Chameleon folder holds config.json" + hint)
+    if hf_config.get("model_type") != "chameleon":
+        raise ConversionError(f"{origin}: not a Chameleon config (model_type={hf_config.get('model_type')!r}, "
+                              "expected 'chameleon')")
+    vocab_map = vocab_map_from_hf(hf_config, origin)
+    config = model_config_from_hf(hf_config, origin, vocab_map)
+    state = read_hf_state(src)
+    vq_state = {k[len(_VQ_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_VQ_PREFIX)]}
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # tied: stored once, as the embedding
+    ours = hf_state_to_mixmodal(state, vocab_map)
+    _check(config, ours, f"{src} (weights)")
+    notes = []
+    write_model_dir(config, ours, out, metadata={"source": "transformers ChameleonForConditionalGeneration"})
+    (out / VOCAB_MAP_FILE).write_text(json.dumps(vocab_map.to_dict()), encoding="utf-8")
+    (out / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+    vocab = vocab_map.vocab
+    if vocab.size > vocab_map.hf_vocab_size:
+        notes.append(f"the vocabulary is padded from {vocab_map.hf_vocab_size} to {vocab.size} rows (a multiple of "
+                     f"{vocab.pad_to_multiple}); the extra embedding and lm_head rows are zeros")
+    notes.append(f"ids are permuted: {vocab_map.num_image_codes} image tokens moved to ids {vocab.text_size}.."
+                 f"{vocab.text_size + vocab_map.num_image_codes - 1} (see {VOCAB_MAP_FILE}); mixmodal's special-token "
+                 "ids do not apply, drive the model with Chameleon's tokenizer through the map")
+    notes.extend(_convert_vqgan(hf_config, vq_state, src, out / IMAGE_TOKENIZER_DIR, vocab_map.num_image_codes))
+    return config, notes
+
+
+def _convert_vqgan(hf_config: dict, vq_state: dict, src: Path, out: Path, num_image_codes: int) -> list[str]:
+    from mixmodal.interop.chameleon_vqgan import taming_to_mixmodal, vq_config_from_transformers
+    from mixmodal.interop.common import finish_conversion
+    from mixmodal.tokenizers.vq import VQTokenizer
+
+    if not vq_state:
+        return ["the checkpoint holds no VQGAN (model.vqmodel.*): no image_tokenizer/ was written"]
+    try:
+        vq_config = vq_config_from_transformers(hf_config, str(src / "config.json"), encoder_only=True)
+        mapped = taming_to_mixmodal({k: v.float() for k, v in vq_state.items()}, len(vq_config.channel_multipliers))
+        finish_conversion(VQTokenizer(vq_config), mapped, src, out)
+    except ConversionError as e:
+        return [f"the VQGAN was not converted ({e}); no {IMAGE_TOKENIZER_DIR}/ was written"]
+    notes = [f"the VQGAN went to {out} (encoder only: transformers ships no decoder)"]
+    if vq_config.codebook_size != num_image_codes:
+        notes.append(f"the VQGAN has {vq_config.codebook_size} codes but the vocabulary {num_image_codes} image tokens")
+    return notes
+
+
+# --- the inverse ----------------------------------------------------------------------------
+
+def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> tuple[dict, list[str]]:
+    """Write a mixmodal token-mode model directory `src` as a transformers Chameleon folder `out`.
+
+    Uses src/vocab_map.json and src/hf_config.json when present (a converted Chameleon: ids
+    and config fields go back to Chameleon's); otherwise ids stay as they are, the padding
+    rows are dropped, and a vocabulary_map names the image tokens. Returns the written
+    config.json dict and notes for the user."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ConversionError(f"{src} is not a directory: pass a mixmodal model directory ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (src / name).is_file():
+            raise ConversionError(f"{src / name} not found: a mixmodal model directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    config = read_model_config(src)
+    t = config.transformer
+    if config.image.mode != "tokens":
+        raise ConversionError(f"{src / CONFIG_FILE}: image.mode={config.image.mode!r}; Chameleon has image tokens "
+                              "only (image.mode=tokens)")
+    if not t.qk_norm:
+        raise ConversionError(f"{src / CONFIG_FILE}: transformer.qk_norm=false; Chameleon always applies QK-norm")
+    if config.image.is_bidirectional:
+        raise ConversionError(f"{src / CONFIG_FILE}: image.bidirectional=true; Chameleon attends causally inside images")
+    state = load_file(str(src / WEIGHTS_FILE), device="cpu")
+    _check(config, state, str(src / WEIGHTS_FILE))
+    notes = []
+    if (src / VOCAB_MAP_FILE).is_file():
+        vocab_map = VocabMap.read(src / VOCAB_MAP_FILE)
+        if (vocab_map.text_size, vocab_map.num_image_codes) != (config.text_vocab_size, config.image.num_codes):
+            raise ConversionError(f"{src / VOCAB_MAP_FILE}: text_size={vocab_map.text_size}, num_image_codes="
+                                  f"{vocab_map.num_image_codes} disagree with {src / CONFIG_FILE} "
+                                  f"({config.text_vocab_size}, {config.image.num_codes})")
+    else:
+        vocab_map = native_vocab_map(config)
+        notes.append(f"no {VOCAB_MAP_FILE}: ids are kept (mixmodal's layout, padding rows dropped); vocabulary_map "
+                     f"names the special tokens and image codes {image_token_name(0)}..")
+    base = json.loads((src / HF_CONFIG_FILE).read_text(encoding="utf-8")) if (src / HF_CONFIG_FILE).is_file() else None
+    hf_state = mixmodal_state_to_hf(state, vocab_map)
+    if config.tie_embeddings:
+        hf_state.pop("lm_head.weight", None)
+    dtype = hf_state["model.embed_tokens.weight"].dtype
+    hf_config = hf_config_from_model_config(config, vocab_map, base, dtype)
+    if t.dropout:
+        notes.append(f"transformer.dropout={t.dropout} has no Chameleon counterpart (dropped; inference is unaffected)")
+    if (src / IMAGE_TOKENIZER_DIR).is_dir():
+        vq_config, vq_state = _vqgan_to_hf(src / IMAGE_TOKENIZER_DIR, config.image.num_codes)
+        hf_config["vq_config"] = vq_config
+        hf_state.update({_VQ_PREFIX + k: v for k, v in vq_state.items()})
+        notes.append(f"the VQGAN encoder of {src / IMAGE_TOKENIZER_DIR} went to model.vqmodel")
+    else:
+        notes.append(f"no {IMAGE_TOKENIZER_DIR}/ in {src}: no VQGAN weights are written; transformers initialises "
+                     "model.vqmodel at random and warns about its missing keys (the language model is complete)")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state, str(out / _HF_WEIGHTS), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+    return hf_config, notes
+
+
+_TAMING_PATHS = [  # mixmodal trunk name -> taming name (the inverse of chameleon_vqgan._rename, encoder side)
+    (r"^encoder\.conv_norm_out\.", "encoder.norm_out."),
+    (r"^encoder\.mid_block\.resnets\.(\d+)\.", lambda m: f"encoder.mid.block_{int(m[1]) + 1}."),
+    (r"^encoder\.mid_block\.attentions\.0\.", "encoder.mid.attn_1."),
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+    (r"^encoder\.down_blocks\.(\d+)\.attentions\.(\d+)\.", r"encoder.down.\1.attn.\2."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.", r"encoder.down.\1.downsample.conv."),
+]
+_TAMING_LEAVES = [(r"\.conv_shortcut\.", ".nin_shortcut."), (r"\.group_norm\.", ".norm."), (r"\.to_q\.", ".q."),
+                  (r"\.to_k\.", ".k."), (r"\.to_v\.", ".v."), (r"\.to_out\.0\.", ".proj_out.")]
+
+
+def _vqgan_to_hf(folder: Path, num_image_codes: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A mixmodal VQ tokenizer directory -> (a ChameleonVQVAEConfig dict, its encoder tensors under
+    taming's names). Only what transformers' ChameleonVQVAE can run is accepted: a Euclidean
+    codebook and 32-group norms, as `convert chameleon-vqgan` writes them."""
+    import re
+
+    from mixmodal.interop.chameleon_vqgan import TAMING_NORM_GROUPS, taming_to_mixmodal
+    from mixmodal.tokenizers.image import load_image_tokenizer
+
+    tokenizer = load_image_tokenizer(folder)
+    c = tokenizer.config
+    if tokenizer.kind != "vq" or c.codebook != "euclidean" or c.norm_groups != TAMING_NORM_GROUPS:
+        raise ConversionError(f"{folder}: transformers' ChameleonVQVAE runs a VQ tokenizer with codebook=euclidean "
+                              f"and norm_groups={TAMING_NORM_GROUPS} only (this one: kind={tokenizer.kind}, "
+                              f"codebook={getattr(c, 'codebook', None)}, norm_groups={c.norm_groups}); move it aside "
+                              "to write the language model alone")
+    if c.codebook_size != num_image_codes:
+        raise ConversionError(f"{folder}: codebook_size={c.codebook_size} but the model has {num_image_codes} image codes")
+    state = {}
+    for name, tensor in tokenizer.state_dict().items():
+        if name.startswith("decoder.") or name == "quantize.steps_since_used":
+            continue  # transformers has no decoder; the dead-code counter is ours
+        new = name
+        for pattern, replacement in _TAMING_PATHS + _TAMING_LEAVES:
+            new = re.sub(pattern, replacement, new)
+        if re.search(r"\.(q|k|v|proj_out)\.weight$", new) and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # taming's attention uses 1x1 convs
+        state[new] = tensor.contiguous()
+    back = taming_to_mixmodal(state, len(c.channel_multipliers))  # self-check: the forward mapping undoes this one
+    expected = {k for k in tokenizer.state_dict() if not k.startswith("decoder.") and k != "quantize.steps_since_used"}
+    if set(back) != expected:
+        raise ConversionError(f"{folder}: internal error: the VQGAN names do not round-trip "
+                              f"({sorted(set(back) ^ expected)[:5]})")
+    vq_config = {"embed_dim": c.codebook_dim, "num_embeddings": c.codebook_size, "latent_channels": c.latent_channels,
+                 "resolution": c.resolution, "in_channels": 3, "base_channels": c.base_channels,
+                 "channel_multiplier": list(c.channel_multipliers), "num_res_blocks": c.num_res_blocks,
+                 "attn_resolutions": list(c.attention_resolutions), "dropout": 0.0, "double_latent": False,
+                 "attn_type": "vanilla" if c.attention else "none", "model_type": "chameleon_vqgan"}
+    return vq_config, state
+
+
+__all__ = ["VocabMap", "convert_hf_chameleon", "convert_to_hf_chameleon", "hf_config_from_model_config",
+           "hf_state_to_mixmodal", "image_code_of", "image_token_name", "mixmodal_state_to_hf", "model_config_from_hf",
+           "native_vocab_map", "vocab_map_from_hf"]

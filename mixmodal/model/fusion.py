@@ -1,0 +1,305 @@
+"""The early-fusion model: one transformer over interleaved text and images.
+
+    image.mode = tokens   (Chameleon, CM3Leon)  image codes are ids of the shared vocabulary:
+                          embed_tokens -> transformer -> lm_head, nothing else.
+    image.mode = latents  (Transfusion)         each image is a VAE latent [C, h, w], noised by
+                          the objective, cut into (h/p)(w/p) patches of p x p and projected to
+                          the model width (a linear layer, or U-Net down blocks); a timestep
+                          embedding and a 2-D (row, column) position embedding are added to
+                          every patch vector; the sequence holds one placeholder position per
+                          patch. The hidden states at those positions go back through the
+                          output projection (linear, or U-Net up blocks with skips) to a
+                          prediction in latent space (noise or velocity, as the objective says).
+
+Text embedding and LM head are the same in both modes. `model(input_ids)` returns an
+output whose `.logits` is [B, T, V], as in transformers.
+
+Packed-row inputs (all optional but input_ids; the data pipeline builds them):
+    positions     [B, T]  RoPE positions, restarting per document     (default arange)
+    document_ids  [B, T]  document of each position, -1 padding       (default one document)
+    image_ids     [B, T]  bidirectional image block, -1 none          (default none)
+    image_latents [N, C, h, w]  noisy latents of the row's images, in image-index order
+    image_times   [N]     diffusion time in [0, 1] of each image
+    image_index   [N, P]  flat index (b * T + t) of each image's P patch positions
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixmodal.model.masks import AttentionMask, Backend
+from mixmodal.model.transformer import KVCache, Transformer, TransformerConfig
+from mixmodal.vocab import Vocab
+
+
+@dataclass
+class ImageConfig:
+    mode: Literal["tokens", "latents"] = "tokens"
+    num_codes: int = 0  # tokens: the VQ codebook size (filled from the image tokenizer)
+    latent_channels: int = 0  # latents: the VAE's latent channels (filled from the image tokenizer)
+    grid_size: int = 0  # side of the code / latent grid of one image (filled from the image tokenizer)
+    patch_size: int = 2  # latents: p x p latent pixels per sequence position
+    patchify: Literal["linear", "unet"] = "linear"  # latents: how patches enter and leave the transformer
+    unet_channels: int = 64  # latents, unet: channels of the U-Net blocks
+    bidirectional: bool | None = None  # attention among one image's positions; None: yes for latents, no for tokens
+
+    def __post_init__(self) -> None:
+        if self.mode == "latents" and self.grid_size and self.grid_size % self.patch_size:
+            raise ValueError(f"image.patch_size={self.patch_size} does not divide the latent grid "
+                             f"({self.grid_size} x {self.grid_size}); pick a divisor of {self.grid_size}")
+        if self.patch_size < 1:
+            raise ValueError(f"image.patch_size must be >= 1, got {self.patch_size}")
+
+    @property
+    def is_bidirectional(self) -> bool:
+        return self.mode == "latents" if self.bidirectional is None else self.bidirectional
+
+    @property
+    def positions_per_image(self) -> int:
+        """Sequence positions between <boi> and <eoi>."""
+        if self.mode == "tokens":
+            return self.grid_size ** 2
+        return (self.grid_size // self.patch_size) ** 2
+
+
+@dataclass
+class ModelConfig:
+    text_vocab_size: int = 0  # ids of the text tokenizer, specials included (filled from it)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    tie_embeddings: bool = False  # share embed_tokens and lm_head (Chameleon does not)
+    attention_backend: Backend = "auto"  # auto: FlexAttention on CUDA, SDPA elsewhere
+
+    @property
+    def vocab(self) -> Vocab:
+        return Vocab(self.text_vocab_size, self.image.num_codes if self.image.mode == "tokens" else 0)
+
+
+@dataclass
+class FusionOutput:
+    logits: torch.Tensor  # [B, T, V]
+    image_prediction: torch.Tensor | None = None  # [N, C, h, w] (latent mode, when images were given)
+    hidden_states: torch.Tensor | None = None  # [B, T, D] after the final norm
+
+
+# --- latent-mode pieces ---------------------------------------------------------------------
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of diffusion time t in [0, 1] (scaled to 0..1000 as DDPM steps)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int, features: int = 256) -> None:
+        super().__init__()
+        self.features = features
+        self.linear_1 = nn.Linear(features, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # [N] -> [N, dim]
+        return self.linear_2(F.silu(self.linear_1(timestep_features(t, self.features).to(self.linear_1.weight.dtype))))
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:  # [N, C, h, w] -> [N, (h/p)(w/p), C p p]
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: torch.Tensor, p: int, channels: int) -> torch.Tensor:  # inverse of patchify
+    n, num, _ = x.shape
+    g = math.isqrt(num)
+    x = x.reshape(n, g, g, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, channels, g * p, g * p)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added in between (DDPM U-Net)."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(in_channels), in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_channels)
+        self.norm2 = nn.GroupNorm(_groups(out_channels), out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(32, channels)
+
+
+class LinearPatchIn(nn.Module):
+    def __init__(self, image: ImageConfig, dim: int) -> None:
+        super().__init__()
+        self.p = image.patch_size
+        self.proj = nn.Linear(image.latent_channels * self.p ** 2, dim)
+
+    def forward(self, latents: torch.Tensor, temb: torch.Tensor):  # -> [N, P, D], skip state
+        return self.proj(patchify(latents, self.p)), None
+
+
+class LinearPatchOut(nn.Module):
+    def __init__(self, image: ImageConfig, dim: int) -> None:
+        super().__init__()
+        self.p, self.channels = image.patch_size, image.latent_channels
+        self.proj = nn.Linear(dim, image.latent_channels * self.p ** 2)
+        nn.init.zeros_(self.proj.weight)  # the first predictions are 0 (DiT's final layer)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: torch.Tensor, temb: torch.Tensor, skip) -> torch.Tensor:  # [N, P, D] -> [N, C, h, w]
+        return unpatchify(self.proj(hidden), self.p, self.channels)
+
+
+class UNetPatchIn(nn.Module):
+    """conv_in -> ResBlock at latent resolution -> strided conv down to the patch grid -> to width D."""
+
+    def __init__(self, image: ImageConfig, dim: int) -> None:
+        super().__init__()
+        c, p = image.unet_channels, image.patch_size
+        self.conv_in = nn.Conv2d(image.latent_channels, c, 3, padding=1)
+        self.block = ResBlock(c, c, dim)
+        self.down = nn.Conv2d(c, 2 * c, kernel_size=p, stride=p)
+        self.down_block = ResBlock(2 * c, 2 * c, dim)
+        self.proj = nn.Linear(2 * c, dim)
+
+    def forward(self, latents: torch.Tensor, temb: torch.Tensor):
+        skip = self.block(self.conv_in(latents), temb)
+        h = self.down_block(self.down(skip), temb)
+        return self.proj(h.flatten(2).transpose(1, 2)), skip
+
+
+class UNetPatchOut(nn.Module):
+    """From width D on the patch grid -> up (transposed conv) -> concat the skip -> ResBlock -> conv_out."""
+
+    def __init__(self, image: ImageConfig, dim: int) -> None:
+        super().__init__()
+        c, p = image.unet_channels, image.patch_size
+        self.proj = nn.Linear(dim, 2 * c)
+        self.up_block = ResBlock(2 * c, 2 * c, dim)
+        self.up = nn.ConvTranspose2d(2 * c, c, kernel_size=p, stride=p)
+        self.block = ResBlock(2 * c, c, dim)
+        self.norm_out = nn.GroupNorm(_groups(c), c)
+        self.conv_out = nn.Conv2d(c, image.latent_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, hidden: torch.Tensor, temb: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        n, num, _ = hidden.shape
+        g = math.isqrt(num)
+        h = self.proj(hidden).transpose(1, 2).reshape(n, -1, g, g)
+        h = self.up(self.up_block(h, temb))
+        h = self.block(torch.cat([h, skip], dim=1), temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# --- the model --------------------------------------------------------------------------------
+
+class FusionModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        t, image = config.transformer, config.image
+        self.vocab = config.vocab
+        self.embed_tokens = nn.Embedding(self.vocab.size, t.dim)
+        self.transformer = Transformer(t)
+        self.lm_head = nn.Linear(t.dim, self.vocab.size, bias=False)
+        nn.init.normal_(self.embed_tokens.weight, 0.0, t.init_std)
+        nn.init.normal_(self.lm_head.weight, 0.0, t.init_std)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if image.mode == "latents":
+            if not image.latent_channels or not image.grid_size:
+                raise ValueError("latent mode needs image.latent_channels and image.grid_size (from the VAE tokenizer)")
+            side = image.grid_size // image.patch_size
+            self.time_embed = TimestepEmbedding(t.dim)
+            self.image_rows = nn.Parameter(torch.randn(side, t.dim) * t.init_std)
+            self.image_cols = nn.Parameter(torch.randn(side, t.dim) * t.init_std)
+            patch_in, patch_out = (LinearPatchIn, LinearPatchOut) if image.patchify == "linear" else (UNetPatchIn, UNetPatchOut)
+            self.patch_in = patch_in(image, t.dim)
+            self.patch_out = patch_out(image, t.dim)
+
+    @property
+    def is_latent(self) -> bool:
+        return self.config.image.mode == "latents"
+
+    def image_position_embedding(self) -> torch.Tensor:  # [P, D]
+        return (self.image_rows[:, None] + self.image_cols[None, :]).flatten(0, 1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        image_latents: torch.Tensor | None = None,
+        image_times: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        mask: AttentionMask | None = None,
+    ) -> FusionOutput:
+        b, t = input_ids.shape
+        if cache is not None and (positions is None or mask is None):
+            # the defaults would restart RoPE positions at 0 and align the causal kernel to the first cached key
+            raise ValueError("with a KV cache, pass `positions` (continuing the cached ones) and a `mask` built with "
+                             "AttentionMask.build(..., key_document_ids=..., query_offset=...)")
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        x = self.embed_tokens(input_ids)
+        skip = temb = None
+        if image_latents is not None:
+            if not self.is_latent:
+                raise ValueError("image_latents given to a token-mode model (image.mode=tokens); images are ids there")
+            if image_times is None or image_index is None:
+                raise ValueError("image_latents need image_times [N] and image_index [N, P]")
+            temb = self.time_embed(image_times)
+            patches, skip = self.patch_in(image_latents, temb)
+            patches = patches + self.image_position_embedding()[None] + temb[:, None]
+            x = x.reshape(b * t, -1).index_copy(0, image_index.reshape(-1), patches.reshape(-1, x.shape[-1]).to(x.dtype))
+            x = x.view(b, t, -1)
+        if mask is None:
+            if document_ids is None:
+                document_ids = torch.zeros(b, t, dtype=torch.long, device=input_ids.device)
+            mask = AttentionMask.build(document_ids, image_ids, backend=self.config.attention_backend)
+        hidden = self.transformer(x, positions, mask, cache)
+        logits = self.lm_head(hidden)
+        prediction = None
+        if image_latents is not None:
+            image_hidden = hidden.reshape(b * t, -1)[image_index.reshape(-1)].view(*image_index.shape, -1)
+            prediction = self.patch_out(image_hidden, temb, skip)
+        return FusionOutput(logits=logits, image_prediction=prediction, hidden_states=hidden)
+
+    # --- accounting ---------------------------------------------------------------------------
+
+    def num_parameters(self, *, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per sequence position: 6 x the parameters a
+        position passes through (all but the embedding table) + attention scores and values
+        over a causal context (PaLM appendix B: 6 * L * T * D, half of the full-context 12)."""
+        c = self.config.transformer
+        return 6.0 * self.num_parameters(non_embedding=True) + 6.0 * c.num_layers * seq_len * c.dim
+
+
+__all__ = ["FusionModel", "FusionOutput", "ImageConfig", "ModelConfig", "patchify", "timestep_features", "unpatchify"]

@@ -1,0 +1,136 @@
+"""Early-fusion models on disk: a directory of `config.yaml` + `model.safetensors`.
+
+    config.yaml        the fields of ModelConfig (transformer, image, ...), as `to_dict` writes them
+    model.safetensors  the FusionModel state dict (safetensors: loading never runs code); a
+                       parameter shared with another (lm_head tied to embed_tokens) is stored
+                       once, under the name that owns it
+
+Converters (interop/hf_chameleon.py) may add files beside these (vocab_map.json,
+image_tokenizer/); this module reads and writes only the two above. Loading checks every
+tensor against the config and names the file and each mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixmodal.config import ConfigError, build_config, load_yaml, save_config, to_dict
+from mixmodal.model.fusion import FusionModel, ModelConfig
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be read; the message names the file and what is wrong."""
+
+
+def save_model_dir(model: FusionModel, out: str | os.PathLike) -> Path:
+    """Write `model`'s config and weights into `out` (created if needed); returns `out`."""
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    for alias in tied_aliases(model):
+        state.pop(alias)
+    return write_model_dir(model.config, state, out)
+
+
+def write_model_dir(config: ModelConfig, state: dict[str, torch.Tensor], out: str | os.PathLike,
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Write `config` and the tensors `state` as they are (dtype kept), weights first, each to a
+    temporary name and renamed, so a crash leaves the old pair or a weights file that
+    `load_model_dir` rejects by name, never a torn file. Converters call this directly
+    with a checked state dict, so a large checkpoint is never held twice in memory."""
+    from safetensors.torch import save_file
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    tensors = {name: t.contiguous().cpu() for name, t in state.items()}
+    save_file(tensors, str(tmp), metadata={"format": "pt", "kind": "fusion", **(metadata or {})})
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    save_config(to_dict(config), folder, CONFIG_FILE)
+    return folder
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a model directory (or of a config.yaml)."""
+    path = Path(path)
+    config_path = path / CONFIG_FILE if path.is_dir() else path
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        return build_config(ModelConfig, load_yaml(config_path))
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from None
+
+
+def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> FusionModel:
+    """Load a directory written by `save_model_dir` (or `mixmodal convert hf-chameleon`), in eval mode.
+
+    The model is built in float32 and the stored tensors are copied into it (a bf16
+    checkpoint is upcast)."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model directory {folder} does not exist (or is not a directory)")
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing: a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    model = FusionModel(read_model_config(folder))
+    state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    check_model_state(model, state, folder / WEIGHTS_FILE)
+    for alias, owner in tied_aliases(model).items():
+        state[alias] = state[owner]
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: owner} for every parameter that appears under a second name (tied embeddings)."""
+    owners: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in owners:
+            aliases[name] = owners[id(param)]
+        else:
+            owners[id(param)] = name
+    return aliases
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a weights file must hold for `model` (tied aliases excluded).
+    Works on a model built on the meta device, so a converter can check a large checkpoint
+    without allocating the model."""
+    aliases = tied_aliases(model)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in aliases}
+
+
+def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str | os.PathLike) -> None:
+    """Raise ModelDirError listing every missing, unexpected and wrongly shaped tensor of `state`."""
+    expected = expected_shapes(model)
+    problems = [f"  {name}: the file has shape {tuple(t.shape)}, the config expects {expected[name]}"
+                for name, t in state.items() if name in expected and tuple(t.shape) != expected[name]]
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    for label, names in (("missing", missing), ("unexpected", unexpected)):
+        if names:
+            problems.append(f"  {label} tensors ({len(names)}): {', '.join(names[:20])}" + (" ..." if len(names) > 20 else ""))
+    if problems:
+        raise ModelDirError(f"{origin} does not match its config ({CONFIG_FILE}):\n" + "\n".join(problems))
+
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ModelDirError", "check_model_state", "expected_shapes", "load_model_dir",
+           "read_model_config", "save_model_dir", "tied_aliases", "write_model_dir"]
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> FusionModel:
+    """`mixmodal.load_model`: a model directory, or a run directory of `mixmodal train` (its
+    `model/`). Returns the FusionModel in eval mode; `model(input_ids).logits` is [B, T, V]."""
+    folder = Path(path)
+    if not (folder / WEIGHTS_FILE).is_file() and (folder / "model" / WEIGHTS_FILE).is_file():
+        folder = folder / "model"
+    return load_model_dir(folder, device)

@@ -1,0 +1,350 @@
+"""The early-fusion training task: one model, `model.image.mode: tokens | latents`.
+
+    loss = CE(next token) + z_loss                                   every mode
+         + diffusion.loss_weight * MSE(prediction, noise | velocity)  latent mode (Transfusion)
+
+logged as a breakdown: text_ce (targets that are text or control ids), image_ce (targets
+that are image codes, token mode), z_loss, diffusion. Eval (every trainer.eval_every and at
+the end) computes the same terms on the first data.eval_batches batches of
+data.eval_source, with a fixed noise stream, so evals of one run and of two runs are
+comparable; text_ppl = exp(text_ce).
+
+Before training (`prepare`, called by `mixmodal train` with the run directory):
+  - the text tokenizer: data.text_tokenizer=auto trains a byte-level BPE of
+    data.text_vocab_size on the first data.text_tokenizer_documents documents of the
+    source into RUN/text_tokenizer (kept on resume); a path is copied there;
+  - the image tokenizer (data.image_tokenizer: a saved VQ or VAE) is copied to
+    RUN/image_tokenizer;
+  - model.text_vocab_size and model.image.{num_codes, latent_channels, grid_size} are
+    filled from them, and contradictions (latent mode with a VQ tokenizer, a sequence
+    shorter than one image, ...) fail here, naming the keys, before anything trains.
+At the end the model is saved to RUN/model (config.yaml, model.safetensors and both
+tokenizers): `mixmodal.load_model(RUN/model)` reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mixmodal.config import ConfigError, load_yaml, merge, to_dict
+from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
+from mixmodal.model.fusion import FusionModel, ModelConfig
+from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffusion_loss
+from mixmodal.objectives.next_token import next_token_loss
+from mixmodal.train import distributed
+from mixmodal.train.trainer import OptimizerSpec, TaskBase, TrainerConfig
+
+TEXT_TOKENIZER_DIR = "text_tokenizer"
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
+MODEL_DIR = "model"
+NOT_ARCHITECTURE = {"attention_backend"}
+
+
+@dataclass
+class FusionDataConfig:
+    source: str = "shapes:split=train"  # any open_source spec (shapes renders at the image tokenizer's resolution)
+    eval_source: str = "shapes:split=heldout"
+    image_tokenizer: str = ""  # directory of a saved VQ (token mode) or KL-VAE (latent mode) tokenizer
+    text_tokenizer: str = "auto"  # a saved text tokenizer, or auto: train a BPE on the source into RUN/text_tokenizer
+    text_vocab_size: int = 1024  # auto only
+    text_tokenizer_documents: int = 4000  # auto only: documents it is trained on
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    eval_batches: int = 8  # batches of eval_source behind every eval figure
+    strict: bool = False  # stop on the first malformed record or corrupt image instead of skipping it
+
+
+@dataclass
+class FusionLossConfig:
+    z_loss_weight: float = 1e-5  # Chameleon: 1e-5 * log^2 Z
+
+
+@dataclass
+class FusionTrainConfig:
+    task: Literal["fusion"] = "fusion"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: FusionDataConfig = field(default_factory=FusionDataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: FusionLossConfig = field(default_factory=FusionLossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+CONFIG = FusionTrainConfig
+
+
+def resolve(data: dict, base_dir: Path) -> dict:
+    """Expand `model.preset: PATH` (a ModelConfig YAML, relative to the config file or the
+    working directory); fields given inline win. Tokenizer paths are resolved relative to
+    the config file when they exist there."""
+    section = data.get("model")
+    if isinstance(section, dict) and "preset" in section:
+        section = dict(section)
+        path = _relative(str(section.pop("preset")), base_dir)
+        data = {**data, "model": merge(load_yaml(path), section)}
+    d = data.get("data")
+    if isinstance(d, dict):
+        d = dict(d)
+        for key in ("image_tokenizer", "text_tokenizer"):
+            if isinstance(d.get(key), str) and d[key] not in ("", "auto"):
+                d[key] = str(_relative(d[key], base_dir))
+        data = {**data, "data": d}
+    return data
+
+
+def _relative(value: str, base_dir: Path) -> Path:
+    path = Path(value)
+    return base_dir / path if not path.is_absolute() and (base_dir / path).exists() else path
+
+
+# --- before training: tokenizers in the run directory, model config filled and checked -------
+
+def prepare(config: FusionTrainConfig, run_dir: str | Path, write: bool = True) -> FusionTrainConfig:
+    """Tokenizers into RUN/, model fields filled. write=False (torchrun ranks > 0): only
+    point the config at what rank 0 wrote there."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    d = config.data
+    if not write:
+        d.image_tokenizer, d.text_tokenizer = str(run / IMAGE_TOKENIZER_DIR), str(run / TEXT_TOKENIZER_DIR)
+        fill_model_config(config)
+        return config
+    if not d.image_tokenizer:
+        raise ConfigError("data.image_tokenizer: give the directory of a saved image tokenizer (a VQ for "
+                          "model.image.mode=tokens, a KL-VAE for latents), e.g. from `mixmodal train "
+                          "configs/tokenizers/vq-shapes-64.yaml --out RUN` -> RUN/tokenizer")
+    image_dir = run / IMAGE_TOKENIZER_DIR
+    if Path(d.image_tokenizer).resolve() != image_dir.resolve():
+        if not Path(d.image_tokenizer, "config.yaml").is_file():
+            raise ConfigError(f"data.image_tokenizer={d.image_tokenizer}: no saved image tokenizer there "
+                              "(config.yaml + model.safetensors)")
+        _copy_dir(Path(d.image_tokenizer), image_dir)
+    d.image_tokenizer = str(image_dir)
+    text_dir = run / TEXT_TOKENIZER_DIR
+    if d.text_tokenizer == "auto":
+        if not (text_dir / "tokenizer.json").is_file():
+            _train_text_tokenizer(config, text_dir)
+    elif Path(d.text_tokenizer).resolve() != text_dir.resolve():
+        if not Path(d.text_tokenizer, "tokenizer.json").is_file():
+            raise ConfigError(f"data.text_tokenizer={d.text_tokenizer}: no tokenizer.json there; give a directory "
+                              "written by `mixmodal tokenizer train`, or auto")
+        _copy_dir(Path(d.text_tokenizer), text_dir)
+    d.text_tokenizer = str(text_dir)
+    fill_model_config(config)
+    return config
+
+
+def _copy_dir(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def _train_text_tokenizer(config: FusionTrainConfig, out: Path) -> None:
+    from mixmodal.data.sources import open_source
+    from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
+
+    d = config.data
+    source = open_source(d.source)
+    texts = (t for doc in _take(source, d.text_tokenizer_documents) for t in doc.texts)
+    tokenizer = TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=d.text_vocab_size))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _take(iterable, n: int):
+    for i, item in enumerate(iterable):
+        if i >= n:
+            return
+        yield item
+
+
+def fill_model_config(config: FusionTrainConfig) -> None:
+    """Fill the model fields that the tokenizers determine; refuse contradictions by key."""
+    from mixmodal.tokenizers.image import load_image_tokenizer
+    from mixmodal.tokenizers.text import TextTokenizer
+    from mixmodal.tokenizers.vq import VQConfig
+
+    m, d = config.model, config.data
+    text = TextTokenizer.load(d.text_tokenizer)
+    image = load_image_tokenizer(d.image_tokenizer)
+    kind = "vq" if isinstance(image.config, VQConfig) else "vae"
+
+    def fill(key: str, obj, field_name: str, value: int) -> None:
+        given = getattr(obj, field_name)
+        if given and given != value:
+            raise ConfigError(f"{key}={given} contradicts the tokenizer ({value}); drop the key to take it from there")
+        setattr(obj, field_name, value)
+
+    fill("model.text_vocab_size", m, "text_vocab_size", text.vocab_size)
+    if m.image.mode == "tokens":
+        if kind != "vq":
+            raise ConfigError(f"model.image.mode=tokens needs a VQ image tokenizer, but data.image_tokenizer="
+                              f"{d.image_tokenizer} is a KL-VAE (continuous latents); use model.image.mode=latents "
+                              "or a VQ tokenizer")
+        fill("model.image.num_codes", m.image, "num_codes", image.num_codes)
+    else:
+        if kind != "vae":
+            raise ConfigError(f"model.image.mode=latents needs a KL-VAE image tokenizer, but data.image_tokenizer="
+                              f"{d.image_tokenizer} is a VQ tokenizer (discrete codes); use model.image.mode=tokens "
+                              "or a VAE tokenizer")
+        fill("model.image.latent_channels", m.image, "latent_channels", image.latent_channels)
+    fill("model.image.grid_size", m.image, "grid_size", image.grid_size)
+    if m.image.mode == "latents" and m.image.grid_size % m.image.patch_size:
+        raise ConfigError(f"model.image.patch_size={m.image.patch_size} does not divide the latent grid "
+                          f"({m.image.grid_size}) of data.image_tokenizer")
+    need = m.image.positions_per_image + 4  # <bos> <boi> IMAGE <eoi> <eos>
+    if d.pipeline.seq_len < need:
+        raise ConfigError(f"data.pipeline.seq_len={d.pipeline.seq_len} is shorter than one image: an image takes "
+                          f"{m.image.positions_per_image} positions (model.image.mode={m.image.mode}, grid "
+                          f"{m.image.grid_size}x{m.image.grid_size}"
+                          + (f", patch_size={m.image.patch_size}" if m.image.mode == "latents" else "")
+                          + f") plus 4 control tokens; raise data.pipeline.seq_len to >= {need}")
+    if config.model.attention_backend == "flex" and config.model.transformer.attention_dropout:
+        raise ConfigError("model.attention_backend=flex has no attention dropout; set "
+                          "model.transformer.attention_dropout=0 or model.attention_backend=sdpa")
+
+
+# --- the task --------------------------------------------------------------------------------
+
+def build_task(config: FusionTrainConfig) -> "FusionTask":
+    if not config.model.text_vocab_size:
+        raise ConfigError("model.text_vocab_size is unset: run through `mixmodal train` (which prepares the "
+                          "tokenizers) or call mixmodal.train.fusion.prepare(config, run_dir) first")
+    return FusionTask(config)
+
+
+class FusionTask(TaskBase):
+    progress_keys = ("loss", "text_ce", "image_ce", "diffusion")
+
+    def __init__(self, config: FusionTrainConfig) -> None:
+        self.config = config
+        self.latent = config.model.image.mode == "latents"
+        self.schedule = build_schedule(config.diffusion) if self.latent else None
+        self.device = torch.device("cpu")
+        self.noise = torch.Generator()
+        self._eval_batches: list[dict] | None = None
+
+    def setup(self, device: torch.device) -> None:
+        from mixmodal.tokenizers.image import load_image_tokenizer
+        from mixmodal.tokenizers.text import TextTokenizer
+
+        self.device = device
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.noise = torch.Generator().manual_seed(self.config.trainer.seed + 1000 + self.rank)
+        self.text_tokenizer = TextTokenizer.load(self.config.data.text_tokenizer)
+        self.image_tokenizer = load_image_tokenizer(self.config.data.image_tokenizer, device=device).eval()
+        for p in self.image_tokenizer.parameters():
+            p.requires_grad_(False)
+        self.vocab = self.config.model.vocab
+
+    def architecture(self) -> dict:
+        return {k: v for k, v in to_dict(self.config.model).items() if k not in NOT_ARCHITECTURE}
+
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        return {"model": FusionModel(self.config.model)}
+
+    def optimizers(self, models) -> dict[str, OptimizerSpec]:
+        return {"model": OptimizerSpec(models["model"])}
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"noise": self.noise}
+
+    def _batches(self, spec: str, batch_size: int, endless: bool, rank: int, world: int) -> FusionBatches:
+        from mixmodal.train.image_data import open_image_source
+
+        resolution = self.image_tokenizer.config.resolution
+
+        def source():
+            s = open_image_source(spec, resolution)
+            s.rank, s.world_size = rank, world
+            s.log.strict = self.config.data.strict
+            return s
+
+        encoder = DocumentEncoder(self.text_tokenizer, self.image_tokenizer, self.vocab, self.config.model.image.mode,
+                                  self.device)
+        return FusionBatches(source, encoder, self.config.data.pipeline, batch_size,
+                             self.config.model.image.positions_per_image, seed=self.config.trainer.seed, rank=rank,
+                             endless=endless)
+
+    def data_iterator(self) -> FusionBatches:
+        self.train_batches = self._batches(self.config.data.source, self.config.trainer.batch_size, True,
+                                           self.rank, self.world)
+        return self.train_batches
+
+    # -- one step --
+
+    def losses(self, model, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        image = self.config.model.image
+        kwargs = dict(positions=batch["positions"], document_ids=batch["document_ids"],
+                      image_ids=batch["image_ids"] if image.is_bidirectional else None)
+        diffusion = None
+        if self.latent and batch["image_latents"].numel():
+            x0 = batch["image_latents"]
+            n = x0.shape[0]
+            t = self.schedule.sample_times(n, generator=generator, device=torch.device("cpu"),
+                                           limited=batch["image_limited"].cpu()).to(x0.device)
+            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+            kwargs.update(image_latents=self.schedule.add_noise(x0, noise, t), image_times=t,
+                          image_index=batch["image_index"])
+            target = self.schedule.target(x0, noise, t)
+        out = model(batch["input_ids"], **kwargs)
+        labels = batch["labels"]
+        is_image = self.vocab.is_image_code(labels) if image.mode == "tokens" else torch.zeros_like(labels, dtype=torch.bool)
+        groups = {"text": (labels != IGNORE) & ~is_image}
+        if image.mode == "tokens":
+            groups["image"] = is_image
+        terms = next_token_loss(out.logits, labels, z_loss_weight=self.config.loss.z_loss_weight, groups=groups)
+        losses = {"loss": terms["ce"] + terms["z_loss"], "ce": terms["ce"].detach(), "z_loss": terms["z_loss"].detach(),
+                  "text_ce": terms["text_ce"]}
+        if image.mode == "tokens":
+            losses["image_ce"] = terms["image_ce"]
+        if self.latent:
+            if "image_latents" in kwargs:
+                diffusion = diffusion_loss(out.image_prediction, target, weight=self.config.diffusion.loss_weight)
+                losses["loss"] = losses["loss"] + diffusion
+            else:  # a batch without images: keep the graph shape of every step the same
+                diffusion = out.logits.sum() * 0.0
+            losses["diffusion"] = diffusion.detach()
+        return losses
+
+    def train_step(self, models, batch, step: int) -> dict[str, Any]:
+        return self.losses(models["model"], batch, self.noise)
+
+    # -- eval --
+
+    def evaluate(self, models, step: int, run_dir: Path) -> dict[str, Any]:
+        if self._eval_batches is None:  # every rank computes the same figures on the same batches
+            it = self._batches(self.config.data.eval_source, self.config.trainer.batch_size, False, 0, 1)
+            self._eval_batches = [b for _, b in zip(range(self.config.data.eval_batches), it)]
+        model = models["model"]
+        generator = torch.Generator().manual_seed(12345)  # the same noise at every eval
+        sums: dict[str, float] = {}
+        for batch in self._eval_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            for k, v in self.losses(model, batch, generator).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        n = max(len(self._eval_batches), 1)
+        metrics = {f"eval_{k}": v / n for k, v in sums.items()}
+        if "eval_text_ce" in metrics:
+            metrics["eval_text_ppl"] = math.exp(min(metrics["eval_text_ce"], 50.0))
+        if hasattr(self, "train_batches"):
+            metrics["data"] = self.train_batches.stats.as_dict()
+        return metrics
+
+    def save_artifacts(self, models, run_dir: Path) -> None:
+        from mixmodal.model.io import save_model_dir
+
+        out = Path(run_dir) / MODEL_DIR
+        save_model_dir(models["model"], out)
+        _copy_dir(Path(self.config.data.text_tokenizer), out / TEXT_TOKENIZER_DIR)
+        _copy_dir(Path(self.config.data.image_tokenizer), out / IMAGE_TOKENIZER_DIR)

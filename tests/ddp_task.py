@@ -1,0 +1,139 @@
+"""A toy regression task for the data-parallel tests, and the script torchrun starts:
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_task.py RUN key=value...
+
+Batches are numbered globally: a rank's k-th micro-batch is batch k * world_size + rank,
+a pure function of that number. So per update, N processes with grad_accumulation a draw
+together exactly the batches one process draws with grad_accumulation N * a, and the two
+runs must end with the same weights up to float rounding (the gradient sums are ordered
+differently). `nan_batches` poisons chosen batches; `noise` and `dropout` draw from the
+task's per-rank generator and the global RNG, which a resume must restore on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixmodal.train import checkpoint as ckpt
+from mixmodal.train import distributed
+from mixmodal.train.trainer import OptimizerSpec, TaskBase, Trainer, TrainerConfig
+
+NUM_FEATURES = 4
+
+
+@dataclass
+class DDPToyConfig:
+    task: str = "ddp-toy"
+    width: int = 16
+    noise: float = 0.0  # input noise from the task's per-rank generator
+    dropout: float = 0.0  # draws from the global torch RNG
+    nan_batches: list[int] = field(default_factory=list)  # global batch numbers whose loss is NaN
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
+        steps=6, batch_size=8, lr=3e-2, warmup_steps=1, weight_decay=0.1, precision="fp32", device="cpu",
+        log_every=1, save_every=2, keep_last=0, progress=False))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, dropout: float) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(NUM_FEATURES, width), nn.Tanh(), nn.Dropout(dropout), nn.Linear(width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B,)
+        return self.body(x).squeeze(-1)
+
+
+class GlobalBatches:
+    """This rank's micro-batches: numbers rank, rank + world_size, ... of the global sequence."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size, self.rank, self.world_size = batch_size, distributed.rank(), distributed.world_size()
+        self.count = 0
+
+    def __next__(self) -> dict:
+        number = self.count * self.world_size + self.rank
+        self.count += 1
+        g = torch.Generator().manual_seed(1000 + number)
+        x = torch.randn(self.batch_size, NUM_FEATURES, generator=g)
+        return {"x": x, "y": torch.sin(x.sum(-1)), "number": number}
+
+    def state_dict(self) -> dict:
+        return {"rank": self.rank, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["rank"] != self.rank:
+            raise AssertionError(f"rank {self.rank} was given rank {state['rank']}'s data state")
+        self.count = state["count"]
+
+
+class DDPToyTask(TaskBase):
+    def __init__(self, config: DDPToyConfig) -> None:
+        self.config = config
+        self.noise = torch.Generator()
+
+    def setup(self, device) -> None:
+        self.noise = torch.Generator().manual_seed(distributed.rank_seed(self.config.trainer.seed + 1))
+
+    def architecture(self) -> dict:
+        return {"width": self.config.width}
+
+    def build_models(self) -> dict:
+        return {"net": MLP(self.config.width, self.config.dropout)}
+
+    def optimizers(self, models) -> dict:
+        return {"net": OptimizerSpec(models["net"])}
+
+    def data_iterator(self) -> GlobalBatches:
+        return GlobalBatches(self.config.trainer.batch_size)
+
+    def generators(self) -> dict:
+        return {"noise": self.noise}
+
+    def train_step(self, models, batch, step) -> dict:
+        x = batch["x"]
+        if self.config.noise:
+            x = x + self.config.noise * torch.randn(x.shape, generator=self.noise)
+        loss = (models["net"](x) - batch["y"]).pow(2).mean()
+        if batch["number"] in self.config.nan_batches:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+    def evaluate(self, models, step, run_dir) -> dict:
+        return {"rank": distributed.rank(), "weight_norm": float(models["net"].body[0].weight.norm())}
+
+    def save_artifacts(self, models, run_dir) -> None:
+        (Path(run_dir) / f"artifact_rank{distributed.rank()}.txt").write_text("written\n")
+
+
+def main(argv: list[str]) -> None:
+    """Fit the toy into RUN (argv[0]) with key=value overrides; every rank then writes
+    RUN/ranks/rankN.json: the steps it wrote checkpoints for and what fit returned."""
+    from mixmodal.config import build_config, to_dict
+
+    # the toy's defaults as the preset: a trainer.* override must not reset the other trainer fields
+    run_dir, config = Path(argv[0]), build_config(DDPToyConfig, to_dict(DDPToyConfig()), argv[1:])
+    written: list[int] = []
+    save_checkpoint = ckpt.save_checkpoint
+
+    def counting_save(run, step, *args, **kwargs):
+        written.append(step)
+        return save_checkpoint(run, step, *args, **kwargs)
+
+    ckpt.save_checkpoint = counting_save
+    rank = os.environ.get("RANK", "0")  # the process group exists only inside fit
+    torch.manual_seed(4321 + int(rank))  # a stray state the trainer must not depend on
+    result = Trainer(DDPToyTask(config), config.trainer, run_dir).fit()
+    report = {"checkpoint_writes": written, "result": result, "process_group_left": distributed.is_initialized()}
+    out = run_dir / "ranks" / f"rank{rank}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,230 @@
+"""The early-fusion task end to end on tiny models: packing, both image modes, the loss
+breakdown, exact resume, the non-finite guard, and configs that contradict themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mixmodal.config import ConfigError
+from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
+from mixmodal.data.sources import ShapesSource
+from mixmodal.data.shapes import ShapesConfig
+from mixmodal.tokenizers.image import save_image_tokenizer
+from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
+from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
+from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
+from mixmodal.train import checkpoint as ckpt
+from mixmodal.train.metrics import read_metrics
+from mixmodal.train.run import load_run_config, train
+from mixmodal.train.trainer import TrainingError
+from mixmodal.vocab import Vocab
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"tokens": ROOT / "configs/models/tiny-tokens.yaml", "latents": ROOT / "configs/models/tiny-latents.yaml"}
+SHAPES32 = ShapesConfig(resolution=32)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """Random tiny image tokenizers (32 px, x4 down: 8 x 8 per image) and a small BPE."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    torch.manual_seed(0)
+    trunk = dict(resolution=32, base_channels=8, channel_multipliers=[1, 2, 2], num_res_blocks=1, norm_groups=4)
+    save_image_tokenizer(VQTokenizer(VQConfig(**trunk, latent_channels=8, codebook_size=64, codebook_dim=4)), root / "vq")
+    save_image_tokenizer(VAETokenizer(VAEConfig(**trunk, latent_channels=4)), root / "vae")
+    texts = (t for doc in ShapesSource(SHAPES32, num=300) for t in doc.texts)
+    TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=300)).save(root / "text")
+    return {"vq": root / "vq", "vae": root / "vae", "text": root / "text"}
+
+
+def _config(mode: str, tokenizers, *overrides: str):
+    kind = "vq" if mode == "tokens" else "vae"
+    return load_run_config(TINY[mode], [f"data.image_tokenizer={tokenizers[kind]}",
+                                        f"data.text_tokenizer={tokenizers['text']}", *overrides])
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt.latest_checkpoint(run) / "model.safetensors"))
+
+
+# --- the pipeline ----------------------------------------------------------------------------
+
+def _batches(tokenizers, mode: str, seq_len: int = 160, batch_size: int = 3, **pipeline):
+    from mixmodal.tokenizers.image import load_image_tokenizer
+
+    text = TextTokenizer.load(tokenizers["text"])
+    image = load_image_tokenizer(tokenizers["vq" if mode == "tokens" else "vae"])
+    vocab = Vocab(text.vocab_size, 64 if mode == "tokens" else 0)
+    encoder = DocumentEncoder(text, image, vocab, mode)
+    per_image = 64 if mode == "tokens" else 16
+    return FusionBatches(lambda: ShapesSource(SHAPES32), encoder, PipelineConfig(seq_len=seq_len, **pipeline),
+                         batch_size, per_image, seed=0), vocab
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_packed_rows_keep_documents_apart_and_shift_targets(tokenizers, mode):
+    it, vocab = _batches(tokenizers, mode)
+    batch = next(it)
+    ids, labels, docs = batch["input_ids"], batch["labels"], batch["document_ids"]
+    for r in range(ids.shape[0]):
+        for d in docs[r].unique().tolist():
+            if d < 0:
+                assert (ids[r][docs[r] == d] == vocab.pad).all() and (labels[r][docs[r] == d] == IGNORE).all()
+                continue
+            where = (docs[r] == d).nonzero().flatten()
+            seq, lab = ids[r, where], labels[r, where]
+            assert seq[0] == vocab.bos and seq[-1] == vocab.eos
+            assert (batch["positions"][r, where] == torch.arange(len(where))).all()  # RoPE restarts per document
+            assert lab[-1] == IGNORE  # nothing predicted across the document boundary
+            ok = lab[:-1] != IGNORE
+            assert (lab[:-1][ok] == seq[1:][ok]).all()  # labels are the next ids
+            n_images = int((seq == vocab.boi).sum())
+            assert n_images == int((seq == vocab.eoi).sum())
+    if mode == "tokens":
+        codes = vocab.is_image_code(ids)
+        assert codes.any() and (batch["image_ids"][codes] >= 0).all()
+    else:
+        index = batch["image_index"]
+        assert batch["image_latents"].shape == (index.shape[0], 4, 8, 8)
+        flat_ids, flat_labels = ids.flatten(), labels.flatten()
+        assert (flat_ids[index] == vocab.pad).all()  # placeholders
+        assert (flat_labels[index] == IGNORE).all()  # no CE on latent positions (nor on the forced <eoi>)
+        starts = index[:, 0]
+        assert (flat_ids[starts - 1] == vocab.boi).all() and (flat_ids[index[:, -1] + 1] == vocab.eoi).all()
+        assert len(batch["image_limited"]) == index.shape[0]
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_pipeline_resumes_exactly(tokenizers, mode):
+    straight, _ = _batches(tokenizers, mode)
+    expected = [next(straight) for _ in range(4)]
+    first, _ = _batches(tokenizers, mode)
+    for _ in range(2):
+        next(first)
+    resumed, _ = _batches(tokenizers, mode)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for want in expected[2:]:
+        got = next(resumed)
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_cm3_sentinels_are_not_targets(tokenizers):
+    from mixmodal.data.cm3 import CM3Config
+
+    it, vocab = _batches(tokenizers, "tokens", seq_len=200, cm3=CM3Config(rate=1.0))
+    batch = next(it)
+    is_mask = (batch["input_ids"] >= vocab.mask(0)) & (batch["input_ids"] < vocab.mask(0) + len(vocab.mask_ids))
+    assert is_mask.any()
+    labels = batch["labels"]
+    assert not ((labels >= vocab.mask(0)) & (labels < vocab.mask(0) + len(vocab.mask_ids))).any()
+
+
+def test_long_documents_are_cut_at_part_boundaries(tokenizers):
+    it, vocab = _batches(tokenizers, "tokens", seq_len=100)  # one 64-code image per row at most
+    for _ in range(3):
+        batch = next(it)
+        for r in range(batch["input_ids"].shape[0]):
+            row = batch["input_ids"][r]
+            assert int((row == vocab.boi).sum()) == int((row == vocab.eoi).sum()) <= 1
+    assert it.stats.truncated > 0
+
+
+# --- training ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_trains_and_reports_the_loss_breakdown(tokenizers, tmp_path, mode):
+    config = _config(mode, tokenizers, "trainer.steps=4", "trainer.log_every=1")
+    result = train(config, tmp_path / "run")
+    records = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    keys = set(records[0]["losses"])
+    want = {"loss", "text_ce", "z_loss"} | ({"image_ce"} if mode == "tokens" else {"diffusion"})
+    assert want <= keys
+    assert all(torch.isfinite(torch.tensor(v)) for r in records for v in r["losses"].values())
+    assert "eval_text_ce" in result
+    from mixmodal.model.io import load_model_dir
+
+    model = load_model_dir(tmp_path / "run" / "model")
+    assert (tmp_path / "run" / "model" / "text_tokenizer" / "tokenizer.json").is_file()
+    out = model(torch.tensor([[1, 20, 30]]))
+    assert out.logits.shape == (1, 3, model.vocab.size)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_losses_fall_on_a_repeated_batch(tokenizers, mode):
+    """Overfitting one batch: every loss term must fall (the gradient reaches every part)."""
+    from mixmodal.train.fusion import FusionTask, fill_model_config
+
+    config = _config(mode, tokenizers)
+    fill_model_config(config)
+    task = FusionTask(config)
+    task.setup(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = task.build_models()["model"]
+    batch = next(task.data_iterator())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    keys = ["text_ce", "image_ce"] if mode == "tokens" else ["text_ce", "diffusion"]
+    history = []
+    for step in range(40):
+        task.noise.manual_seed(7)  # the same noise every step: the diffusion term is a fixed target
+        losses = task.losses(model, batch, task.noise)
+        history.append({k: float(losses[k]) for k in keys})
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    for k in keys:
+        assert history[-1][k] < 0.7 * history[0][k], (k, history[0][k], history[-1][k])
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_resume_is_bitwise_exact(tokenizers, tmp_path, mode):
+    common = ["trainer.steps=6", "trainer.save_every=3", "model.transformer.dropout=0.1"]
+    train(_config(mode, tokenizers, *common), tmp_path / "straight")
+    cut = _config(mode, tokenizers, *common, "trainer.steps=3")
+    train(cut, tmp_path / "resumed")
+    train(_config(mode, tokenizers, *common, "trainer.resume=true"), tmp_path / "resumed")
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nonfinite_losses_skip_steps_then_stop_with_the_last_checkpoint(tokenizers, tmp_path, monkeypatch):
+    from mixmodal.train.fusion import FusionTask
+
+    real = FusionTask.train_step
+
+    def poisoned(self, models, batch, step):
+        losses = real(self, models, batch, step)
+        if step >= 3:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(FusionTask, "train_step", poisoned)
+    config = _config("tokens", tokenizers, "trainer.steps=20", "trainer.save_every=2", "trainer.max_nonfinite_streak=3")
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(config, tmp_path / "run")
+    assert ckpt.latest_checkpoint(tmp_path / "run").name.endswith("000002")
+    skipped = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "nonfinite"]
+    assert len(skipped) == 3
+
+
+def test_contradictory_configs_fail_before_training_naming_the_keys(tokenizers, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.image.mode=latents.*VQ"):
+        train(_config("latents", tokenizers, f"data.image_tokenizer={tokenizers['vq']}"), tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"model.image.mode=tokens.*KL-VAE"):
+        train(_config("tokens", tokenizers, f"data.image_tokenizer={tokenizers['vae']}"), tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"data.pipeline.seq_len=40 is shorter than one image.*>= 68"):
+        train(_config("tokens", tokenizers, "data.pipeline.seq_len=40"), tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"model.image.patch_size=3"):
+        train(_config("latents", tokenizers, "model.image.patch_size=3"), tmp_path / "d")
+    with pytest.raises(ConfigError, match=r"model.image.num_codes=999 contradicts"):
+        train(_config("tokens", tokenizers, "model.image.num_codes=999"), tmp_path / "e")
+    with pytest.raises(ConfigError, match="data.image_tokenizer"):
+        train(_config("tokens", tokenizers, "data.image_tokenizer="), tmp_path / "f")
+    assert not (tmp_path / "c" / "checkpoints").exists()
