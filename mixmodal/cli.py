@@ -7,6 +7,7 @@ overrides of the verb's typed config (see mixmodal/config.py).
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -288,9 +289,25 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     except (TrainingError, CheckpointError) as e:
         print(f"mixmodal train: error: {e}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary, from rank 0
+        return 0
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
     print(f"trained {config.task} for {result['step']} steps in {time.perf_counter() - started:.0f}s -> {out}\n"
           f"final eval: {shown}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.train.plots import plot_runs
+
+    _no_overrides("plot", overrides)
+    if args.labels and len(args.labels) != len(args.runs):
+        raise ValueError(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
+    for run in args.runs:
+        if not (Path(run) / "metrics.jsonl").is_file():
+            raise ValueError(f"{run}: no metrics.jsonl there (is it a run directory of `mixmodal train`?)")
+    out = plot_runs(args.runs, args.out, labels=args.labels, keys=args.keys, title=args.title)
+    print(f"wrote {out}")
     return 0
 
 
@@ -371,19 +388,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_tokenizer_train)
 
-    p = verbs.add_parser("train", help="train a model from a run config (image tokenizers; more tasks to come)",
-                         description="Train the task named by the config's top-level `task:` key (image-tokenizer). "
+    p = verbs.add_parser("train", help="train a model from a run config (image tokenizers, early-fusion models)",
+                         description="Train the task named by the config's top-level `task:` key (image-tokenizer, "
+                         "fusion). "
                          "The resolved config goes to RUN_DIR/config.yaml; metrics to RUN_DIR/metrics.jsonl; "
                          "checkpoints to RUN_DIR/checkpoints/step_NNNNNN/; the final eval to RUN_DIR/eval.json; "
                          "the task's artifacts (e.g. RUN_DIR/tokenizer/) at the end.",
                          epilog="Trailing key=value arguments override fields of the run config, by dotted path "
                          "(e.g. trainer.steps=200 tokenizer.vq.codebook_size=1024 loss.gan.weight=0.1). "
-                         "Presets: configs/tokenizers/{vq,vae}-{tiny,shapes-64}.yaml.")
+                         "Presets: configs/tokenizers/{vq,vae}-{tiny,shapes-64}.yaml, "
+                         "configs/models/{tiny,small,base}-{tokens,latents}.yaml.")
     p.add_argument("config", metavar="CONFIG", help="run config YAML with a top-level `task:` key")
     p.add_argument("--out", default=None, help="run directory (default runs/CONFIG_NAME)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in the run directory (same as trainer.resume=true)")
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("plot", help="loss curves of one or more runs",
+                         description="Plot the train (lines) and eval (dots) losses of RUN_DIRs' metrics.jsonl, "
+                         "one panel per loss term, runs overlaid.")
+    p.add_argument("runs", metavar="RUN_DIR", nargs="+")
+    p.add_argument("--out", required=True, help="output image (.png / .svg / .pdf)")
+    p.add_argument("--labels", nargs="+", default=None, help="a legend label per run (default: folder names)")
+    p.add_argument("--keys", nargs="+", default=None, help="loss terms to show (default: all found)")
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=cmd_plot)
 
     p = tok_verbs.add_parser("encode", help="show the ids and tokens of a text", description="Encode TEXT with a trained tokenizer.")
     p.add_argument("tokenizer", metavar="TOKENIZER_DIR")

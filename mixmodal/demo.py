@@ -2,8 +2,9 @@
 
 Each step is a `mixmodal` command, printed before it runs, so the demo doubles as a
 walkthrough of the CLI. Stages so far: write datasets (JSONL + PNGs, WebDataset shards),
-train the BPE tokenizer, print statistics, draw contact sheets, and check the oracle on
-the held-out renders. Ends by listing what it made.
+train the BPE tokenizer, print statistics, draw contact sheets, check the oracle on the
+held-out renders, train a VQ image tokenizer and a Chameleon-style early-fusion model on
+its codes, and plot the model's loss curves. Ends by listing what it made.
 
     python -m mixmodal.demo [--config configs/demo.yaml] [--out demo_out] [key=value ...]
 """
@@ -32,9 +33,13 @@ class DemoConfig:
     num_train: int = 5000  # documents in the train split
     num_heldout: int = 500  # documents in each held-out split
     num_shown: int = 24  # documents on each contact sheet
+    image_tokenizer_run: str = "configs/tokenizers/vq-demo-32.yaml"  # the VQ image tokenizer the demo trains
+    model_run: str = "configs/models/demo-tokens.yaml"  # the early-fusion model the demo trains on it
+    image_tokenizer_steps: int = 300
+    model_steps: int = 300
 
     def __post_init__(self) -> None:
-        for name in ("num_train", "num_heldout", "num_shown"):
+        for name in ("num_train", "num_heldout", "num_shown", "image_tokenizer_steps", "model_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -69,6 +74,17 @@ def _oracle_check(data_dir: Path) -> dict:
                 totals[k] = totals.get(k, 0.0) + v
             n += 1
     return {k: round(v / max(1, n), 4) for k, v in totals.items()} | {"images": n}
+
+
+def _preset(path: str) -> str:
+    """A preset path as given, or relative to the source checkout when run from elsewhere."""
+    if Path(path).is_file():
+        return path
+    checkout = Path(__file__).resolve().parents[1] / path
+    if checkout.is_file():
+        return str(checkout)
+    raise SystemExit(f"demo: preset {path} not found (run the demo from the mixmodal checkout, or pass "
+                     "image_tokenizer_run=/model_run= with paths to your presets)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     for split, scores in oracle.items():
         print(f"  {split:<15} " + "  ".join(f"{k} {v}" for k, v in scores.items()))
 
+    print("\n# an image tokenizer (VQ, 32 px -> 8 x 8 codes), then a Chameleon-style model on its codes")
+    runs = out / "runs"
+    _run(["train", _preset(config.image_tokenizer_run), "--out", str(runs / "vq"), f"trainer.steps={config.image_tokenizer_steps}",
+          "trainer.progress=false"])
+    _run(["train", _preset(config.model_run), "--out", str(runs / "tokens"), f"trainer.steps={config.model_steps}",
+          f"data.image_tokenizer={runs / 'vq' / 'tokenizer'}", f"data.text_tokenizer={out / 'tokenizer'}",
+          "trainer.progress=false"])
+    curves = out / "loss_curves.png"
+    _run(["plot", str(runs / "tokens"), "--out", str(curves), "--labels", "tokens",
+          "--title", "demo: Chameleon-style model on shapes (32 px)"])
+    training = {"image_tokenizer": json.loads((runs / "vq" / "eval.json").read_text()),
+                "model": json.loads((runs / "tokens" / "eval.json").read_text())}
+
     elapsed = time.perf_counter() - started
-    report = _write_report(out, config, stats, oracle, sheets, elapsed)
+    report = _write_report(out, config, stats, oracle, sheets, elapsed, training, curves)
     print(f"\ndemo finished in {elapsed:.0f}s. It made:")
     for label, path in [
         ("datasets (JSONL + PNG)", ", ".join(str(data / s) for s in ("train", "heldout", "heldout-combos"))),
@@ -122,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         ("contact sheets", ", ".join(map(str, sheets))),
         ("statistics", out / "stats.json"),
         ("oracle check", out / "oracle.json"),
+        ("image tokenizer", runs / "vq" / "tokenizer"),
+        ("early-fusion model", runs / "tokens" / "model"),
+        ("loss curves", curves),
         ("resolved config", out / "config.yaml"),
         ("report", report),
     ]:
@@ -129,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write_report(out: Path, config: DemoConfig, stats: dict, oracle: dict, sheets: list[Path], elapsed: float) -> Path:
+def _write_report(out: Path, config: DemoConfig, stats: dict, oracle: dict, sheets: list[Path], elapsed: float,
+                  training: dict, curves: Path) -> Path:
     lines = [
         "# mixmodal demo report",
         "",
@@ -150,6 +183,15 @@ def _write_report(out: Path, config: DemoConfig, stats: dict, oracle: dict, shee
     ]
     for split, scores in oracle.items():
         lines.append(f"| {split} | " + " | ".join(str(v) for v in scores.values()) + " |")
+    vq, model = training["image_tokenizer"], training["model"]
+    lines += [
+        "", "## Training", "",
+        f"- image tokenizer (`runs/vq`, {vq['step']} steps): PSNR {vq.get('psnr', float('nan')):.1f} dB, "
+        f"codebook usage {vq.get('usage', float('nan')):.0%}, oracle on reconstructions {vq.get('oracle_overall', 0):.0%}",
+        f"- early-fusion model (`runs/tokens`, {model['step']} steps): held-out text CE {model['eval_text_ce']:.3f} "
+        f"(perplexity {model['eval_text_ppl']:.1f}), image-code CE {model['eval_image_ce']:.3f}",
+        "", f"![loss curves]({curves.name})",
+    ]
     lines += ["", "## Contact sheets", ""] + [f"![{s.stem}]({s.name})" for s in sheets] + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

@@ -12,6 +12,7 @@ task's per-rank generator and the global RNG, which a resume must restore on eve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -35,6 +36,8 @@ class DDPToyConfig:
     noise: float = 0.0  # input noise from the task's per-rank generator
     dropout: float = 0.0  # draws from the global torch RNG
     nan_batches: list[int] = field(default_factory=list)  # global batch numbers whose loss is NaN
+    find_unused_parameters: bool = False  # DDP's: the trainer must handle skipped steps either way
+    bypass_wrapper: bool = False  # call models["net"].module: gradients are then not averaged (a bug to catch)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         steps=6, batch_size=8, lr=3e-2, warmup_steps=1, weight_decay=0.1, precision="fp32", device="cpu",
         log_every=1, save_every=2, keep_last=0, progress=False))
@@ -76,6 +79,7 @@ class DDPToyTask(TaskBase):
     def __init__(self, config: DDPToyConfig) -> None:
         self.config = config
         self.noise = torch.Generator()
+        self.ddp_find_unused_parameters = config.find_unused_parameters
 
     def setup(self, device) -> None:
         self.noise = torch.Generator().manual_seed(distributed.rank_seed(self.config.trainer.seed + 1))
@@ -99,7 +103,8 @@ class DDPToyTask(TaskBase):
         x = batch["x"]
         if self.config.noise:
             x = x + self.config.noise * torch.randn(x.shape, generator=self.noise)
-        loss = (models["net"](x) - batch["y"]).pow(2).mean()
+        net = getattr(models["net"], "module", models["net"]) if self.config.bypass_wrapper else models["net"]
+        loss = (net(x) - batch["y"]).pow(2).mean()
         if batch["number"] in self.config.nan_batches:
             loss = loss * float("nan")
         return {"loss": loss}
@@ -112,12 +117,19 @@ class DDPToyTask(TaskBase):
 
 
 def main(argv: list[str]) -> None:
-    """Fit the toy into RUN (argv[0]) with key=value overrides; every rank then writes
-    RUN/ranks/rankN.json: the steps it wrote checkpoints for and what fit returned."""
+    """Fit the toy into RUN (argv[0]) with key=value overrides, or with `--config YAML` first
+    a `mixmodal train` config; every rank then writes RUN/ranks/rankN.json: the steps it
+    wrote checkpoints for, what fit returned and a hash of its final weights and buffers."""
     from mixmodal.config import build_config, to_dict
+    from mixmodal.train.run import load_run_config, task_module
 
-    # the toy's defaults as the preset: a trainer.* override must not reset the other trainer fields
-    run_dir, config = Path(argv[0]), build_config(DDPToyConfig, to_dict(DDPToyConfig()), argv[1:])
+    if argv[0] == "--config":
+        config = load_run_config(argv[1], argv[3:])
+        run_dir, task = Path(argv[2]), task_module(config.task, argv[1]).build_task(config)
+    else:
+        # the toy's defaults as the preset: a trainer.* override must not reset the other trainer fields
+        run_dir, config = Path(argv[0]), build_config(DDPToyConfig, to_dict(DDPToyConfig()), argv[1:])
+        task = DDPToyTask(config)
     written: list[int] = []
     save_checkpoint = ckpt.save_checkpoint
 
@@ -128,8 +140,14 @@ def main(argv: list[str]) -> None:
     ckpt.save_checkpoint = counting_save
     rank = os.environ.get("RANK", "0")  # the process group exists only inside fit
     torch.manual_seed(4321 + int(rank))  # a stray state the trainer must not depend on
-    result = Trainer(DDPToyTask(config), config.trainer, run_dir).fit()
-    report = {"checkpoint_writes": written, "result": result, "process_group_left": distributed.is_initialized()}
+    trainer = Trainer(task, config.trainer, run_dir)
+    result = trainer.fit()
+    digest = hashlib.sha256()
+    for model_name, model in sorted(trainer.models.items()):
+        for key, value in sorted(model.state_dict().items()):
+            digest.update(f"{model_name}.{key}".encode() + value.cpu().numpy().tobytes())
+    report = {"checkpoint_writes": written, "result": result, "process_group_left": distributed.is_initialized(),
+              "state_hash": digest.hexdigest()}
     out = run_dir / "ranks" / f"rank{rank}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report))

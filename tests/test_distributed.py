@@ -1,6 +1,8 @@
 """Data parallelism under torchrun (gloo on CPU): 2 processes train the toy of ddp_task.py
 as 1 process does with twice the gradient accumulation; only rank 0 writes; a resumed
-2-process run continues exactly; a checkpoint refuses another number of processes."""
+2-process run continues exactly; a checkpoint refuses another number of processes; the VQ
+tokenizer with a GAN keeps its ranks identical; gradients that bypass DDP are caught;
+image batches shard in batch-sized blocks."""
 
 from __future__ import annotations
 
@@ -19,21 +21,27 @@ from safetensors.torch import load_file
 from ddp_task import DDPToyConfig, DDPToyTask
 from mixmodal.train import checkpoint as ckpt
 from mixmodal.train import distributed
+from mixmodal.train.image_data import ImageBatches
 from mixmodal.train.metrics import read_metrics
 from mixmodal.train.trainer import Trainer
 
 WORKER = Path(__file__).with_name("ddp_task.py")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAN_BATCHES = "nan_batches=[5]"  # batch 5 = rank 1's batch of update 3 = micro-batch 1 of update 3 on one process
-NOISY = ("noise=0.05", "dropout=0.2")  # per-rank random streams, which a resume must restore rank by rank
+# per-rank random streams, which a resume must restore rank by rank; a skipped update after
+# the resume, this time with DDP's find_unused_parameters (another path through its reducer)
+NOISY = ("noise=0.05", "dropout=0.2", "nan_batches=[8]", "find_unused_parameters=true")
 
 
-def torchrun(run_dir: Path, *overrides: str, nproc: int = 2) -> None:
+def torchrun(*args: str | Path, nproc: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    """`python ddp_task.py ARGS` in `nproc` processes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(WORKER), str(run_dir), *overrides]
+               str(WORKER), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == 0 or not check, f"torchrun failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return done
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -68,8 +76,13 @@ def test_two_processes_match_one_with_twice_the_accumulation(two_processes, tmp_
     assert [r["step"] for r in read_metrics(two_processes, "nonfinite")] == [3]
 
 
+def rank_reports(run_dir: Path) -> list[dict]:
+    return [json.loads((run_dir / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 def test_only_rank_zero_writes(two_processes):
-    reports = [json.loads((two_processes / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    reports = rank_reports(two_processes)
+    assert reports[0]["state_hash"] == reports[1]["state_hash"]  # the ranks end with identical models
     assert [r["checkpoint_writes"] for r in reports] == [[2, 4, 6], []]
     assert reports[0]["result"] == reports[1]["result"] == json.loads((two_processes / "eval.json").read_text())
     assert not any(r["process_group_left"] for r in reports)  # fit destroyed the group it created
@@ -95,6 +108,29 @@ def test_resuming_with_another_number_of_processes_fails_clearly(two_processes, 
         Trainer(DDPToyTask(config), config.trainer, tmp_path / "run").fit()
 
 
+def test_gradients_that_bypass_the_wrapper_are_caught(tmp_path):
+    done = torchrun(tmp_path, "bypass_wrapper=true", "trainer.steps=2", check=False)
+    assert done.returncode != 0
+    assert "copies of net have drifted apart" in done.stdout + done.stderr
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_image_batches_shard_shapes_in_batch_blocks():
+    """Rank r of 2 draws the single process's batches r, r + 2, ...: per update the two ranks
+    see exactly what one process sees with twice the accumulation. A rank resumes its own."""
+    spec, resolution, batch_size = "shapes:split=train", 32, 2
+    single = ImageBatches(spec, resolution, batch_size, rank=0, world_size=1)
+    expected = [next(single) for _ in range(6)]
+    ranks = [ImageBatches(spec, resolution, batch_size, rank=r, world_size=2) for r in (0, 1)]
+    for k in range(2):
+        for r in (0, 1):
+            assert torch.equal(next(ranks[r]), expected[2 * k + r])
+    resumed = ImageBatches(spec, resolution, batch_size, rank=1, world_size=2)
+    resumed.load_state_dict(ranks[1].state_dict())
+    assert torch.equal(next(resumed), expected[5])
+    assert ImageBatches(spec, resolution, batch_size, rank=1, world_size=2).source.rank == 1  # other sources shard
+
+
 def test_collectives_without_a_process_group():
     assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
     assert not distributed.init_from_env("cpu")  # no torchrun environment: nothing to join
@@ -117,4 +153,22 @@ def test_a_resumed_two_process_run_continues_exactly(tmp_path):
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
     steps = [r["step"] for r in read_metrics(tmp_path / "resumed", "train")]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert steps == [1, 2, 3, 4, 6]  # batch 8 = rank 0's of update 5
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed", "nonfinite")] == [5]
+
+
+def test_vq_tokenizer_with_a_gan_keeps_the_ranks_identical(tmp_path):
+    """The quantizer edits its codebook in the forward pass from each rank's own batch (dead
+    codes restart every step here); the trainer must copy rank 0's back, or the ranks drift
+    apart silently. Also runs the GAN's second optimizer and adaptive weight under DDP,
+    with gradient accumulation."""
+    torchrun("--config", CONFIGS / "tokenizers" / "vq-tiny.yaml", tmp_path, "trainer.device=cpu", "trainer.steps=4",
+             "trainer.batch_size=4", "trainer.grad_accumulation=2", "tokenizer.vq.restart_after=1",
+             "loss.gan.weight=0.1", "loss.gan.start_step=1", "eval.num_images=8", "eval.num_samples=4")
+    reports = rank_reports(tmp_path)
+    assert reports[0]["state_hash"] == reports[1]["state_hash"]
+    assert [r["checkpoint_writes"] for r in reports] == [[4], []]
+    train = read_metrics(tmp_path, "train")
+    assert {"disc_loss", "g_adv", "rec"} <= set(train[-1]["losses"]) and set(train[-1]["grad_norm"]) == {
+        "tokenizer", "discriminator"}
+    assert (tmp_path / "tokenizer" / "config.yaml").is_file()

@@ -4,8 +4,11 @@
         model.safetensors     weights of every model, keys prefixed by model name ("tokenizer.encoder.w")
         optimizer.pt          {optimizer name: state_dict}; loaded with torch.load(weights_only=True)
         rng.pt                torch CPU (+ CUDA) state, numpy and python `random` state, the task's generators
-        trainer_state.json    step, data-iterator state, config hash, architecture, metrics so far
+        trainer_state.json    step, world_size, data-iterator state, config hash, architecture, metrics so far
         config.yaml           the resolved run config
+
+A run of several processes (torchrun) keeps one data-iterator state and one RNG state per
+rank: trainer_state.json's "data" is a list indexed by rank, rng.pt is {"ranks": [...]}.
 
 The directory is built under a hidden temporary name and renamed into place, so a crash
 leaves either the complete checkpoint or none; `latest_checkpoint` only ever considers

@@ -8,8 +8,9 @@ Every function here also works without a process group, as the one process of a 
 one: rank 0, nothing to reduce, barriers that return at once. So single-process code
 never branches on whether it runs distributed, and nothing happens at import time.
 
-The collectives (`barrier`, `all_reduce_mean`, `gather_objects`) must be called by every
-rank, in the same order: a rank that skips one leaves the others waiting for it.
+The collectives (`barrier`, `all_reduce_mean`, `all_true`, `gather_objects`,
+`broadcast_module_state`) must be called by every rank, in the same order: a rank that
+skips one leaves the others waiting for it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def is_main() -> bool:
     return rank() == 0
 
 
+_created_from_env = False  # the current group was made by init_from_env (so by this library)
+
 # Ranks' seeds lie this far apart, so that rank r's stream for one purpose (seed + offset)
 # never coincides with another rank's stream for another purpose.
 RANK_SEED_STRIDE = 1_000_003
@@ -58,8 +61,8 @@ def rank_seed(seed: int) -> int:
 
 def init_from_env(device_type: str) -> bool:
     """Join the process group torchrun described in the environment, if it describes one of
-    more than one process; True if this call created the group (the caller then owns
-    `destroy`), False when there is nothing to join or a group already exists.
+    more than one process; True if this call created the group, False when there is
+    nothing to join or a group already exists (see `created_from_env` for who destroys it).
 
     On CUDA each process drives the GPU LOCAL_RANK (set here, before the group exists, as
     nccl requires); on CPU the group uses gloo."""
@@ -76,12 +79,22 @@ def init_from_env(device_type: str) -> bool:
         dist.init_process_group(backend="nccl")
     else:
         dist.init_process_group(backend="gloo")
+    global _created_from_env
+    _created_from_env = True
     return True
 
 
+def created_from_env() -> bool:
+    """True while a group made by `init_from_env` exists: the job that runs in it (the
+    trainer's fit) destroys it when it ends. A group the caller made itself is left alone."""
+    return _created_from_env and is_initialized()
+
+
 def destroy() -> None:
+    global _created_from_env
     if is_initialized():
         dist.destroy_process_group()
+    _created_from_env = False
 
 
 def _device() -> torch.device:
@@ -98,16 +111,21 @@ def barrier() -> None:
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """The mean over ranks of each value. Every rank must pass the same keys; the sum runs
-    in float64, so the mean of equal values is exactly that value."""
-    if world_size() == 1 or not values:
+    """The mean over ranks of each value, on every rank. A key some ranks lack (a loss only
+    some batches have) is averaged over the ranks that have it; the result holds every
+    rank's keys, this rank's first, in its order. Sums run in float64."""
+    if world_size() == 1:
         return {k: float(v) for k, v in values.items()}
-    keys = sorted(values)
-    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_device())
+    keys = sorted(set().union(*gather_objects(sorted(values))))
+    if not keys:
+        return {}
+    packed = torch.zeros(2, len(keys), dtype=torch.float64, device=_device())  # (sum, count) per key
+    for i, key in enumerate(keys):
+        if key in values:
+            packed[0, i], packed[1, i] = float(values[key]), 1.0
     dist.all_reduce(packed)
-    packed /= world_size()
-    means = dict(zip(keys, packed.tolist()))
-    return {k: means[k] for k in values}  # the caller's order
+    means = dict(zip(keys, (packed[0] / packed[1]).tolist()))
+    return {**{k: means[k] for k in values}, **{k: means[k] for k in keys if k not in values}}
 
 
 def all_true(flag: bool) -> bool:
@@ -139,6 +157,6 @@ def broadcast_module_state(module: torch.nn.Module) -> None:
 
 
 __all__ = [
-    "all_reduce_mean", "all_true", "barrier", "broadcast_module_state", "destroy", "gather_objects",
+    "all_reduce_mean", "all_true", "barrier", "broadcast_module_state", "created_from_env", "destroy", "gather_objects",
     "init_from_env", "is_initialized", "is_main", "local_rank", "rank", "rank_seed", "world_size",
 ]

@@ -229,6 +229,8 @@ class FusionTask(TaskBase):
     def __init__(self, config: FusionTrainConfig) -> None:
         self.config = config
         self.latent = config.model.image.mode == "latents"
+        # a batch without images leaves the patch layers without gradients; DDP must expect that
+        self.ddp_find_unused_parameters = self.latent
         self.schedule = build_schedule(config.diffusion) if self.latent else None
         self.device = torch.device("cpu")
         self.noise = torch.Generator()
@@ -323,7 +325,7 @@ class FusionTask(TaskBase):
     # -- eval --
 
     def evaluate(self, models, step: int, run_dir: Path) -> dict[str, Any]:
-        if self._eval_batches is None:  # every rank computes the same figures on the same batches
+        if self._eval_batches is None:  # (rank 0 only, under torchrun) the same held-out batches every time
             it = self._batches(self.config.data.eval_source, self.config.trainer.batch_size, False, 0, 1)
             self._eval_batches = [b for _, b in zip(range(self.config.data.eval_batches), it)]
         model = models["model"]

@@ -19,6 +19,7 @@ labelled with the number of updates completed.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -253,7 +254,8 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.config
         device = resolve_device(cfg.device)
-        self._owns_process_group = distributed.init_from_env(device.type)
+        distributed.init_from_env(device.type)  # no-op without torchrun, or when the caller made the group
+        self._owns_process_group = distributed.created_from_env()
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.main = self.rank == 0
         if device.type == "cuda" and self.world_size > 1:
@@ -369,10 +371,10 @@ class Trainer:
             batch = to_device(next(self.data), self.device)
             if not finite and not parallel:
                 continue  # draw the batch anyway: step k always sees the same data
-            # With several processes every rank runs every forward (DDP's forward may talk to
-            # the other ranks), and all but the last micro-batch keep their gradients local.
-            last = i == cfg.grad_accumulation - 1
-            with self._gradient_sync(last):
+            # With several processes every rank runs every forward and backward, finite or not:
+            # DDP's forward and last backward talk to the other ranks, which would wait forever
+            # for a rank that skipped them. All but the last micro-batch keep gradients local.
+            with self._gradient_sync(i == cfg.grad_accumulation - 1):
                 with self._autocast():
                     losses = self.task.train_step(self.train_models, batch, step)
                 names = [n for n, spec in self.specs.items() if spec.loss in losses]
@@ -384,10 +386,7 @@ class Trainer:
                     totals[key] = totals.get(key, 0.0) + float(value) / cfg.grad_accumulation
                 objectives = [losses[self.specs[n].loss] for n in names]
                 finite = finite and all(math.isfinite(float(o.detach())) for o in objectives)
-                if parallel and last:
-                    # The backward below averages gradients over ranks: either every rank runs it or none does.
-                    finite = distributed.all_true(finite)
-                if not finite:
+                if not finite and not parallel:
                     continue
                 for j, (name, objective) in enumerate(zip(names, objectives)):
                     # inputs=: each loss fills only its own optimizer's grads (a generator's
@@ -397,7 +396,7 @@ class Trainer:
         active = active or []
         grad_norms = {name: float(clip_gradients(self.params[name], cfg.grad_clip)) for name in active} if finite else {}
         finite = finite and all(math.isfinite(v) for v in grad_norms.values())
-        if parallel:  # the gradients are averaged, so the norms agree; make sure no rank steps alone
+        if parallel:  # a non-finite loss on any rank skips the update on all: no rank steps alone
             finite = distributed.all_true(finite)
         if finite:
             for name in active:
@@ -408,6 +407,22 @@ class Trainer:
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
         return {"finite": finite, "losses": totals, "lr": lrs, "grad_norm": grad_norms}
+
+    def _check_replicas_agree(self) -> None:
+        """With several processes, fail if the ranks' copies of a trained model differ. They
+        stay bitwise equal when every gradient goes through DDP; a train_step that calls
+        `.module` or another method of a wrapped model trains each rank on its own batch only."""
+        if self.world_size == 1:
+            return
+        mine = {name: sum(float(p.detach().double().sum()) for p in model.module.parameters())
+                for name, model in self.train_models.items() if isinstance(model, nn.parallel.DistributedDataParallel)}
+        differ = sorted(name for name in mine if len({sums[name] for sums in distributed.gather_objects(mine)}) > 1)
+        if differ:
+            raise TrainingError(
+                f"step {self.step}: the ranks' copies of {', '.join(differ)} have drifted apart. Their gradients "
+                "are averaged only through the DistributedDataParallel wrapper's forward: train_step must call "
+                "models[name](...) itself, not models[name].module or another method of it; weights a forward "
+                "pass edits in place must be listed by Task.locally_updated_modules")
 
     def _gradient_sync(self, sync: bool):
         """DDP's no_sync on every wrapped model unless `sync`: gradients of the micro-batches
@@ -475,15 +490,19 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to config.steps (from the latest checkpoint when resuming); return the final
-        eval (on every rank: rank 0's). A process group this call created is destroyed at
-        the end, also when training fails."""
+        eval (on every rank: rank 0's). A process group made by `distributed.init_from_env`
+        (here or by the caller) is destroyed at the end, also when training fails."""
         self._owns_process_group = False
         try:
             self._setup()
             return self._fit()
         finally:
             if self._owns_process_group:
-                self.train_models = getattr(self, "models", None)  # drop the DDP wrappers before their group
+                # Free the DDP wrappers (held in reference cycles) while the interpreter is fully
+                # alive: gloo's worker threads otherwise outlive the group and may abort the
+                # process at exit ("terminate called without an active exception").
+                self.train_models = getattr(self, "models", {})
+                gc.collect()
                 distributed.destroy()
 
     def _fit(self) -> dict[str, Any]:
@@ -517,6 +536,7 @@ class Trainer:
                                     * self.world_size / seconds,
                                     steps_per_s=window_steps / seconds)
                     window, counts, window_steps, window_start = {}, {}, 0, time.perf_counter()
+                    self._check_replicas_agree()
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     final = self.evaluate()
                 # No periodic checkpoint inside a non-finite streak: the one before it is the one to resume.
