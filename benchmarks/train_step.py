@@ -7,7 +7,9 @@ round by round so machine drift hits both alike; the median step time gives toke
 Model FLOPs utilisation = (training FLOPs per token x tokens/s) / peak, where the peak is a
 2048 x 2048 matmul measured in the same run, in the same precision.
 
-Also: the same step for our latent-mode model (Transfusion) at the same transformer size,
+Also: our token model on packed rows (several documents per row, per-document attention:
+SDPA with a boolean mask instead of the causal kernel; transformers has no such layout),
+and the same step for our latent-mode model (Transfusion) at the same transformer size,
 with images as 8 x 16 x 16 latents at patch 2 (64 positions each, the shapes-64 layout).
 
     python benchmarks/train_step.py                      # 2-core CPU: fp32 and bf16 autocast
@@ -76,7 +78,7 @@ def chameleon_like(model: FusionModel, args):
     config = ChameleonConfig(vocab_size=vocab.size, hidden_size=args.dim, intermediate_size=args.ffn,
                              num_hidden_layers=args.layers, num_attention_heads=args.heads,
                              num_key_value_heads=args.heads, vocabulary_map=names, image_token_id=vocab.boi,
-                             vq_config={"embed_dim": 8, "num_embeddings": 16, "base_channels": 8,
+                             vq_config={"embed_dim": 8, "num_embeddings": 16, "base_channels": 32,
                                         "channel_multiplier": [1, 1], "num_res_blocks": 1, "attn_resolutions": [],
                                         "resolution": 16, "latent_channels": 8},
                              attn_implementation="sdpa")
@@ -98,7 +100,7 @@ def chameleon_like(model: FusionModel, args):
     return hf
 
 
-def step_fn(model, batch, autocast, kind: str):
+def step_fn(model, batch, autocast, kind: str, documents: torch.Tensor | None = None):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     ids, labels = batch
 
@@ -107,6 +109,8 @@ def step_fn(model, batch, autocast, kind: str):
         with autocast():
             if kind == "hf":
                 logits = model(input_ids=ids).logits
+            elif documents is not None:
+                logits = model(ids, document_ids=documents).logits
             else:
                 logits = model(ids).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
@@ -190,6 +194,15 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(20, model.vocab.size - 64, (args.batch, args.seq), generator=g).to(device)
     batch = (ids, torch.roll(ids, -1, 1))
+    # a packed row: documents of 100..300 tokens, per-document attention (the training layout)
+    packed = torch.zeros(args.batch, args.seq, dtype=torch.long)
+    for r in range(args.batch):
+        start, d = 0, 0
+        while start < args.seq:
+            n = int(torch.randint(100, 300, (1,), generator=g))
+            packed[r, start:start + n] = d
+            start, d = start + n, d + 1
+    packed = packed.to(device)
     tokens = args.batch * args.seq
     flops_token = model.flops_per_token(args.seq)
     flops_latent = latent.flops_per_token(args.seq)
@@ -205,6 +218,7 @@ def main() -> None:
         autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
         peak = matmul_peak(device, dtype)
         steps = {"mixmodal tokens": step_fn(model, batch, autocast, "ours"),
+                 "mixmodal tokens, packed": step_fn(model, batch, autocast, "ours", packed),
                  "transformers Chameleon": step_fn(hf, batch, autocast, "hf"),
                  "mixmodal latents": latent_step_fn(latent, args, autocast, device)}
         times = time_steps(steps, args.rounds, device)
@@ -216,10 +230,10 @@ def main() -> None:
         run["ratio_tokens_vs_transformers"] = run["mixmodal tokens"]["tokens_per_s"] / run["transformers Chameleon"]["tokens_per_s"]
         results["runs"][precision] = run
         print(f"\n{precision}: {dtype} matmul peak {peak / 1e12:.2f} TFLOP/s")
-        print(f"  {'':24s} {'step s':>8s} {'tokens/s':>10s} {'MFU':>7s}")
+        print(f"  {'':26s} {'step s':>8s} {'tokens/s':>10s} {'MFU':>7s}")
         for name in steps:
             r = run[name]
-            print(f"  {name:24s} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {100 * r['mfu']:6.1f}%")
+            print(f"  {name:26s} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {100 * r['mfu']:6.1f}%")
         print(f"  mixmodal / transformers tokens/s: {run['ratio_tokens_vs_transformers']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
