@@ -228,3 +228,24 @@ def test_contradictory_configs_fail_before_training_naming_the_keys(tokenizers, 
     with pytest.raises(ConfigError, match="data.image_tokenizer"):
         train(_config("tokens", tokenizers, "data.image_tokenizer="), tmp_path / "f")
     assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_two_process_torchrun_trains_the_latent_model(tokenizers, tmp_path):
+    """`torchrun -m mixmodal train`: the CLI path, DDP with unused patch layers on image-less
+    batches allowed; rank 0 alone writes the summary, metrics and the model."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mixmodal",
+               "train", str(TINY["latents"]), "--out", str(run), f"data.image_tokenizer={tokenizers['vae']}",
+               f"data.text_tokenizer={tokenizers['text']}", "trainer.steps=3", "trainer.log_every=1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained fusion for 3 steps") == 1
+    train_records = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2, 3]
+    state = json.loads((ckpt.latest_checkpoint(run) / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["data"]) == 2
+    assert (run / "model" / "model.safetensors").is_file()
