@@ -35,7 +35,7 @@ class DemoConfig:
     num_shown: int = 24  # documents on each contact sheet
     image_tokenizer_run: str = "configs/tokenizers/vq-demo-32.yaml"  # the VQ image tokenizer the demo trains
     model_run: str = "configs/models/demo-tokens.yaml"  # the early-fusion model the demo trains on it
-    image_tokenizer_steps: int = 300
+    image_tokenizer_steps: int = 600
     model_steps: int = 300
 
     def __post_init__(self) -> None:
