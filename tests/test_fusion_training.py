@@ -249,3 +249,17 @@ def test_two_process_torchrun_trains_the_latent_model(tokenizers, tmp_path):
     state = json.loads((ckpt.latest_checkpoint(run) / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["data"]) == 2
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_a_bad_config_under_torchrun_stops_every_rank_with_the_message(tokenizers, tmp_path):
+    """Rank 0 prepares the run alone; when that fails the other ranks must stop too, not wait."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mixmodal",
+               "train", str(TINY["tokens"]), "--out", str(tmp_path / "bad"), f"data.image_tokenizer={tokenizers['vq']}",
+               f"data.text_tokenizer={tokenizers['text']}", "data.pipeline.seq_len=40"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "data.pipeline.seq_len=40 is shorter than one image" in done.stderr + done.stdout

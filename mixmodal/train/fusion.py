@@ -118,24 +118,29 @@ def prepare(config: FusionTrainConfig, run_dir: str | Path, write: bool = True) 
                           "model.image.mode=tokens, a KL-VAE for latents), e.g. from `mixmodal train "
                           "configs/tokenizers/vq-shapes-64.yaml --out RUN` -> RUN/tokenizer")
     image_dir = run / IMAGE_TOKENIZER_DIR
-    if Path(d.image_tokenizer).resolve() != image_dir.resolve():
-        if not Path(d.image_tokenizer, "config.yaml").is_file():
-            raise ConfigError(f"data.image_tokenizer={d.image_tokenizer}: no saved image tokenizer there "
-                              "(config.yaml + model.safetensors)")
-        _copy_dir(Path(d.image_tokenizer), image_dir)
+    _into_run(d.image_tokenizer, image_dir, "config.yaml",
+              f"data.image_tokenizer={d.image_tokenizer}: no saved image tokenizer there (config.yaml + model.safetensors)")
     d.image_tokenizer = str(image_dir)
     text_dir = run / TEXT_TOKENIZER_DIR
     if d.text_tokenizer == "auto":
         if not (text_dir / "tokenizer.json").is_file():
             _train_text_tokenizer(config, text_dir)
-    elif Path(d.text_tokenizer).resolve() != text_dir.resolve():
-        if not Path(d.text_tokenizer, "tokenizer.json").is_file():
-            raise ConfigError(f"data.text_tokenizer={d.text_tokenizer}: no tokenizer.json there; give a directory "
-                              "written by `mixmodal tokenizer train`, or auto")
-        _copy_dir(Path(d.text_tokenizer), text_dir)
+    else:
+        _into_run(d.text_tokenizer, text_dir, "tokenizer.json",
+                  f"data.text_tokenizer={d.text_tokenizer}: no tokenizer.json there; give a directory written by "
+                  "`mixmodal tokenizer train`, or auto")
     d.text_tokenizer = str(text_dir)
     fill_model_config(config)
     return config
+
+
+def _into_run(given: str, dst: Path, marker: str, missing: str) -> None:
+    """Copy the directory `given` to `dst` in the run (nothing to do when it is already there)."""
+    if Path(given).resolve() == dst.resolve():
+        return
+    if not Path(given, marker).is_file():
+        raise ConfigError(missing)
+    _copy_dir(Path(given), dst)
 
 
 def _copy_dir(src: Path, dst: Path) -> None:

@@ -43,16 +43,20 @@ def load_run_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> A
 
 def train(config: Any, out: str | os.PathLike) -> dict:
     """Fit `config` (a task's run config) into run directory `out`; return the final eval."""
-    from mixmodal.train.trainer import Trainer
-
     from mixmodal.train import distributed
+    from mixmodal.train.trainer import Trainer
 
     module = task_module(config.task, "config")
     if hasattr(module, "prepare"):
         distributed.init_from_env("cuda" if config.trainer.device != "cpu" and _cuda() else "cpu")
         if distributed.is_main():
-            config = module.prepare(config, out)
-        distributed.barrier()
+            try:
+                config = module.prepare(config, out)
+            except BaseException:
+                distributed.all_true(False)  # tell the other ranks, then fail with the real message
+                raise
+        if not distributed.all_true(True):
+            raise RuntimeError("rank 0 could not prepare the run (its error is above); stopping this rank too")
         if not distributed.is_main():
             config = module.prepare(config, out, write=False)
     task = module.build_task(config)
