@@ -65,6 +65,14 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def relative_to_config(value: str | os.PathLike, config_dir: str | os.PathLike) -> Path:
+    """A path named inside a config file: relative to that file's folder when it exists
+    there, else as given (relative to the working directory)."""
+    path = Path(value)
+    beside = Path(config_dir) / path
+    return beside if not path.is_absolute() and beside.exists() else path
+
+
 def parse_overrides(overrides: typing.Sequence[str]) -> dict:
     """['model.dim=256', 'data.tasks=[caption,vqa]'] -> {'model': {'dim': '256'}, ...}."""
     out: dict = {}

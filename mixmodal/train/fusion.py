@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from mixmodal.config import ConfigError, load_yaml, merge, to_dict
+from mixmodal.config import ConfigError, load_yaml, merge, relative_to_config, to_dict
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
 from mixmodal.model.fusion import FusionModel, ModelConfig
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffusion_loss
@@ -84,21 +84,16 @@ def resolve(data: dict, base_dir: Path) -> dict:
     section = data.get("model")
     if isinstance(section, dict) and "preset" in section:
         section = dict(section)
-        path = _relative(str(section.pop("preset")), base_dir)
+        path = relative_to_config(str(section.pop("preset")), base_dir)
         data = {**data, "model": merge(load_yaml(path), section)}
     d = data.get("data")
     if isinstance(d, dict):
         d = dict(d)
         for key in ("image_tokenizer", "text_tokenizer"):
             if isinstance(d.get(key), str) and d[key] not in ("", "auto"):
-                d[key] = str(_relative(d[key], base_dir))
+                d[key] = str(relative_to_config(d[key], base_dir))
         data = {**data, "data": d}
     return data
-
-
-def _relative(value: str, base_dir: Path) -> Path:
-    path = Path(value)
-    return base_dir / path if not path.is_absolute() and (base_dir / path).exists() else path
 
 
 # --- before training: tokenizers in the run directory, model config filled and checked -------
@@ -294,7 +289,6 @@ class FusionTask(TaskBase):
         image = self.config.model.image
         kwargs = dict(positions=batch["positions"], document_ids=batch["document_ids"],
                       image_ids=batch["image_ids"] if image.is_bidirectional else None)
-        diffusion = None
         if self.latent and batch["image_latents"].numel():
             x0 = batch["image_latents"]
             n = x0.shape[0]

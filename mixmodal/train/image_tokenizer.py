@@ -25,7 +25,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from mixmodal.config import ConfigError, load_yaml, merge, to_dict
+from mixmodal.config import ConfigError, load_yaml, merge, relative_to_config, to_dict
 from mixmodal.eval.image_metrics import psnr, ssim
 from mixmodal.tokenizers.vae import VAEConfig, fit_latent_scaling
 from mixmodal.tokenizers.vq import VQConfig, stats_from_counts
@@ -108,8 +108,7 @@ def resolve(data: dict, base_dir: Path) -> dict:
     if not isinstance(section, dict) or "preset" not in section:
         return data
     section = dict(section)
-    path = Path(str(section.pop("preset")))
-    path = base_dir / path if not path.is_absolute() and (base_dir / path).is_file() else path
+    path = relative_to_config(str(section.pop("preset")), base_dir)
     preset = load_yaml(path)
     kind = preset.pop("kind", None)
     if kind not in ("vq", "vae"):
