@@ -3,10 +3,11 @@
 from mixmodal.documents import Document, Image, Text
 
 __version__ = "0.1.0"
-__all__ = ["Document", "Image", "Text", "load_image_tokenizer", "load_model", "__version__"]
+__all__ = ["Document", "Image", "Text", "generate", "load_image_tokenizer", "load_model", "__version__"]
 
 # Heavy modules (torch) load on first use, so `import mixmodal` stays cheap.
-_LAZY = {"load_image_tokenizer": "mixmodal.tokenizers.image", "load_model": "mixmodal.model.io"}
+_LAZY = {"load_image_tokenizer": "mixmodal.tokenizers.image", "load_model": "mixmodal.model.io",
+         "generate": "mixmodal.inference.generate"}
 
 
 def __getattr__(name: str):

@@ -311,6 +311,49 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.documents import Image
+    from mixmodal.inference import End, ImageDone, ImageStarted, TextDelta, generate
+
+    current = [None]
+    live = len(args.prompt or [""]) * args.num == 1  # stream one sequence as it is written; a batch at the end
+
+    def show(event) -> None:
+        if args.quiet:
+            return
+        if isinstance(event, End) and not live:
+            text = " ".join(f"<image {p.size[0]}x{p.size[1]}>" if isinstance(p, Image) else p.text.strip()
+                            for p in event.result.document.parts)
+            print(f"[{event.index}] {text}")
+        if not live:
+            return
+        if isinstance(event, TextDelta):
+            if current[0] != event.index:
+                print(f"\n[{event.index}] ", end="")
+                current[0] = event.index
+            print(event.text, end="", flush=True)
+        elif isinstance(event, ImageStarted):
+            print(f"\n[{event.index}] <image {event.image} ...", end="", flush=True)
+            current[0] = None
+        elif isinstance(event, ImageDone):
+            print(f"\n[{event.index}] ... image {event.image} done>", end="", flush=True)
+            current[0] = None
+
+    out = generate(args.checkpoint, args.prompt or [""], images=args.image, mode=args.mode, cfg=args.cfg,
+                   image_cfg=args.image_cfg, seed=args.seed, num=args.num, steps=args.steps,
+                   max_new_tokens=args.max_new_tokens, max_images=args.max_images, temperature=args.temperature,
+                   overrides=overrides, out=args.out, device=args.device, dtype=args.dtype, on_event=show)
+    if live and not args.quiet:
+        print()
+    for r in out.results:
+        print(f"[{r.index}] {r.finish_reason}: {len(r.ids)} positions, {len(r.images)} image(s)")
+    files = out.files
+    print(f"generated {len(out.results)} document(s) in {out.seconds:.1f}s\n"
+          f"  documents: {files.jsonl}\n  images:    {files.out_dir / 'images'} ({len(files.images)} PNG)\n"
+          f"  page:      {files.html}")
+    return 0
+
+
 def _no_overrides(verb: str, overrides: list[str]) -> None:
     if overrides:
         raise SystemExit(f"mixmodal {verb}: unexpected arguments {' '.join(overrides)} (this verb takes no config overrides)")
@@ -403,6 +446,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in the run directory (same as trainer.resume=true)")
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("generate", help="write text and images from a trained model (documents, PNGs, an HTML page)",
+                         description="Generate from CHECKPOINT (a run directory of `mixmodal train` or its model/ "
+                         "folder): KV-cached decoding that switches between text and images, with guidance. Writes "
+                         "OUT/documents.jsonl, OUT/images/*.png and a self-contained OUT/index.html.",
+                         epilog="Trailing key=value arguments override fields of the generation config, e.g. "
+                         "text.top_p=0.9 image.top_k=100 guidance.uncond=mask contrastive.alpha=0.1 sampler=ddpm "
+                         "stop=[\".\"] (docs/generation.md).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text; repeat for a batch of prompts (default: an empty prompt)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="prompt image, placed before the text (repeatable)")
+    p.add_argument("--mode", choices=["text", "image", "interleaved", "free"], default=None,
+                   help="what the output may hold (default interleaved)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 1: off)")
+    p.add_argument("--image-cfg", type=float, default=None,
+                   help="image-conditioning guidance scale: three streams, for editing (InstructPix2Pix)")
+    p.add_argument("--seed", type=int, default=0, help="sample k of a prompt uses seed + k")
+    p.add_argument("--num", type=int, default=1, help="samples per prompt")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per image (latent mode; default 50)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="positions to write at most (default 512)")
+    p.add_argument("--max-images", type=int, default=None, help="images to write at most (default 1)")
+    p.add_argument("--temperature", type=float, default=None, help="for text and image codes (0 = greedy)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="do not stream the text as it is written")
+    p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("plot", help="loss curves of one or more runs",
                          description="Plot the train (lines) and eval (dots) losses of RUN_DIRs' metrics.jsonl, "

@@ -21,6 +21,7 @@ Packed-row inputs (all optional but input_ids; the data pipeline builds them):
     image_latents [N, C, h, w]  noisy latents of the row's images, in image-index order
     image_times   [N]     diffusion time in [0, 1] of each image
     image_index   [N, P]  flat index (b * T + t) of each image's P patch positions
+    logits_index  [B, K]  compute logits only at these positions (-> [B, K, V]); the engine's use
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ class FusionModel(nn.Module):
         image_index: torch.Tensor | None = None,
         cache: KVCache | None = None,
         mask: AttentionMask | None = None,
+        logits_index: torch.Tensor | None = None,
     ) -> FusionOutput:
         b, t = input_ids.shape
         if cache is not None and (positions is None or mask is None):
@@ -279,7 +281,10 @@ class FusionModel(nn.Module):
                 document_ids = torch.zeros(b, t, dtype=torch.long, device=input_ids.device)
             mask = AttentionMask.build(document_ids, image_ids, backend=self.config.attention_backend)
         hidden = self.transformer(x, positions, mask, cache)
-        logits = self.lm_head(hidden)
+        if logits_index is None:
+            logits = self.lm_head(hidden)
+        else:  # only the rows' positions asked for ([B, K]): the engine needs one per row, not T x V
+            logits = self.lm_head(hidden.gather(1, logits_index[:, :, None].expand(-1, -1, hidden.shape[-1])))
         prediction = None
         if image_latents is not None:
             image_hidden = hidden.reshape(b * t, -1)[image_index.reshape(-1)].view(*image_index.shape, -1)

@@ -34,14 +34,13 @@ import torch
 
 from mixmodal.config import ConfigError, load_yaml, merge, relative_to_config, to_dict
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
+from mixmodal.inference.checkpoint import IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR
 from mixmodal.model.fusion import FusionModel, ModelConfig
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffusion_loss
 from mixmodal.objectives.next_token import next_token_loss
 from mixmodal.train import distributed
 from mixmodal.train.trainer import OptimizerSpec, TaskBase, TrainerConfig
 
-TEXT_TOKENIZER_DIR = "text_tokenizer"
-IMAGE_TOKENIZER_DIR = "image_tokenizer"
 MODEL_DIR = "model"
 NOT_ARCHITECTURE = {"attention_backend"}
 
@@ -343,9 +342,12 @@ class FusionTask(TaskBase):
         return metrics
 
     def save_artifacts(self, models, run_dir: Path) -> None:
+        from mixmodal.inference.checkpoint import write_generation_settings
         from mixmodal.model.io import save_model_dir
 
         out = Path(run_dir) / MODEL_DIR
         save_model_dir(models["model"], out)
         _copy_dir(Path(self.config.data.text_tokenizer), out / TEXT_TOKENIZER_DIR)
         _copy_dir(Path(self.config.data.image_tokenizer), out / IMAGE_TOKENIZER_DIR)
+        write_generation_settings(out, max_length=self.config.data.pipeline.seq_len,
+                                  diffusion=self.config.diffusion if self.latent else None)

@@ -1,0 +1,99 @@
+"""What generation needs from a checkpoint, read in one place.
+
+`mixmodal train` (task fusion) writes RUN/model/:
+
+    config.yaml, model.safetensors   the model (model/io.py)
+    text_tokenizer/                  the BPE the model was trained with
+    image_tokenizer/                 the VQ (token mode) or KL-VAE (latent mode)
+    generation.yaml                  max_length (the trained data.pipeline.seq_len) and, in
+                                     latent mode, the diffusion schedule (kind, steps, ...)
+
+A run directory or its model/ folder are both accepted. A checkpoint written before
+generation.yaml existed falls back to the run's config.yaml for the same two facts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mixmodal.config import build_config, load_yaml, save_config
+from mixmodal.objectives.diffusion import DiffusionConfig
+
+GENERATION_FILE = "generation.yaml"
+TEXT_TOKENIZER_DIR = "text_tokenizer"
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be generated from; the message names the path and the fix."""
+
+
+def write_generation_settings(model_dir: str | Path, *, max_length: int | None, diffusion: DiffusionConfig | None) -> Path:
+    settings: dict = {"max_length": max_length}
+    if diffusion is not None:
+        from mixmodal.config import to_dict
+
+        settings["diffusion"] = to_dict(diffusion)
+    return save_config(settings, model_dir, GENERATION_FILE)
+
+
+def read_generation_settings(model_dir: Path) -> tuple[int | None, DiffusionConfig | None]:
+    """(max_length, diffusion config) from generation.yaml, else from the run's config.yaml."""
+    for path, get in ((model_dir / GENERATION_FILE, lambda d: (d.get("max_length"), d.get("diffusion"))),
+                      (model_dir.parent / "config.yaml",
+                       lambda d: ((d.get("data") or {}).get("pipeline", {}).get("seq_len"), d.get("diffusion")))):
+        if path.is_file():
+            max_length, diffusion = get(load_yaml(path) or {})
+            return (int(max_length) if max_length else None,
+                    build_config(DiffusionConfig, diffusion) if diffusion is not None else None)
+    return None, None
+
+
+def model_folder(path: str | Path) -> Path:
+    from mixmodal.model.io import WEIGHTS_FILE
+
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint {folder} does not exist; give a run directory of `mixmodal train` "
+                              "or its model/ folder")
+    if not (folder / WEIGHTS_FILE).is_file() and (folder / "model" / WEIGHTS_FILE).is_file():
+        folder = folder / "model"
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{folder} holds no {WEIGHTS_FILE}: give a run directory of `mixmodal train` (it writes "
+                              "RUN/model/ when training ends) or a model folder")
+    return folder
+
+
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    require_image_tokenizer: bool = True):
+    """An Engine for a run or model folder. Without an image tokenizer the engine can only write text;
+    `require_image_tokenizer` makes that an error naming the missing folder."""
+    from mixmodal.inference.engine import Engine
+    from mixmodal.model.io import load_model_dir
+    from mixmodal.tokenizers.image import load_image_tokenizer
+    from mixmodal.tokenizers.text import TextTokenizer
+
+    folder = model_folder(path)
+    text_dir, image_dir = folder / TEXT_TOKENIZER_DIR, folder / IMAGE_TOKENIZER_DIR
+    if not text_dir.is_dir():
+        raise CheckpointError(f"{folder} has no {TEXT_TOKENIZER_DIR}/ folder: copy the text tokenizer the model was "
+                              f"trained with (its tokenizer.json) into {text_dir}")
+    image_tokenizer = None
+    if image_dir.is_dir():
+        image_tokenizer = load_image_tokenizer(image_dir, device)
+    elif require_image_tokenizer:
+        raise CheckpointError(f"{folder} has no {IMAGE_TOKENIZER_DIR}/ folder, so its images cannot be turned into "
+                              f"pixels: copy the image tokenizer the model was trained with into {image_dir} "
+                              "(or generate with --mode text)")
+    max_length, diffusion = read_generation_settings(folder)
+    model = load_model_dir(folder, device)
+    engine = Engine(model, TextTokenizer.load(text_dir), image_tokenizer, diffusion=diffusion,
+                    max_length=max_length, dtype=dtype)
+    engine.checkpoint = str(folder)
+    return engine
+
+
+__all__ = ["CheckpointError", "GENERATION_FILE", "load_checkpoint", "model_folder", "read_generation_settings",
+           "write_generation_settings"]

@@ -1,0 +1,460 @@
+"""The mixed-modal engine: batched, KV-cached decoding that switches between text and images.
+
+Each sequence of a batch runs a small state machine over one or more cache rows (one per
+guidance stream; they all receive the same generated ids):
+
+    text  ── samples a text id ────────────────────────────────> text
+          ── samples <eos> / a stop string / out of room ──────> done
+          ── samples <boi> ──> image
+    image (tokens)   exactly N codes, logits restricted to the code range; after the
+                     N-th, <eoi> is fed with it (no sampling) and text resumes
+    image (latents)  block [<boi>, P noisy patches] -> a denoising step per forward over
+                     the P patches, attending to the cached prefix; the noisy slots are
+                     never committed. After the last step [P clean patches, <eoi>] is
+                     written (committed) in one forward, whose last logits start the text.
+
+Every step is one forward of the model over all live rows: a row's block may be one id,
+a prompt, or an image, padded to the longest block (cache.py). The cache survives every
+modality switch; nothing is re-prefilled. A finished sequence's rows are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from mixmodal.documents import Document, Image, Text
+from mixmodal.inference.cache import KVCache
+from mixmodal.inference.config import GenerationConfig
+from mixmodal.inference.events import (End, Event, GenerationResult, ImageDone, ImagePreview, ImageStarted,
+                                        TextDelta)
+from mixmodal.inference.logits import contrastive_scores, guide, guided_scores, repetition_penalty, sample
+from mixmodal.inference.prompt import PromptError, PromptLike, encode_prompt, layout, stream_segments, to_document
+from mixmodal.objectives.diffusion import (DDPMSchedule, DiffusionConfig, FlowSchedule, build_schedule, ddim_step,
+                                           ddpm_step, flow_step, sampling_times)
+from mixmodal.tokenizers.pixels import tensor_to_images
+from mixmodal.vocab import NUM_MASK_SENTINELS
+
+
+@dataclass
+class _Block:
+    """What one row is fed in one step."""
+
+    ids: list[int]
+    commit: int  # how many of them stay in the cache
+    latent: tuple[int, torch.Tensor, float] | None = None  # (offset in block, latents [C,h,w], time)
+    denoise: bool = False  # the latent is a noisy image to predict (not committed)
+    prompt_images: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # prefill: (offset, clean latents)
+
+
+@dataclass
+class _Sequence:
+    index: int
+    config: GenerationConfig
+    generator: torch.Generator
+    rows: list[int]
+    seen: list[int]  # ids of the cond stream (prompt + generated), for the repetition penalty
+    length: int  # committed positions of the cond row
+    blocks: list[_Block]  # next step's block per row
+    generated: list[int] = field(default_factory=list)
+    parts: list = field(default_factory=list)  # ["text", ids] runs and ["image", content]
+    images: list[torch.Tensor] = field(default_factory=list)
+    phase: str = "text"
+    codes: list[int] = field(default_factory=list)
+    x: torch.Tensor | None = None  # latent mode: current noisy latents
+    times: torch.Tensor | None = None  # latent mode: the sampler's time grid, from noise to 0
+    step: int = 0
+    emitted: str = ""  # text of the current run already streamed
+    finish: str = ""
+    text_tokens: int = 0
+
+
+class Engine:
+    """Generation from an early-fusion model with its tokenizers.
+
+    `Engine.from_pretrained(RUN_OR_MODEL_DIR)` loads `mixmodal train`'s model folder."""
+
+    def __init__(self, model, text_tokenizer, image_tokenizer, *, diffusion: DiffusionConfig | None = None,
+                 max_length: int | None = None, dtype: torch.dtype | None = None) -> None:
+        self.model = model.eval()
+        self.text_tokenizer = text_tokenizer
+        self.image_tokenizer = image_tokenizer.eval() if image_tokenizer is not None else None
+        self.vocab = model.vocab
+        image = model.config.image
+        self.mode = image.mode
+        self.per_image = image.positions_per_image
+        self.max_length = max_length
+        self.device = next(model.parameters()).device
+        self.dtype = dtype
+        if self.mode == "tokens" and image.is_bidirectional:
+            raise ValueError("this token-mode model attends bidirectionally inside images (model.image.bidirectional); "
+                             "its codes cannot be sampled one at a time")
+        self.schedule = build_schedule(diffusion or DiffusionConfig()) if self.mode == "latents" else None
+        self.commit_time = 1.0 / self.schedule.num_timesteps if self.schedule is not None else 0.0
+        v = self.vocab
+        size = v.size
+        self._text_allowed = torch.zeros(size, dtype=torch.bool)
+        self._text_allowed[v.text_ids.start:v.text_ids.stop] = True
+        for special in (v.eos, v.system, v.user, v.assistant, v.end_of_turn):
+            self._text_allowed[special] = True
+        self._free_extra = torch.zeros(size, dtype=torch.bool)
+        self._free_extra[v.end_of_span] = True
+        self._free_extra[v.mask(0):v.mask(0) + NUM_MASK_SENTINELS] = True
+        self._codes_allowed = torch.zeros(size, dtype=torch.bool)
+        self._codes_allowed[v.image_code_ids.start:v.image_code_ids.stop] = True
+
+    # --- loading ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "Engine":
+        from mixmodal.inference.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, device=device, dtype=dtype)
+
+    # --- public API -------------------------------------------------------------------------
+
+    def generate(self, prompts: PromptLike | Sequence[PromptLike], config: GenerationConfig | Sequence[GenerationConfig] | None = None,
+                 *, seed: int | Sequence[int] | None = 0, generators: Sequence[torch.Generator] | None = None) -> list[GenerationResult]:
+        """Generate for one prompt or a batch; returns one GenerationResult per prompt, in order."""
+        results = {}
+        for event in self.stream(prompts, config, seed=seed, generators=generators):
+            if isinstance(event, End):
+                results[event.index] = event.result
+        return [results[i] for i in sorted(results)]
+
+    @torch.no_grad()
+    def stream(self, prompts: PromptLike | Sequence[PromptLike], config: GenerationConfig | Sequence[GenerationConfig] | None = None,
+               *, seed: int | Sequence[int] | None = 0, generators: Sequence[torch.Generator] | None = None) -> Iterator[Event]:
+        """Yield TextDelta / ImageStarted / ImagePreview / ImageDone / End events as the batch is written.
+
+        Sequence i draws from generators[i], or from a CPU generator seeded with seed (+ i),
+        or seed[i]; a sequence samples the same whether it runs alone or in a batch."""
+        prompt_list = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        n = len(prompt_list)
+        configs = list(config) if isinstance(config, (list, tuple)) else [config or GenerationConfig()] * n
+        if len(configs) != n:
+            raise ValueError(f"{len(configs)} configs for {n} prompts; give one config or one per prompt")
+        gens = list(generators) if generators is not None else _generators(seed, n)
+        sequences = self._start(prompt_list, configs, gens)
+        capacity = max(s.length for s in sequences) + max(c.max_new_tokens for c in configs) + self.per_image + 4
+        capacity = max(capacity, max(len(b.ids) for s in sequences for b in s.blocks))
+        cache = KVCache(self.model.config.transformer.num_layers, sum(len(s.rows) for s in sequences), capacity, self.device)
+        live = sequences
+        while live:
+            output = self._forward(live, cache)
+            for seq in live:
+                yield from self._advance(seq, output)
+            finished = [s for s in live if s.finish]
+            for seq in finished:
+                yield End(seq.index, self._result(seq))
+            if finished:
+                live = [s for s in live if not s.finish]
+                keep = [r for s in live for r in s.rows]
+                cache.keep(torch.tensor(keep, dtype=torch.long))
+                row = 0
+                for s in live:
+                    s.rows = list(range(row, row + len(s.rows)))
+                    row += len(s.rows)
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def _start(self, prompts: list[PromptLike], configs: list[GenerationConfig], gens) -> list[_Sequence]:
+        sequences, row = [], 0
+        for i, (prompt, config) in enumerate(zip(prompts, configs)):
+            if config.contrastive is not None and self.mode != "tokens":
+                raise ValueError("contrastive decoding (CD-K) picks image codes; this is a latent-mode model")
+            doc = to_document(prompt)
+            encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode)
+            variants = stream_segments(encoded.segments, config.guidance, config.streams, self.vocab)
+            blocks = []
+            for segments in variants:
+                ids, images = layout(segments, self.vocab, self.mode, self.per_image)
+                if self.mode == "latents":
+                    blocks.append(_Block(ids, len(ids), prompt_images=[(start, encoded.latents[k]) for start, k in images]))
+                else:
+                    blocks.append(_Block(ids, len(ids)))
+            length = len(blocks[0].ids)
+            if self.max_length is not None and length >= self.max_length:
+                raise PromptError(f"prompt {i} is {length} positions long (text tokens + {self.per_image + 2} per image); "
+                                  f"the model's context is {self.max_length}. Shorten the prompt or pass a larger "
+                                  "--max-length (beyond the trained length the model has not learned positions)")
+            if config.mode != "text" and self.image_tokenizer is None:
+                raise PromptError(f"mode={config.mode} writes images, but the checkpoint has no image tokenizer to turn "
+                                  "them into pixels; copy it into MODEL/image_tokenizer or use mode=text")
+            room = min(config.max_new_tokens, (self.max_length or length + config.max_new_tokens) - length)
+            if config.mode == "image" and room < self.per_image + 2:
+                raise PromptError(f"mode=image needs {self.per_image + 2} positions for one image (<boi>, "
+                                  f"{self.per_image} image positions, <eoi>); max_new_tokens={config.max_new_tokens} and "
+                                  f"the context ({self.max_length}) leave {room}: raise max_new_tokens")
+            rows = list(range(row, row + len(variants)))
+            row += len(variants)
+            sequences.append(_Sequence(i, config, gens[i], rows, list(blocks[0].ids), length, blocks))
+        return sequences
+
+    # --- one forward over every live row -------------------------------------------------
+
+    def _forward(self, live: list[_Sequence], cache: KVCache):
+        blocks = [b for s in live for b in s.blocks]
+        width = max(len(b.ids) for b in blocks)
+        rows = len(blocks)
+        ids = torch.full((rows, width), self.vocab.pad, dtype=torch.long)
+        image_ids = torch.full((rows, width), -1, dtype=torch.long)
+        new = torch.tensor([len(b.ids) for b in blocks], dtype=torch.long)
+        commit = torch.tensor([b.commit for b in blocks], dtype=torch.long)
+        latents, times, index = [], [], []
+        for r, b in enumerate(blocks):
+            ids[r, :len(b.ids)] = torch.tensor(b.ids, dtype=torch.long)
+            spans = [(off, x, self.commit_time) for off, x in b.prompt_images] + ([b.latent] if b.latent else [])
+            for k, (off, x, t) in enumerate(spans):
+                image_ids[r, off:off + self.per_image] = k
+                latents.append(x)
+                times.append(t)
+                index.append(r * width + off + torch.arange(self.per_image))
+        device = self.device
+        positions = cache.begin_step(width)
+        mask = cache.step_mask(new.to(device), image_ids.to(device))
+        kwargs = {}
+        if latents:
+            kwargs = dict(image_latents=torch.stack(latents).to(device), image_times=torch.tensor(times, device=device),
+                          image_index=torch.stack(index).to(device))
+        with self._autocast():
+            out = self.model(ids.to(device), positions=positions, cache=cache, mask=mask,
+                             logits_index=(new - 1).clamp(min=0)[:, None].to(device), **kwargs)
+        cache.commit(commit.to(device))
+        predictions = {}
+        if latents:
+            k = 0
+            for r, b in enumerate(blocks):
+                k += len(b.prompt_images)
+                if b.latent is not None:
+                    predictions[r] = out.image_prediction[k].float()
+                    k += 1
+        return out.logits[:, 0].float(), predictions
+
+    def _autocast(self):
+        if self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    # --- the state machine ------------------------------------------------------------------
+
+    def _advance(self, seq: _Sequence, output) -> Iterator[Event]:
+        logits, predictions = output
+        config = seq.config
+        was = seq.blocks[0]
+        seq.length += was.commit
+        if was.denoise:  # a denoising step
+            yield from self._denoise(seq, [predictions[r] for r in seq.rows])
+            return
+        if self.mode == "latents" and seq.phase == "image":  # the clean image + <eoi> were just written
+            yield from self._finish_image(seq, seq.x)
+        if seq.phase == "image":
+            allowed = self._codes_allowed
+            if config.contrastive is not None:
+                scores = contrastive_scores(logits[seq.rows[0]], logits[seq.rows[-1]], allowed, config.contrastive)
+                token = sample(scores, config.image, seq.generator, truncate=False)
+            else:
+                scores = guided_scores([logits[r] for r in seq.rows], allowed, config.guidance.scale,
+                                       config.guidance.image_scale)
+                token = self._sample(seq, scores, config.image)
+            seq.codes.append(token)
+            if len(seq.codes) == self.per_image:
+                self._feed(seq, [token, self.vocab.eoi])
+                g = self.model.config.image.grid_size
+                yield from self._finish_image(seq, self.vocab.id_to_image_code(torch.tensor(seq.codes)).view(g, g))
+            else:
+                self._feed(seq, [token])
+            return
+        # text phase: pick the next id, if there is room for one
+        if self._room(seq) < 1:
+            seq.finish = "length"
+            return
+        token = self._forced(seq)
+        if token is None:
+            allowed = self._allowed(seq)
+            streams = [logits[r] for r in seq.rows] if config.guidance.text else [logits[seq.rows[0]]]
+            scores = guided_scores(streams, allowed, config.guidance.scale, config.guidance.image_scale)
+            token = self._sample(seq, scores, config.text)
+        v = self.vocab
+        if token == v.eos:
+            seq.finish = "eos"
+            seq.generated.append(token)
+            return
+        if token == v.boi:
+            seq.phase = "image"
+            seq.codes = []
+            yield ImageStarted(seq.index, len(seq.images))
+            if self.mode == "latents":
+                c, g = self.model.config.image.latent_channels, self.model.config.image.grid_size
+                seq.x = torch.randn((c, g, g), generator=seq.generator, dtype=torch.float32)
+                seq.times, seq.step = self._grid(config.diffusion_steps), 0
+                self._feed(seq, [token] + [v.pad] * self.per_image, commit=1, latent=(1, seq.x, self._time(seq, 0)),
+                           denoise=True)
+            else:
+                self._feed(seq, [token])
+            return
+        # an ordinary text id
+        if not seq.parts or seq.parts[-1][0] != "text":
+            seq.parts.append(["text", []])
+            seq.emitted = ""
+        seq.parts[-1][1].append(token)
+        seq.text_tokens += 1
+        text = self.text_tokenizer.decode(seq.parts[-1][1])
+        stop = next((s for s in config.stop if s and s in text), None)
+        if stop is not None:
+            text = text[:text.index(stop)]
+            seq.parts[-1].append(text)  # the run's text, cut at the stop string
+            seq.finish = "stop"
+        if not text.endswith("\ufffd") and text.startswith(seq.emitted) and len(text) > len(seq.emitted):
+            yield TextDelta(seq.index, text[len(seq.emitted):])
+            seq.emitted = text
+        if not seq.finish:
+            self._feed(seq, [token])
+
+    def _denoise(self, seq: _Sequence, streams: list[torch.Tensor]) -> Iterator[Event]:
+        config = seq.config
+        g = config.guidance
+        prediction = guide(streams, g.scale, g.image_scale)
+        t, t_prev = self._time(seq, seq.step), self._time(seq, seq.step + 1)
+        x = seq.x
+        sampler = self._sampler(config)
+        if sampler == "ddpm":
+            x = ddpm_step(self.schedule, x[None], prediction[None], t, t_prev, seq.generator)[0]
+        elif sampler == "flow":
+            x = flow_step(x[None], prediction[None], t, t_prev)[0]
+        else:
+            x = ddim_step(self.schedule, x[None], prediction[None], t, t_prev)[0]
+        seq.x, seq.step = x, seq.step + 1
+        steps = len(seq.times) - 1
+        if config.preview_every and seq.step % config.preview_every == 0 and seq.step < steps:
+            x0 = self.schedule.predict_x0(x[None], prediction[None], t_prev)
+            yield ImagePreview(seq.index, len(seq.images), seq.step, steps, self._decode_latents(x0)[0])
+        if seq.step == steps:  # write the clean image and <eoi>
+            self._feed(seq, [self.vocab.pad] * self.per_image + [self.vocab.eoi], latent=(0, x, self.commit_time))
+        else:
+            self._feed(seq, [self.vocab.pad] * self.per_image, commit=0, latent=(0, x, t_prev), denoise=True)
+
+    def _finish_image(self, seq: _Sequence, content: torch.Tensor) -> Iterator[Event]:
+        pil = self._decode_latents(content[None])[0] if self.mode == "latents" else self._decode_codes(content[None])[0]
+        seq.images.append(content)
+        seq.parts.append(["image", pil])
+        seq.phase = "text"
+        yield ImageDone(seq.index, len(seq.images) - 1, pil, content)
+
+    def _feed(self, seq: _Sequence, ids: list[int], *, commit: int | None = None, latent=None,
+              denoise: bool = False) -> None:
+        """Next step's block for every stream of `seq`; the committed ids are generated output."""
+        commit = len(ids) if commit is None else commit
+        seq.generated += ids[:commit]
+        seq.seen += ids[:commit]
+        seq.blocks = [_Block(list(ids), commit, latent, denoise) for _ in seq.rows]
+
+    def _room(self, seq: _Sequence) -> int:
+        """Positions this sequence may still add: its budget, and the context after what is cached."""
+        budget = seq.config.max_new_tokens - len(seq.generated)
+        if self.max_length is not None:
+            budget = min(budget, self.max_length - seq.length)
+        return budget
+
+    def _sample(self, seq: _Sequence, scores: torch.Tensor, params) -> int:
+        if params.repetition_penalty != 1.0:
+            finite = torch.isfinite(scores)
+            scores = repetition_penalty(scores, torch.tensor(seq.seen, dtype=torch.long), params.repetition_penalty)
+            scores = scores.masked_fill(~finite, float("-inf"))
+        return sample(scores, params, seq.generator)
+
+    def _forced(self, seq: _Sequence) -> int | None:
+        if seq.config.mode == "image" and not seq.images and seq.phase == "text":
+            if self._image_fits(seq):
+                return self.vocab.boi
+            raise PromptError(f"mode=image but no image fits: {self.per_image + 2} positions are needed and "
+                              f"max_new_tokens / the context leave {self._room(seq)}")
+        return None
+
+    def _image_fits(self, seq: _Sequence) -> bool:
+        return self.image_tokenizer is not None and self._room(seq) >= self.per_image + 2
+
+    def _allowed(self, seq: _Sequence) -> torch.Tensor:
+        config, v = seq.config, self.vocab
+        allowed = self._text_allowed.clone()
+        if config.mode == "free":
+            allowed |= self._free_extra
+        can_image = config.mode != "text" and len(seq.images) < config.max_images and self._image_fits(seq)
+        allowed[v.boi] = can_image
+        if config.mode == "image":
+            allowed &= False
+            allowed[v.boi] = can_image
+            allowed[v.eos] = True
+        if config.mode == "interleaved" and not (seq.images and seq.text_tokens):
+            allowed[v.eos] = False
+        return allowed.to(self.device)
+
+    # --- timing and decoding ----------------------------------------------------------------
+
+    def _sampler(self, config: GenerationConfig) -> str:
+        if config.sampler == "auto":
+            return "flow" if isinstance(self.schedule, FlowSchedule) else "ddim"
+        if config.sampler == "ddpm" and not isinstance(self.schedule, DDPMSchedule):
+            raise ValueError("sampler=ddpm needs a model trained with diffusion.kind=ddpm; use flow or ddim")
+        if config.sampler == "flow" and not isinstance(self.schedule, FlowSchedule):
+            raise ValueError("sampler=flow needs a model trained with diffusion.kind=flow; use ddim or ddpm")
+        return config.sampler
+
+    def _time(self, seq: _Sequence, step: int) -> float:
+        return float(seq.times[step])
+
+    def _grid(self, steps: int) -> torch.Tensor:
+        """Times from noise to 0. A DDPM schedule whose last step is (almost) pure noise (the cosine one:
+        alpha_bar(1) = 2e-9) leaves that step out: there an epsilon prediction says nothing about x0, and
+        the first DDIM step would multiply its error by sqrt(alpha_bar(t_1) / alpha_bar(1)) (~600 at 50
+        steps), giving noise. The grid is then the trailing grid of steps + 1 points without its first,
+        so sampling starts from pure noise at alpha_bar ~1e-3 (diffusers' "leading" spacing does the same)."""
+        if isinstance(self.schedule, DDPMSchedule) and float(self.schedule.alpha_bar(1.0)) < 1e-4:
+            return sampling_times(self.schedule, min(steps + 1, self.schedule.num_timesteps))[1:]
+        return sampling_times(self.schedule, steps)
+
+    @torch.no_grad()
+    def _decode_codes(self, codes: torch.Tensor):
+        device = next(self.image_tokenizer.parameters()).device
+        return tensor_to_images(self.image_tokenizer.decode(codes.to(device)))
+
+    @torch.no_grad()
+    def _decode_latents(self, latents: torch.Tensor):
+        tok = self.image_tokenizer
+        device = next(tok.parameters()).device
+        return tensor_to_images(tok.decode(tok.unscale_latents(latents.to(device))))
+
+    def _result(self, seq: _Sequence) -> GenerationResult:
+        parts = []
+        for part in seq.parts:
+            if part[0] == "text":
+                text = part[2] if len(part) > 2 else self.text_tokenizer.decode(part[1])
+                if text:
+                    parts.append(Text(text))
+            else:
+                parts.append(Image(part[1], origin="generated"))
+        meta = {"finish_reason": seq.finish, "mode": seq.config.mode, "new_positions": len(seq.generated),
+                "images": len(seq.images)}
+        return GenerationResult(seq.index, Document(parts, meta), list(seq.generated), list(seq.images), seq.finish)
+
+
+def _is_single_prompt(prompts) -> bool:
+    if isinstance(prompts, (str, Document)):
+        return True
+    return any(not isinstance(p, (str, Document, list, tuple)) for p in prompts)
+
+
+def _generators(seed, n: int) -> list[torch.Generator]:
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [(seed or 0) + i for i in range(n)]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+__all__ = ["Engine"]

@@ -1,0 +1,135 @@
+"""Prompts: a string, a Document, or a list of strings and images -> the ids of each stream.
+
+A prompt is laid out as a training document is (data/pipeline.py) but without `<eos>`:
+
+    <bos> text ids <boi> IMAGE <eoi> text ids ...
+
+IMAGE is the image's code ids (token mode) or one placeholder per latent patch whose
+vectors the model writes from the clean latents (latent mode). Guidance needs the same
+prompt with its conditioning taken away (config.GuidanceConfig): `stream_segments` makes
+those variants from the encoded segments, so the images are encoded once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import PIL.Image
+import torch
+
+from mixmodal.data.bad_input import BadInputError, BadInputLog
+from mixmodal.data.images import decode_image
+from mixmodal.data.segments import Segment
+from mixmodal.documents import Document, Image, Text
+from mixmodal.inference.config import GuidanceConfig
+from mixmodal.tokenizers.pixels import images_to_tensor
+from mixmodal.vocab import Vocab
+
+PromptLike = Union[str, Document, Sequence[Union[str, PIL.Image.Image, Text, Image]]]
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be generated from; the message says what to change."""
+
+
+def to_document(prompt: PromptLike) -> Document:
+    if isinstance(prompt, Document):
+        return prompt
+    if isinstance(prompt, str):
+        return Document([Text(prompt)] if prompt else [])
+    parts = []
+    for item in prompt:
+        if isinstance(item, (Text, Image)):
+            parts.append(item)
+        elif isinstance(item, str):
+            parts.append(Text(item))
+        elif isinstance(item, PIL.Image.Image):
+            parts.append(Image(item.convert("RGB")))
+        else:
+            raise PromptError(f"a prompt part must be a str or a PIL image, got {type(item).__name__}")
+    return Document(parts)
+
+
+def load_prompt_image(path: str | os.PathLike) -> Image:
+    """Read an image file for a prompt, with the message a user can act on when it is unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"--image {path}: no such file")
+    try:
+        image = decode_image(None, str(path), log=BadInputLog(strict=True), where=f"--image {path}")
+    except BadInputError as e:
+        raise PromptError(f"{e}; give a readable PNG or JPEG file") from None
+    return Image(image, origin=str(path))
+
+
+@dataclass
+class EncodedPrompt:
+    segments: list[Segment]  # text ids, or an image (ids = code ids in token mode)
+    latents: list[torch.Tensor]  # latent mode: scaled latents [C, h, w] of each image, by Segment.image
+
+
+@torch.no_grad()
+def encode_prompt(doc: Document, text_tokenizer, image_tokenizer, vocab: Vocab, mode: str) -> EncodedPrompt:
+    pils = [p.image for p in doc.parts if isinstance(p, Image)]
+    contents: list[torch.Tensor] = []
+    if pils:
+        if image_tokenizer is None:
+            raise PromptError("the prompt has images but the checkpoint has no image tokenizer")
+        device = next(image_tokenizer.parameters()).device
+        pixels = images_to_tensor(pils, image_tokenizer.config.resolution).to(device)
+        if mode == "tokens":
+            contents = list(vocab.image_code_to_id(image_tokenizer.encode(pixels).flatten(1)).cpu())
+        else:
+            contents = list(image_tokenizer.scale_latents(image_tokenizer.encode(pixels)).float().cpu())
+    segments, latents = [], []
+    for part in doc.parts:
+        if isinstance(part, Text):
+            ids = text_tokenizer.encode(part.text)
+            if ids:
+                segments.append(Segment("text", list(ids)))
+        else:
+            content = contents[len(latents)]
+            segments.append(Segment("image", content.tolist() if mode == "tokens" else [], image=len(latents)))
+            latents.append(content)
+    return EncodedPrompt(segments, latents if mode == "latents" else [])
+
+
+def stream_segments(segments: list[Segment], guidance: GuidanceConfig, streams: int, vocab: Vocab) -> list[list[Segment]]:
+    """The prompt of each guidance stream: [cond], [cond, uncond] or [cond, image-only, uncond]."""
+
+    def without_text(keep_images: bool) -> list[Segment]:
+        out = []
+        for seg in segments:
+            if seg.kind == "image":
+                if keep_images:
+                    out.append(seg)
+            elif guidance.uncond == "mask" and not (out and out[-1].ids == [vocab.mask(0)]):
+                out.append(Segment("text", [vocab.mask(0)]))
+        return out
+
+    if streams == 1:
+        return [segments]
+    if streams == 2:
+        return [segments, without_text(False)]
+    return [segments, without_text(True), without_text(False)]
+
+
+def layout(segments: list[Segment], vocab: Vocab, mode: str, positions_per_image: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Segments -> ids from <bos>, and (start position, image number) of each image's content."""
+    ids, images = [vocab.bos], []
+    for seg in segments:
+        if seg.kind == "text":
+            ids += seg.ids
+            continue
+        ids.append(vocab.boi)
+        images.append((len(ids), seg.image))
+        ids += seg.ids if mode == "tokens" else [vocab.pad] * positions_per_image
+        ids.append(vocab.eoi)
+    return ids, images
+
+
+__all__ = ["EncodedPrompt", "PromptError", "PromptLike", "encode_prompt", "layout", "load_prompt_image",
+           "stream_segments", "to_document"]
