@@ -98,6 +98,7 @@ class GenerationConfig:
     text: SamplingParams = field(default_factory=SamplingParams)
     image: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)  # stop strings (searched in the generated text)
+    ignore_eos: bool = False  # never end on <eos> (benchmarks: always max_new_tokens)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     contrastive: ContrastiveConfig | None = None
     diffusion_steps: int = 50  # latent mode

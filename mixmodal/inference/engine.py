@@ -70,6 +70,7 @@ class _Sequence:
     times: torch.Tensor | None = None  # latent mode: the sampler's time grid, from noise to 0
     step: int = 0
     emitted: str = ""  # text of the current run already streamed
+    offsets: tuple[int, int] = (0, 0)  # incremental detokenizer: window start, ids already read
     finish: str = ""
     text_tokens: int = 0
 
@@ -80,7 +81,7 @@ class Engine:
     `Engine.from_pretrained(RUN_OR_MODEL_DIR)` loads `mixmodal train`'s model folder."""
 
     def __init__(self, model, text_tokenizer, image_tokenizer, *, diffusion: DiffusionConfig | None = None,
-                 max_length: int | None = None, dtype: torch.dtype | None = None) -> None:
+                 max_length: int | None = None, dtype: torch.dtype | None = None, decode_images: bool = True) -> None:
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer.eval() if image_tokenizer is not None else None
@@ -91,6 +92,10 @@ class Engine:
         self.max_length = max_length
         self.device = next(model.parameters()).device
         self.dtype = dtype
+        self.decode_images = decode_images  # False: ImageDone / documents carry no pixels (benchmarks)
+        if text_tokenizer.vocab_size > self.vocab.text_size:
+            raise ValueError(f"the text tokenizer has {text_tokenizer.vocab_size} ids but the model's text range is "
+                             f"{self.vocab.text_size} (model.text_vocab_size): they were not trained together")
         if self.mode == "tokens" and image.is_bidirectional:
             raise ValueError("this token-mode model attends bidirectionally inside images (model.image.bidirectional); "
                              "its codes cannot be sampled one at a time")
@@ -142,8 +147,8 @@ class Engine:
             raise ValueError(f"{len(configs)} configs for {n} prompts; give one config or one per prompt")
         gens = list(generators) if generators is not None else _generators(seed, n)
         sequences = self._start(prompt_list, configs, gens)
-        capacity = max(s.length for s in sequences) + max(c.max_new_tokens for c in configs) + self.per_image + 4
-        capacity = max(capacity, max(len(b.ids) for s in sequences for b in s.blocks))
+        capacity = max(len(b.ids) for s in sequences for b in s.blocks) + max(c.max_new_tokens for c in configs) \
+            + self.per_image + 4
         cache = KVCache(self.model.config.transformer.num_layers, sum(len(s.rows) for s in sequences), capacity, self.device)
         live = sequences
         while live:
@@ -184,7 +189,7 @@ class Engine:
                 raise PromptError(f"prompt {i} is {length} positions long (text tokens + {self.per_image + 2} per image); "
                                   f"the model's context is {self.max_length}. Shorten the prompt or pass a larger "
                                   "--max-length (beyond the trained length the model has not learned positions)")
-            if config.mode != "text" and self.image_tokenizer is None:
+            if config.mode != "text" and self.image_tokenizer is None and self.decode_images:
                 raise PromptError(f"mode={config.mode} writes images, but the checkpoint has no image tokenizer to turn "
                                   "them into pixels; copy it into MODEL/image_tokenizer or use mode=text")
             room = min(config.max_new_tokens, (self.max_length or length + config.max_new_tokens) - length)
@@ -194,7 +199,7 @@ class Engine:
                                   f"the context ({self.max_length}) leave {room}: raise max_new_tokens")
             rows = list(range(row, row + len(variants)))
             row += len(variants)
-            sequences.append(_Sequence(i, config, gens[i], rows, list(blocks[0].ids), length, blocks))
+            sequences.append(_Sequence(i, config, gens[i], rows, list(blocks[0].ids), 0, blocks))  # length: on commit
         return sequences
 
     # --- one forward over every live row -------------------------------------------------
@@ -274,6 +279,7 @@ class Engine:
         # text phase: pick the next id, if there is room for one
         if self._room(seq) < 1:
             seq.finish = "length"
+            yield from self._flush(seq)
             return
         token = self._forced(seq)
         if token is None:
@@ -282,6 +288,8 @@ class Engine:
             scores = guided_scores(streams, allowed, config.guidance.scale, config.guidance.image_scale)
             token = self._sample(seq, scores, config.text)
         v = self.vocab
+        if token in (v.eos, v.boi):
+            yield from self._flush(seq)
         if token == v.eos:
             seq.finish = "eos"
             seq.generated.append(token)
@@ -302,20 +310,44 @@ class Engine:
         # an ordinary text id
         if not seq.parts or seq.parts[-1][0] != "text":
             seq.parts.append(["text", []])
-            seq.emitted = ""
-        seq.parts[-1][1].append(token)
+            seq.emitted, seq.offsets = "", (0, 0)
+        run = seq.parts[-1][1]
+        run.append(token)
         seq.text_tokens += 1
-        text = self.text_tokenizer.decode(seq.parts[-1][1])
-        stop = next((s for s in config.stop if s and s in text), None)
+        delta = self._detokenize(seq, run)
+        stop = next((s for s in config.stop if s and s in seq.emitted), None) if delta else None
         if stop is not None:
-            text = text[:text.index(stop)]
-            seq.parts[-1].append(text)  # the run's text, cut at the stop string
+            cut = seq.emitted.index(stop)
+            delta = delta[:max(0, cut - (len(seq.emitted) - len(delta)))]
+            seq.emitted = seq.emitted[:cut]
+            seq.parts[-1].append(seq.emitted)  # the run's text, cut at the stop string
             seq.finish = "stop"
-        if not text.endswith("\ufffd") and text.startswith(seq.emitted) and len(text) > len(seq.emitted):
-            yield TextDelta(seq.index, text[len(seq.emitted):])
-            seq.emitted = text
+        if delta:
+            yield TextDelta(seq.index, delta)
         if not seq.finish:
             self._feed(seq, [token])
+
+    def _flush(self, seq: _Sequence) -> Iterator[Event]:
+        """A text run ends: stream what the incremental decoder still held back (an unfinished character)."""
+        if seq.parts and seq.parts[-1][0] == "text" and len(seq.parts[-1]) == 2:
+            rest = self.text_tokenizer.decode(seq.parts[-1][1])[len(seq.emitted):]
+            if rest:
+                seq.emitted += rest
+                yield TextDelta(seq.index, rest)
+
+    def _detokenize(self, seq: _Sequence, run: list[int]) -> str:
+        """The text the newest id adds, decoding a short window (vLLM's incremental detokenizer): the
+        window's text before and after the id differ by the delta, unless the id ends inside a UTF-8
+        character (the decoder shows U+FFFD), in which case the delta waits for the next id."""
+        start, read = seq.offsets
+        before = self.text_tokenizer.decode(run[start:read])
+        after = self.text_tokenizer.decode(run[start:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        seq.offsets = (read, len(run))
+        delta = after[len(before):]
+        seq.emitted += delta
+        return delta
 
     def _denoise(self, seq: _Sequence, streams: list[torch.Tensor]) -> Iterator[Event]:
         config = seq.config
@@ -341,7 +373,9 @@ class Engine:
             self._feed(seq, [self.vocab.pad] * self.per_image, commit=0, latent=(0, x, t_prev), denoise=True)
 
     def _finish_image(self, seq: _Sequence, content: torch.Tensor) -> Iterator[Event]:
-        pil = self._decode_latents(content[None])[0] if self.mode == "latents" else self._decode_codes(content[None])[0]
+        pil = None
+        if self.decode_images:
+            pil = self._decode_latents(content[None])[0] if self.mode == "latents" else self._decode_codes(content[None])[0]
         seq.images.append(content)
         seq.parts.append(["image", pil])
         seq.phase = "text"
@@ -378,7 +412,7 @@ class Engine:
         return None
 
     def _image_fits(self, seq: _Sequence) -> bool:
-        return self.image_tokenizer is not None and self._room(seq) >= self.per_image + 2
+        return (self.image_tokenizer is not None or not self.decode_images) and self._room(seq) >= self.per_image + 2
 
     def _allowed(self, seq: _Sequence) -> torch.Tensor:
         config, v = seq.config, self.vocab
@@ -392,6 +426,8 @@ class Engine:
             allowed[v.boi] = can_image
             allowed[v.eos] = True
         if config.mode == "interleaved" and not (seq.images and seq.text_tokens):
+            allowed[v.eos] = False
+        if config.ignore_eos and allowed.sum() > 1:
             allowed[v.eos] = False
         return allowed.to(self.device)
 
@@ -437,7 +473,7 @@ class Engine:
                 text = part[2] if len(part) > 2 else self.text_tokenizer.decode(part[1])
                 if text:
                     parts.append(Text(text))
-            else:
+            elif part[1] is not None:
                 parts.append(Image(part[1], origin="generated"))
         meta = {"finish_reason": seq.finish, "mode": seq.config.mode, "new_positions": len(seq.generated),
                 "images": len(seq.images)}

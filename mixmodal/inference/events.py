@@ -38,7 +38,7 @@ class ImagePreview:
 class ImageDone:
     index: int
     image: int
-    pil: PIL.Image.Image
+    pil: PIL.Image.Image | None  # None when the engine does not decode images
     content: torch.Tensor  # codes [h, w] (tokens) or scaled latents [C, h, w] (latents)
 
 

@@ -1,0 +1,372 @@
+"""The generation engine on tiny random models, in both image modes: cached decoding equals
+the full forward, guidance, masks, batching, streaming, stop strings and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixmodal.data.shapes import ShapesConfig
+from mixmodal.data.sources import ShapesSource
+from mixmodal.documents import Document, Text
+from mixmodal.inference import (ContrastiveConfig, End, Engine, GenerationConfig, GuidanceConfig, ImageDone,
+                                ImagePreview, ImageStarted, SamplingParams, TextDelta)
+from mixmodal.inference.logits import contrastive_scores, guided_scores, masked_log_softmax, sample
+from mixmodal.inference.prompt import PromptError, encode_prompt, layout
+from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
+from mixmodal.model.transformer import TransformerConfig
+from mixmodal.objectives.diffusion import DiffusionConfig
+from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
+from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
+from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
+
+TRUNK = dict(resolution=16, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, norm_groups=4)  # 8 x 8 grid
+PROMPT = "two red circles above a blue square"
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer():
+    texts = (t for doc in ShapesSource(ShapesConfig(resolution=32), num=200) for t in doc.texts)
+    return TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=300))
+
+
+def _engine(mode: str, text_tokenizer, *, kind: str = "ddpm", grid: int = 4, max_length: int | None = None,
+            seed: int = 0) -> Engine:
+    """A random model with logits far from uniform (init_std 0.5), so sampling is not a coin toss."""
+    torch.manual_seed(seed)
+    if mode == "tokens":
+        image_tokenizer = VQTokenizer(VQConfig(**{**TRUNK, "resolution": 2 * grid}, latent_channels=8,
+                                               codebook_size=32, codebook_dim=4))
+        image = ImageConfig(mode="tokens", num_codes=32, grid_size=grid)
+    else:
+        image_tokenizer = VAETokenizer(VAEConfig(**TRUNK, latent_channels=4))
+        image = ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=4)  # 4 patches
+    config = ModelConfig(text_vocab_size=text_tokenizer.vocab_size, image=image,
+                         transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=2, init_std=0.5))
+    model = FusionModel(config)
+    if mode == "latents":  # the output layer starts at zero (DiT); guidance needs predictions that differ
+        torch.nn.init.normal_(model.patch_out.proj.weight, 0.0, 0.3)
+    return Engine(model, text_tokenizer, image_tokenizer, diffusion=DiffusionConfig(kind=kind), max_length=max_length)
+
+
+# --- cached decoding == the full forward ---------------------------------------------------------
+
+class _Spy:
+    """Records what row 0 was fed and what it got back at every engine step."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.steps = []
+        forward = engine._forward
+
+        def spy(live, cache):
+            block = live[0].blocks[0]
+            out = forward(live, cache)
+            self.steps.append((block, out[0][0].clone(), out[1].get(0)))
+            return out
+
+        engine._forward = spy
+
+
+def _image_after(engine: Engine, n: int) -> None:
+    """A random model rarely samples <boi>: after n text tokens of a text run, allow only <boi>
+    (once per run), so the state machine goes text -> image -> text."""
+    allowed = engine._allowed
+
+    def only_boi(seq):
+        mask = allowed(seq)
+        run = seq.parts[-1][1] if seq.parts and seq.parts[-1][0] == "text" else []
+        if len(run) >= n and mask[engine.vocab.boi]:
+            mask = torch.zeros_like(mask)
+            mask[engine.vocab.boi] = True
+        return mask
+
+    engine._allowed = only_boi
+
+
+def _full_forward(engine: Engine, ids: list[int], images: list[tuple[int, torch.Tensor, float]]):
+    """The model without a cache over the whole sequence; images: (start, latents, time)."""
+    model, per = engine.model, engine.per_image
+    input_ids = torch.tensor([ids])
+    kwargs = {}
+    if images:
+        image_ids = torch.full_like(input_ids, -1)
+        for k, (start, _, _) in enumerate(images):
+            image_ids[0, start:start + per] = k
+        kwargs = dict(image_ids=image_ids, image_latents=torch.stack([x for _, x, _ in images]),
+                      image_times=torch.tensor([t for _, _, t in images]),
+                      image_index=torch.stack([s + torch.arange(per) for s, _, _ in images]))
+    return model(input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_cached_decoding_equals_the_full_forward(text_tokenizer, mode):
+    engine = _engine(mode, text_tokenizer)
+    spy = _Spy(engine)
+    _image_after(engine, 4)
+    config = GenerationConfig(mode="interleaved", max_new_tokens=60 if mode == "latents" else 60 + 2 * 18, max_images=2, diffusion_steps=3,
+                              text=SamplingParams(temperature=1.0), ignore_eos=True)
+    result = engine.generate(PROMPT, config, seed=1)[0]
+    assert len(result.images) >= 1, "the run should write an image to check image spans"
+    committed: list[int] = []
+    images: list[tuple[int, torch.Tensor, float]] = []
+    checked = {"text": 0, "image": 0, "denoise": 0}
+    for block, logits, prediction in spy.steps:
+        start = len(committed)
+        ids = committed + block.ids
+        block_images = list(images)
+        for offset, latents in block.prompt_images:
+            block_images.append((start + offset, latents, engine.commit_time))
+        if block.latent is not None:
+            offset, latents, t = block.latent
+            block_images.append((start + offset, latents, t))
+        out = _full_forward(engine, ids, block_images)
+        torch.testing.assert_close(logits, out.logits[0, -1], atol=2e-4, rtol=1e-4)
+        if prediction is not None:
+            torch.testing.assert_close(prediction, out.image_prediction[-1], atol=2e-4, rtol=1e-4)
+            checked["denoise"] += 1
+        last = block.ids[-1]
+        in_image = block.latent is not None or engine.vocab.is_image_code(torch.tensor(last)) or last == engine.vocab.boi
+        checked["image" if in_image else "text"] += 1
+        committed += block.ids[:block.commit]
+        if block.latent is not None and block.commit:  # the clean image written into the cache
+            images.append((start + block.latent[0], block.latent[1], block.latent[2]))
+        images += [(start + o, x, engine.commit_time) for o, x in block.prompt_images]
+    assert checked["text"] > 3 and checked["image"] >= 1
+    if mode == "latents":
+        assert checked["denoise"] >= 3
+    else:
+        assert checked["image"] >= engine.per_image
+
+
+# --- guidance ------------------------------------------------------------------------------------
+
+def test_guidance_at_scale_one_is_the_conditional_distribution():
+    torch.manual_seed(0)
+    allowed = torch.rand(50) > 0.3
+    cond, uncond, image = torch.randn(50), torch.randn(50), torch.randn(50)
+    expected = masked_log_softmax(cond, allowed)
+    torch.testing.assert_close(guided_scores([cond, uncond], allowed, 1.0, None), expected)
+    torch.testing.assert_close(guided_scores([cond, image, uncond], allowed, 1.0, 1.0), expected)
+    assert torch.isinf(guided_scores([cond, uncond], allowed, 3.0, None)[~allowed]).all()
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_three_streams_at_scale_one_generate_what_one_stream_does(text_tokenizer, mode):
+    engine = _engine(mode, text_tokenizer)
+    plain = GenerationConfig(mode="image", max_new_tokens=40, diffusion_steps=4)
+    guided = GenerationConfig(mode="image", max_new_tokens=40, diffusion_steps=4,
+                              guidance=GuidanceConfig(scale=1.0, image_scale=1.0))
+    assert guided.streams == 3
+    a, b = engine.generate(PROMPT, plain, seed=3)[0], engine.generate(PROMPT, guided, seed=3)[0]
+    assert a.ids == b.ids
+    torch.testing.assert_close(a.images[0].float(), b.images[0].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_latent_guidance_moves_every_channel(text_tokenizer):
+    engine = _engine("latents", text_tokenizer)
+    base = engine.generate(PROMPT, GenerationConfig(mode="image", max_new_tokens=40, diffusion_steps=4), seed=5)[0]
+    cfg = GenerationConfig(mode="image", max_new_tokens=40, diffusion_steps=4, guidance=GuidanceConfig(scale=4.0))
+    guided = engine.generate(PROMPT, cfg, seed=5)[0]
+    diff = (base.images[0] - guided.images[0]).abs().flatten(1).amax(1)  # per channel
+    assert diff.shape == (4,) and (diff > 1e-3).all(), diff
+
+
+def test_token_guidance_changes_the_codes_and_mask_uncond_differs_from_empty(text_tokenizer):
+    engine = _engine("tokens", text_tokenizer)
+    runs = {}
+    for name, guidance in {"none": GuidanceConfig(), "empty": GuidanceConfig(scale=3.0),
+                           "mask": GuidanceConfig(scale=3.0, uncond="mask")}.items():
+        config = GenerationConfig(mode="image", max_new_tokens=40, guidance=guidance)
+        runs[name] = engine.generate(PROMPT, config, seed=2)[0].ids
+    assert runs["none"] != runs["empty"] and runs["empty"] != runs["mask"]
+
+
+def test_contrastive_decoding_keeps_only_plausible_codes():
+    expert = torch.tensor([4.0, 3.9, 1.0, -2.0, 0.5])
+    amateur = torch.tensor([4.0, 0.0, 0.0, -5.0, 0.0])
+    allowed = torch.ones(5, dtype=torch.bool)
+    scores = contrastive_scores(expert, amateur, allowed, ContrastiveConfig(alpha=0.5, k=2))
+    # plausible: p >= 0.5 * p(2nd largest) -> ids 0 and 1; id 1 wins (the amateur does not like it)
+    assert torch.isfinite(scores).tolist() == [True, True, False, False, False]
+    assert int(scores.argmax()) == 1
+
+
+# --- masks and modes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_modes_never_emit_forbidden_ids(text_tokenizer, mode):
+    engine = _engine(mode, text_tokenizer, seed=1)
+    v, per = engine.vocab, engine.per_image
+    hot = SamplingParams(temperature=3.0)  # flat distributions: anything allowed will come up
+    for out_mode in ["text", "image", "interleaved", "free"]:
+        config = GenerationConfig(mode=out_mode, max_new_tokens=120, max_images=2, text=hot, image=hot, diffusion_steps=2)
+        for r in engine.generate([PROMPT] * 4, config, seed=0):
+            ids = r.ids
+            assert v.pad not in [i for i in _outside_images(ids, v, per)] and v.bos not in ids
+            assert ids.count(v.boi) == ids.count(v.eoi) == len(r.images) <= 2
+            for start in [i for i, x in enumerate(ids) if x == v.boi]:
+                content = ids[start + 1:start + 1 + per]
+                assert ids[start + 1 + per] == v.eoi
+                if mode == "tokens":
+                    assert all(v.is_image_code(torch.tensor(content)))
+            outside = _outside_images(ids, v, per)
+            assert not any(v.is_image_code(torch.tensor(outside)).tolist())
+            if out_mode != "free":
+                assert not set(outside) & set(v.mask_ids) and v.end_of_span not in outside
+            if out_mode == "text":
+                assert not r.images
+            if out_mode == "image":
+                assert r.images and set(outside) <= {v.boi, v.eoi, v.eos}
+            if out_mode == "interleaved" and r.finish_reason == "eos":
+                assert r.images and any(i in v.text_ids for i in outside)
+            assert len(ids) <= config.max_new_tokens + (1 if r.finish_reason == "eos" else 0)
+
+
+def _outside_images(ids, v, per):
+    out, i = [], 0
+    while i < len(ids):
+        if ids[i] == v.boi:
+            out.append(ids[i])
+            i += per + 1
+            continue
+        out.append(ids[i])
+        i += 1
+    return out
+
+
+def test_sampling_controls():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.tensor([1.0, 3.0, 2.0, float("-inf")])
+    assert sample(scores, SamplingParams(temperature=0), g) == 1
+    assert {sample(scores, SamplingParams(top_k=1), g) for _ in range(20)} == {1}
+    assert {sample(scores, SamplingParams(top_p=0.5), g) for _ in range(20)} == {1}
+    assert {sample(scores, SamplingParams(temperature=5.0), g) for _ in range(200)} == {0, 1, 2}  # never id 3
+
+
+# --- batches, streaming, stops -----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_a_mixed_batch_equals_one_by_one(text_tokenizer, mode):
+    engine = _engine(mode, text_tokenizer)
+    _image_after(engine, 3)
+    prompts = [PROMPT, "a green star", ""]
+    configs = [GenerationConfig(mode="interleaved", max_new_tokens=50, diffusion_steps=3),
+               GenerationConfig(mode="image", max_new_tokens=40, diffusion_steps=5, guidance=GuidanceConfig(scale=2.0)),
+               GenerationConfig(mode="text", max_new_tokens=30, text=SamplingParams(top_p=0.9))]
+    seeds = [11, 12, 13]
+    batched = engine.generate(prompts, configs, seed=seeds)
+    for prompt, config, s, together in zip(prompts, configs, seeds, batched):
+        alone = engine.generate(prompt, config, seed=s)[0]
+        assert alone.ids == together.ids and alone.finish_reason == together.finish_reason
+        for a, b in zip(alone.images, together.images):
+            torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_stream_events_tell_the_whole_story(text_tokenizer):
+    engine = _engine("latents", text_tokenizer)
+    _image_after(engine, 3)
+    config = GenerationConfig(mode="interleaved", max_new_tokens=60, max_images=2, diffusion_steps=4, preview_every=2)
+    events = list(engine.stream([PROMPT, "a star"], config, seed=4))
+    ends = {e.index: e.result for e in events if isinstance(e, End)}
+    assert set(ends) == {0, 1} and isinstance(events[-1], End)
+    for index, result in ends.items():
+        mine = [e for e in events if getattr(e, "index", None) == index]
+        text = "".join(e.text for e in mine if isinstance(e, TextDelta))
+        assert text == "".join(p.text for p in result.document.parts if isinstance(p, Text))
+        started = [e for e in mine if isinstance(e, ImageStarted)]
+        done = [e for e in mine if isinstance(e, ImageDone)]
+        assert len(started) == len(done) == len(result.images)
+        assert all(e.pil.size == (16, 16) for e in done)
+        assert len([e for e in mine if isinstance(e, ImagePreview)]) == len(done)  # step 2 of 4 (step 4 is the image)
+        assert isinstance(mine[-1], End)
+
+
+def test_stop_strings_and_length(text_tokenizer):
+    engine = _engine("tokens", text_tokenizer)
+    free = engine.generate(PROMPT, GenerationConfig(mode="text", max_new_tokens=40, ignore_eos=True), seed=0)[0]
+    assert free.finish_reason == "length" and len(free.ids) == 40
+    text = free.document.parts[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stopped = engine.generate(PROMPT, GenerationConfig(mode="text", max_new_tokens=40, ignore_eos=True, stop=[stop]),
+                              seed=0)[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.document.parts[0].text == text[:text.index(stop)]
+
+
+def test_context_limit_and_bad_prompts(text_tokenizer, tmp_path):
+    engine = _engine("tokens", text_tokenizer, max_length=16)
+    with pytest.raises(PromptError, match="context is 16"):
+        engine.generate(PROMPT * 5, GenerationConfig(mode="text"))
+    with pytest.raises(PromptError, match="mode=image needs"):
+        engine.generate("a", GenerationConfig(mode="image"))
+    short = engine.generate("a", GenerationConfig(mode="text", ignore_eos=True), seed=0)[0]
+    assert short.finish_reason == "length" and len(short.ids) + 2 == 16  # <bos> "a" + new ids fit the context
+    with pytest.raises(ValueError, match="mode must be one of"):
+        GenerationConfig(mode="video")
+    with pytest.raises(PromptError, match="must be a str or a PIL image"):
+        engine.generate([[PROMPT, 3]], GenerationConfig(mode="text"))
+
+
+def test_prompt_images_are_laid_out_as_in_training(text_tokenizer):
+    engine = _engine("latents", text_tokenizer)
+    doc = next(iter(ShapesSource(ShapesConfig(resolution=32), num=1)))
+    encoded = encode_prompt(doc, text_tokenizer, engine.image_tokenizer, engine.vocab, "latents")
+    ids, images = layout(encoded.segments, engine.vocab, "latents", engine.per_image)
+    v = engine.vocab
+    assert ids[0] == v.bos and ids.count(v.boi) == len(images) == len(doc.images)
+    for start, _ in images:
+        assert ids[start - 1] == v.boi and ids[start + engine.per_image] == v.eoi
+    result = engine.generate(doc, GenerationConfig(mode="text", max_new_tokens=8), seed=0)[0]  # runs, captioning-style
+    assert not result.images
+
+
+@pytest.mark.parametrize("sampler,kind", [("ddpm", "ddpm"), ("ddim", "ddpm"), ("flow", "flow"), ("ddim", "flow")])
+def test_every_sampler_runs_and_a_wrong_one_is_refused(text_tokenizer, sampler, kind):
+    engine = _engine("latents", text_tokenizer, kind=kind)
+    r = engine.generate(PROMPT, GenerationConfig(mode="image", max_new_tokens=20, diffusion_steps=3, sampler=sampler))[0]
+    assert r.images[0].shape == (4, 8, 8) and torch.isfinite(r.images[0]).all()
+    wrong = "flow" if kind == "ddpm" else "ddpm"
+    with pytest.raises(ValueError, match=f"sampler={wrong} needs"):
+        engine.generate(PROMPT, GenerationConfig(mode="image", max_new_tokens=20, diffusion_steps=3, sampler=wrong))
+
+
+def test_bf16_autocast_runs(text_tokenizer):
+    engine = _engine("latents", text_tokenizer)
+    engine.dtype = torch.bfloat16
+    r = engine.generate(PROMPT, GenerationConfig(mode="interleaved", max_new_tokens=30, diffusion_steps=2))[0]
+    assert r.finish_reason in ("eos", "length") and all(torch.isfinite(x).all() for x in r.images)
+
+
+def test_documents_hold_the_output(text_tokenizer):
+    engine = _engine("tokens", text_tokenizer)
+    r = engine.generate(Document([Text(PROMPT)]), GenerationConfig(mode="image", max_new_tokens=20), seed=0)[0]
+    assert [type(p).__name__ for p in r.document.parts] == ["Image"]
+    assert r.document.parts[0].image.size == (8, 8)  # the VQ halves: 4 x 4 codes
+    assert r.document.metadata["finish_reason"] == r.finish_reason == "eos"
+
+
+def test_best_of_mixes_top_p_and_cd_k_and_sorts_by_the_scorer(text_tokenizer):
+    from mixmodal.inference.rerank import best_of
+
+    engine = _engine("tokens", text_tokenizer)
+
+    def brightness(doc):
+        return float(np.asarray(doc.parts[0].image, dtype=np.float32).mean())
+
+    ranked = best_of(engine, PROMPT, GenerationConfig(mode="image", max_new_tokens=20), n=4, scorer=brightness, seed=7)
+    assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
+    assert sorted(r.document.metadata["sampling"] for r in ranked) == ["cd-k", "cd-k", "top-p 0.9", "top-p 0.9"]
+    assert all(r.score == brightness(r.document) for r in ranked)
+
+
+def test_shapes_scorer_gives_a_rendered_caption_full_marks():
+    from mixmodal.data.shapes import shapes_document
+    from mixmodal.documents import Image
+    from mixmodal.inference.rerank import shapes_scorer
+
+    doc = shapes_document(ShapesConfig(resolution=64), "train", 0)
+    caption = doc.texts[0]
+    scorer = shapes_scorer(caption)
+    assert scorer(Document([Image(doc.images[0])])) == 1.0
+    assert scorer(Document([Text("no image")])) == 0.0
