@@ -4,7 +4,9 @@ Each step is a `mixmodal` command, printed before it runs, so the demo doubles a
 walkthrough of the CLI. Stages so far: write datasets (JSONL + PNGs, WebDataset shards),
 train the BPE tokenizer, print statistics, draw contact sheets, check the oracle on the
 held-out renders, train a VQ image tokenizer and a Chameleon-style early-fusion model on
-its codes, and plot the model's loss curves. Ends by listing what it made.
+its codes, and a KL-VAE and a Transfusion-style model on its latents, plot their loss
+curves, and let both write documents from held-out captions (`mixmodal generate`: JSON,
+PNGs and an HTML page each). Ends by listing what it made.
 
     python -m mixmodal.demo [--config configs/demo.yaml] [--out demo_out] [key=value ...]
 """
@@ -37,9 +39,15 @@ class DemoConfig:
     model_run: str = "configs/models/demo-tokens.yaml"  # the early-fusion model the demo trains on it
     image_tokenizer_steps: int = 600
     model_steps: int = 300
+    latent_tokenizer_run: str = "configs/tokenizers/vae-demo-32.yaml"  # the KL-VAE the latent model uses
+    latent_model_run: str = "configs/models/demo-latents.yaml"  # the Transfusion-style model on its latents
+    num_prompts: int = 4  # held-out captions each model writes a document from (mixmodal generate)
+    cfg: float = 3.0  # classifier-free guidance scale for the generated images
+    diffusion_steps: int = 50  # denoising steps per image (latent model)
 
     def __post_init__(self) -> None:
-        for name in ("num_train", "num_heldout", "num_shown", "image_tokenizer_steps", "model_steps"):
+        for name in ("num_train", "num_heldout", "num_shown", "image_tokenizer_steps", "model_steps", "num_prompts",
+                     "diffusion_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -74,6 +82,36 @@ def _oracle_check(data_dir: Path) -> dict:
                 totals[k] = totals.get(k, 0.0) + v
             n += 1
     return {k: round(v / max(1, n), 4) for k, v in totals.items()} | {"images": n}
+
+
+def _heldout_captions(data_dir: Path, n: int) -> list[str]:
+    """The first n caption documents' texts of a held-out split (prompts the models never saw)."""
+    from mixmodal.data.sources import open_source
+
+    out = []
+    for doc in open_source(str(data_dir), strict=True):
+        if doc.metadata.get("task") == "caption":
+            out.append(doc.texts[0])
+            if len(out) == n:
+                break
+    return out
+
+
+def _oracle_generated(gen_dir: Path, prompts: list[str]) -> dict:
+    """Mean oracle scores of the generated images against their captions' scenes."""
+    from mixmodal.data.shapes import parse_caption, score
+    from mixmodal.data.sources import open_source
+
+    totals: dict[str, float] = {}
+    docs = list(open_source(str(gen_dir / "documents.jsonl"), strict=True))
+    with_image = 0
+    for doc, prompt in zip(docs, prompts):
+        if not doc.images:
+            continue
+        with_image += 1
+        for k, v in score(doc.images[0], parse_caption(prompt)).items():
+            totals[k] = totals.get(k, 0.0) + v
+    return {"documents": len(docs), "with_image": with_image} | {k: v / max(1, with_image) for k, v in totals.items()}
 
 
 def _preset(path: str) -> str:
@@ -128,18 +166,36 @@ def main(argv: list[str] | None = None) -> int:
     for split, scores in oracle.items():
         print(f"  {split:<15} " + "  ".join(f"{k} {v}" for k, v in scores.items()))
 
-    print("\n# an image tokenizer (VQ, 32 px -> 8 x 8 codes), then a Chameleon-style model on its codes")
     runs = out / "runs"
-    _run(["train", _preset(config.image_tokenizer_run), "--out", str(runs / "vq"), f"trainer.steps={config.image_tokenizer_steps}",
-          "trainer.progress=false"])
-    _run(["train", _preset(config.model_run), "--out", str(runs / "tokens"), f"trainer.steps={config.model_steps}",
-          f"data.image_tokenizer={runs / 'vq' / 'tokenizer'}", f"data.text_tokenizer={out / 'tokenizer'}",
-          "trainer.progress=false"])
+    for title, tokenizer_run, model_run, name, model in (
+            ("an image tokenizer (VQ, 32 px -> 8 x 8 codes), then a Chameleon-style model on its codes",
+             config.image_tokenizer_run, config.model_run, "vq", "tokens"),
+            ("an image tokenizer (KL-VAE, 32 px -> 4 x 8 x 8 latents), then a Transfusion-style model on them",
+             config.latent_tokenizer_run, config.latent_model_run, "vae", "latents")):
+        print(f"\n# {title}")
+        _run(["train", _preset(tokenizer_run), "--out", str(runs / name), f"trainer.steps={config.image_tokenizer_steps}",
+              "trainer.progress=false"])
+        _run(["train", _preset(model_run), "--out", str(runs / model), f"trainer.steps={config.model_steps}",
+              f"data.image_tokenizer={runs / name / 'tokenizer'}", f"data.text_tokenizer={out / 'tokenizer'}",
+              "trainer.progress=false"])
     curves = out / "loss_curves.png"
-    _run(["plot", str(runs / "tokens"), "--out", str(curves), "--labels", "tokens",
-          "--title", "demo: Chameleon-style model on shapes (32 px)"])
+    _run(["plot", str(runs / "tokens"), str(runs / "latents"), "--out", str(curves), "--labels", "tokens", "latents",
+          "--title", "demo: Chameleon-style (tokens) and Transfusion-style (latents) models on shapes (32 px)"])
     training = {"image_tokenizer": json.loads((runs / "vq" / "eval.json").read_text()),
-                "model": json.loads((runs / "tokens" / "eval.json").read_text())}
+                "model": json.loads((runs / "tokens" / "eval.json").read_text()),
+                "latent_tokenizer": json.loads((runs / "vae" / "eval.json").read_text()),
+                "latent_model": json.loads((runs / "latents" / "eval.json").read_text())}
+
+    print("\n# each model writes a document (text, then an image) from held-out captions")
+    prompts = _heldout_captions(data / "heldout", config.num_prompts)
+    pages = {}
+    for model in ("tokens", "latents"):
+        gen = out / "generate" / model
+        _run(["generate", str(runs / model), *[a for p in prompts for a in ("--prompt", p)], "--mode", "interleaved",
+              "--cfg", str(config.cfg), "--steps", str(config.diffusion_steps), "--max-new-tokens", "160",
+              "--seed", "0", "--out", str(gen)])
+        pages[model] = gen / "index.html"
+    training["generated"] = {m: _oracle_generated(p.parent, prompts) for m, p in pages.items()}
 
     elapsed = time.perf_counter() - started
     report = _write_report(out, config, stats, oracle, sheets, elapsed, training, curves)
@@ -151,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         ("contact sheets", ", ".join(map(str, sheets))),
         ("statistics", out / "stats.json"),
         ("oracle check", out / "oracle.json"),
-        ("image tokenizer", runs / "vq" / "tokenizer"),
-        ("early-fusion model", runs / "tokens" / "model"),
+        ("image tokenizers", f"{runs / 'vq' / 'tokenizer'}, {runs / 'vae' / 'tokenizer'}"),
+        ("early-fusion models", f"{runs / 'tokens' / 'model'}, {runs / 'latents' / 'model'}"),
         ("loss curves", curves),
+        ("generated (tokens model)", pages["tokens"]),
+        ("generated (latents model)", pages["latents"]),
         ("resolved config", out / "config.yaml"),
         ("report", report),
     ]:
@@ -184,14 +242,29 @@ def _write_report(out: Path, config: DemoConfig, stats: dict, oracle: dict, shee
     for split, scores in oracle.items():
         lines.append(f"| {split} | " + " | ".join(str(v) for v in scores.values()) + " |")
     vq, model = training["image_tokenizer"], training["model"]
+    vae, latent = training["latent_tokenizer"], training["latent_model"]
     lines += [
         "", "## Training", "",
-        f"- image tokenizer (`runs/vq`, {vq['step']} steps): PSNR {vq.get('psnr', float('nan')):.1f} dB, "
+        f"- VQ image tokenizer (`runs/vq`, {vq['step']} steps): PSNR {vq.get('psnr', float('nan')):.1f} dB, "
         f"codebook usage {vq.get('usage', float('nan')):.0%}, oracle on reconstructions {vq.get('oracle_overall', 0):.0%}",
-        f"- early-fusion model (`runs/tokens`, {model['step']} steps): held-out text CE {model['eval_text_ce']:.3f} "
+        f"- KL-VAE image tokenizer (`runs/vae`, {vae['step']} steps): PSNR {vae.get('psnr', float('nan')):.1f} dB, "
+        f"oracle on reconstructions {vae.get('oracle_overall', 0):.0%}",
+        f"- token model (`runs/tokens`, {model['step']} steps): held-out text CE {model['eval_text_ce']:.3f} "
         f"(perplexity {model['eval_text_ppl']:.1f}), image-code CE {model['eval_image_ce']:.3f}",
+        f"- latent model (`runs/latents`, {latent['step']} steps): held-out text CE {latent['eval_text_ce']:.3f} "
+        f"(perplexity {latent['eval_text_ppl']:.1f}), diffusion loss {latent['eval_diffusion']:.3f}",
         "", f"![loss curves]({curves.name})",
+        "", "## Generation (`mixmodal generate`, held-out captions, interleaved mode, "
+        f"CFG {config.cfg})", "",
+        "The oracle parses each generated image and scores it against the caption's scene "
+        "(a model this small and this briefly trained is expected to score low; the point is the pipeline).", "",
+        "| model | documents | with an image | oracle overall | count | colour | shape | page |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    for name, g in training["generated"].items():
+        lines.append(f"| {name} | {g['documents']} | {g['with_image']} | {g.get('overall', 0):.2f} | "
+                     f"{g.get('count', 0):.2f} | {g.get('colour', 0):.2f} | {g.get('shape', 0):.2f} | "
+                     f"[index.html](generate/{name}/index.html) |")
     lines += ["", "## Contact sheets", ""] + [f"![{s.stem}]({s.name})" for s in sheets] + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

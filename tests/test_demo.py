@@ -10,11 +10,13 @@ from mixmodal.demo import main
 def test_small_demo_runs_and_lists_its_outputs(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["--out", str(out), "num_train=40", "num_heldout=20", "num_shown=8", "shapes.resolution=32",
-                 "text_tokenizer.vocab_size=400", "image_tokenizer_steps=2", "model_steps=2"])
+                 "text_tokenizer.vocab_size=400", "image_tokenizer_steps=2", "model_steps=2", "num_prompts=2",
+                 "diffusion_steps=2"])
     assert code == 0
     printed = capsys.readouterr().out
     for name in ("report.md", "contact_sheet_train.png", "tokenizer.json", "oracle.json", "stats.json",
-                 "loss_curves.png", "runs/tokens/model"):
+                 "loss_curves.png", "runs/tokens/model", "runs/latents/model", "generate/tokens/index.html",
+                 "generate/latents/index.html"):
         assert name in printed
     stats = json.loads((out / "stats.json").read_text())
     assert stats["documents"] == 40
@@ -22,4 +24,7 @@ def test_small_demo_runs_and_lists_its_outputs(tmp_path, capsys):
     assert oracle["heldout"]["images"] >= 20
     assert (out / "report.md").read_text().startswith("# mixmodal demo report")
     assert (out / "runs" / "tokens" / "model" / "model.safetensors").is_file()
-    assert "early-fusion model" in (out / "report.md").read_text()
+    assert "token model" in (out / "report.md").read_text() and "latent model" in (out / "report.md").read_text()
+    for model in ("tokens", "latents"):
+        assert (out / "generate" / model / "documents.jsonl").read_text().count("\n") == 2
+    assert "## Generation" in (out / "report.md").read_text()
