@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 1: off)")
     p.add_argument("--image-cfg", type=float, default=None,
                    help="image-conditioning guidance scale: three streams, for editing (InstructPix2Pix)")
-    p.add_argument("--seed", type=int, default=0, help="sample k of a prompt uses seed + k")
+    p.add_argument("--seed", type=int, default=0, help="document i of the output (prompts outer, samples inner) draws from seed + i")
     p.add_argument("--num", type=int, default=1, help="samples per prompt")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per image (latent mode; default 50)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="positions to write at most (default 512)")

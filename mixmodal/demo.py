@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from contextlib import redirect_stdout
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             ("an image tokenizer (KL-VAE, 32 px -> 4 x 8 x 8 latents), then a Transfusion-style model on them",
              config.latent_tokenizer_run, config.latent_model_run, "vae", "latents")):
         print(f"\n# {title}")
+        for stale in (runs / name, runs / model):  # an earlier demo's runs: start afresh, as a first run does
+            shutil.rmtree(stale, ignore_errors=True)
         _run(["train", _preset(tokenizer_run), "--out", str(runs / name), f"trainer.steps={config.image_tokenizer_steps}",
               "trainer.progress=false"])
         _run(["train", _preset(model_run), "--out", str(runs / model), f"trainer.steps={config.model_steps}",

@@ -59,7 +59,7 @@ def test_generate_writes_documents_pngs_and_a_page(checkpoint, tmp_path, capsys)
     printed = capsys.readouterr().out
     assert str(out / "index.html") in printed
     records = [json.loads(line) for line in (out / "documents.jsonl").read_text().splitlines()]
-    assert len(records) == 4 and [r["metadata"]["seed"] for r in records] == [3, 4, 3, 4]
+    assert len(records) == 4 and [r["metadata"]["seed"] for r in records] == [3, 4, 5, 6]
     assert all(r["parts"][0]["type"] == "image" for r in records)
     assert len(list((out / "images").glob("*.png"))) == 4
     page = (out / "index.html").read_text()

@@ -55,7 +55,7 @@ def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *,
              temperature: float | None = None, overrides: Sequence[str] = (), out: str | os.PathLike | None = None,
              device: str = "cpu", dtype: str = "fp32", on_event: Callable[[Event], None] | None = None,
              ) -> Generated:
-    """Generate `num` samples (seeds seed, seed + 1, ...) for each prompt; save them under `out` if given."""
+    """Generate `num` samples of each prompt; document i (prompts outer) draws from seed + i. Saved under `out` if given."""
     from mixmodal.inference.checkpoint import load_checkpoint
 
     if dtype not in DTYPES:
@@ -69,7 +69,7 @@ def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *,
     engine = load_checkpoint(checkpoint, device=device, dtype=DTYPES[dtype],
                              require_image_tokenizer=config.mode != "text" or bool(prompt_images))
     prompts = [Document([*prompt_images, *([Text(t)] if t else [])]) for t in texts for _ in range(num)]
-    seeds = [seed + k for _ in texts for k in range(num)]
+    seeds = [seed + i for i in range(len(prompts))]  # document i (prompts outer, samples inner): seed + i
     started = time.perf_counter()
     results: dict[int, GenerationResult] = {}
     for event in engine.stream(prompts, config, seed=seeds):
