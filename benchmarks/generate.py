@@ -28,11 +28,12 @@ B. Latent mode (Transfusion). Our FusionModel (width 256, 4 layers, 4 heads, Swi
    one call. The peer runs `sample_many` (KV-cached prefix) and `sample_one` (uncached).
 
 Every measurement: one warm-up call per system, then --rounds rounds, systems interleaved in
-each round so machine drift hits all alike; the median (and the best) are reported.
+each round so machine drift hits all alike; the median (and the best) are reported, and the
+ratio's range over the rounds (each round's systems ran back to back).
 
     python benchmarks/generate.py                         # CPU, fp32 and bf16 autocast
     python benchmarks/generate.py --device cuda           # one GPU
-    python benchmarks/generate.py --quick                 # a smoke run (tiny sizes, 1 round)
+    python benchmarks/generate.py --quick                 # a smoke run (tiny sizes, 1 round; writes *_quick.json)
 """
 
 from __future__ import annotations
@@ -315,13 +316,22 @@ def _rates(timed: dict, tokens: int) -> dict:
            for name, t in timed.items()}
     out["tokens"] = tokens
     out["ratio_mixmodal_vs_transformers"] = out["mixmodal"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
+    out["ratio_per_round"] = _paired(timed["transformers"]["all_s"], timed["mixmodal"]["all_s"])
     return out
+
+
+def _paired(slow: list[float], fast: list[float]) -> dict:
+    """slow / fast round by round (the systems ran back to back in each round): median, min, max."""
+    ratios = [a / b for a, b in zip(slow, fast)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def _row(precision: str, what: str, r: dict, unit: str) -> list[str]:
     m, t = r["mixmodal"], r["transformers"]
+    q = r["ratio_per_round"]
     return [precision, what, f"{m['tokens_per_s']:,.0f}", f"{t['tokens_per_s']:,.0f}",
-            f"{m['median_s']:.3f}", f"{t['median_s']:.3f}", f"**{r['ratio_mixmodal_vs_transformers']:.2f}x**"]
+            f"{m['median_s']:.3f}", f"{t['median_s']:.3f}", f"**{r['ratio_mixmodal_vs_transformers']:.2f}x**",
+            f"{q['min']:.2f}-{q['max']:.2f}x"]
 
 
 def _print_rows(rows: list[list[str]], unit: str) -> None:
@@ -382,10 +392,13 @@ def latent_mode(args, device: str, precisions: list[str], results: dict) -> list
                 t["ms"] = 1000 * t["median_s"]
                 t["best_ms"] = 1000 * t["best_s"]
                 t["ratio_peer_time_over_mixmodal"] = t["median_s"] / ours_s
+                t["ratio_per_round"] = _paired(t["all_s"], timed["mixmodal"]["all_s"])
             run[f"steps_{steps}"] = timed
             for name, t in timed.items():
+                q = t["ratio_per_round"]
                 rows.append([precision, str(steps), name, f"{t['ms']:.1f}", f"{t['best_ms']:.1f}",
-                             "" if name == "mixmodal" else f"**{t['ratio_peer_time_over_mixmodal']:.2f}x**"])
+                             "" if name == "mixmodal" else f"**{t['ratio_peer_time_over_mixmodal']:.2f}x**",
+                             "" if name == "mixmodal" else f"{q['min']:.2f}-{q['max']:.2f}x"])
                 print("  " + " | ".join(rows[-1]))
         part["runs"][precision] = run
     results["latent_mode"] = part
@@ -401,7 +414,8 @@ def main() -> None:
     p.add_argument("--dtype", default="both", choices=["fp32", "bf16", "both"],
                    help="fp32, bf16 autocast (both systems, same fp32 weights), or both")
     p.add_argument("--quick", action="store_true", help="a smoke run: short outputs, small images, 1 round")
-    p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/generate_{device}.json)")
+    p.add_argument("--out", default=None, help="JSON output (default benchmarks/results/generate_{device}.json; "
+                   "generate_{device}_quick.json with --quick)")
     p.add_argument("--grids", type=int, nargs="+", default=[16, 32], help="token-mode image grids (N = grid^2 codes)")
     p.add_argument("--steps", type=int, nargs="+", default=[20, 50], help="latent-mode denoising steps")
     p.add_argument("--text-tokens", type=int, default=256)
@@ -429,7 +443,7 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device is visible")
     torch.set_num_threads(os.cpu_count() or 1)
     precisions = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"generate_{device}.json")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"generate_{device}{'_quick' if args.quick else ''}.json")
     results = {"machine": machine_info(device), "rounds": args.rounds, "precisions": precisions,
                "statistic": "median of the rounds (best also given); systems interleaved per round"}
     m = results["machine"]
@@ -448,14 +462,14 @@ def main() -> None:
     print("\n## markdown\n")
     if token_rows:
         print("| precision | measurement | mixmodal tokens/s | transformers tokens/s | mixmodal s | transformers s "
-              "| mixmodal / transformers |")
-        print("|---|---|---|---|---|---|---|")
+              "| mixmodal / transformers | per-round range |")
+        print("|---|---|---|---|---|---|---|---|")
         for row in token_rows:
             print("| " + " | ".join(row) + " |")
         print()
     if latent_rows:
-        print("| precision | steps | system | ms / image (median) | best ms | peer time / ours |")
-        print("|---|---|---|---|---|---|")
+        print("| precision | steps | system | ms / image (median) | best ms | peer time / ours | per-round range |")
+        print("|---|---|---|---|---|---|---|")
         for row in latent_rows:
             print("| " + " | ".join(row) + " |")
     results["machine"]["loadavg_after"] = loadavg()
