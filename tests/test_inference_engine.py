@@ -284,8 +284,12 @@ def test_stream_events_tell_the_whole_story(text_tokenizer):
 
 def test_stop_strings_and_length(text_tokenizer):
     engine = _engine("tokens", text_tokenizer)
+    forwards = []
+    hook = engine.model.register_forward_hook(lambda *args: forwards.append(1))
     free = engine.generate(PROMPT, GenerationConfig(mode="text", max_new_tokens=40, ignore_eos=True), seed=0)[0]
+    hook.remove()
     assert free.finish_reason == "length" and len(free.ids) == 40
+    assert len(forwards) == 40  # the prefill + 39 ids fed; the 40th id needs no forward
     text = free.document.parts[0].text
     stop = text[len(text) // 2:len(text) // 2 + 2]
     stopped = engine.generate(PROMPT, GenerationConfig(mode="text", max_new_tokens=40, ignore_eos=True, stop=[stop]),

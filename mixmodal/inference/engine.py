@@ -326,6 +326,9 @@ class Engine:
             yield TextDelta(seq.index, delta)
         if not seq.finish:
             self._feed(seq, [token])
+            if self._room(seq, pending=1) < 1:  # no room for the id after it: end now, not after one more forward
+                seq.finish = "length"
+                yield from self._flush(seq)
 
     def _flush(self, seq: _Sequence) -> Iterator[Event]:
         """A text run ends: stream what the incremental decoder still held back (an unfinished character)."""
@@ -389,11 +392,12 @@ class Engine:
         seq.seen += ids[:commit]
         seq.blocks = [_Block(list(ids), commit, latent, denoise) for _ in seq.rows]
 
-    def _room(self, seq: _Sequence) -> int:
-        """Positions this sequence may still add: its budget, and the context after what is cached."""
+    def _room(self, seq: _Sequence, pending: int = 0) -> int:
+        """Positions this sequence may still add: its budget, and the context after what is cached
+        and the `pending` positions fed but not yet written."""
         budget = seq.config.max_new_tokens - len(seq.generated)
         if self.max_length is not None:
-            budget = min(budget, self.max_length - seq.length)
+            budget = min(budget, self.max_length - seq.length - pending)
         return budget
 
     def _sample(self, seq: _Sequence, scores: torch.Tensor, params) -> int:
@@ -404,11 +408,9 @@ class Engine:
         return sample(scores, params, seq.generator)
 
     def _forced(self, seq: _Sequence) -> int | None:
+        # mode=image: the first id is <boi>; _start refused a prompt that leaves no room for one image
         if seq.config.mode == "image" and not seq.images and seq.phase == "text":
-            if self._image_fits(seq):
-                return self.vocab.boi
-            raise PromptError(f"mode=image but no image fits: {self.per_image + 2} positions are needed and "
-                              f"max_new_tokens / the context leave {self._room(seq)}")
+            return self.vocab.boi
         return None
 
     def _image_fits(self, seq: _Sequence) -> bool:

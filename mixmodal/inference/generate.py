@@ -12,8 +12,8 @@ document: the text is about the image - a question, a caption to continue, an ed
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
