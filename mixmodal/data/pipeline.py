@@ -13,6 +13,19 @@ whatever came before it and however the run was resumed:
     probability `caption_first_prob` (Transfusion: 0.8), image-first otherwise;
   - CM3 causal masking (data/cm3.py) on a fraction `cm3.rate` of documents.
 
+Retrieval augmentation (CM3Leon / RA-CM3; an `augmenter`, mixmodal/retrieval/augment.py):
+each document is preceded by the documents retrieved for it, in one attention segment,
+
+    <bos> retrieved 1 <eos> <bos> retrieved 2 <eos> <bos> document <eos>
+
+with continuous positions. Retrieved documents get the caption-order transform (not CM3)
+and a loss weight `alpha` (1: loss on every token; RA-CM3 uses 0.1): the batch then
+carries `loss_weights` [B, T] (the weight of each label) and, in latent mode,
+`image_weights` [N]. Retrieved documents that do not fit in the row with the document
+are dropped, least relevant first (counted). Retrieval runs per chunk of `encode_batch`
+documents; chunks start at multiples of `encode_batch`, also after a resume, so every
+document is retrieved in the same company (bitwise the same embeddings) either way.
+
 Rows of `seq_len` are filled greedily with whole documents; a document that does not
 fit ends the row (the rest is padding) and starts the next. A document longer than a
 row is cut at a part boundary (counted as truncated); one whose first image alone does
@@ -83,6 +96,22 @@ class Flat:
     images: list[tuple[int, int, int]]  # (start position, length, image number in the document)
     limited: list[bool]  # per image: no text before it
     latents: torch.Tensor | None
+    weights: list[float] | None = None  # per token: loss weight when it is a target (None: all 1)
+
+
+def join_flats(parts: Sequence[Flat], weights: Sequence[float]) -> Flat:
+    """Documents laid out back to back as one attention segment (retrieved documents, then
+    the document itself); the last part's index names the result."""
+    ids, ok, images, limited, latents, w = [], [], [], [], [], []
+    for part, weight in zip(parts, weights):
+        images += [(start + len(ids), n, im) for start, n, im in part.images]
+        ids += part.ids
+        ok += part.targets_ok
+        limited += part.limited
+        w += [weight] * len(part.ids)
+        if part.latents is not None:
+            latents.append(part.latents)
+    return Flat(parts[-1].index, ids, ok, images, limited, torch.cat(latents) if latents else None, w)
 
 
 class DocumentEncoder:
@@ -203,8 +232,9 @@ def flatten(enc: Encoded, vocab: Vocab, mode: str, positions_per_image: int, seq
 class Packer:
     """Flat documents -> rows of seq_len -> a batch dict (see the module docstring)."""
 
-    def __init__(self, seq_len: int, batch_size: int, vocab: Vocab, mode: str) -> None:
+    def __init__(self, seq_len: int, batch_size: int, vocab: Vocab, mode: str, weighted: bool = False) -> None:
         self.seq_len, self.batch_size, self.vocab, self.mode = seq_len, batch_size, vocab, mode
+        self.weighted = weighted  # emit loss_weights / image_weights
 
     def rows_fit(self, row: list[Flat], doc: Flat) -> bool:
         return sum(len(f.ids) for f in row) + len(doc.ids) <= self.seq_len
@@ -216,7 +246,8 @@ class Packer:
         positions = torch.zeros((b, t), dtype=torch.long)
         document_ids = torch.full((b, t), -1, dtype=torch.long)
         image_ids = torch.full((b, t), -1, dtype=torch.long)
-        latents, index, limited = [], [], []
+        weights = torch.zeros((b, t), dtype=torch.float32)
+        latents, index, limited, image_weights = [], [], [], []
         image_count = 0
         for r, row in enumerate(rows):
             start = 0
@@ -227,6 +258,8 @@ class Packer:
                 input_ids[r, start:start + n] = ids
                 target = torch.where(ok[1:], ids[1:], torch.full_like(ids[1:], IGNORE))
                 labels[r, start:start + n - 1] = target
+                w = torch.tensor(flat.weights, dtype=torch.float32) if flat.weights is not None else torch.ones(n)
+                weights[r, start:start + n - 1] = w[1:]
                 positions[r, start:start + n] = torch.arange(n)
                 document_ids[r, start:start + n] = d
                 for k, (offset, length, _) in enumerate(flat.images):
@@ -235,6 +268,7 @@ class Packer:
                         index.append(r * t + start + offset + torch.arange(length))
                         latents.append(flat.latents[k])
                         limited.append(flat.limited[k])
+                        image_weights.append(float(w[offset]))
                     image_count += 1
                 start += n
         batch = {"input_ids": input_ids, "labels": labels, "positions": positions,
@@ -243,6 +277,10 @@ class Packer:
             batch["image_latents"] = torch.stack(latents) if latents else torch.zeros(0)
             batch["image_index"] = torch.stack(index) if index else torch.zeros(0, 0, dtype=torch.long)
             batch["image_limited"] = torch.tensor(limited, dtype=torch.bool)
+        if self.weighted:
+            batch["loss_weights"] = torch.where(labels != IGNORE, weights, 0.0)
+            if self.mode == "latents":
+                batch["image_weights"] = torch.tensor(image_weights, dtype=torch.float32)
         return batch
 
 
@@ -253,28 +291,37 @@ class PipelineStats:
     dropped: int = 0
     tokens: int = 0  # non-padding positions emitted
     positions: int = 0  # all positions emitted
+    retrieved: int = 0  # retrieved documents prepended (retrieval augmentation)
+    retrieval_dropped: int = 0  # retrieved documents left out: no room in the row
 
     def as_dict(self) -> dict:
-        return {"documents": self.documents, "truncated": self.truncated, "dropped": self.dropped,
-                "fill": self.tokens / self.positions if self.positions else 0.0}
+        out = {"documents": self.documents, "truncated": self.truncated, "dropped": self.dropped,
+               "fill": self.tokens / self.positions if self.positions else 0.0}
+        if self.retrieved or self.retrieval_dropped:
+            out.update(retrieved=self.retrieved, retrieval_dropped=self.retrieval_dropped)
+        return out
 
 
 class FusionBatches:
     """The training iterator (trainer.DataIterator): endless packed batches of one consumer's shard.
 
     `source_factory()` returns a fresh Source (a new pass over the data); a finite source is
-    restarted when exhausted (an epoch). `skip_documents(source, n)` positions a fresh
-    source after its first n documents."""
+    restarted when exhausted (an epoch). `augmenter` (optional): retrieval augmentation,
+    an object with `alpha` and `retrieve(chunk, training) -> [[Encoded, ...] per document]`
+    (mixmodal.retrieval.augment.RetrievalAugmenter); `training` turns on its query dropout."""
 
     def __init__(self, source_factory, encoder: DocumentEncoder, config: PipelineConfig, batch_size: int,
-                 positions_per_image: int, *, seed: int = 0, rank: int = 0, endless: bool = True) -> None:
+                 positions_per_image: int, *, seed: int = 0, rank: int = 0, endless: bool = True,
+                 augmenter=None, training: bool = True) -> None:
         self.source_factory = source_factory
         self.encoder = encoder
         self.config = config
         self.vocab = encoder.vocab
         self.mode = encoder.mode
         self.positions_per_image = positions_per_image
-        self.packer = Packer(config.seq_len, batch_size, encoder.vocab, encoder.mode)
+        self.augmenter, self.training = augmenter, training
+        weighted = augmenter is not None and augmenter.alpha != 1.0
+        self.packer = Packer(config.seq_len, batch_size, encoder.vocab, encoder.mode, weighted=weighted)
         self.batch_size = batch_size
         self.seed, self.rank, self.endless = seed, rank, endless
         self.stats = PipelineStats()
@@ -311,12 +358,16 @@ class FusionBatches:
                 raise RuntimeError(f"the source {source!r} yields no usable documents{': ' + summary if summary else ''}")
 
     def _flats(self, start: int) -> Iterator[Flat]:
-        docs = self._documents(start)
+        block = self.config.encode_batch
+        docs = self._documents(start - start % block)  # chunks always start at a multiple of block
         while True:
-            chunk = list(itertools.islice(docs, self.config.encode_batch))
+            chunk = list(itertools.islice(docs, block))
             if not chunk:
                 return
-            for enc in self.encoder.encode(chunk):
+            retrieved = self.augmenter.retrieve(chunk, self.training) if self.augmenter is not None else None
+            for k, enc in enumerate(self.encoder.encode(chunk)):
+                if enc.index < start:  # before the resume point: only there to keep the chunk whole
+                    continue
                 rng = np.random.default_rng([self.seed, self.rank, enc.index])
                 enc.segments = order_caption(enc.segments, rng, self.config.caption_first_prob)
                 enc.segments = cm3_transform(enc.segments, self.vocab, rng, self.config.cm3)
@@ -327,7 +378,27 @@ class FusionBatches:
                 if flat is None:
                     self.stats.dropped += 1
                     continue
+                if retrieved is not None:
+                    flat = self._augment(flat, retrieved[k])
                 yield flat
+
+    def _augment(self, flat: Flat, retrieved: list[Encoded]) -> Flat:
+        """Prepend the retrieved documents that fit in one row with `flat` (most relevant first)."""
+        parts: list[Flat] = []
+        room = self.config.seq_len - len(flat.ids)
+        for j, enc in enumerate(retrieved):
+            rng = np.random.default_rng([self.seed, self.rank, flat.index, 1 + j])
+            enc = Encoded(enc.index, order_caption(list(enc.segments), rng, self.config.caption_first_prob), enc.latents)
+            part, status = flatten(enc, self.vocab, self.mode, self.positions_per_image, self.config.seq_len)
+            if part is None or status or len(part.ids) > room:
+                self.stats.retrieval_dropped += 1
+                continue
+            parts.append(part)
+            room -= len(part.ids)
+        self.stats.retrieved += len(parts)
+        if not parts:
+            return flat
+        return join_flats(parts + [flat], [self.augmenter.alpha] * len(parts) + [1.0])
 
     def _next_flat(self) -> Flat | None:
         if self._pending is not None:
@@ -373,4 +444,4 @@ class FusionBatches:
 
 
 __all__ = ["DocumentEncoder", "Encoded", "Flat", "FusionBatches", "IGNORE", "Packer", "PipelineConfig",
-           "PipelineStats", "flatten", "order_caption"]
+           "PipelineStats", "flatten", "join_flats", "order_caption"]

@@ -6,7 +6,8 @@
     text_tokenizer/                  the BPE the model was trained with
     image_tokenizer/                 the VQ (token mode) or KL-VAE (latent mode)
     generation.yaml                  max_length (the trained data.pipeline.seq_len) and, in
-                                     latent mode, the diffusion schedule (kind, steps, ...)
+                                     latent mode, the diffusion schedule (kind, steps, ...), and
+                                     for a retrieval-augmented run its memory bank and k
 
 A run directory or its model/ folder are both accepted. A checkpoint written before
 generation.yaml existed falls back to the run's config.yaml for the same two facts.
@@ -30,13 +31,22 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be generated from; the message names the path and the fix."""
 
 
-def write_generation_settings(model_dir: str | Path, *, max_length: int | None, diffusion: DiffusionConfig | None) -> Path:
+def write_generation_settings(model_dir: str | Path, *, max_length: int | None, diffusion: DiffusionConfig | None,
+                              retrieval: dict | None = None) -> Path:
     settings: dict = {"max_length": max_length}
     if diffusion is not None:
         from mixmodal.config import to_dict
 
         settings["diffusion"] = to_dict(diffusion)
+    if retrieval is not None:
+        settings["retrieval"] = dict(retrieval)
     return save_config(settings, model_dir, GENERATION_FILE)
+
+
+def read_retrieval_settings(model_dir: str | Path) -> dict | None:
+    """The memory bank (index, encoder, k) a retrieval-augmented model was trained with, or None."""
+    path = model_folder(model_dir) / GENERATION_FILE
+    return (load_yaml(path) or {}).get("retrieval") if path.is_file() else None
 
 
 def read_generation_settings(model_dir: Path) -> tuple[int | None, DiffusionConfig | None]:
@@ -96,4 +106,4 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
 
 
 __all__ = ["CheckpointError", "GENERATION_FILE", "load_checkpoint", "model_folder", "read_generation_settings",
-           "write_generation_settings"]
+           "read_retrieval_settings", "write_generation_settings"]

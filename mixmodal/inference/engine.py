@@ -125,28 +125,34 @@ class Engine:
     # --- public API -------------------------------------------------------------------------
 
     def generate(self, prompts: PromptLike | Sequence[PromptLike], config: GenerationConfig | Sequence[GenerationConfig] | None = None,
-                 *, seed: int | Sequence[int] | None = 0, generators: Sequence[torch.Generator] | None = None) -> list[GenerationResult]:
+                 *, seed: int | Sequence[int] | None = 0, generators: Sequence[torch.Generator] | None = None,
+                 context: Sequence[Sequence[Document]] | None = None) -> list[GenerationResult]:
         """Generate for one prompt or a batch; returns one GenerationResult per prompt, in order."""
         results = {}
-        for event in self.stream(prompts, config, seed=seed, generators=generators):
+        for event in self.stream(prompts, config, seed=seed, generators=generators, context=context):
             if isinstance(event, End):
                 results[event.index] = event.result
         return [results[i] for i in sorted(results)]
 
     @torch.no_grad()
     def stream(self, prompts: PromptLike | Sequence[PromptLike], config: GenerationConfig | Sequence[GenerationConfig] | None = None,
-               *, seed: int | Sequence[int] | None = 0, generators: Sequence[torch.Generator] | None = None) -> Iterator[Event]:
+               *, seed: int | Sequence[int] | None = 0, generators: Sequence[torch.Generator] | None = None,
+               context: Sequence[Sequence[Document]] | None = None) -> Iterator[Event]:
         """Yield TextDelta / ImageStarted / ImagePreview / ImageDone / End events as the batch is written.
 
         Sequence i draws from generators[i], or from a CPU generator seeded with seed (+ i),
-        or seed[i]; a sequence samples the same whether it runs alone or in a batch."""
+        or seed[i]; a sequence samples the same whether it runs alone or in a batch.
+        context[i] (retrieval augmentation): documents laid out before prompt i, as in
+        training (`<bos> doc <eos>` each); the unconditional guidance streams go without them."""
         prompt_list = [prompts] if _is_single_prompt(prompts) else list(prompts)
         n = len(prompt_list)
         configs = list(config) if isinstance(config, (list, tuple)) else [config or GenerationConfig()] * n
         if len(configs) != n:
             raise ValueError(f"{len(configs)} configs for {n} prompts; give one config or one per prompt")
+        if context is not None and len(context) != n:
+            raise ValueError(f"{len(context)} context lists for {n} prompts; give one list (maybe empty) per prompt")
         gens = list(generators) if generators is not None else _generators(seed, n)
-        sequences = self._start(prompt_list, configs, gens)
+        sequences = self._start(prompt_list, configs, gens, context or [[]] * n)
         capacity = max(len(b.ids) for s in sequences for b in s.blocks) + max(c.max_new_tokens for c in configs) \
             + self.per_image + 4
         cache = KVCache(self.model.config.transformer.num_layers, sum(len(s.rows) for s in sequences), capacity, self.device)
@@ -169,26 +175,32 @@ class Engine:
 
     # --- set-up ---------------------------------------------------------------------------
 
-    def _start(self, prompts: list[PromptLike], configs: list[GenerationConfig], gens) -> list[_Sequence]:
+    def _start(self, prompts: list[PromptLike], configs: list[GenerationConfig], gens,
+               contexts: Sequence[Sequence[Document]]) -> list[_Sequence]:
         sequences, row = [], 0
-        for i, (prompt, config) in enumerate(zip(prompts, configs)):
+        for i, (prompt, config, context) in enumerate(zip(prompts, configs, contexts)):
             if config.contrastive is not None and self.mode != "tokens":
                 raise ValueError("contrastive decoding (CD-K) picks image codes; this is a latent-mode model")
             doc = to_document(prompt)
             encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode)
             variants = stream_segments(encoded.segments, config.guidance, config.streams, self.vocab)
+            prefix, prefix_images = self._context(context)
             blocks = []
-            for segments in variants:
+            for v, segments in enumerate(variants):
                 ids, images = layout(segments, self.vocab, self.mode, self.per_image)
-                if self.mode == "latents":
-                    blocks.append(_Block(ids, len(ids), prompt_images=[(start, encoded.latents[k]) for start, k in images]))
-                else:
-                    blocks.append(_Block(ids, len(ids)))
+                placed = [(start, encoded.latents[k]) for start, k in images] if self.mode == "latents" else []
+                if v == 0 and prefix:  # the conditional stream reads the retrieved documents first
+                    ids = prefix + ids
+                    placed = prefix_images + [(len(prefix) + start, x) for start, x in placed]
+                blocks.append(_Block(ids, len(ids), prompt_images=placed) if self.mode == "latents" else _Block(ids, len(ids)))
             length = len(blocks[0].ids)
             if self.max_length is not None and length >= self.max_length:
-                raise PromptError(f"prompt {i} is {length} positions long (text tokens + {self.per_image + 2} per image); "
-                                  f"the model's context is {self.max_length}. Shorten the prompt or pass a larger "
-                                  "--max-length (beyond the trained length the model has not learned positions)")
+                what = f" of which {len(prefix)} are {len(context)} retrieved documents" if prefix else ""
+                raise PromptError(f"prompt {i} is {length} positions long{what} (text tokens + {self.per_image + 2} per "
+                                  f"image); the model's context is {self.max_length}. Shorten the prompt"
+                                  + (", retrieve fewer documents" if prefix else "")
+                                  + " or pass a larger --max-length (beyond the trained length the model has not "
+                                  "learned positions)")
             if config.mode != "text" and self.image_tokenizer is None and self.decode_images:
                 raise PromptError(f"mode={config.mode} writes images, but the checkpoint has no image tokenizer to turn "
                                   "them into pixels; copy it into MODEL/image_tokenizer or use mode=text")
@@ -201,6 +213,18 @@ class Engine:
             row += len(variants)
             sequences.append(_Sequence(i, config, gens[i], rows, list(blocks[0].ids), 0, blocks))  # length: on commit
         return sequences
+
+    def _context(self, docs: Sequence[Document]) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
+        """Retrieved documents as the training pipeline lays them out: `<bos> doc <eos>` each."""
+        ids: list[int] = []
+        images: list[tuple[int, torch.Tensor]] = []
+        for doc in docs:
+            encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode)
+            doc_ids, doc_images = layout(encoded.segments, self.vocab, self.mode, self.per_image)
+            if self.mode == "latents":
+                images += [(len(ids) + start, encoded.latents[k]) for start, k in doc_images]
+            ids += doc_ids + [self.vocab.eos]
+        return ids, images
 
     # --- one forward over every live row -------------------------------------------------
 

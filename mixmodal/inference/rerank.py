@@ -5,14 +5,14 @@ by CD-K contrastive decoding, all in one batch, then sorted by a scorer.
                    scorer=lambda doc: clip_score(doc, prompt))[0]
 
 The scorer takes the generated Document and returns a float, higher is better (CM3Leon uses
-CLIP; on the shapes world the oracle's score against the prompt's scene is exact, see
-`shapes_scorer`). Candidate k draws from seed + k.
+CLIP: `clip_scorer` with mixmodal's dual encoder; on the shapes world the oracle's score
+against the prompt's scene is exact, see `shapes_scorer`). Candidate k draws from seed + k.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Sequence
 
 from mixmodal.documents import Document, Image
 from mixmodal.inference.config import ContrastiveConfig, GenerationConfig
@@ -21,9 +21,11 @@ from mixmodal.inference.prompt import PromptLike
 
 
 def best_of(engine, prompt: PromptLike, config: GenerationConfig, n: int, scorer: Callable[[Document], float], *,
-            seed: int = 0, top_p: float = 0.9, contrastive: ContrastiveConfig | None = None) -> list[GenerationResult]:
+            seed: int = 0, top_p: float = 0.9, contrastive: ContrastiveConfig | None = None,
+            context: Sequence[Document] | None = None) -> list[GenerationResult]:
     """n candidates (n // 2 top-p, the rest CD-K; token mode) sorted best first; each has `.score`.
-    A latent-mode model has no codes to contrast: all n are then sampled with `config` as given."""
+    A latent-mode model has no codes to contrast: all n are then sampled with `config` as given.
+    `context`: retrieved documents laid out before the prompt (Engine.stream)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     nucleus = dataclasses.replace(config, image=dataclasses.replace(config.image, top_p=top_p), contrastive=None)
@@ -31,7 +33,8 @@ def best_of(engine, prompt: PromptLike, config: GenerationConfig, n: int, scorer
     if engine.mode == "tokens":
         cd = dataclasses.replace(config, contrastive=contrastive or config.contrastive or ContrastiveConfig())
         configs = [nucleus] * (n // 2) + [cd] * (n - n // 2)
-    results = engine.generate([prompt] * n, configs, seed=[seed + k for k in range(n)])
+    results = engine.generate([prompt] * n, configs, seed=[seed + k for k in range(n)],
+                              context=[list(context)] * n if context else None)
     for result, c in zip(results, configs):
         result.score = float(scorer(result.document))
         result.document.metadata["score"] = result.score
@@ -52,4 +55,16 @@ def shapes_scorer(caption: str) -> Callable[[Document], float]:
     return scorer
 
 
-__all__ = ["best_of", "shapes_scorer"]
+def clip_scorer(embedder, caption: str) -> Callable[[Document], float]:
+    """Cosine similarity of the dual encoder's embeddings of `caption` and of a document's first
+    image (CM3Leon re-ranks its samples with CLIP); `embedder` is a retrieval.DocumentEmbedder."""
+    text = embedder.embed_texts([caption])[0]
+
+    def scorer(doc: Document) -> float:
+        images = [p.image for p in doc.parts if isinstance(p, Image)]
+        return float(embedder.embed_images(images[:1])[0] @ text) if images else -1.0
+
+    return scorer
+
+
+__all__ = ["best_of", "clip_scorer", "shapes_scorer"]

@@ -208,14 +208,19 @@ def build_schedule(config: DiffusionConfig) -> DDPMSchedule | FlowSchedule:
     return DDPMSchedule(config) if config.kind == "ddpm" else FlowSchedule(config)
 
 
-def diffusion_loss(prediction: Tensor, target: Tensor, *, weight: float) -> Tensor:
-    """weight * mean squared error over every element, in float32."""
+def diffusion_loss(prediction: Tensor, target: Tensor, *, weight: float, image_weights: Tensor | None = None) -> Tensor:
+    """weight * mean squared error over every element, in float32; with `image_weights` [N]
+    (per image, first dim) the mean over images is weighted by them."""
     if prediction.shape != target.shape:
         raise ValueError(
             f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape; "
             "broadcasting them would average the wrong pairs"
         )
-    return weight * F.mse_loss(prediction.float(), target.float())
+    if image_weights is None:
+        return weight * F.mse_loss(prediction.float(), target.float())
+    per_image = (prediction.float() - target.float()).square().flatten(1).mean(1)
+    w = image_weights.float().to(per_image.device)
+    return weight * (w * per_image).sum() / w.sum().clamp(min=1e-8)
 
 
 # --- samplers ------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ logsumexp over the vocabulary:
     ce      = mean over labelled positions of  logsumexp(logits) - logits[label]
     z_loss  = z_loss_weight * mean over labelled positions of  logsumexp(logits)^2
 
+With `weights` (B, T) both means are weighted (sum w * term / sum w): retrieval-augmented
+training gives retrieved documents' tokens RA-CM3's alpha.
+
 The z-loss (PaLM; Chameleon's stability recipe) pulls the softmax normaliser towards 1; without it,
 mixed-modal training drifts the logits upward until bf16 runs diverge. Everything is
 computed in float32 whatever the dtype of the logits, and with masks rather than by
@@ -31,6 +34,7 @@ def next_token_loss(
     *,
     z_loss_weight: float = 1e-5,
     groups: dict[str, Tensor] | None = None,
+    weights: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """{"ce", "z_loss", and "<group>_ce" for each group} from logits (B, T, V) and labels (B, T).
 
@@ -66,11 +70,15 @@ def next_token_loss(
     # must not turn the loss into nan.
     per_position = torch.where(labelled, normaliser - target_logit, zero)  # (B, T)
     squared_normaliser = torch.where(labelled, normaliser.square(), zero)  # (B, T)
-    count = labelled.sum().clamp(min=1)
-    out = {
-        "ce": per_position.sum() / count,
-        "z_loss": z_loss_weight * squared_normaliser.sum() / count,
-    }
+    if weights is None:
+        count = labelled.sum().clamp(min=1)
+        out = {"ce": per_position.sum() / count, "z_loss": z_loss_weight * squared_normaliser.sum() / count}
+    else:
+        if weights.shape != labels.shape:
+            raise ValueError(f"weights {tuple(weights.shape)} must match labels {tuple(labels.shape)}")
+        w = torch.where(labelled, weights.float(), zero)
+        total = w.sum().clamp(min=1e-8)
+        out = {"ce": (w * per_position).sum() / total, "z_loss": z_loss_weight * (w * squared_normaliser).sum() / total}
     detached = per_position.detach()
     for name, mask in groups.items():
         in_group = mask & labelled

@@ -18,6 +18,10 @@ Before training (`prepare`, called by `mixmodal train` with the run directory):
   - model.text_vocab_size and model.image.{num_codes, latent_channels, grid_size} are
     filled from them, and contradictions (latent mode with a VQ tokenizer, a sequence
     shorter than one image, ...) fail here, naming the keys, before anything trains.
+With data.retrieval.index (a memory bank, `mixmodal index build`), every training and eval
+document is preceded by k documents retrieved for it (CM3Leon; mixmodal/retrieval/augment.py);
+`prepare` opens the bank and its dual encoder first, so a bank that does not match its store
+or encoder stops the run before anything trains.
 At the end the model is saved to RUN/model (config.yaml, model.safetensors and both
 tokenizers): `mixmodal.load_model(RUN/model)` reads it.
 """
@@ -38,6 +42,7 @@ from mixmodal.inference.checkpoint import IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DI
 from mixmodal.model.fusion import FusionModel, ModelConfig
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffusion_loss
 from mixmodal.objectives.next_token import next_token_loss
+from mixmodal.retrieval.augment import RetrievalConfig
 from mixmodal.train import distributed
 from mixmodal.train.trainer import OptimizerSpec, TaskBase, TrainerConfig
 
@@ -54,6 +59,7 @@ class FusionDataConfig:
     text_vocab_size: int = 1024  # auto only
     text_tokenizer_documents: int = 4000  # auto only: documents it is trained on
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # retrieval augmentation (off: index "")
     eval_batches: int = 8  # batches of eval_source behind every eval figure
     strict: bool = False  # stop on the first malformed record or corrupt image instead of skipping it
 
@@ -91,6 +97,13 @@ def resolve(data: dict, base_dir: Path) -> dict:
         for key in ("image_tokenizer", "text_tokenizer"):
             if isinstance(d.get(key), str) and d[key] not in ("", "auto"):
                 d[key] = str(relative_to_config(d[key], base_dir))
+        r = d.get("retrieval")
+        if isinstance(r, dict):
+            r = dict(r)
+            for key in ("index", "encoder"):
+                if isinstance(r.get(key), str) and r[key]:
+                    r[key] = str(relative_to_config(r[key], base_dir))
+            d["retrieval"] = r
         data = {**data, "data": d}
     return data
 
@@ -125,7 +138,23 @@ def prepare(config: FusionTrainConfig, run_dir: str | Path, write: bool = True) 
                   "`mixmodal tokenizer train`, or auto")
     d.text_tokenizer = str(text_dir)
     fill_model_config(config)
+    if d.retrieval.enabled:
+        check_retrieval(config)
     return config
+
+
+def check_retrieval(config: FusionTrainConfig) -> None:
+    """Open the memory bank and its encoder now: a mismatch stops the run before it trains."""
+    from mixmodal.retrieval.select import Retriever
+
+    r = config.data.retrieval
+    try:
+        Retriever.open(r.index, r.selection(), encoder=r.encoder or None)
+    except ValueError as e:
+        raise ConfigError(f"data.retrieval.index={r.index}: {e}") from None
+    r.index = str(Path(r.index).resolve())
+    if r.encoder:
+        r.encoder = str(Path(r.encoder).resolve())
 
 
 def _into_run(given: str, dst: Path, marker: str, missing: str) -> None:
@@ -273,9 +302,15 @@ class FusionTask(TaskBase):
 
         encoder = DocumentEncoder(self.text_tokenizer, self.image_tokenizer, self.vocab, self.config.model.image.mode,
                                   self.device)
+        augmenter = None
+        if self.config.data.retrieval.enabled:
+            from mixmodal.retrieval.augment import RetrievalAugmenter
+
+            augmenter = RetrievalAugmenter(self.config.data.retrieval, encoder, seed=self.config.trainer.seed,
+                                           rank=rank, device=self.device)
         return FusionBatches(source, encoder, self.config.data.pipeline, batch_size,
                              self.config.model.image.positions_per_image, seed=self.config.trainer.seed, rank=rank,
-                             endless=endless)
+                             endless=endless, augmenter=augmenter, training=endless)
 
     def data_iterator(self) -> FusionBatches:
         self.train_batches = self._batches(self.config.data.source, self.config.trainer.batch_size, True,
@@ -303,14 +338,16 @@ class FusionTask(TaskBase):
         groups = {"text": (labels != IGNORE) & ~is_image}
         if image.mode == "tokens":
             groups["image"] = is_image
-        terms = next_token_loss(out.logits, labels, z_loss_weight=self.config.loss.z_loss_weight, groups=groups)
+        terms = next_token_loss(out.logits, labels, z_loss_weight=self.config.loss.z_loss_weight, groups=groups,
+                                weights=batch.get("loss_weights"))
         losses = {"loss": terms["ce"] + terms["z_loss"], "ce": terms["ce"].detach(), "z_loss": terms["z_loss"].detach(),
                   "text_ce": terms["text_ce"]}
         if image.mode == "tokens":
             losses["image_ce"] = terms["image_ce"]
         if self.latent:
             if "image_latents" in kwargs:
-                diffusion = diffusion_loss(out.image_prediction, target, weight=self.config.diffusion.loss_weight)
+                diffusion = diffusion_loss(out.image_prediction, target, weight=self.config.diffusion.loss_weight,
+                                           image_weights=batch.get("image_weights"))
                 losses["loss"] = losses["loss"] + diffusion
             else:  # a batch without images: keep the graph shape of every step the same
                 diffusion = out.logits.sum() * 0.0
@@ -349,5 +386,7 @@ class FusionTask(TaskBase):
         save_model_dir(models["model"], out)
         _copy_dir(Path(self.config.data.text_tokenizer), out / TEXT_TOKENIZER_DIR)
         _copy_dir(Path(self.config.data.image_tokenizer), out / IMAGE_TOKENIZER_DIR)
+        r = self.config.data.retrieval
         write_generation_settings(out, max_length=self.config.data.pipeline.seq_len,
-                                  diffusion=self.config.diffusion if self.latent else None)
+                                  diffusion=self.config.diffusion if self.latent else None,
+                                  retrieval={"index": r.index, "encoder": r.encoder, "k": r.k} if r.enabled else None)

@@ -1,0 +1,212 @@
+"""Retrieval-augmented training data and generation: retrieved documents share the attention
+segment of the document they were retrieved for, carry RA-CM3's alpha when asked, survive a
+resume exactly, and are laid out at generation time as in training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig, flatten, join_flats
+from mixmodal.data.shapes import ShapesConfig
+from mixmodal.data.sources import ShapesSource
+from mixmodal.inference import GenerationConfig
+from mixmodal.inference.config import GuidanceConfig
+from mixmodal.inference.engine import Engine
+from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
+from mixmodal.model.transformer import TransformerConfig
+from mixmodal.objectives.diffusion import DiffusionConfig
+from mixmodal.objectives.next_token import next_token_loss
+from mixmodal.retrieval.augment import RetrievalAugmenter, RetrievalConfig
+from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
+from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
+from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
+from mixmodal.vocab import Vocab
+
+SHAPES = ShapesConfig(resolution=32, tasks=["caption"], max_objects=2)
+TRUNK = dict(resolution=16, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, norm_groups=4)  # 8 x 8
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer():
+    texts = (t for doc in ShapesSource(SHAPES, num=200) for t in doc.texts)
+    return TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=300))
+
+
+def _image_tokenizer(mode: str):
+    torch.manual_seed(0)
+    if mode == "tokens":
+        return VQTokenizer(VQConfig(**TRUNK, latent_channels=8, codebook_size=32, codebook_dim=4))  # 8 x 8 codes
+    return VAETokenizer(VAEConfig(**TRUNK, latent_channels=4))  # 4 x 8 x 8 latents
+
+
+class _Bank:
+    def __init__(self, docs):
+        self.docs = docs
+        self.fetched: list[int] = []
+
+    def documents(self, ids):
+        self.fetched += list(ids)
+        return [self.docs[i] for i in ids]
+
+
+class _Retriever:
+    """k documents per query; in training the choice depends on the random stream it is given."""
+
+    def __init__(self, docs, k: int) -> None:
+        self.bank, self.k = _Bank(docs), k
+
+    def retrieve(self, docs, *, training=False, rng=None):
+        n = len(self.bank.docs)
+        return [[(int(rng.integers(n)) if training else q) + j for j in range(self.k)] for q, _ in enumerate(docs)]
+
+
+def _batches(text_tokenizer, mode: str, *, alpha: float = 1.0, k: int = 2, seq_len: int = 400, encode_batch: int = 4):
+    vocab = Vocab(text_tokenizer.vocab_size, 32 if mode == "tokens" else 0)
+    encoder = DocumentEncoder(text_tokenizer, _image_tokenizer(mode), vocab, mode)
+    bank = list(ShapesSource(SHAPES, split="heldout", num=40))
+    augmenter = RetrievalAugmenter(RetrievalConfig(k=k, alpha=alpha), encoder, seed=0,
+                                   retriever=_Retriever(bank, k))
+    per_image = 64 if mode == "tokens" else 16
+    it = FusionBatches(lambda: ShapesSource(SHAPES), encoder, PipelineConfig(seq_len=seq_len, encode_batch=encode_batch),
+                       2, per_image, seed=0, augmenter=augmenter)
+    return it, vocab, augmenter
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_retrieved_documents_share_the_segment_and_carry_alpha(text_tokenizer, mode):
+    it, vocab, augmenter = _batches(text_tokenizer, mode, alpha=0.1)
+    batch = next(it)
+    ids, labels, docs, positions = batch["input_ids"], batch["labels"], batch["document_ids"], batch["positions"]
+    weights = batch["loss_weights"]
+    segments = 0
+    for r in range(ids.shape[0]):
+        for d in docs[r].unique().tolist():
+            if d < 0:
+                continue
+            where = (docs[r] == d).nonzero().flatten()
+            seq = ids[r, where]
+            assert (positions[r, where] == torch.arange(len(where))).all()  # one segment, continuous positions
+            bos = (seq == vocab.bos).nonzero().flatten().tolist()
+            eos = (seq == vocab.eos).nonzero().flatten().tolist()
+            assert len(bos) == len(eos) == 3, "two retrieved documents, then the document: <bos> .. <eos> each"
+            assert bos[0] == 0 and all(e + 1 == b for e, b in zip(eos, bos[1:]))
+            w = weights[r, where]
+            lab = labels[r, where]
+            main = eos[1]  # the label at the last retrieved <eos> is the document's <bos>: no target
+            assert lab[main] == IGNORE
+            assert torch.allclose(w[:main][lab[:main] != IGNORE], torch.tensor(0.1))
+            assert torch.allclose(w[main + 1:][lab[main + 1:] != IGNORE], torch.tensor(1.0))
+            assert (w[lab == IGNORE] == 0).all()
+            segments += 1
+    assert segments >= 2 and it.stats.retrieved == 2 * it.stats.documents
+    if mode == "latents":
+        n_images = batch["image_latents"].shape[0]
+        assert n_images % 3 == 0
+        torch.testing.assert_close(batch["image_weights"], torch.tensor([0.1, 0.1, 1.0] * (n_images // 3)))
+    # the bank's documents are encoded once, then served from the cache
+    fetched = len(augmenter.retriever.bank.fetched)
+    next(it)
+    assert len(augmenter.retriever.bank.fetched) - fetched < 2 * it.stats.documents
+
+
+def test_alpha_one_emits_no_weights_and_a_tight_row_drops_the_least_relevant(text_tokenizer):
+    it, vocab, _ = _batches(text_tokenizer, "tokens", alpha=1.0, seq_len=256)
+    batch = next(it)
+    assert "loss_weights" not in batch
+    assert it.stats.retrieval_dropped > 0 and it.stats.retrieved > 0  # 256 holds the document and one more
+
+
+def test_resume_retrieves_exactly_what_the_straight_run_did(text_tokenizer):
+    straight, _, _ = _batches(text_tokenizer, "tokens", encode_batch=3)
+    batches = [next(straight) for _ in range(5)]
+    first, _, _ = _batches(text_tokenizer, "tokens", encode_batch=3)
+    for _ in range(2):
+        next(first)
+    state = first.state_dict()
+    assert state["next_document"] % 3 != 0, "the resume point should fall inside a chunk to test the alignment"
+    resumed, _, _ = _batches(text_tokenizer, "tokens", encode_batch=3)
+    resumed.load_state_dict(state)
+    for want in batches[2:]:
+        got = next(resumed)
+        for key in want:
+            assert torch.equal(want[key], got[key]), key
+
+
+def test_weighted_next_token_loss_is_a_weighted_mean():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 4] = IGNORE
+    weights = torch.rand(2, 5)
+    out = next_token_loss(logits, labels, weights=weights, z_loss_weight=0.0)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=IGNORE)
+    w = torch.where(labels.flatten() != IGNORE, weights.flatten(), 0.0)
+    torch.testing.assert_close(out["ce"], (w * ce).sum() / w.sum())
+    ones = next_token_loss(logits, labels, weights=torch.ones(2, 5), z_loss_weight=1e-4)
+    plain = next_token_loss(logits, labels, z_loss_weight=1e-4)
+    torch.testing.assert_close(ones["ce"], plain["ce"])
+    torch.testing.assert_close(ones["z_loss"], plain["z_loss"])
+
+
+# --- generation --------------------------------------------------------------------------------
+
+def _engine(mode: str, text_tokenizer) -> Engine:
+    torch.manual_seed(0)
+    image = (ImageConfig(mode="tokens", num_codes=32, grid_size=8) if mode == "tokens"
+             else ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=4))
+    config = ModelConfig(text_vocab_size=text_tokenizer.vocab_size, image=image,
+                         transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=2, init_std=0.5))
+    return Engine(FusionModel(config), text_tokenizer, _image_tokenizer(mode), diffusion=DiffusionConfig())
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_generation_lays_out_retrieved_documents_as_training_does(text_tokenizer, mode):
+    engine = _engine(mode, text_tokenizer)
+    context = list(ShapesSource(SHAPES, split="heldout", num=2))
+    prompt = "a red circle"
+    seen = []
+    forward = engine._forward
+
+    def spy(live, cache):
+        seen.append([list(b.ids) for b in live[0].blocks])
+        return forward(live, cache)
+
+    engine._forward = spy
+    engine.generate(prompt, GenerationConfig(mode="text", max_new_tokens=2, guidance=GuidanceConfig(scale=2.0, text=True)),
+                    context=[context])
+    cond, uncond = seen[0]
+    vocab = engine.vocab
+    encoder = DocumentEncoder(text_tokenizer, engine.image_tokenizer, vocab, mode)
+    per = engine.per_image
+    flats = []
+    for enc in encoder.encode(list(enumerate(context))):
+        flat, _ = flatten(enc, vocab, mode, per, 10_000)
+        flats.append(flat)
+    expected = join_flats(flats, [1.0, 1.0]).ids + [vocab.bos] + text_tokenizer.encode(prompt)
+    if mode == "latents":  # placeholders: the engine writes the clean latents there
+        expected = [vocab.pad if i == vocab.pad else i for i in expected]
+    assert cond == expected
+    assert uncond == [vocab.bos], "the unconditional stream sees neither the prompt nor what was retrieved for it"
+
+
+def test_context_counts_against_the_context_length(text_tokenizer):
+    from mixmodal.inference.prompt import PromptError
+
+    engine = _engine("tokens", text_tokenizer)
+    engine.max_length = 100
+    context = list(ShapesSource(SHAPES, split="heldout", num=2))
+    with pytest.raises(PromptError, match="retrieved documents"):
+        engine.generate("a red circle", GenerationConfig(mode="text", max_new_tokens=4), context=[context])
+    with pytest.raises(ValueError, match="context lists"):
+        engine.generate(["a", "b"], GenerationConfig(mode="text"), context=[context])
+
+
+def test_retrieval_config_is_checked():
+    with pytest.raises(ValueError, match="alpha"):
+        RetrievalConfig(alpha=2.0)
+    with pytest.raises(ValueError, match="query_dropout"):
+        RetrievalConfig(query_dropout=1.0)
+    assert not RetrievalConfig(k=2).enabled and RetrievalConfig(index="x", k=2).enabled
+    np.testing.assert_equal(RetrievalConfig(k=3).selection().k, 3)
