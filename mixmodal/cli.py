@@ -263,6 +263,21 @@ def cmd_convert_to_hf_chameleon(args: argparse.Namespace, overrides: list[str]) 
     return 0
 
 
+def cmd_convert_hf_clip(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.interop.hf_clip import convert_hf_clip
+
+    _no_overrides("convert hf-clip", overrides)
+    embedder, notes = convert_hf_clip(args.src, args.out)
+    c = embedder.config
+    params = sum(p.numel() for p in embedder.model.parameters())
+    print(f"converted CLIP ({params / 1e6:.1f}M parameters; text {c.text.num_layers} layers x {c.text.dim}, "
+          f"{c.text.max_length} positions; vision {c.vision.num_layers} layers x {c.vision.dim}, "
+          f"{c.vision.image_size}px / patch {c.vision.patch_size}; {c.embed_dim}-d embeddings) -> {args.out}")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
 def _report_conversion(model, notes: list[str], out: str) -> None:
     c = model.config
     shape = (f"{c.codebook_size} codes, {model.grid_size}x{model.grid_size} grid" if model.kind == "vq"
@@ -342,7 +357,9 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     out = generate(args.checkpoint, args.prompt or [""], images=args.image, mode=args.mode, cfg=args.cfg,
                    image_cfg=args.image_cfg, seed=args.seed, num=args.num, steps=args.steps,
                    max_new_tokens=args.max_new_tokens, max_images=args.max_images, temperature=args.temperature,
-                   overrides=overrides, out=args.out, device=args.device, dtype=args.dtype, on_event=show)
+                   overrides=overrides, out=args.out, device=args.device, dtype=args.dtype, on_event=show,
+                   retrieve=args.retrieve, index=args.index, encoder=args.encoder, best_of=args.best_of,
+                   rerank=args.rerank)
     if live and not args.quiet:
         print()
     for r in out.results:
@@ -357,6 +374,113 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
 def _no_overrides(verb: str, overrides: list[str]) -> None:
     if overrides:
         raise SystemExit(f"mixmodal {verb}: unexpected arguments {' '.join(overrides)} (this verb takes no config overrides)")
+
+
+# --- index (retrieval memory bank) ------------------------------------------------------------
+
+def cmd_index_build(args: argparse.Namespace, overrides: list[str]) -> int:
+    from tqdm import tqdm
+
+    from mixmodal.retrieval import bank as memory_bank
+
+    _no_overrides("index build", overrides)
+    embedder = memory_bank.load_document_embedder(args.encoder)
+    source = _open(args)
+    docs = tqdm(_take(source, args.num), total=args.num, desc="index", unit="doc", disable=args.quiet)
+    bank = memory_bank.MemoryBank.build(docs, embedder, args.out, kind=args.kind, batch_size=args.batch_size,
+                                        source=args.source, progress=False, nlist=args.nlist, overwrite=args.overwrite)
+    for note in bank.notes:
+        print(f"note: {note}")
+    _report_ingest("indexed", bank, source, f"into a {bank.kind} index")
+    return 0
+
+
+def cmd_index_add(args: argparse.Namespace, overrides: list[str]) -> int:
+    from tqdm import tqdm
+
+    from mixmodal.retrieval.bank import MemoryBank
+
+    _no_overrides("index add", overrides)
+    bank = MemoryBank.open(args.index)
+    embedder = bank.load_embedder(args.encoder)
+    source = _open(args)
+    docs = tqdm(_take(source, args.num), total=args.num, desc="add", unit="doc", disable=args.quiet)
+    bank.add(docs, embedder, batch_size=args.batch_size, source=args.source)
+    _report_ingest("added", bank, source, f"({len(bank)} in all)")
+    return 0
+
+
+def _report_ingest(verb: str, bank, source, where: str) -> None:
+    stats = bank.last_ingest
+    shown = ", ".join(f"{n} {m}" for m, n in stats.modalities.items() if n)
+    print(f"{verb} {stats.added} documents ({shown or 'none'}) {where} in {stats.seconds:.1f}s -> {bank.path}; "
+          f"skipped {source.log.num_skipped} bad input, {stats.skipped_empty} empty")
+    _report_bad_input(source)
+
+
+def cmd_index_query(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.data.bad_input import BadInputLog
+    from mixmodal.data.images import decode_image
+    from mixmodal.documents import Document, Image, Text
+    from mixmodal.retrieval.bank import MemoryBank, document_key, embed_documents_checked, modality
+    from mixmodal.retrieval.select import SelectionConfig, select
+
+    _no_overrides("index query", overrides)
+    bank = MemoryBank.open(args.index)
+    embedder = bank.load_embedder(args.encoder)
+    if args.text is not None:
+        query = Document([Text(args.text)])
+    else:
+        query = Document([Image(decode_image(None, args.image, log=BadInputLog(strict=True)), origin=args.image)])
+    embedding = embed_documents_checked(embedder, [query], dim=bank.dim)  # (1, D)
+    if args.select:
+        ids = select(bank, embedding, SelectionConfig(k=args.k), [document_key(query)])[0]
+        scores = (bank.embeddings(ids) @ embedding[0]).tolist() if ids else []
+    else:
+        found_scores, found_ids = bank.search(embedding, args.k)
+        ids = [int(i) for i in found_ids[0] if i >= 0]
+        scores = found_scores[0][: len(ids)].tolist()
+    for rank, (i, score) in enumerate(zip(ids, scores), start=1):
+        doc = bank.document(i)
+        text = " ".join(doc.texts)
+        images = [p.origin for p in doc.parts if isinstance(p, Image)]
+        kind = modality(bool(text.strip()), bool(images))
+        if args.json:
+            print(json.dumps({"rank": rank, "score": round(float(score), 6), "id": i, "doc_id": doc.id,
+                              "modalities": kind, "text": text, "images": images}, ensure_ascii=False))
+        else:
+            shown = text if len(text) <= 80 else text[:77] + "..."
+            print(f"{rank:>3}  {score:.4f}  #{i:<7} {kind:<10} {shown!r}" + "".join(f"  {p}" for p in images))
+    if not ids and not args.json:
+        print(f"nothing retrieved from {bank.path} ({len(bank)} documents)")
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.retrieval.bank import BankError, MemoryBank, read_bank_json
+
+    _no_overrides("index info", overrides)
+    meta = read_bank_json(args.index)
+    try:
+        MemoryBank.open(args.index)
+        problem = None
+    except BankError as e:
+        problem = str(e)
+    encoder = meta["encoder"]
+    if args.json:
+        print(json.dumps({**meta, "ok": problem is None, "problem": problem}, indent=2))
+    else:
+        params = ", ".join(f"{k}={v}" for k, v in meta.get("index_params", {}).items())
+        print(f"{args.index}: {meta['count']} documents, dim {meta['dim']}, {meta['kind']} index"
+              f"{' (' + params + ')' if params else ''}, {meta['metric']}\n"
+              f"  modalities: {', '.join(f'{n} {m}' for m, n in meta.get('modalities', {}).items())}\n"
+              f"  encoder:    {encoder['path']}{'' if Path(encoder['path']).exists() else ' (missing)'} "
+              f"(fingerprint {encoder['fingerprint'][:12]}...)\n"
+              f"  sources:    {', '.join(meta.get('sources', [])) or '-'}\n"
+              f"  created:    {meta.get('created', '-')}" + (f", updated {meta['updated']}" if "updated" in meta else ""))
+        check = "ok: index, embeddings, keys and store agree" if problem is None else f"FAILED: {problem}"
+        print(f"  check:      {check}")
+    return 0 if problem is None else 1
 
 
 # --- parser -------------------------------------------------------------------------------
@@ -474,6 +598,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true", help="do not stream the text as it is written")
+    p.add_argument("--retrieve", type=int, default=0, metavar="K",
+                   help="prepend K documents retrieved for each prompt from a memory bank (CM3Leon)")
+    p.add_argument("--index", default=None, metavar="INDEX",
+                   help="the memory bank for --retrieve (`mixmodal index build`; default: the one the model was trained with)")
+    p.add_argument("--encoder", default=None, metavar="DIR",
+                   help="dual encoder for --retrieve / --rerank clip (default: the index's)")
+    p.add_argument("--best-of", type=int, default=1, metavar="N",
+                   help="sample N candidates per output document and keep the best (--rerank)")
+    p.add_argument("--rerank", choices=["clip", "oracle"], default="clip",
+                   help="how --best-of ranks images: the dual encoder's text-image similarity, or the shapes oracle")
     p.set_defaults(func=cmd_generate)
 
     p = verbs.add_parser("plot", help="loss curves of one or more runs",
@@ -568,6 +702,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC", help="mixmodal model directory (config.yaml + model.safetensors)")
     p.add_argument("out", metavar="OUT", help="output folder")
     p.set_defaults(func=cmd_convert_to_hf_chameleon)
+    p = convert_verbs.add_parser("hf-clip", help="a transformers CLIP folder -> a dual encoder for retrieval",
+                                 description="Convert a transformers CLIPModel folder (config.json + model.safetensors "
+                                 "or a sharded index; safetensors only, nothing is unpickled; tokenizer.json, written "
+                                 "by CLIPTokenizerFast.save_pretrained; preprocessor_config.json for the image mean and "
+                                 "std, else OpenAI CLIP's) into a dual-encoder directory (config.yaml, "
+                                 "model.safetensors, tokenizer.json) that retrieval's DocumentEmbedder loads.")
+    p.add_argument("src", metavar="SRC", help="transformers CLIP folder")
+    p.add_argument("out", metavar="OUT", help="output encoder directory")
+    p.set_defaults(func=cmd_convert_hf_clip)
+
+    index = verbs.add_parser("index", help="build and query a retrieval memory bank (FAISS index + documents)",
+                             description="Build, query and extend a retrieval memory bank: the documents of a source "
+                             "embedded by a dual encoder (the mean of text and image embeddings, CM3Leon §2.1) in a "
+                             "FAISS inner-product index, with the documents stored beside it.")
+    index_verbs = index.add_subparsers(dest="subverb", metavar="SUBVERB", required=True)
+    p = index_verbs.add_parser("build", help="embed a source's documents into a new index",
+                               description="Embed the documents of SOURCE with the dual encoder and write an index "
+                               "folder (bank.json, index.faiss, embeddings.npy, keys.npy, store/). The folder is "
+                               "written beside OUT and renamed into place when complete; an existing index at OUT is "
+                               "replaced.")
+    _add_source_options(p)
+    p.add_argument("--encoder", required=True, help="dual-encoder directory (`mixmodal train` dual-encoder task, "
+                   "or `mixmodal convert hf-clip`)")
+    p.add_argument("--out", required=True, help="index folder to write")
+    p.add_argument("--kind", default="flat", choices=["flat", "ivf", "hnsw"],
+                   help="flat: exact (up to ~1M documents); ivf: inverted lists (millions); "
+                   "hnsw: a graph (fast, more memory)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(N), at most N/39)")
+    p.add_argument("--num", type=int, default=None, help="index the first N documents only")
+    p.add_argument("--batch-size", type=int, default=256, help="documents per encoder forward")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT even when it is a folder that is not an index")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index_build)
+
+    p = index_verbs.add_parser("query", help="the documents of an index nearest to a text or an image",
+                               description="Embed a text or an image with the index's encoder and print the nearest "
+                               "documents: rank, score (cosine), store id, modalities, text and image paths. "
+                               "--select applies CM3Leon's selection rules (modality, diversity) instead of plain "
+                               "ranking.")
+    p.add_argument("index", metavar="INDEX", help="index folder (`mixmodal index build`)")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", default=None, help="query text")
+    query.add_argument("--image", default=None, help="query image file")
+    p.add_argument("--k", type=int, default=5, help="documents to show")
+    p.add_argument("--encoder", default=None, help="dual-encoder directory (default: the one bank.json records; "
+                   "its fingerprint must match)")
+    p.add_argument("--select", action="store_true", help="apply the selection rules (multimodal first, near-copies "
+                   "and near-duplicates > 0.9 skipped)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per result")
+    p.set_defaults(func=cmd_index_query)
+
+    p = index_verbs.add_parser("add", help="append a source's documents to an index",
+                               description="Embed the documents of SOURCE with the index's encoder and append them "
+                               "(no rebuild; an IVF index keeps its trained lists).")
+    p.add_argument("index", metavar="INDEX", help="index folder (`mixmodal index build`)")
+    _add_source_options(p)
+    p.add_argument("--num", type=int, default=None, help="add the first N documents only")
+    p.add_argument("--encoder", default=None, help="dual-encoder directory (default: the one bank.json records; "
+                   "its fingerprint must match)")
+    p.add_argument("--batch-size", type=int, default=256, help="documents per encoder forward")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index_add)
+
+    p = index_verbs.add_parser("info", help="summarise an index and check that its files agree",
+                               description="Print bank.json (count, dim, kind, encoder, sources, modalities) and "
+                               "check that the index, embeddings, keys and store agree; exit 1 when they do not.")
+    p.add_argument("index", metavar="INDEX", help="index folder")
+    p.add_argument("--json", action="store_true", help="print bank.json with ok / problem as JSON")
+    p.set_defaults(func=cmd_index_info)
     return parser
 
 

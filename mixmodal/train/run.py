@@ -21,6 +21,7 @@ from mixmodal.config import ConfigError, build_config, load_yaml, merge, parse_o
 TASKS = {
     "image-tokenizer": "mixmodal.train.image_tokenizer",
     "fusion": "mixmodal.train.fusion",
+    "dual-encoder": "mixmodal.train.dual_encoder",
 }
 
 
