@@ -210,3 +210,68 @@ def test_retrieval_config_is_checked():
         RetrievalConfig(query_dropout=1.0)
     assert not RetrievalConfig(k=2).enabled and RetrievalConfig(index="x", k=2).enabled
     np.testing.assert_equal(RetrievalConfig(k=3).selection().k, 3)
+
+
+# --- end to end: a bank, RA training through `mixmodal train`, `mixmodal generate --retrieve` -----
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory, text_tokenizer):
+    """A memory bank of 40 shapes caption documents under a tiny random dual encoder."""
+    from mixmodal.retrieval.bank import MemoryBank
+    from mixmodal.retrieval.encoder import (DocumentEmbedder, DualEncoder, DualEncoderConfig, TextTowerConfig,
+                                            VisionTowerConfig, save_dual_encoder)
+
+    root = tmp_path_factory.mktemp("bank")
+    tower = dict(dim=16, num_layers=1, num_heads=2, mlp_dim=32)
+    config = DualEncoderConfig(embed_dim=16, text=TextTowerConfig(vocab_size=text_tokenizer.vocab_size, **tower),
+                               vision=VisionTowerConfig(image_size=32, patch_size=8, **tower))
+    torch.manual_seed(0)
+    encoder = save_dual_encoder(DualEncoder(config), text_tokenizer.backend, root / "encoder")
+    MemoryBank.build(ShapesSource(SHAPES, split="train", num=40), DocumentEmbedder.from_pretrained(encoder),
+                     root / "index", progress=False)
+    return root / "index"
+
+
+def test_ra_training_and_generation_end_to_end(tmp_path, bank, text_tokenizer, capsys):
+    import json
+    from pathlib import Path
+
+    from mixmodal.cli import main
+    from mixmodal.inference.checkpoint import read_retrieval_settings
+    from mixmodal.tokenizers.image import save_image_tokenizer
+    from mixmodal.train.run import load_run_config, train
+
+    root = Path(__file__).resolve().parents[1]
+    save_image_tokenizer(_image_tokenizer("tokens"), tmp_path / "vq")
+    text_tokenizer.save(tmp_path / "text")
+    config = load_run_config(root / "configs/models/tiny-tokens.yaml", [
+        f"data.image_tokenizer={tmp_path / 'vq'}", f"data.text_tokenizer={tmp_path / 'text'}",
+        "data.source=shapes:split=train,resolution=32,tasks=caption,max_objects=2",
+        "data.eval_source=shapes:split=heldout,resolution=32,tasks=caption,max_objects=2",
+        f"data.retrieval.index={bank}", "data.retrieval.k=2", "data.retrieval.alpha=0.1", "data.pipeline.seq_len=400",
+        "trainer.steps=2", "trainer.batch_size=2", "data.eval_batches=1", "trainer.progress=false"])
+    result = train(config, tmp_path / "run")
+    assert result["data"]["retrieved"] > 0 and result["eval_loss"] > 0
+    assert read_retrieval_settings(tmp_path / "run") == {"index": str(bank.resolve()), "encoder": "", "k": 2}
+
+    out = tmp_path / "gen"
+    code = main(["generate", str(tmp_path / "run"), "--prompt", "a red circle", "--mode", "image", "--retrieve", "2",
+                 "--best-of", "2", "--seed", "1", "--out", str(out), "--quiet"])  # the index the model was trained with
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "documents.jsonl").read_text().splitlines()[0])
+    meta = record["metadata"]
+    assert len(meta["retrieved"]) == 2 and all(meta["retrieved"])
+    assert len(meta["candidates"]) == 2 and meta["candidates"][0] >= meta["candidates"][1]
+
+
+def test_retrieve_without_an_index_is_refused(tmp_path, capsys, text_tokenizer):
+    from mixmodal.cli import main
+    from mixmodal.model.io import save_model_dir
+
+    engine = _engine("tokens", text_tokenizer)
+    save_model_dir(engine.model, tmp_path / "model")
+    engine.text_tokenizer.save(tmp_path / "model" / "text_tokenizer")
+    code = main(["generate", str(tmp_path / "model"), "--prompt", "a", "--mode", "text", "--retrieve", "2",
+                 "--out", str(tmp_path / "gen")])
+    assert code != 0
+    assert "--index" in capsys.readouterr().err
