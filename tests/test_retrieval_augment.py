@@ -111,6 +111,27 @@ def test_retrieved_documents_share_the_segment_and_carry_alpha(text_tokenizer, m
     assert len(augmenter.retriever.bank.fetched) - fetched < 2 * it.stats.documents
 
 
+def test_a_bank_that_fits_is_encoded_once_before_training(text_tokenizer):
+    class Sized(_Bank):
+        def __len__(self):
+            return len(self.docs)
+
+    vocab = Vocab(text_tokenizer.vocab_size, 32)
+    encoder = DocumentEncoder(text_tokenizer, _image_tokenizer("tokens"), vocab, "tokens")
+    retriever = _Retriever(list(ShapesSource(SHAPES, split="heldout", num=30)), 2)
+    retriever.bank = Sized(retriever.bank.docs)
+    augmenter = RetrievalAugmenter(RetrievalConfig(k=2), encoder, retriever=retriever)
+    assert sorted(retriever.bank.fetched) == list(range(30)) and augmenter.precompute_seconds > 0
+    it = FusionBatches(lambda: ShapesSource(SHAPES), encoder, PipelineConfig(seq_len=400, encode_batch=3), 2, 64,
+                       augmenter=augmenter)
+    next(it)
+    assert len(retriever.bank.fetched) == 30, "nothing is read from the bank during training"
+    big = _Retriever(retriever.bank.docs, 2)
+    big.bank = Sized(retriever.bank.docs)
+    small = RetrievalAugmenter(RetrievalConfig(k=2, cache_size=10), encoder, retriever=big)
+    assert small.precompute_seconds == 0.0 and not big.bank.fetched  # too big for the cache: encoded on first use
+
+
 def test_alpha_one_emits_no_weights_and_a_tight_row_drops_the_least_relevant(text_tokenizer):
     it, vocab, _ = _batches(text_tokenizer, "tokens", alpha=1.0, seq_len=256)
     batch = next(it)

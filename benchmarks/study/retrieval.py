@@ -18,7 +18,8 @@ re-evaluates):
      captions -> one image each (retrieving k documents for the caption, CFG --cfg), scored
      by the oracle against the caption's scene; also the oracle's score of the top retrieved
      image itself (what copying it would give).
-Writes OUT/results.json, OUT/results.md and OUT/accuracy.png.
+Writes OUT/results.json, OUT/results.md and OUT/results.png (OUT/results-maxsimX.* with
+--max-similarity X: the selection's near-copy threshold at generation time).
 """
 
 from __future__ import annotations
@@ -71,15 +72,17 @@ def recall(embedder, split: str, n: int) -> dict[str, float]:
     return out
 
 
-def evaluate(model_dir: Path, k: int, bank: Path, cases, cfg: float, seed: int, batch: int = 16) -> dict:
+def evaluate(model_dir: Path, k: int, bank: Path, cases, cfg: float, seed: int, batch: int = 16,
+             max_similarity: float = 0.9) -> dict:
     from mixmodal.data.shapes import score
     from mixmodal.inference import GenerationConfig
+    from mixmodal.inference.config import GuidanceConfig
     from mixmodal.inference.checkpoint import load_checkpoint
     from mixmodal.retrieval.select import Retriever, SelectionConfig
 
     engine = load_checkpoint(model_dir)
-    config = GenerationConfig(mode="image", max_new_tokens=engine.per_image + 2, guidance={"scale": cfg})
-    retriever = Retriever.open(bank, SelectionConfig(k=max(k, 1), query_dropout=0.0))
+    config = GenerationConfig(mode="image", max_new_tokens=engine.per_image + 2, guidance=GuidanceConfig(scale=cfg))
+    retriever = Retriever.open(bank, SelectionConfig(k=max(k, 1), query_dropout=0.0, max_similarity=max_similarity))
     from mixmodal.documents import Document, Text
 
     queries = [Document([Text(c)]) for c, _, _ in cases]
@@ -91,7 +94,8 @@ def evaluate(model_dir: Path, k: int, bank: Path, cases, cfg: float, seed: int, 
         context = [r[:k] for r in retrieved[start:start + batch]]
         results = engine.generate([c for c, _, _ in chunk], config, seed=seed + start, context=context)
         for (caption, scene, _), result, ctx in zip(chunk, results, retrieved[start:start + batch]):
-            s = score(result.images[0], scene) if result.images else {key: 0.0 for key in KEYS}
+            pixels = result.document.images
+            s = score(pixels[0], scene) if pixels else {key: 0.0 for key in KEYS}
             for key in KEYS:
                 sums[key] += s[key]
             top = [d for d in ctx if d.images]
@@ -114,6 +118,8 @@ def main() -> None:
     p.add_argument("--recall-pairs", type=int, default=1000)
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-similarity", type=float, default=0.9,
+                   help="selection's near-copy / diversity threshold at generation (training always uses the config's)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every fusion run")
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -151,19 +157,21 @@ def main() -> None:
                                                   f"data.image_tokenizer={vq}", f"trainer.steps={args.steps}",
                                                   *retrieval, *args.overrides))
         eval_json = json.loads((run_dir / "eval.json").read_text())
-        scores = {split: evaluate(run_dir / "model", k, bank, c, args.cfg, args.seed) for split, c in cases.items()}
+        scores = {split: evaluate(run_dir / "model", k, bank, c, args.cfg, args.seed, max_similarity=args.max_similarity)
+                  for split, c in cases.items()}
         results["models"][k] = {"eval": {key: v for key, v in eval_json.items() if key.startswith("eval_")},
                                 "data": eval_json.get("data"), **scores}
         print(f"k={k}: " + ", ".join(f"{split} overall {scores[split]['generated']['overall']:.3f}" for split in cases),
               flush=True)
     results["settings"] = {**vars(args), "machine": platform.processor() or platform.machine(),
                            "date": time.strftime("%Y-%m-%d"), "timings_s": timings}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    write_report(results, out)
-    print(f"wrote {out / 'results.md'} and {out / 'accuracy.png'}")
+    name = "results" if args.max_similarity == 0.9 else f"results-maxsim{args.max_similarity:g}"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    write_report(results, out, name)
+    print(f"wrote {out / (name + '.md')} and {out / (name + '.png')}")
 
 
-def write_report(results: dict, out: Path) -> None:
+def write_report(results: dict, out: Path, name: str = "results") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,7 +190,7 @@ def write_report(results: dict, out: Path) -> None:
             lines.append(f"| {k} | {split} | " + " | ".join(f"{g[key]:.3f}" for key in KEYS)
                          + f" | {m[split]['top_retrieved']['overall']:.3f} | {m['eval'].get('eval_text_ce', 0):.3f}"
                          + f" | {m['eval'].get('eval_image_ce', 0):.3f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ks = list(results["models"])
     for i, split in enumerate(("heldout", "heldout-combos")):
@@ -193,7 +201,7 @@ def write_report(results: dict, out: Path) -> None:
     ax.set_title("text-to-image on shapes, by retrieved documents")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
+    fig.savefig(out / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":

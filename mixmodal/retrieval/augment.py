@@ -9,8 +9,8 @@ itself (select.py). The pipeline prepends them (data/pipeline.py: `<bos> r1 <eos
 
 Throughput: a chunk costs one batched dual-encoder forward and one FAISS search; the
 retrieved documents are tokenized and their images encoded by the run's image tokenizer
-once per bank document, then served from an in-memory cache (`cache_size` documents), so a
-retrieved document costs nothing after its first use. `benchmarks/retrieval_train.py`
+once per bank document - all of them before training starts (`precompute`, when the bank
+fits in `cache_size`), else on first use - and then served from an in-memory cache. `benchmarks/retrieval_train.py`
 measures the overhead against the same run without retrieval.
 
 Reproducibility: the query dropout of a chunk draws from a stream seeded by (seed, rank,
@@ -20,6 +20,7 @@ size, so a resumed run retrieves exactly what the straight run did.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -40,6 +41,7 @@ class RetrievalConfig:
     candidates: int = 0  # searched per query; 0: max(16, 8k)
     alpha: float = 1.0  # loss weight of the retrieved documents' tokens (1: loss on all tokens; RA-CM3: 0.1)
     cache_size: int = 200_000  # retrieved documents kept tokenized and encoded in memory
+    precompute: bool = True  # encode the whole bank once before training (when it fits in cache_size)
 
     def __post_init__(self) -> None:
         if self.k < 0:
@@ -77,6 +79,13 @@ class RetrievalAugmenter:
             retriever = Retriever.open(config.index, config.selection(), encoder=config.encoder or None, device=device)
         self.retriever = retriever
         self._cache: OrderedDict[int, object] = OrderedDict()
+        self.precompute_seconds = 0.0
+        size = len(retriever.bank) if hasattr(retriever.bank, "__len__") else None
+        if config.precompute and size is not None and size <= config.cache_size:
+            started = time.perf_counter()
+            for start in range(0, size, 256):
+                self._encoded(range(start, min(start + 256, size)))
+            self.precompute_seconds = time.perf_counter() - started
 
     def retrieve(self, chunk: Sequence[tuple[int, Document]], training: bool) -> list[list]:
         rng = np.random.default_rng([self.seed, self.rank, chunk[0][0], 0x5EA7C4]) if training else None
