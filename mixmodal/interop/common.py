@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,19 @@ from mixmodal.tokenizers.image import check_state_dict, load_image_tokenizer, sa
 
 class ConversionError(ValueError):
     """A source checkpoint that cannot be converted; the message names the file and what is wrong."""
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; ConversionError naming the file (and `what` it should be) otherwise."""
+    if not path.is_file():
+        raise ConversionError(f"{path} not found: {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: cannot read it as JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return data
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

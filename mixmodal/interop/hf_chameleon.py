@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from mixmodal.interop.common import ConversionError
+from mixmodal.interop.common import ConversionError, read_json
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
 from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, ModelDirError, check_model_state, read_model_config, write_model_dir
 from mixmodal.model.transformer import TransformerConfig
@@ -337,18 +337,6 @@ def _check(config: ModelConfig, state: dict[str, torch.Tensor], origin: str) -> 
 
 # --- reading --------------------------------------------------------------------------------
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConversionError(f"{path} not found: {what}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: cannot read it as JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_hf_state(src: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a transformers checkpoint folder (model.safetensors or a sharded index), in its
     stored dtype. safetensors only: nothing is unpickled."""
@@ -356,7 +344,7 @@ def read_hf_state(src: Path) -> dict[str, torch.Tensor]:
 
     index = src / _HF_INDEX
     if index.is_file():
-        weight_map = _read_json(index, "").get("weight_map")
+        weight_map = read_json(index, "").get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index}: no weight_map")
         files = sorted(set(weight_map.values()))
@@ -386,7 +374,7 @@ def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> tupl
     origin = str(src / "config.json")
     hint = (" (this is a mixmodal model directory: `mixmodal convert to-hf-chameleon` writes it for transformers)"
             if (src / CONFIG_FILE).is_file() else "")
-    hf_config = _read_json(src / "config.json", "a transformers Chameleon folder holds config.json" + hint)
+    hf_config = read_json(src / "config.json", "a transformers Chameleon folder holds config.json" + hint)
     if hf_config.get("model_type") != "chameleon":
         raise ConversionError(f"{origin}: not a Chameleon config (model_type={hf_config.get('model_type')!r}, "
                               "expected 'chameleon')")

@@ -29,13 +29,12 @@ the short side and centre-crops; DocumentEmbedder centre-crops then resizes (bic
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from mixmodal.interop.common import ConversionError
+from mixmodal.interop.common import ConversionError, read_json
 from mixmodal.retrieval.encoder import (DocumentEmbedder, DualEncoder, DualEncoderConfig, EncoderError,
                                         TextTowerConfig, VisionTowerConfig, check_encoder_state, load_tokenizer,
                                         save_dual_encoder)
@@ -64,18 +63,6 @@ _RENAMES = (  # (transformers prefix, ours), first match wins
     ("visual_projection.", "visual_projection."),
     ("logit_scale", "logit_scale"),
 )
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConversionError(f"{path} not found: {what}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: cannot read it as JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return data
 
 
 # --- configs ---------------------------------------------------------------------------------
@@ -111,7 +98,7 @@ def _image_statistics(src: Path, notes: list[str]) -> tuple[tuple[float, ...], t
     if not path.is_file():
         notes.append("no preprocessor_config.json: images are normalised with OpenAI CLIP's mean and std")
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    data = _read_json(path, "")
+    data = read_json(path, "")
     mean, std = data.get("image_mean", OPENAI_CLIP_MEAN), data.get("image_std", OPENAI_CLIP_STD)
     for key, value in (("image_mean", mean), ("image_std", std)):
         if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
@@ -222,7 +209,7 @@ def read_hf_state(src: Path) -> dict[str, torch.Tensor]:
 
     index = src / _HF_INDEX
     if index.is_file():
-        weight_map = _read_json(index, "").get("weight_map")
+        weight_map = read_json(index, "").get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConversionError(f"{index}: no weight_map")
         files = sorted(set(weight_map.values()))
@@ -253,7 +240,7 @@ def convert_hf_clip(src: str | os.PathLike, out: str | os.PathLike) -> tuple[Doc
         raise ConversionError(f"{src} is not a directory: pass a transformers CLIP folder (config.json + "
                               "model.safetensors + tokenizer.json)")
     origin = src / "config.json"
-    config = _read_json(origin, "a transformers CLIP folder holds config.json (CLIPModel.save_pretrained writes it)")
+    config = read_json(origin, "a transformers CLIP folder holds config.json (CLIPModel.save_pretrained writes it)")
     if config.get("model_type") != "clip":
         raise ConversionError(f"{origin}: model_type={config.get('model_type')!r}; only a transformers CLIPModel "
                               "(model_type 'clip', both towers) converts to a dual encoder")

@@ -41,7 +41,7 @@ from mixmodal.inference.checkpoint import TEXT_TOKENIZER_DIR
 from mixmodal.retrieval.encoder import (ENCODER_DIR, DualEncoder, DualEncoderConfig, contrastive_loss,
                                         load_tokenizer, save_dual_encoder, tokenize_texts)
 from mixmodal.train import distributed
-from mixmodal.train.fusion import _into_run, _train_text_tokenizer
+from mixmodal.train.fusion import prepare_text_tokenizer
 from mixmodal.train.trainer import OptimizerSpec, TaskBase, TrainerConfig
 
 NOT_ARCHITECTURE = {"logit_scale_init"}
@@ -90,15 +90,7 @@ def prepare(config: DualEncoderTrainConfig, run_dir: str | Path, write: bool = T
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     d = config.data
-    text_dir = run / TEXT_TOKENIZER_DIR
-    if write:
-        if d.text_tokenizer == "auto":
-            if not (text_dir / "tokenizer.json").is_file():
-                _train_text_tokenizer(config, text_dir)
-        else:
-            _into_run(d.text_tokenizer, text_dir, "tokenizer.json",
-                      f"data.text_tokenizer={d.text_tokenizer}: no tokenizer.json there; give a directory written by "
-                      "`mixmodal tokenizer train`, or auto")
+    text_dir = prepare_text_tokenizer(config, run) if write else run / TEXT_TOKENIZER_DIR
     d.text_tokenizer = str(text_dir)
     fill_model_config(config)
     return config

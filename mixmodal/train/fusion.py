@@ -128,15 +128,7 @@ def prepare(config: FusionTrainConfig, run_dir: str | Path, write: bool = True) 
     _into_run(d.image_tokenizer, image_dir, "config.yaml",
               f"data.image_tokenizer={d.image_tokenizer}: no saved image tokenizer there (config.yaml + model.safetensors)")
     d.image_tokenizer = str(image_dir)
-    text_dir = run / TEXT_TOKENIZER_DIR
-    if d.text_tokenizer == "auto":
-        if not (text_dir / "tokenizer.json").is_file():
-            _train_text_tokenizer(config, text_dir)
-    else:
-        _into_run(d.text_tokenizer, text_dir, "tokenizer.json",
-                  f"data.text_tokenizer={d.text_tokenizer}: no tokenizer.json there; give a directory written by "
-                  "`mixmodal tokenizer train`, or auto")
-    d.text_tokenizer = str(text_dir)
+    d.text_tokenizer = str(prepare_text_tokenizer(config, run))
     fill_model_config(config)
     if d.retrieval.enabled:
         check_retrieval(config)
@@ -155,6 +147,21 @@ def check_retrieval(config: FusionTrainConfig) -> None:
     r.index = str(Path(r.index).resolve())
     if r.encoder:
         r.encoder = str(Path(r.encoder).resolve())
+
+
+def prepare_text_tokenizer(config, run: Path) -> Path:
+    """RUN/text_tokenizer: a BPE trained on config.data.source (data.text_tokenizer=auto; kept on
+    resume) or a copy of the given one. Shared by every task that reads text (fusion, dual-encoder)."""
+    d = config.data
+    text_dir = run / TEXT_TOKENIZER_DIR
+    if d.text_tokenizer == "auto":
+        if not (text_dir / "tokenizer.json").is_file():
+            _train_text_tokenizer(config, text_dir)
+    else:
+        _into_run(d.text_tokenizer, text_dir, "tokenizer.json",
+                  f"data.text_tokenizer={d.text_tokenizer}: no tokenizer.json there; give a directory written by "
+                  "`mixmodal tokenizer train`, or auto")
+    return text_dir
 
 
 def _into_run(given: str, dst: Path, marker: str, missing: str) -> None:
