@@ -21,7 +21,6 @@ modality switch; nothing is re-prefilled. A finished sequence's rows are dropped
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
