@@ -28,6 +28,38 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+HF_INDEX = "model.safetensors.index.json"
+HF_WEIGHTS = "model.safetensors"
+
+
+def read_hf_state(src: Path, model_class: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers folder (model.safetensors or a sharded index), in its stored
+    dtype. safetensors only: pickled weights (pytorch_model.bin) are never unpickled; the error
+    tells the user to re-save with `model_class`.save_pretrained."""
+    from safetensors.torch import load_file
+
+    index = src / HF_INDEX
+    if index.is_file():
+        weight_map = read_json(index, "").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: no weight_map")
+        files = sorted(set(weight_map.values()))
+    elif (src / HF_WEIGHTS).is_file():
+        files = [HF_WEIGHTS]
+    else:
+        found = sorted(p.name for p in src.glob("*.bin")) or sorted(p.name for p in src.glob("*.pt*"))
+        hint = (f" (found {', '.join(found[:3])}: pickled weights are never unpickled, since loading them can run "
+                f"arbitrary code; re-save the model with {model_class}.save_pretrained, which writes safetensors)"
+                if found else "")
+        raise ConversionError(f"{src}: no {HF_WEIGHTS} or {HF_INDEX}{hint}")
+    state = {}
+    for name in files:
+        if not (src / name).is_file():
+            raise ConversionError(f"{src / name} is listed in {HF_INDEX} but missing")
+        state.update(load_file(str(src / name), device="cpu"))
+    return state
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from mixmodal.interop.common import ConversionError, read_json
+from mixmodal.interop.common import HF_WEIGHTS, ConversionError, read_hf_state, read_json
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
 from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, ModelDirError, check_model_state, read_model_config, write_model_dir
 from mixmodal.model.transformer import TransformerConfig
@@ -57,8 +57,6 @@ HF_CONFIG_FILE = "hf_config.json"  # the source's config.json, kept so the inver
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 VOCAB_MAP_FORMAT = "mixmodal.vocab_map.v1"
 IMAGE_TOKEN_PREFIX = "IMGIMG"
-_HF_INDEX = "model.safetensors.index.json"
-_HF_WEIGHTS = "model.safetensors"
 _VQ_PREFIX = "model.vqmodel."
 _VQ_DEFAULTS = {"resolution": 512, "channel_multiplier": [1, 1, 2, 2, 4]}  # ChameleonVQVAEConfig's defaults
 
@@ -337,32 +335,6 @@ def _check(config: ModelConfig, state: dict[str, torch.Tensor], origin: str) -> 
 
 # --- reading --------------------------------------------------------------------------------
 
-def read_hf_state(src: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a transformers checkpoint folder (model.safetensors or a sharded index), in its
-    stored dtype. safetensors only: nothing is unpickled."""
-    from safetensors.torch import load_file
-
-    index = src / _HF_INDEX
-    if index.is_file():
-        weight_map = read_json(index, "").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ConversionError(f"{index}: no weight_map")
-        files = sorted(set(weight_map.values()))
-    elif (src / _HF_WEIGHTS).is_file():
-        files = [_HF_WEIGHTS]
-    else:
-        found = sorted(p.name for p in src.glob("*.bin")) or sorted(p.name for p in src.glob("*.pt*"))
-        hint = f" (found {', '.join(found[:3])}: pickled weights are not read; re-save with save_pretrained, " \
-               "which writes safetensors)" if found else ""
-        raise ConversionError(f"{src}: no {_HF_WEIGHTS} or {_HF_INDEX}{hint}")
-    state = {}
-    for name in files:
-        if not (src / name).is_file():
-            raise ConversionError(f"{src / name} is listed in {_HF_INDEX} but missing")
-        state.update(load_file(str(src / name), device="cpu"))
-    return state
-
-
 def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> tuple[ModelConfig, list[str]]:
     """Convert a transformers ChameleonForConditionalGeneration folder into a model directory `out`.
 
@@ -380,7 +352,7 @@ def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> tupl
                               "expected 'chameleon')")
     vocab_map = vocab_map_from_hf(hf_config, origin)
     config = model_config_from_hf(hf_config, origin, vocab_map)
-    state = read_hf_state(src)
+    state = read_hf_state(src, "ChameleonForConditionalGeneration")
     vq_state = {k[len(_VQ_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_VQ_PREFIX)]}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)  # tied: stored once, as the embedding
@@ -476,7 +448,7 @@ def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> t
         notes.append(f"no {IMAGE_TOKENIZER_DIR}/ in {src}: no VQGAN weights are written; transformers initialises "
                      "model.vqmodel at random and warns about its missing keys (the language model is complete)")
     out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state, str(out / _HF_WEIGHTS), metadata={"format": "pt"})
+    save_file(hf_state, str(out / HF_WEIGHTS), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
     return hf_config, notes
 

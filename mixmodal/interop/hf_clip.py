@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from mixmodal.interop.common import ConversionError, read_json
+from mixmodal.interop.common import ConversionError, read_hf_state, read_json
 from mixmodal.retrieval.encoder import (DocumentEmbedder, DualEncoder, DualEncoderConfig, EncoderError,
                                         TextTowerConfig, VisionTowerConfig, check_encoder_state, load_tokenizer,
                                         save_dual_encoder)
@@ -43,8 +43,6 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 LEGACY_EOS_ID = 2  # transformers' marker of a config from before its pooling fix: pool at the largest id
-_HF_INDEX = "model.safetensors.index.json"
-_HF_WEIGHTS = "model.safetensors"
 # CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults (a config.json may omit any of them)
 _TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                       num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
@@ -202,33 +200,6 @@ def hf_state_to_mixmodal(state: dict[str, torch.Tensor], notes: list[str]) -> di
     return out
 
 
-def read_hf_state(src: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a transformers folder (model.safetensors or a sharded index). safetensors
-    only: pickled weights (pytorch_model.bin) are never unpickled."""
-    from safetensors.torch import load_file
-
-    index = src / _HF_INDEX
-    if index.is_file():
-        weight_map = read_json(index, "").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ConversionError(f"{index}: no weight_map")
-        files = sorted(set(weight_map.values()))
-    elif (src / _HF_WEIGHTS).is_file():
-        files = [_HF_WEIGHTS]
-    else:
-        found = sorted(p.name for p in src.glob("*.bin")) or sorted(p.name for p in src.glob("*.pt*"))
-        hint = (f" (found {', '.join(found[:3])}: pickled weights are never unpickled, since loading them can run "
-                "arbitrary code; re-save the model with CLIPModel.save_pretrained, which writes safetensors)"
-                if found else "")
-        raise ConversionError(f"{src}: no {_HF_WEIGHTS} or {_HF_INDEX}{hint}")
-    state = {}
-    for name in files:
-        if not (src / name).is_file():
-            raise ConversionError(f"{src / name} is listed in {_HF_INDEX} but missing")
-        state.update(load_file(str(src / name), device="cpu"))
-    return state
-
-
 # --- the conversion --------------------------------------------------------------------------
 
 def convert_hf_clip(src: str | os.PathLike, out: str | os.PathLike) -> tuple[DocumentEmbedder, list[str]]:
@@ -260,7 +231,7 @@ def convert_hf_clip(src: str | os.PathLike, out: str | os.PathLike) -> tuple[Doc
     if size > encoder_config.text.vocab_size:
         raise ConversionError(f"{tokenizer_path} has {size} ids, more than text_config.vocab_size="
                               f"{encoder_config.text.vocab_size} of {origin}")
-    state = hf_state_to_mixmodal(read_hf_state(src), notes)
+    state = hf_state_to_mixmodal(read_hf_state(src, "CLIPModel"), notes)
     try:
         with torch.device("meta"):  # names and shapes only: nothing is allocated
             check_encoder_state(DualEncoder(encoder_config), state, f"{src} (weights)")
