@@ -217,6 +217,56 @@ def cmd_image_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+# --- eval --------------------------------------------------------------------------------
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.config import build_config
+    from mixmodal.eval.shapes_suite import ShapesEvalConfig, evaluate
+
+    if args.suite != "shapes":
+        raise ValueError(f"--suite {args.suite}: the only suite is 'shapes' (the built-in world)")
+    preset = _load_yaml(args.config) if args.config else {}
+    if args.quick:
+        preset = {**QUICK_EVAL, **preset}
+    config = build_config(ShapesEvalConfig, preset, overrides)
+    metrics = evaluate(args.checkpoint, args.out, config, inception=args.inception, feature_net=args.feature_net,
+                       encoder=args.encoder, device=args.device,
+                       progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(_headline(metrics), indent=1))
+    out = Path(args.out)
+    print(f"metrics: {out / 'metrics.json'}\nreport:  {out / 'report.md'}\nhtml:    {out / 'report.html'}")
+    return 0
+
+
+QUICK_EVAL = {"num_prompts": 32, "num_captions": 32, "num_vqa": 32, "num_ppl": 32, "num_fid_real": 256, "samples": 8}
+
+
+def _load_yaml(path: str) -> dict:
+    from mixmodal.config import load_yaml
+
+    return load_yaml(path) or {}
+
+
+def _headline(metrics: dict) -> dict:
+    """The numbers a reader looks for first."""
+    out: dict = {}
+    for split, m in metrics.get("text_to_image", {}).items():
+        out[f"t2i_{split}_overall"] = round(m["overall"], 4)
+        if "fid" in m:
+            out[f"t2i_{split}_fid"] = round(m["fid"]["fid"], 3)
+        if "clip_score" in m:
+            out[f"t2i_{split}_clip_score"] = round(m["clip_score"]["clip_score"], 3)
+    if "captioning" in metrics:
+        out["caption_cider"] = round(metrics["captioning"]["cider"], 4)
+        out["caption_bleu4"] = round(metrics["captioning"]["bleu4"], 4)
+    if "vqa" in metrics:
+        out["vqa_accuracy"] = round(metrics["vqa"]["accuracy"], 4)
+    if "text" in metrics:
+        out["text_perplexity"] = round(metrics["text"]["perplexity"], 4)
+    out["training_flops"] = metrics.get("training", {}).get("flops")
+    return out
+
+
 # --- convert -----------------------------------------------------------------------------
 
 def cmd_convert_diffusers_vae(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -659,6 +709,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     p.set_defaults(func=cmd_image_eval)
+
+    p = verbs.add_parser("eval", help="evaluate a trained model: text->image oracle accuracy, FID, CLIP score, "
+                         "captioning, VQA, perplexity, training FLOPs -> metrics.json + report",
+                         description="Run an evaluation suite on a model folder (or its run directory) and write "
+                         "OUT/metrics.json, OUT/report.md and OUT/report.html. key=value overrides set the suite's "
+                         "fields (num_prompts=200 cfg=3.0 max_objects=2 splits=[heldout] ...; docs/eval.md).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory or its model/ folder")
+    p.add_argument("--suite", default="shapes", help="the evaluation suite (default and only: shapes)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--config", default=None, help="a YAML file of suite fields (overrides still apply on top)")
+    p.add_argument("--quick", action="store_true", help="32 prompts per task instead of 200 (a smoke test; noisy numbers)")
+    p.add_argument("--inception", default=None, metavar="PATH",
+                   help="pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth) for comparable FID; "
+                   "without it FID uses mixmodal's shapes feature net (trained once, cached), labelled not comparable")
+    p.add_argument("--feature-net", default=None, metavar="DIR", help="a feature net folder for FID (default: the cached one)")
+    p.add_argument("--encoder", default=None, metavar="DIR", help="a dual encoder for the CLIP score (default: none)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
 
     convert = verbs.add_parser("convert", help="convert public checkpoints into mixmodal directories, and back",
                                description="Convert public checkpoints into mixmodal directories (config.yaml + "

@@ -45,10 +45,11 @@ class DemoConfig:
     num_prompts: int = 4  # held-out captions each model writes a document from (mixmodal generate)
     cfg: float = 3.0  # classifier-free guidance scale for the generated images
     diffusion_steps: int = 50  # denoising steps per image (latent model)
+    eval_num: int = 32  # prompts / images / questions / documents per task in the closing `mixmodal eval`
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_heldout", "num_shown", "image_tokenizer_steps", "model_steps", "num_prompts",
-                     "diffusion_steps"):
+                     "diffusion_steps", "eval_num"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -200,6 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         pages[model] = gen / "index.html"
     training["generated"] = {m: _oracle_generated(p.parent, prompts) for m, p in pages.items()}
 
+    print("\n# a short eval of each model (mixmodal eval --suite shapes): text->image oracle accuracy and FID,"
+          " captioning, VQA, perplexity, training FLOPs")
+    evals = {}
+    n = config.eval_num
+    for model in ("tokens", "latents"):
+        dest = out / "eval" / model
+        _run(["eval", str(runs / model), "--suite", "shapes", "--quick", "--out", str(dest), f"num_prompts={n}",
+              f"num_captions={n}", f"num_vqa={n}", f"num_ppl={n}", f"cfg={config.cfg}",
+              f"diffusion_steps={config.diffusion_steps}"])
+        evals[model] = json.loads((dest / "metrics.json").read_text())
+    training["eval"] = evals
+
     elapsed = time.perf_counter() - started
     report = _write_report(out, config, stats, oracle, sheets, elapsed, training, curves)
     print(f"\ndemo finished in {elapsed:.0f}s. It made:")
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         ("loss curves", curves),
         ("generated (tokens model)", pages["tokens"]),
         ("generated (latents model)", pages["latents"]),
+        ("eval reports", f"{out / 'eval' / 'tokens' / 'report.html'}, {out / 'eval' / 'latents' / 'report.html'}"),
         ("resolved config", out / "config.yaml"),
         ("report", report),
     ]:
@@ -268,6 +282,21 @@ def _write_report(out: Path, config: DemoConfig, stats: dict, oracle: dict, shee
         lines.append(f"| {name} | {g['documents']} | {g['with_image']} | {g.get('overall', 0):.2f} | "
                      f"{g.get('count', 0):.2f} | {g.get('colour', 0):.2f} | {g.get('shape', 0):.2f} | "
                      f"[index.html](generate/{name}/index.html) |")
+    lines += ["", "## Evaluation (`mixmodal eval --suite shapes --quick`, held-out 1-2-object prompts)", "",
+              "| model | t2i overall (heldout) | t2i overall (combos) | count | FID (shapes features) | CIDEr-D | BLEU-4 "
+              "| VQA | text ppl | training FLOPs | report |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in training.get("eval", {}).items():
+        t2i = m["text_to_image"]
+        h, c = t2i.get("heldout", {}), t2i.get("heldout-combos", {})
+        fid = h.get("fid", {}).get("fid")
+        flops = m.get("training", {}).get("flops")
+        lines.append(f"| {name} | {h.get('overall', 0):.3f} | {c.get('overall', 0):.3f} | {h.get('count', 0):.3f} | "
+                     f"{'n/a' if fid is None else f'{fid:.2f}'} | {m['captioning']['cider']:.3f} | "
+                     f"{m['captioning']['bleu4']:.3f} | {m['vqa']['accuracy']:.3f} | {m['text']['perplexity']:.2f} | "
+                     f"{'n/a' if flops is None else f'{flops:.3g}'} | [report](eval/{name}/report.html) |")
+    lines += ["", "FID here uses mixmodal's shapes feature network: not comparable to Inception FID. "
+              "32 prompts per task: expect noise of about +-0.08 on accuracies.", ""]
     lines += ["", "## Contact sheets", ""] + [f"![{s.stem}]({s.name})" for s in sheets] + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

@@ -28,6 +28,7 @@ tokenizers): `mixmodal.load_model(RUN/model)` reads it.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -251,6 +252,24 @@ def fill_model_config(config: FusionTrainConfig) -> None:
 
 # --- the task --------------------------------------------------------------------------------
 
+TRAINING_FILE = "training.json"  # in the model folder: what training cost, for `mixmodal eval` and the study
+
+
+def training_compute(model, config: FusionTrainConfig, world_size: int = 1) -> dict:
+    """Training compute from the model's own accounting: every position of every packed row
+    (padding included: it was computed) costs `model.flops_per_token(seq_len)`, forward and
+    backward. The image tokenizer's encoding is not counted (it is frozen and could be cached)."""
+    t = config.trainer
+    seq_len = config.data.pipeline.seq_len
+    positions = t.steps * t.batch_size * t.grad_accumulation * world_size * seq_len
+    per_position = model.flops_per_token(seq_len)
+    return {"steps": t.steps, "batch_size": t.batch_size, "grad_accumulation": t.grad_accumulation,
+            "world_size": world_size, "seq_len": seq_len, "positions": positions,
+            "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(non_embedding=True),
+            "flops_per_position": per_position, "flops": positions * per_position,
+            "image_mode": config.model.image.mode}
+
+
 def build_task(config: FusionTrainConfig) -> "FusionTask":
     if not config.model.text_vocab_size:
         raise ConfigError("model.text_vocab_size is unset: run through `mixmodal train` (which prepares the "
@@ -393,6 +412,8 @@ class FusionTask(TaskBase):
         save_model_dir(models["model"], out)
         _copy_dir(Path(self.config.data.text_tokenizer), out / TEXT_TOKENIZER_DIR)
         _copy_dir(Path(self.config.data.image_tokenizer), out / IMAGE_TOKENIZER_DIR)
+        (out / TRAINING_FILE).write_text(json.dumps(training_compute(models["model"], self.config, getattr(self, "world", 1)), indent=1) + "\n",
+                                         encoding="utf-8")
         r = self.config.data.retrieval
         write_generation_settings(out, max_length=self.config.data.pipeline.seq_len,
                                   diffusion=self.config.diffusion if self.latent else None,

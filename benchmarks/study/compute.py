@@ -1,0 +1,228 @@
+"""The equal-compute study (Transfusion Table 3, in miniature): a Chameleon-style token model
+and a Transfusion-style latent model, the same transformer on the same `shapes` data, each
+evaluated at several training-compute budgets with `mixmodal eval`; plus Transfusion's
+Table 5 ablation (causal instead of bidirectional attention inside each image, latent mode).
+
+    python benchmarks/study/compute.py --out runs/study                    # everything (CPU: ~2 h)
+    python benchmarks/study/compute.py --out runs/study --budgets 300 600 --arms tokens latents
+    python benchmarks/study/compute.py --out runs/study --phase report     # tables and plots only
+
+Arms (configs/study/*.yaml; one run each, step budgets read off it):
+    tokens          256 VQ codes per 64 px image        configs/study/tokens-64.yaml
+    latents         64 VAE-latent patches per image     configs/study/latents-64.yaml
+    latents-causal  latents with causal intra-image attention (model.image.bidirectional=false)
+
+The configs use a constant learning rate after warmup, so the model after s steps of a longer
+run is the model an s-step run would give: each arm trains once, to the largest budget,
+stopping at each budget to snapshot its model folder (with training.json, the FLOPs spent).
+Every step is skipped when its output exists, so a second call resumes where one stopped.
+
+Phases: train -> eval (`mixmodal eval SNAPSHOT --suite shapes`) -> report
+(OUT/results.{json,md}, OUT/curves.png, OUT/ratios.md). docs/study.md is the write-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ARMS = {
+    "tokens": ("configs/study/tokens-64.yaml", []),
+    "latents": ("configs/study/latents-64.yaml", []),
+    "latents-causal": ("configs/study/latents-64.yaml", ["model.image.bidirectional=false"]),
+}
+
+
+def run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def mixmodal(*args: str) -> None:
+    run([sys.executable, "-m", "mixmodal", *args])
+
+
+def snapshot_dir(out: Path, arm: str, steps: int) -> Path:
+    return out / arm / f"steps-{steps:05d}"
+
+
+def train(out: Path, arm: str, budgets: list[int], overrides: list[str]) -> None:
+    config, arm_overrides = ARMS[arm]
+    run_dir = out / arm / "run"
+    for steps in sorted(budgets):
+        snap = snapshot_dir(out, arm, steps)
+        if (snap / "model" / "training.json").is_file():
+            continue
+        resume = ["--resume"] if (run_dir / "checkpoints").is_dir() else []
+        mixmodal("train", config, "--out", str(run_dir), *resume, f"trainer.steps={steps}",
+                 *arm_overrides, *overrides)
+        if snap.exists():
+            shutil.rmtree(snap)
+        snap.mkdir(parents=True)
+        shutil.copytree(run_dir / "model", snap / "model")
+        shutil.copy(run_dir / "eval.json", snap / "train_eval.json")
+
+
+def snapshots(out: Path, arm: str) -> list[Path]:
+    return sorted(p for p in (out / arm).glob("steps-*") if (p / "model" / "training.json").is_file())
+
+
+def evaluate(out: Path, arm: str, eval_overrides: list[str]) -> None:
+    for snap in snapshots(out, arm):
+        if not (snap / "eval" / "metrics.json").is_file():
+            mixmodal("eval", str(snap / "model"), "--suite", "shapes", "--out", str(snap / "eval"), *eval_overrides)
+
+
+# --- report -------------------------------------------------------------------------------------
+
+# (key, label, getter, higher is better)
+METRICS = [
+    ("t2i_overall", "text->image overall (held-out)", lambda m: m["text_to_image"]["heldout"]["overall"], True),
+    ("t2i_combos", "text->image overall (combos)", lambda m: m["text_to_image"]["heldout-combos"]["overall"], True),
+    ("t2i_count", "text->image count (held-out)", lambda m: m["text_to_image"]["heldout"]["count"], True),
+    ("t2i_attributes", "text->image mean of count/colour/shape/position",
+     lambda m: sum(m["text_to_image"]["heldout"][a] for a in ("count", "colour", "shape", "position")) / 4, True),
+    ("fid", "FID (shapes features, held-out)", lambda m: m["text_to_image"]["heldout"]["fid"]["fid"], False),
+    ("cider", "captioning CIDEr-D", lambda m: m["captioning"]["cider"], True),
+    ("bleu4", "captioning BLEU-4", lambda m: m["captioning"]["bleu4"], True),
+    ("vqa", "VQA accuracy", lambda m: m["vqa"]["accuracy"], True),
+    ("ppl", "text perplexity", lambda m: m["text"]["perplexity"], False),
+]
+
+
+def collect(out: Path, arms: list[str]) -> dict:
+    table: dict = {}
+    for arm in arms:
+        for snap in snapshots(out, arm):
+            path = snap / "eval" / "metrics.json"
+            if not path.is_file():
+                continue
+            m = json.loads(path.read_text())
+            row = {"steps": m["training"]["steps"], "flops": m["training"]["flops"],
+                   "parameters": m["parameters"], "eval": str(path)}
+            for key, _, get, _ in METRICS:
+                try:
+                    row[key] = float(get(m))
+                except (KeyError, TypeError):
+                    row[key] = None
+            table.setdefault(arm, []).append(row)
+    return table
+
+
+def parity_ratio(reference: list[dict], candidate: list[dict], key: str, higher: bool) -> tuple[str, float | None]:
+    """Transfusion Table 3: the candidate's FLOPs needed to match the reference's best budget,
+    as a fraction of the reference's FLOPs; interpolated log-linearly in FLOPs between the
+    candidate's budgets. ("<x" when its smallest budget already matches, ">x" when none does.)"""
+    ref = max(reference, key=lambda r: r["flops"])
+    target = ref[key]
+    pts = sorted((r["flops"], r[key]) for r in candidate if r[key] is not None)
+    if target is None or not pts:
+        return "n/a", None
+    better = (lambda v: v >= target) if higher else (lambda v: v <= target)
+    if better(pts[0][1]):
+        return f"<= {pts[0][0] / ref['flops']:.3g}", pts[0][0] / ref["flops"]
+    for (f0, v0), (f1, v1) in zip(pts, pts[1:]):
+        if better(v1):
+            w = (target - v0) / (v1 - v0) if v1 != v0 else 1.0
+            flops = math.exp(math.log(f0) + w * (math.log(f1) - math.log(f0)))
+            return f"{flops / ref['flops']:.3g}", flops / ref["flops"]
+    return f"> {pts[-1][0] / ref['flops']:.3g} (not reached)", None
+
+
+def plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3
+    rows = -(-len(METRICS) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 4, rows * 3), squeeze=False)
+    for ax, (key, label, _, higher) in zip(axes.flat, METRICS):
+        for arm, points in table.items():
+            pts = sorted((r["flops"], r[key]) for r in points if r[key] is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=arm)
+        ax.set_xscale("log")
+        ax.set_title(label + (" (higher better)" if higher else " (lower better)"), fontsize=8)
+        ax.set_xlabel("training FLOPs", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(METRICS):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("token (Chameleon-style) vs latent (Transfusion-style) on shapes, metric vs training FLOPs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(out: Path, arms: list[str], command: str) -> None:
+    table = collect(out, arms)
+    (out / "results.json").write_text(json.dumps(table, indent=1) + "\n")
+    if not table:
+        print("no evaluated snapshots yet")
+        return
+    plot(table, out / "curves.png")
+    lines = [f"# Equal-compute study on shapes ({platform.node() or 'this machine'}, {time.strftime('%Y-%m-%d')})", "",
+             f"Reproduce: `{command}`", "", "| arm | steps | training FLOPs | " + " | ".join(k for k, *_ in METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for arm, points in table.items():
+        for r in points:
+            lines.append(f"| {arm} | {r['steps']} | {r['flops']:.3g} | "
+                         + " | ".join("n/a" if r[k] is None else f"{r[k]:.3f}" for k, *_ in METRICS) + " |")
+    if "tokens" in table and "latents" in table:
+        lines += ["", "## FLOP ratio (Transfusion Table 3 form)", "",
+                  "Latent-model FLOPs needed to match the token model's largest budget, as a fraction of its FLOPs.", "",
+                  "| metric | token model at its largest budget | latent FLOPs / token FLOPs |", "|---|---|---|"]
+        ref = max(table["tokens"], key=lambda r: r["flops"])
+        for key, label, _, higher in METRICS:
+            text, _ = parity_ratio(table["tokens"], table["latents"], key, higher)
+            value = "n/a" if ref[key] is None else f"{ref[key]:.3f}"
+            lines.append(f"| {label} | {value} | {text} |")
+    if "latents" in table and "latents-causal" in table:
+        lines += ["", "## Intra-image attention (Transfusion Table 5 form), largest budget", "",
+                  "| metric | bidirectional | causal |", "|---|---|---|"]
+        a = max(table["latents"], key=lambda r: r["flops"])
+        b = max(table["latents-causal"], key=lambda r: r["flops"])
+        for key, label, *_ in METRICS:
+            fa = "n/a" if a[key] is None else f"{a[key]:.3f}"
+            fb = "n/a" if b[key] is None else f"{b[key]:.3f}"
+            lines.append(f"| {label} | {fa} | {fb} |")
+    lines += ["", "![curves](curves.png)", ""]
+    (out / "results.md").write_text("\n".join(lines))
+    print(f"wrote {out / 'results.md'}, {out / 'curves.png'}, {out / 'results.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/study")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--budgets", nargs="+", type=int, default=[300, 600, 1200], help="training steps per snapshot")
+    p.add_argument("--phase", choices=["all", "train", "eval", "report"], default="all")
+    p.add_argument("--eval", nargs="*", default=["num_prompts=100", "num_captions=100", "num_vqa=100", "num_ppl=100"],
+                   help="key=value overrides for `mixmodal eval` (default: 100 prompts per task)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.phase in ("all", "train"):
+        for arm in args.arms:
+            train(out, arm, args.budgets, args.overrides)
+    if args.phase in ("all", "eval"):
+        for arm in args.arms:
+            evaluate(out, arm, args.eval)
+    if args.phase in ("all", "eval", "report"):
+        report(out, args.arms, "python benchmarks/study/compute.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

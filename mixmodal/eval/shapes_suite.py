@@ -1,0 +1,422 @@
+"""`mixmodal eval CHECKPOINT --suite shapes`: what a trained early-fusion model can do on the
+built-in world, measured the way the papers measure it.
+
+    text -> image   GenEval-style oracle accuracy (count, colour, shape, size, position,
+                    overall = the whole scene right) on held-out captions and on held-out
+                    shape-colour combinations; FID against renders of held-out scenes (Inception
+                    features from a pytorch-fid weights file, else mixmodal's shapes feature net,
+                    labelled not comparable); CLIP score with a dual encoder when one is given
+    image -> text   captioning: CIDEr-D and BLEU-4 against 5 reference captions per scene, and
+                    the oracle's view (the generated caption parsed back into a scene)
+                    VQA: answer accuracy, per question type
+    text            perplexity of held-out documents (captions before their images, VQA
+                    answers after theirs; images clean)
+    compute         the FLOPs spent in training (model/training.json, the model's own accounting)
+
+Every prompt set is a pure function of (split, index): two models evaluated with the same
+config see the same prompts, seeds and references. `ShapesEvalConfig` reads from key=value
+overrides like every config in mixmodal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+SPLITS = ("heldout", "heldout-combos")
+ATTRIBUTES = ("count", "colour", "shape", "size", "position", "background", "overall")
+
+
+@dataclass
+class ShapesEvalConfig:
+    min_objects: int = 1
+    max_objects: int = 2  # the issue's target: held-out 1-2-object prompts
+    splits: list[str] = field(default_factory=lambda: list(SPLITS))
+    num_prompts: int = 200  # text-to-image prompts per split
+    num_captions: int = 200  # held-out images to caption
+    num_references: int = 5  # reference captions per image (distinct draws of the caption grammar)
+    num_vqa: int = 200  # held-out questions
+    num_ppl: int = 200  # held-out documents for perplexity
+    num_fid_real: int = 1000  # renders of held-out scenes: FID's reference set
+    cfg: float = 3.0  # classifier-free guidance scale for text -> image
+    diffusion_steps: int = 50  # latent mode
+    image_temperature: float = 1.0  # token mode
+    image_top_p: float = 1.0
+    batch_size: int = 32  # prompts generated together
+    seed: int = 0
+    samples: int = 16  # images per split in the report's sample grids
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "num_captions", "num_vqa", "num_ppl", "num_references", "batch_size"):
+            if getattr(self, name) < 0 or (name in ("num_references", "batch_size") and getattr(self, name) < 1):
+                raise ValueError(f"eval.{name} must be >= {1 if name in ('num_references', 'batch_size') else 0}, "
+                                 f"got {getattr(self, name)}")
+        bad = [s for s in self.splits if s not in ("train", *SPLITS)]
+        if bad:
+            raise ValueError(f"eval.splits: unknown split(s) {bad}; use heldout and/or heldout-combos")
+        if not 1 <= self.min_objects <= self.max_objects <= 4:
+            raise ValueError(f"eval objects: need 1 <= min_objects <= max_objects <= 4, got {self.min_objects}..{self.max_objects}")
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked; the message says what to change."""
+
+
+# --- the prompt sets: pure functions of (split, index) ------------------------------------------
+
+def _world(config: ShapesEvalConfig, resolution: int, task: str):
+    from mixmodal.data.shapes import ShapesConfig
+
+    return ShapesConfig(resolution=resolution, min_objects=config.min_objects, max_objects=config.max_objects,
+                        tasks=[task])
+
+
+def documents(config: ShapesEvalConfig, resolution: int, task: str, split: str, n: int) -> list:
+    from mixmodal.data.shapes import shapes_document
+
+    world = _world(config, resolution, task)
+    return [shapes_document(world, split, i) for i in range(n)]
+
+
+def references(scene, index: int, k: int, seed: int = 0) -> list[str]:
+    """k distinct captions of one scene from the caption grammar (COCO has 5 per image)."""
+    from mixmodal.data.shapes import caption
+
+    out: list[str] = []
+    for attempt in range(20 * k):
+        text = caption(scene, np.random.default_rng([seed, index, attempt]))
+        if text not in out:
+            out.append(text)
+            if len(out) == k:
+                break
+    return out
+
+
+# --- the model's training compute ---------------------------------------------------------------
+
+def training_compute(model_dir: Path) -> dict:
+    """model/training.json (written by `mixmodal train`), else a note saying why it is unknown."""
+    path = model_dir / "training.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {"flops": None, "note": f"{path} not found: the model was trained before mixmodal recorded its compute, "
+                                   "or converted from elsewhere"}
+
+
+# --- the runners --------------------------------------------------------------------------------
+
+def _generate(engine, prompts: list, gen_config, batch_size: int, seed: int, progress: Callable[[str], None], what: str):
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        results += engine.generate(chunk, gen_config, seed=[seed + start + i for i in range(len(chunk))])
+        progress(f"{what}: {min(start + batch_size, len(prompts))}/{len(prompts)}")
+    return results
+
+
+def _mean_scores(rows: list[dict]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) if rows else float("nan") for k in ATTRIBUTES}
+
+
+def text_to_image(engine, config: ShapesEvalConfig, resolution: int, split: str, progress) -> tuple[dict, list]:
+    from mixmodal.data.shapes import Scene, score
+    from mixmodal.inference.config import GenerationConfig, GuidanceConfig, SamplingParams
+
+    docs = documents(config, resolution, "caption", split, config.num_prompts)
+    prompts = [d.metadata["caption"] for d in docs]
+    gen = GenerationConfig(mode="image", max_images=1, max_new_tokens=engine.per_image + 2,
+                           guidance=GuidanceConfig(scale=config.cfg), diffusion_steps=config.diffusion_steps,
+                           image=SamplingParams(temperature=config.image_temperature, top_p=config.image_top_p))
+    results = _generate(engine, prompts, gen, config.batch_size, config.seed, progress, f"text->image {split}")
+    rows, samples = [], []
+    for i, (doc, result) in enumerate(zip(docs, results)):
+        scene = Scene.from_dict(doc.metadata["scenes"][0])
+        images = result.document.images
+        s = score(images[0], scene) if images else {k: 0.0 for k in ATTRIBUTES}
+        rows.append(s)
+        samples.append({"index": i, "prompt": prompts[i], "image": images[0] if images else None,
+                        "real": doc.images[0], "scores": s, "objects": len(scene.objects)})
+    by_objects = {}
+    for n in sorted({s["objects"] for s in samples}):
+        by_objects[str(n)] = _mean_scores([r for r, s in zip(rows, samples) if s["objects"] == n])
+    return {"n": len(rows), **_mean_scores(rows), "by_objects": by_objects,
+            "without_image": sum(1 for s in samples if s["image"] is None)}, samples
+
+
+def captioning(engine, config: ShapesEvalConfig, resolution: int, progress) -> tuple[dict, list, dict]:
+    from mixmodal.data.shapes import CaptionParseError, Scene, parse_caption, score_scenes
+    from mixmodal.eval.text_metrics import bleu, cider_d
+    from mixmodal.inference.config import GenerationConfig, SamplingParams
+
+    docs = documents(config, resolution, "caption", "heldout", config.num_captions)
+    gen = GenerationConfig(mode="text", max_images=0, max_new_tokens=64, text=SamplingParams(temperature=0.0))
+    results = _generate(engine, [[d.images[0]] for d in docs], gen, config.batch_size, config.seed, progress, "captioning")
+    candidates = [" ".join(r.document.texts).strip() for r in results]
+    refs = [references(Scene.from_dict(d.metadata["scenes"][0]), i, config.num_references, config.seed)
+            for i, d in enumerate(docs)]
+    cider, per_item = cider_d(candidates, refs)
+    b = bleu(candidates, refs)
+    parsed_rows = []
+    for cand, doc in zip(candidates, docs):
+        truth = Scene.from_dict(doc.metadata["scenes"][0])
+        try:
+            parsed_rows.append(score_scenes(parse_caption(cand), truth))
+        except (CaptionParseError, ValueError):
+            parsed_rows.append({k: 0.0 for k in ATTRIBUTES})
+    metrics = {"n": len(docs), "cider": cider, "bleu4": b["bleu4"],
+               "bleu": {k: b[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")},
+               "oracle": _mean_scores(parsed_rows),
+               "parsable": float(np.mean([_parsable(c) for c in candidates])) if candidates else float("nan")}
+    examples = [{"image": d.images[0], "caption": c, "references": r, "cider": s}
+                for d, c, r, s in zip(docs, candidates, refs, per_item)]
+    return metrics, examples, {"candidates": candidates, "references": refs}
+
+
+def _parsable(text: str) -> bool:
+    from mixmodal.data.shapes import CaptionParseError, parse_caption
+
+    try:
+        parse_caption(text)
+        return True
+    except (CaptionParseError, ValueError):
+        return False
+
+
+def vqa(engine, config: ShapesEvalConfig, resolution: int, progress) -> tuple[dict, list]:
+    from mixmodal.eval.text_metrics import vqa_accuracy
+    from mixmodal.inference.config import GenerationConfig, SamplingParams
+
+    docs = documents(config, resolution, "vqa", "heldout", config.num_vqa)
+    prompts = [[d.images[0], f"Question: {d.metadata['question']} Answer:"] for d in docs]
+    gen = GenerationConfig(mode="text", max_images=0, max_new_tokens=12, text=SamplingParams(temperature=0.0))
+    results = _generate(engine, prompts, gen, config.batch_size, config.seed, progress, "vqa")
+    predictions = [" ".join(r.document.texts).strip() for r in results]
+    answers = [d.metadata["answer"] for d in docs]
+    types = [d.metadata["question_type"] for d in docs]
+    metrics = vqa_accuracy(predictions, answers, types)
+    examples = [{"image": d.images[0], "question": d.metadata["question"], "answer": a, "prediction": p}
+                for d, a, p in zip(docs, answers, predictions)]
+    return metrics, examples
+
+
+@torch.no_grad()
+def perplexity(engine, config: ShapesEvalConfig, resolution: int, progress) -> dict:
+    """Mean next-token cross-entropy over the text tokens of held-out caption and VQA documents,
+    packed as in training (captions before their images, no CM3), images clean (latent mode: t = 0)."""
+    from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
+    from mixmodal.data.sources.shapes_source import ShapesSource
+
+    model = engine.model
+    world = _world(config, resolution, "caption")
+    world.tasks = ["caption:3", "vqa:1"]
+    pipeline = PipelineConfig(seq_len=engine.max_length or 512, caption_first_prob=1.0)
+    encoder = DocumentEncoder(engine.text_tokenizer, engine.image_tokenizer, engine.vocab, engine.mode, engine.device)
+    batches = FusionBatches(lambda: ShapesSource(world, split="heldout", num=config.num_ppl), encoder, pipeline,
+                            config.batch_size // 4 or 1, engine.per_image, seed=config.seed, endless=False, training=False)
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        kwargs = dict(positions=batch["positions"], document_ids=batch["document_ids"],
+                      image_ids=batch["image_ids"] if model.config.image.is_bidirectional else None)
+        if engine.mode == "latents" and batch["image_latents"].numel():
+            x0 = batch["image_latents"]
+            kwargs.update(image_latents=x0, image_times=torch.zeros(x0.shape[0], device=x0.device),
+                          image_index=batch["image_index"])
+        logits = model(batch["input_ids"], **kwargs).logits.float()
+        labels = batch["labels"]
+        text = (labels != IGNORE) & ~engine.vocab.is_image_code(labels)
+        ce = torch.nn.functional.cross_entropy(logits[text], labels[text], reduction="sum")
+        total += float(ce)
+        count += int(text.sum())
+    progress(f"perplexity: {count} text tokens")
+    mean = total / max(count, 1)
+    return {"text_ce": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count, "documents": config.num_ppl}
+
+
+def _image_batches(images: list, resolution: int, batch: int = 64):
+    from mixmodal.tokenizers.pixels import images_to_tensor
+
+    for start in range(0, len(images), batch):
+        yield (images_to_tensor(images[start:start + batch], resolution) + 1) / 2  # [-1, 1] -> [0, 1]
+
+
+def fid_reference(config: ShapesEvalConfig, resolution: int, split: str, n: int, offset: int) -> list:
+    """Renders of n scenes of a split from index `offset` on (not the prompts' own scenes)."""
+    from mixmodal.data.shapes import ShapesConfig, render, sample_scene
+
+    world = ShapesConfig(resolution=resolution, min_objects=config.min_objects, max_objects=config.max_objects)
+    return [render(sample_scene(world, split, offset + i), resolution) for i in range(n)]
+
+
+REAL_OFFSET, FLOOR_OFFSET = 100_000, 200_000
+
+
+def fid(extractor, generated: list, config: ShapesEvalConfig, resolution: int, split: str) -> dict:
+    """FID of the generated images against renders of num_fid_real other scenes of the split, and
+    its floor: the FID of as many renders of yet other scenes of the split as there are generated
+    images, against the same reference set (what a perfect generator scores with this few samples)."""
+    from mixmodal.eval.fid import feature_stats, frechet_distance
+
+    real = fid_reference(config, resolution, split, config.num_fid_real, REAL_OFFSET)
+    real_stats = feature_stats(extractor, _image_batches(real, resolution), "real")
+    fake_stats = feature_stats(extractor, _image_batches(generated, resolution), "generated")
+    floor = fid_reference(config, resolution, split, len(generated), FLOOR_OFFSET)
+    floor_stats = feature_stats(extractor, _image_batches(floor, resolution), "floor")
+    value = frechet_distance(real_stats.mean, real_stats.cov, fake_stats.mean, fake_stats.cov)
+    floor_value = frechet_distance(real_stats.mean, real_stats.cov, floor_stats.mean, floor_stats.cov)
+    note = None
+    if min(real_stats.n, fake_stats.n) < extractor.dim:
+        note = (f"{fake_stats.n} generated images for {extractor.dim}-d features: the covariance is singular and "
+                "FID is biased upwards; compare FIDs only at the same number of images (the floor shows the bias)")
+    return {"fid": value, "floor": floor_value, "n_real": real_stats.n, "n_fake": fake_stats.n,
+            "features": extractor.name, "comparable": extractor.comparable, "note": note}
+
+
+def evaluate(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig | None = None, *,
+             inception: str | None = None, feature_net: str | None = None, encoder: str | None = None,
+             device: str = "cpu", progress: Callable[[str], None] = print) -> dict:
+    """Run the shapes suite on a model folder (or its run directory); write OUT/metrics.json,
+    OUT/report.md, OUT/report.html and their figures; return the metrics."""
+    from mixmodal.eval.report import write_report
+    from mixmodal.inference.checkpoint import model_folder
+    from mixmodal.inference.engine import Engine
+
+    config = config or ShapesEvalConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    model_dir = model_folder(checkpoint)
+    engine = Engine.from_pretrained(model_dir, device=device)
+    resolution = engine.image_tokenizer.config.resolution
+    metrics: dict[str, Any] = {
+        "checkpoint": str(model_dir), "suite": "shapes", "config": asdict(config), "resolution": resolution,
+        "image_mode": engine.mode, "parameters": engine.model.num_parameters(),
+        "training": training_compute(model_dir),
+    }
+    artifacts: dict[str, Any] = {}
+
+    extractor = _feature_extractor(inception, feature_net, resolution, progress) if config.num_prompts else None
+    metrics["text_to_image"], artifacts["text_to_image"] = {}, {}
+    for split in config.splits if config.num_prompts else []:
+        m, samples = text_to_image(engine, config, resolution, split, progress)
+        generated = [s["image"] for s in samples if s["image"] is not None]
+        if extractor is not None and len(generated) >= 2:
+            m["fid"] = fid(extractor, generated, config, resolution, split)
+        if encoder:
+            m["clip_score"] = _clip_scores(encoder, samples, device)
+        metrics["text_to_image"][split] = m
+        artifacts["text_to_image"][split] = samples
+    if config.num_captions:
+        m, examples, raw = captioning(engine, config, resolution, progress)
+        metrics["captioning"] = m
+        artifacts["captioning"] = examples
+        metrics["cross_checks"] = {"captioning": _coco_cross_check(raw, m)}
+    if config.num_vqa:
+        metrics["vqa"], artifacts["vqa"] = vqa(engine, config, resolution, progress)
+    if config.num_ppl:
+        metrics["text"] = perplexity(engine, config, resolution, progress)
+    if extractor is not None and config.splits:
+        metrics.setdefault("cross_checks", {})["fid"] = _fid_cross_check(extractor, artifacts, metrics, config, resolution)
+    metrics["seconds"] = round(time.time() - started, 1)
+    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1) + "\n", encoding="utf-8")
+    write_report(out, metrics, artifacts)
+    return metrics
+
+
+def _feature_extractor(inception: str | None, feature_net: str | None, resolution: int, progress):
+    if inception:
+        from mixmodal.eval.inception import load_inception
+
+        return load_inception(inception)
+    from mixmodal.eval.feature_net import default_feature_net, load_feature_net
+
+    if feature_net:
+        return load_feature_net(feature_net)
+    return default_feature_net(resolution)
+
+
+def _clip_scores(encoder: str, samples: list, device: str) -> dict:
+    from mixmodal.eval.clip_score import clip_score
+    from mixmodal.retrieval.encoder import DocumentEmbedder
+
+    embedder = DocumentEmbedder.from_pretrained(encoder, device=device)
+    pairs = [(s["image"], s["prompt"]) for s in samples if s["image"] is not None]
+    generated = clip_score(embedder, [p[0] for p in pairs], [p[1] for p in pairs])
+    real = clip_score(embedder, [s["real"] for s in samples], [s["prompt"] for s in samples])
+    return {"clip_score": generated["clip_score"], "n": generated["n"], "real_images": real["clip_score"],
+            "encoder": str(encoder)}
+
+
+def _coco_cross_check(raw: dict, ours: dict) -> dict:
+    """pycocoevalcap's CIDEr-D and BLEU-4 on the same tokenised captions, when it is installed."""
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError:
+        return {"status": "pycocoevalcap not installed (pip install pycocoevalcap)"}
+    from mixmodal.eval.text_metrics import tokenize
+
+    gts = {i: [" ".join(tokenize(r)) for r in refs] for i, refs in enumerate(raw["references"])}
+    res = {i: [" ".join(tokenize(c))] for i, c in enumerate(raw["candidates"])}
+    cider, _ = Cider().compute_score(gts, res)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return {"reference": "pycocoevalcap 1.2", "cider": float(cider), "bleu4": float(bleu[3]),
+            "cider_abs_diff": abs(float(cider) - ours["cider"]), "bleu4_abs_diff": abs(float(bleu[3]) - ours["bleu4"])}
+
+
+def _fid_cross_check(extractor, artifacts: dict, metrics: dict, config: ShapesEvalConfig, resolution: int) -> dict:
+    """torchmetrics' FrechetInceptionDistance, fed the same feature network and the same images,
+    on the first split."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        return {"status": "torchmetrics not installed (pip install torchmetrics)"}
+    split = next(iter(artifacts["text_to_image"]))
+    if "fid" not in metrics["text_to_image"][split]:
+        return {"status": "no FID computed"}
+    generated = [s["image"] for s in artifacts["text_to_image"][split] if s["image"] is not None]
+    real = fid_reference(config, resolution, split, config.num_fid_real, REAL_OFFSET)
+    metric = FrechetInceptionDistance(feature=_AsTorchmetricsFeature(extractor), normalize=True)
+    for images in _image_batches(real, resolution):
+        metric.update(images, real=True)
+    for images in _image_batches(generated, resolution):
+        metric.update(images, real=False)
+    theirs = float(metric.compute())
+    ours = metrics["text_to_image"][split]["fid"]["fid"]
+    return {"reference": "torchmetrics FrechetInceptionDistance (same features)", "split": split, "fid": theirs,
+            "abs_diff": abs(theirs - ours)}
+
+
+class _AsTorchmetricsFeature(torch.nn.Module):
+    """torchmetrics calls a custom feature module on the images as given (float in [0, 1] with
+    normalize=True) and reads `num_features` instead of running a dummy image through it."""
+
+    def __init__(self, extractor) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.num_features = extractor.dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extractor.features(images.float()).double()
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+__all__ = ["EvalError", "ShapesEvalConfig", "evaluate", "references", "training_compute"]

@@ -1,0 +1,188 @@
+"""`mixmodal eval --suite shapes`: each task scores a perfect model perfectly and a broken one at
+zero (fake engines), the whole suite runs end to end on a tiny checkpoint and writes its
+metrics and report, and training compute comes from the model's own accounting."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from mixmodal.cli import main
+from mixmodal.data.shapes import ShapesConfig, render
+from mixmodal.data.sources import ShapesSource
+from mixmodal.documents import Document, Image, Text
+from mixmodal.eval.shapes_suite import (ShapesEvalConfig, captioning, documents, references, text_to_image,
+                                        training_compute, vqa)
+from mixmodal.inference.checkpoint import write_generation_settings
+from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
+from mixmodal.model.io import save_model_dir
+from mixmodal.model.transformer import TransformerConfig
+from mixmodal.objectives.diffusion import DiffusionConfig
+from mixmodal.tokenizers.image import save_image_tokenizer
+from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
+from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
+
+RES = 32
+SMALL = ShapesEvalConfig(num_prompts=6, num_captions=6, num_vqa=6, num_ppl=4, num_fid_real=8, batch_size=4)
+
+
+class FakeEngine:
+    """Answers every prompt with `answer(prompt_document) -> Document`."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.per_image = 64
+        self.calls = 0
+
+    def generate(self, prompts, config, seed=0):
+        from mixmodal.inference.prompt import to_document
+
+        self.calls += 1
+        return [SimpleNamespace(document=self.answer(to_document(p), config)) for p in prompts]
+
+
+def _scene_of_caption(text: str):
+    from mixmodal.data.shapes import parse_caption
+
+    return parse_caption(text)
+
+
+def test_text_to_image_scores_a_perfect_model_1_and_a_blank_one_0():
+    perfect = FakeEngine(lambda doc, cfg: Document([Image(render(_scene_of_caption(doc.texts[0]), RES))]))
+    m, samples = text_to_image(perfect, SMALL, RES, "heldout", lambda *_: None)
+    assert m["n"] == 6 and m["overall"] == 1.0 and m["count"] == 1.0 and m["without_image"] == 0
+    assert set(m["by_objects"]) <= {"1", "2"} and all(s["objects"] <= 2 for s in samples)
+    blank = FakeEngine(lambda doc, cfg: Document([Image(PILImage.new("RGB", (RES, RES)))]))
+    m, _ = text_to_image(blank, SMALL, RES, "heldout-combos", lambda *_: None)
+    assert m["overall"] == 0.0 and m["count"] == 0.0
+    silent = FakeEngine(lambda doc, cfg: Document([Text("no image")]))
+    m, _ = text_to_image(silent, SMALL, RES, "heldout", lambda *_: None)
+    assert m["without_image"] == 6 and m["overall"] == 0.0
+
+
+def test_prompt_sets_are_fixed_and_references_distinct():
+    a = [d.metadata["caption"] for d in documents(SMALL, RES, "caption", "heldout", 5)]
+    b = [d.metadata["caption"] for d in documents(SMALL, RES, "caption", "heldout", 5)]
+    assert a == b
+    doc = documents(SMALL, RES, "caption", "heldout", 1)[0]
+    from mixmodal.data.shapes import Scene
+
+    refs = references(Scene.from_dict(doc.metadata["scenes"][0]), 0, 5)
+    assert len(refs) == len(set(refs)) >= 3
+    assert all(_scene_of_caption(r) == Scene.from_dict(doc.metadata["scenes"][0]) for r in refs)
+
+
+def test_captioning_rewards_true_captions_and_the_oracle_parses_them():
+    from mixmodal.data.shapes import caption, parse_image
+
+    def true_caption(doc, cfg):
+        scene = parse_image(doc.images[0])
+        return Document([Text(caption(scene, np.random.default_rng(99)))])
+
+    good, examples, raw = captioning(FakeEngine(true_caption), SMALL, RES, lambda *_: None)
+    bad, _, _ = captioning(FakeEngine(lambda doc, cfg: Document([Text("purple elephants dance")])), SMALL, RES,
+                           lambda *_: None)
+    assert good["oracle"]["overall"] == 1.0 and good["parsable"] == 1.0
+    assert bad["oracle"]["overall"] == 0.0 and bad["parsable"] == 0.0
+    assert good["cider"] > 1.0 > bad["cider"] and good["bleu4"] > bad["bleu4"]
+    assert len(examples) == 6 and len(raw["references"][0]) == SMALL.num_references
+
+
+def test_vqa_accuracy_counts_right_answers():
+    from mixmodal.data.shapes import vqa as ask
+
+    answers = {}
+    for d in documents(SMALL, RES, "vqa", "heldout", 6):
+        answers[d.metadata["question"]] = d.metadata["answer"]
+
+    def oracle(doc, cfg):
+        question = doc.texts[-1].removeprefix("Question: ").removesuffix(" Answer:")
+        return Document([Text(" " + answers[question])])
+
+    m, examples = vqa(FakeEngine(oracle), SMALL, RES, lambda *_: None)
+    assert m["accuracy"] == 1.0 and m["n"] == 6
+    m, _ = vqa(FakeEngine(lambda doc, cfg: Document([Text(" banana")])), SMALL, RES, lambda *_: None)
+    assert m["accuracy"] == 0.0
+
+
+def test_training_compute_is_the_models_own_accounting(tmp_path):
+    from mixmodal.train.fusion import FusionTrainConfig, training_compute as account
+
+    config = FusionTrainConfig()
+    config.trainer.steps, config.trainer.batch_size, config.trainer.grad_accumulation = 10, 4, 2
+    config.data.pipeline.seq_len = 64
+    model = FusionModel(ModelConfig(text_vocab_size=300, image=ImageConfig(mode="tokens", num_codes=32, grid_size=4),
+                                    transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4)))
+    got = account(model, config, world_size=3)
+    assert got["positions"] == 10 * 4 * 2 * 3 * 64
+    assert got["flops"] == pytest.approx(got["positions"] * model.flops_per_token(64))
+    assert got["flops_per_position"] > 6 * model.num_parameters(non_embedding=True)  # attention on top
+    (tmp_path / "training.json").write_text(json.dumps(got))
+    assert training_compute(tmp_path)["flops"] == got["flops"]
+    assert training_compute(tmp_path / "nowhere")["flops"] is None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny token-mode model folder at 32 px, as `mixmodal train` writes it (training.json included)."""
+    out = tmp_path_factory.mktemp("eval-ckpt") / "model"
+    torch.manual_seed(0)
+    texts = (t for doc in ShapesSource(ShapesConfig(resolution=RES), num=100) for t in doc.texts)
+    text = TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=300))
+    trunk = dict(resolution=RES, base_channels=8, channel_multipliers=[1, 2, 2], num_res_blocks=1, norm_groups=4)
+    image_tok = VQTokenizer(VQConfig(**trunk, latent_channels=8, codebook_size=32, codebook_dim=4))
+    model = FusionModel(ModelConfig(text_vocab_size=text.vocab_size, image=ImageConfig(mode="tokens", num_codes=32, grid_size=8),
+                                    transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4)))
+    save_model_dir(model, out)
+    text.save(out / "text_tokenizer")
+    save_image_tokenizer(image_tok, out / "image_tokenizer")
+    write_generation_settings(out, max_length=160, diffusion=None)
+    (out / "training.json").write_text(json.dumps({"steps": 7, "flops": 1.5e12, "positions": 1000}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def feature_net(tmp_path_factory):
+    from mixmodal.eval.feature_net import train_feature_net
+
+    out = tmp_path_factory.mktemp("features") / "net"
+    train_feature_net(RES, steps=3, batch_size=8, out=out)
+    return out
+
+
+def test_eval_cli_writes_metrics_and_a_report(checkpoint, feature_net, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", str(checkpoint), "--suite", "shapes", "--out", str(out), "--feature-net", str(feature_net),
+                 "num_prompts=3", "num_captions=3", "num_vqa=3", "num_ppl=3", "num_fid_real=6", "batch_size=3",
+                 "samples=3"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert str(out / "report.md") in printed and "t2i_heldout_overall" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["text_to_image"]) == {"heldout", "heldout-combos"}
+    for split in m["text_to_image"].values():
+        assert split["n"] == 3 and 0.0 <= split["overall"] <= 1.0
+        assert split["fid"]["comparable"] is False and "NOT comparable" in split["fid"]["features"]
+    assert m["training"]["flops"] == 1.5e12 and m["image_mode"] == "tokens"
+    assert m["captioning"]["n"] == 3 and m["vqa"]["n"] == 3 and m["text"]["tokens"] > 0
+    assert m["cross_checks"]["captioning"]["cider_abs_diff"] < 1e-9
+    assert m["cross_checks"]["fid"]["abs_diff"] < 1e-3 * max(1.0, m["cross_checks"]["fid"]["fid"])
+    report = (out / "report.md").read_text()
+    assert "NO" in report and "1.5e+12" in report and "figures/attributes.png" in report
+    assert (out / "figures" / "samples-heldout.png").is_file() and (out / "report.html").is_file()
+    assert len(list((out / "samples" / "heldout").glob("*.png"))) == 3
+
+
+def test_eval_cli_errors_are_clear(checkpoint, tmp_path, capsys):
+    assert main(["eval", str(checkpoint), "--suite", "coco", "--out", str(tmp_path / "x")]) == 2
+    assert "only suite is 'shapes'" in capsys.readouterr().err
+    assert main(["eval", str(checkpoint), "--out", str(tmp_path / "x"), "splits=[nowhere]"]) == 2
+    assert "unknown split" in capsys.readouterr().err
+    assert main(["eval", str(checkpoint), "--out", str(tmp_path / "x"), "--inception", str(tmp_path / "none.pth"),
+                 "num_prompts=1", "num_captions=0", "num_vqa=0", "num_ppl=0"]) == 2
+    assert "none.pth" in capsys.readouterr().err
