@@ -46,6 +46,7 @@ class DemoConfig:
     cfg: float = 3.0  # classifier-free guidance scale for the generated images
     diffusion_steps: int = 50  # denoising steps per image (latent model)
     eval_num: int = 32  # prompts / images / questions / documents per task in the closing `mixmodal eval`
+    feature_net: str = ""  # FID features for that eval; "" = mixmodal's cached shapes feature net (trained on first use)
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_heldout", "num_shown", "image_tokenizer_steps", "model_steps", "num_prompts",
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         dest = out / "eval" / model
         _run(["eval", str(runs / model), "--suite", "shapes", "--quick", "--out", str(dest), f"num_prompts={n}",
               f"num_captions={n}", f"num_vqa={n}", f"num_ppl={n}", f"cfg={config.cfg}",
-              f"diffusion_steps={config.diffusion_steps}"])
+              f"diffusion_steps={config.diffusion_steps}", *(["--feature-net", config.feature_net] if config.feature_net else [])])
         evals[model] = json.loads((dest / "metrics.json").read_text())
     training["eval"] = evals
 

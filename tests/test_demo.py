@@ -8,10 +8,14 @@ from mixmodal.demo import main
 
 
 def test_small_demo_runs_and_lists_its_outputs(tmp_path, capsys):
+    from mixmodal.eval.feature_net import train_feature_net
+
+    features = tmp_path / "features"
+    train_feature_net(32, steps=2, batch_size=4, out=features, num_eval_scenes=8)  # the real one trains for ~30 s
     out = tmp_path / "demo"
     code = main(["--out", str(out), "num_train=40", "num_heldout=20", "num_shown=8", "shapes.resolution=32",
                  "text_tokenizer.vocab_size=400", "image_tokenizer_steps=2", "model_steps=2", "num_prompts=2",
-                 "diffusion_steps=2"])
+                 "diffusion_steps=2", "eval_num=2", f"feature_net={features}"])
     assert code == 0
     printed = capsys.readouterr().out
     for name in ("report.md", "contact_sheet_train.png", "tokenizer.json", "oracle.json", "stats.json",
@@ -28,7 +32,13 @@ def test_small_demo_runs_and_lists_its_outputs(tmp_path, capsys):
     for model in ("tokens", "latents"):
         assert (out / "generate" / model / "documents.jsonl").read_text().count("\n") == 2
     assert "## Generation" in (out / "report.md").read_text()
+    # ... and ends with a short eval of each model, whose reports it lists
+    assert "eval reports" in printed and str(out / "eval" / "latents" / "report.html") in printed
+    for model in ("tokens", "latents"):
+        metrics = json.loads((out / "eval" / model / "metrics.json").read_text())
+        assert metrics["text_to_image"]["heldout"]["n"] == 2 and metrics["training"]["steps"] == 2
+    assert "## Evaluation" in (out / "report.md").read_text()
     # a second `make demo` into the same folder starts its runs afresh instead of refusing
     assert main(["--out", str(out), "num_train=40", "num_heldout=20", "num_shown=8", "shapes.resolution=32",
                  "text_tokenizer.vocab_size=400", "image_tokenizer_steps=2", "model_steps=2", "num_prompts=1",
-                 "diffusion_steps=2"]) == 0
+                 "diffusion_steps=2", "eval_num=1", f"feature_net={features}"]) == 0
