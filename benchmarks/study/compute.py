@@ -17,8 +17,9 @@ run is the model an s-step run would give: each arm trains once, to the largest 
 stopping at each budget to snapshot its model folder (with training.json, the FLOPs spent).
 Every step is skipped when its output exists, so a second call resumes where one stopped.
 
-Phases: train -> eval (`mixmodal eval SNAPSHOT --suite shapes`) -> report
-(OUT/results.{json,md}, OUT/curves.png, OUT/ratios.md). docs/study.md is the write-up.
+Phases: train -> eval (`mixmodal eval SNAPSHOT --suite shapes`, with --encoder for the CLIP
+score when the dual encoder exists) -> report (OUT/results.json; OUT/results.md with the
+table, the FLOP ratios and the attention ablation; OUT/curves.png). docs/study.md is the write-up.
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ def snapshots(out: Path, arm: str) -> list[Path]:
     return sorted(p for p in (out / arm).glob("steps-*") if (p / "model" / "training.json").is_file())
 
 
-def evaluate(out: Path, arm: str, eval_overrides: list[str]) -> None:
+def evaluate(out: Path, arm: str, eval_overrides: list[str], encoder: str | None) -> None:
+    extra = ["--encoder", encoder] if encoder and Path(ROOT / encoder).exists() else []
     for snap in snapshots(out, arm):
         if not (snap / "eval" / "metrics.json").is_file():
-            mixmodal("eval", str(snap / "model"), "--suite", "shapes", "--out", str(snap / "eval"), *eval_overrides)
+            mixmodal("eval", str(snap / "model"), "--suite", "shapes", "--out", str(snap / "eval"), *extra,
+                     *eval_overrides)
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -91,6 +94,8 @@ METRICS = [
     ("t2i_attributes", "text->image mean of count/colour/shape/position",
      lambda m: sum(m["text_to_image"]["heldout"][a] for a in ("count", "colour", "shape", "position")) / 4, True),
     ("fid", "FID (shapes features, held-out)", lambda m: m["text_to_image"]["heldout"]["fid"]["fid"], False),
+    ("clip", "CLIP score (dual encoder, held-out)",
+     lambda m: m["text_to_image"]["heldout"]["clip_score"]["clip_score"], True),
     ("cider", "captioning CIDEr-D", lambda m: m["captioning"]["cider"], True),
     ("bleu4", "captioning BLEU-4", lambda m: m["captioning"]["bleu4"], True),
     ("vqa", "VQA accuracy", lambda m: m["vqa"]["accuracy"], True),
@@ -210,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase", choices=["all", "train", "eval", "report"], default="all")
     p.add_argument("--eval", nargs="*", default=["num_prompts=100", "num_captions=100", "num_vqa=100", "num_ppl=100"],
                    help="key=value overrides for `mixmodal eval` (default: 100 prompts per task)")
+    p.add_argument("--encoder", default="runs/dual-encoder-32/encoder",
+                   help="dual encoder for the CLIP score (configs/retrieval/dual-encoder-shapes-32.yaml); skipped if absent")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             train(out, arm, args.budgets, args.overrides)
     if args.phase in ("all", "eval"):
         for arm in args.arms:
-            evaluate(out, arm, args.eval)
+            evaluate(out, arm, args.eval, args.encoder)
     if args.phase in ("all", "eval", "report"):
         report(out, args.arms, "python benchmarks/study/compute.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0

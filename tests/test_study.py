@@ -1,0 +1,33 @@
+"""The study's FLOP-ratio rule (Transfusion Table 3 form): interpolation, the edge cases, and
+the direction of "better"."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("study_compute", Path(__file__).parents[1] / "benchmarks/study/compute.py")
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+
+def rows(points):
+    return [{"flops": f, "m": v} for f, v in points]
+
+
+def test_ratio_interpolates_log_linearly_between_budgets():
+    reference = rows([(1e12, 0.2), (4e12, 0.5)])  # the reference's largest budget scores 0.5
+    candidate = rows([(1e11, 0.3), (1e13, 0.7)])  # 0.5 is halfway: at 1e12 in log-FLOPs
+    text, value = study.parity_ratio(reference, candidate, "m", higher=True)
+    assert value == pytest.approx(1e12 / 4e12)
+    assert text == "0.25"
+
+
+def test_ratio_edges_and_lower_is_better():
+    reference = rows([(1e12, 10.0)])
+    assert study.parity_ratio(reference, rows([(1e11, 5.0), (1e12, 3.0)]), "m", higher=False)[0] == "<= 0.1"
+    text, value = study.parity_ratio(reference, rows([(1e11, 50.0), (1e12, 20.0)]), "m", higher=False)
+    assert value is None and text.startswith("> 1") and "not reached" in text
+    assert study.parity_ratio(reference, rows([]), "m", higher=True) == ("n/a", None)
