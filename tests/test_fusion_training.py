@@ -153,6 +153,14 @@ def test_trains_and_reports_the_loss_breakdown(tokenizers, tmp_path, mode):
     assert (tmp_path / "run" / "model" / "text_tokenizer" / "tokenizer.json").is_file()
     out = model(torch.tensor([[1, 20, 30]]))
     assert out.logits.shape == (1, 3, model.vocab.size)
+    # what training cost, from the model's own accounting (mixmodal eval and the study read it)
+    import json
+
+    compute = json.loads((tmp_path / "run" / "model" / "training.json").read_text())
+    seq_len = config.data.pipeline.seq_len
+    assert compute["steps"] == 4 and compute["positions"] == 4 * config.trainer.batch_size * seq_len
+    assert compute["flops"] == pytest.approx(compute["positions"] * model.flops_per_token(seq_len))
+    assert 0 < compute["fill"] <= 1 and compute["non_padding_flops"] == pytest.approx(compute["flops"] * compute["fill"])
 
 
 @pytest.mark.parametrize("mode", ["tokens", "latents"])

@@ -111,7 +111,11 @@ def collect(out: Path, arms: list[str]) -> dict:
             if not path.is_file():
                 continue
             m = json.loads(path.read_text())
-            row = {"steps": m["training"]["steps"], "flops": m["training"]["flops"],
+            fill = m["training"].get("fill")
+            if fill is None and (snap / "train_eval.json").is_file():  # snapshots from before training.json had it
+                fill = json.loads((snap / "train_eval.json").read_text()).get("data", {}).get("fill")
+            row = {"steps": m["training"]["steps"], "flops": m["training"]["flops"], "fill": fill,
+                   "useful_flops": m["training"]["flops"] * fill if fill else None,
                    "parameters": m["parameters"], "eval": str(path)}
             for key, _, get, _ in METRICS:
                 try:
@@ -122,24 +126,26 @@ def collect(out: Path, arms: list[str]) -> dict:
     return table
 
 
-def parity_ratio(reference: list[dict], candidate: list[dict], key: str, higher: bool) -> tuple[str, float | None]:
+def parity_ratio(reference: list[dict], candidate: list[dict], key: str, higher: bool,
+                 flops: str = "flops") -> tuple[str, float | None]:
     """Transfusion Table 3: the candidate's FLOPs needed to match the reference's best budget,
     as a fraction of the reference's FLOPs; interpolated log-linearly in FLOPs between the
-    candidate's budgets. ("<x" when its smallest budget already matches, ">x" when none does.)"""
-    ref = max(reference, key=lambda r: r["flops"])
+    candidate's budgets. ("<x" when its smallest budget already matches, ">x" when none does.)
+    `flops`: which count ("flops": every position computed; "useful_flops": non-padding ones)."""
+    ref = max(reference, key=lambda r: r[flops])
     target = ref[key]
-    pts = sorted((r["flops"], r[key]) for r in candidate if r[key] is not None)
+    pts = sorted((r[flops], r[key]) for r in candidate if r[key] is not None)
     if target is None or not pts:
         return "n/a", None
     better = (lambda v: v >= target) if higher else (lambda v: v <= target)
     if better(pts[0][1]):
-        return f"<= {pts[0][0] / ref['flops']:.3g}", pts[0][0] / ref["flops"]
+        return f"<= {pts[0][0] / ref[flops]:.3g}", pts[0][0] / ref[flops]
     for (f0, v0), (f1, v1) in zip(pts, pts[1:]):
         if better(v1):
             w = (target - v0) / (v1 - v0) if v1 != v0 else 1.0
-            flops = math.exp(math.log(f0) + w * (math.log(f1) - math.log(f0)))
-            return f"{flops / ref['flops']:.3g}", flops / ref["flops"]
-    return f"> {pts[-1][0] / ref['flops']:.3g} (not reached)", None
+            needed = math.exp(math.log(f0) + w * (math.log(f1) - math.log(f0)))
+            return f"{needed / ref[flops]:.3g}", needed / ref[flops]
+    return f"> {pts[-1][0] / ref[flops]:.3g} (not reached)", None
 
 
 def plot(table: dict, path: Path) -> None:
@@ -156,6 +162,10 @@ def plot(table: dict, path: Path) -> None:
             pts = sorted((r["flops"], r[key]) for r in points if r[key] is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=arm)
+            useful = sorted((r["useful_flops"], r[key]) for r in points if r[key] is not None and r["useful_flops"])
+            if arm == "tokens" and useful:  # its rows are half padding: where perfect packing would put it
+                ax.plot([p[0] for p in useful], [p[1] for p in useful], "o--", color="C0", alpha=0.5,
+                        label="tokens, non-padding FLOPs")
         ax.set_xscale("log")
         ax.set_title(label + (" (higher better)" if higher else " (lower better)"), fontsize=8)
         ax.set_xlabel("training FLOPs", fontsize=8)
@@ -178,21 +188,28 @@ def report(out: Path, arms: list[str], command: str) -> None:
         return
     plot(table, out / "curves.png")
     lines = [f"# Equal-compute study on shapes ({platform.node() or 'this machine'}, {time.strftime('%Y-%m-%d')})", "",
-             f"Reproduce: `{command}`", "", "| arm | steps | training FLOPs | " + " | ".join(k for k, *_ in METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
+             f"Reproduce: `{command}`", "",
+             "| arm | steps | training FLOPs | row fill | " + " | ".join(k for k, *_ in METRICS) + " |",
+             "|---|---|---|---|" + "---|" * len(METRICS)]
     for arm, points in table.items():
         for r in points:
-            lines.append(f"| {arm} | {r['steps']} | {r['flops']:.3g} | "
+            fill = "n/a" if r["fill"] is None else f"{r['fill']:.2f}"
+            lines.append(f"| {arm} | {r['steps']} | {r['flops']:.3g} | {fill} | "
                          + " | ".join("n/a" if r[k] is None else f"{r[k]:.3f}" for k, *_ in METRICS) + " |")
     if "tokens" in table and "latents" in table:
         lines += ["", "## FLOP ratio (Transfusion Table 3 form)", "",
-                  "Latent-model FLOPs needed to match the token model's largest budget, as a fraction of its FLOPs.", "",
-                  "| metric | token model at its largest budget | latent FLOPs / token FLOPs |", "|---|---|---|"]
+                  "Latent-model FLOPs needed to match the token model's largest budget, as a fraction of its FLOPs: "
+                  "counting every position computed, and counting only non-padding positions (what perfect "
+                  "packing would cost; the row fill column above).", "",
+                  "| metric | token model at its largest budget | latent / token FLOPs | latent / token non-padding FLOPs |",
+                  "|---|---|---|---|"]
         ref = max(table["tokens"], key=lambda r: r["flops"])
+        useful = all(r["useful_flops"] for arm in ("tokens", "latents") for r in table[arm])
         for key, label, _, higher in METRICS:
             text, _ = parity_ratio(table["tokens"], table["latents"], key, higher)
+            text2 = parity_ratio(table["tokens"], table["latents"], key, higher, "useful_flops")[0] if useful else "n/a"
             value = "n/a" if ref[key] is None else f"{ref[key]:.3f}"
-            lines.append(f"| {label} | {value} | {text} |")
+            lines.append(f"| {label} | {value} | {text} | {text2} |")
     if "latents" in table and "latents-causal" in table:
         lines += ["", "## Intra-image attention (Transfusion Table 5 form), largest budget", "",
                   "| metric | bidirectional | causal |", "|---|---|---|"]

@@ -412,8 +412,12 @@ class FusionTask(TaskBase):
         save_model_dir(models["model"], out)
         _copy_dir(Path(self.config.data.text_tokenizer), out / TEXT_TOKENIZER_DIR)
         _copy_dir(Path(self.config.data.image_tokenizer), out / IMAGE_TOKENIZER_DIR)
-        (out / TRAINING_FILE).write_text(json.dumps(training_compute(models["model"], self.config, getattr(self, "world", 1)), indent=1) + "\n",
-                                         encoding="utf-8")
+        compute = training_compute(models["model"], self.config, getattr(self, "world", 1))
+        if hasattr(self, "train_batches"):  # padding positions cost compute too; a tighter packing would save them
+            fill = self.train_batches.stats.as_dict().get("fill")
+            if fill is not None:
+                compute.update(fill=fill, non_padding_flops=compute["flops"] * fill)
+        (out / TRAINING_FILE).write_text(json.dumps(compute, indent=1) + "\n", encoding="utf-8")
         r = self.config.data.retrieval
         write_generation_settings(out, max_length=self.config.data.pipeline.seq_len,
                                   diffusion=self.config.diffusion if self.latent else None,
