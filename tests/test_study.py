@@ -31,3 +31,7 @@ def test_ratio_edges_and_lower_is_better():
     text, value = study.parity_ratio(reference, rows([(1e11, 50.0), (1e12, 20.0)]), "m", higher=False)
     assert value is None and text.startswith("> 1") and "not reached" in text
     assert study.parity_ratio(reference, rows([]), "m", higher=True) == ("n/a", None)
+
+
+def test_a_reference_at_zero_gives_no_ratio():
+    assert study.parity_ratio(rows([(1e12, 0.0)]), rows([(1e11, 0.0)]), "m", higher=True)[0].startswith("n/a")

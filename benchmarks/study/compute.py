@@ -137,6 +137,8 @@ def parity_ratio(reference: list[dict], candidate: list[dict], key: str, higher:
     pts = sorted((r[flops], r[key]) for r in candidate if r[key] is not None)
     if target is None or not pts:
         return "n/a", None
+    if higher and target <= 0:
+        return "n/a (the reference scores 0)", None
     better = (lambda v: v >= target) if higher else (lambda v: v <= target)
     if better(pts[0][1]):
         return f"<= {pts[0][0] / ref[flops]:.3g}", pts[0][0] / ref[flops]
@@ -188,7 +190,9 @@ def report(out: Path, arms: list[str], command: str) -> None:
         return
     plot(table, out / "curves.png")
     lines = [f"# Equal-compute study on shapes ({platform.node() or 'this machine'}, {time.strftime('%Y-%m-%d')})", "",
-             f"Reproduce: `{command}`", "",
+             "Made by (in this order; each step skips what exists):", "", "```",
+             *(dict.fromkeys((out / "commands.log").read_text().splitlines()) if (out / "commands.log").is_file()
+               else [command]), "```", "",
              "| arm | steps | training FLOPs | row fill | " + " | ".join(k for k, *_ in METRICS) + " |",
              "|---|---|---|---|" + "---|" * len(METRICS)]
     for arm, points in table.items():
@@ -237,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     args = p.parse_args(argv)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.phase != "report":  # the report lists every command that made its numbers
+        with open(out / "commands.log", "a", encoding="utf-8") as f:
+            f.write("python benchmarks/study/compute.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
     if args.phase in ("all", "train"):
         for arm in args.arms:
             train(out, arm, args.budgets, args.overrides)
