@@ -77,7 +77,10 @@ def snapshots(out: Path, arm: str) -> list[Path]:
 
 
 def evaluate(out: Path, arm: str, eval_overrides: list[str], encoder: str | None) -> None:
+    import torch
+
     extra = ["--encoder", encoder] if encoder and Path(ROOT / encoder).exists() else []
+    extra += ["--device", "cuda"] if torch.cuda.is_available() else []  # training picks the GPU by itself
     for snap in snapshots(out, arm):
         if not (snap / "eval" / "metrics.json").is_file():
             mixmodal("eval", str(snap / "model"), "--suite", "shapes", "--out", str(snap / "eval"), *extra,
@@ -155,6 +158,7 @@ def plot(table: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cols = 3
     rows = -(-len(METRICS) // cols)
@@ -169,6 +173,7 @@ def plot(table: dict, path: Path) -> None:
                 ax.plot([p[0] for p in useful], [p[1] for p in useful], "o--", color="C0", alpha=0.5,
                         label="tokens, non-padding FLOPs")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(label + (" (higher better)" if higher else " (lower better)"), fontsize=8)
         ax.set_xlabel("training FLOPs", fontsize=8)
         ax.tick_params(labelsize=7)
