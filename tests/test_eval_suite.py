@@ -172,7 +172,10 @@ def test_eval_cli_writes_metrics_and_a_report(checkpoint, feature_net, tmp_path,
     assert m["captioning"]["n"] == 3 and m["vqa"]["n"] == 3 and m["text"]["tokens"] > 0
     assert m["cross_checks"]["captioning"]["cider_abs_diff"] < 1e-9
     assert m["cross_checks"]["fid"]["abs_diff"] < 1e-3 * max(1.0, m["cross_checks"]["fid"]["fid"])
+    assert m["command"].startswith(f"mixmodal eval {checkpoint} --suite shapes --out {out} --feature-net {feature_net}")
+    assert "num_prompts=3" in m["command"] and "cfg=" not in m["command"]  # only what differs from the defaults
     report = (out / "report.md").read_text()
+    assert m["command"] in report
     assert "NO" in report and "1.5e+12" in report and "figures/attributes.png" in report
     assert (out / "figures" / "samples-heldout.png").is_file() and (out / "report.html").is_file()
     assert len(list((out / "samples" / "heldout").glob("*.png"))) == 3

@@ -182,7 +182,9 @@ def plot(table: dict, path: Path) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("token (Chameleon-style) vs latent (Transfusion-style) on shapes, metric vs training FLOPs", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.text(0.01, 0.005, f"python benchmarks/study/compute.py --out {path.parent} (commands: {path.parent}/results.md)",
+             fontsize=7, color="gray")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

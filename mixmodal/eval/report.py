@@ -51,13 +51,14 @@ def attribute_figure(metrics: dict, path: Path) -> Path:
     n = metrics["config"]
     ax.set_title(f"text -> image, {n['min_objects']}-{n['max_objects']} objects, cfg {n['cfg']}", fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.text(0.01, 0.01, textwrap.shorten(metrics.get("command", ""), 150), fontsize=5.5, color="gray")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def sample_grid(samples: list, path: Path, columns: int = 4, limit: int = 16) -> Path:
+def sample_grid(samples: list, path: Path, columns: int = 4, limit: int = 16, command: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +76,9 @@ def sample_grid(samples: list, path: Path, columns: int = 4, limit: int = 16) ->
         for spine in ax.spines.values():
             spine.set_visible(True)
             spine.set_color("green" if ok else "red")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 if command else 0, 1, 1))
+    if command:
+        fig.text(0.01, 0.005, textwrap.shorten(command, 120), fontsize=5, color="gray")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -105,7 +108,8 @@ def write_report(out: Path, metrics: dict, artifacts: dict) -> dict[str, Path]:
         paths["attributes"] = attribute_figure(metrics, figures / "attributes.png")
         for split, samples in t2i.items():
             paths[f"samples-{split}"] = sample_grid(samples, figures / f"samples-{split}.png",
-                                                    limit=metrics["config"].get("samples", 16))
+                                                    limit=metrics["config"].get("samples", 16),
+                                                    command=metrics.get("command", ""))
             _save_images(samples, "image", out / "samples" / split)
     caption_files = _save_images(artifacts.get("captioning", [])[:24], "image", out / "captioning")
     md = _markdown(metrics, paths, out)
@@ -198,7 +202,8 @@ def _sections(metrics: dict) -> list[tuple[str, list[str], list[list[str]], str]
 def _markdown(metrics: dict, paths: dict, out: Path) -> str:
     lines = [f"# mixmodal eval: `{metrics['checkpoint']}`", "",
              f"Suite `{metrics['suite']}` at {metrics['resolution']} px, {metrics['config']['min_objects']}-"
-             f"{metrics['config']['max_objects']} objects; {metrics['seconds']} s. All numbers: `metrics.json`.", ""]
+             f"{metrics['config']['max_objects']} objects; {metrics['seconds']} s. All numbers: `metrics.json`.", "",
+             f"Reproduce (numbers and figures): `{metrics.get('command', '')}`", ""]
     for title, header, rows, note in _sections(metrics):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -217,7 +222,8 @@ def _html(metrics: dict, paths: dict, out: Path, artifacts: dict, caption_files:
              ".cap{display:inline-block;width:250px;vertical-align:top;margin:4px;font-size:12px}"
              ".cap img{width:96px;image-rendering:pixelated}</style></head><body>",
              f"<h1>mixmodal eval</h1><p><code>{e(metrics['checkpoint'])}</code> &mdash; suite {e(metrics['suite'])}, "
-             f"{metrics['resolution']} px, {metrics['seconds']} s. <a href='metrics.json'>metrics.json</a></p>"]
+             f"{metrics['resolution']} px, {metrics['seconds']} s. <a href='metrics.json'>metrics.json</a></p>"
+             f"<p class='note'>Reproduce: <code>{e(metrics.get('command', ''))}</code></p>"]
     for title, header, rows, note in _sections(metrics):
         parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]

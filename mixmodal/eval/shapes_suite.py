@@ -297,6 +297,8 @@ def evaluate(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig |
     resolution = engine.image_tokenizer.config.resolution
     metrics: dict[str, Any] = {
         "checkpoint": str(model_dir), "suite": "shapes", "config": asdict(config), "resolution": resolution,
+        "command": command_line(model_dir, out, config, inception=inception, feature_net=feature_net, encoder=encoder,
+                                device=device),
         "image_mode": engine.mode, "parameters": engine.model.num_parameters(),
         "training": training_compute(model_dir),
     }
@@ -328,6 +330,14 @@ def evaluate(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig |
     (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1) + "\n", encoding="utf-8")
     write_report(out, metrics, artifacts)
     return metrics
+
+
+def command_line(checkpoint, out, config: ShapesEvalConfig, **flags) -> str:
+    """The `mixmodal eval` command that reproduces these metrics (non-default fields as overrides)."""
+    default = asdict(ShapesEvalConfig())
+    overrides = [f"{k}={v}".replace(" ", "").replace("'", "") for k, v in asdict(config).items() if default[k] != v]
+    options = [f"--{k.replace('_', '-')} {v}" for k, v in flags.items() if v and not (k == "device" and v == "cpu")]
+    return " ".join(["mixmodal eval", str(checkpoint), "--suite shapes", "--out", str(out), *options, *overrides])
 
 
 def _feature_extractor(inception: str | None, feature_net: str | None, resolution: int, progress):
