@@ -35,3 +35,30 @@ def test_ratio_edges_and_lower_is_better():
 
 def test_a_reference_at_zero_gives_no_ratio():
     assert study.parity_ratio(rows([(1e12, 0.0)]), rows([(1e11, 0.0)]), "m", higher=True)[0].startswith("n/a")
+
+
+def test_every_study_config_names_a_tokenizer_it_can_train():
+    """Each arm at each resolution trains its image tokenizer from configs/tokenizers/ when absent,
+    and the two arms at a resolution differ only in the image path."""
+    from mixmodal.config import load_yaml
+
+    root = Path(__file__).parents[1]
+    for res in study.RESOLUTIONS:
+        configs = {arm: load_yaml(root / cfg.format(res=res)) for arm, (cfg, _) in study.ARMS.items()}
+        for arm, cfg in configs.items():
+            name = Path(cfg["data"]["image_tokenizer"]).parent.name
+            tok = load_yaml(root / "configs/tokenizers" / f"{name}.yaml")
+            assert load_yaml(root / "configs/tokenizers" / tok["tokenizer"]["preset"])["resolution"] == res, arm
+            assert f"resolution={res}" in cfg["data"]["source"] or res == 64, arm
+        tokens, latents = configs["tokens"], configs["latents"]
+        assert tokens["model"]["transformer"] == latents["model"]["transformer"]
+        assert tokens["trainer"] == latents["trainer"] and tokens["data"]["pipeline"] == latents["data"]["pipeline"]
+        assert tokens["data"]["source"] == latents["data"]["source"]
+
+
+def test_a_missing_tokenizer_without_a_config_is_a_clear_error(tmp_path, monkeypatch):
+    config = tmp_path / "arm.yaml"
+    config.write_text("data: {image_tokenizer: runs/no-such-tokenizer/tokenizer}\n")
+    monkeypatch.setattr(study, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match="data.image_tokenizer=runs/no-such-tokenizer/tokenizer is missing"):
+        study.ensure_image_tokenizer("arm.yaml")

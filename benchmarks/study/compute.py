@@ -3,14 +3,19 @@ and a Transfusion-style latent model, the same transformer on the same `shapes` 
 evaluated at several training-compute budgets with `mixmodal eval`; plus Transfusion's
 Table 5 ablation (causal instead of bidirectional attention inside each image, latent mode).
 
-    python benchmarks/study/compute.py --out runs/study                    # everything (CPU: ~2 h)
-    python benchmarks/study/compute.py --out runs/study --budgets 300 600 --arms tokens latents
-    python benchmarks/study/compute.py --out runs/study --phase report     # tables and plots only
+    python benchmarks/study/compute.py --out runs/study-32 --budgets 300 600    # 32 px, CPU-sized (~2 h on 2 cores)
+    python benchmarks/study/compute.py --out runs/study --res 64              # 64 px (CPU: ~10 h; a GPU: minutes)
+    python benchmarks/study/compute.py --out runs/study --res 64 --budgets 300 600 --arms tokens latents
+    python benchmarks/study/compute.py --out runs/study-32 --phase report     # tables and plots only
 
-Arms (configs/study/*.yaml; one run each, step budgets read off it):
-    tokens          256 VQ codes per 64 px image        configs/study/tokens-64.yaml
-    latents         64 VAE-latent patches per image     configs/study/latents-64.yaml
+Arms (configs/study/*-RES.yaml; one run each, step budgets read off it):
+    tokens          VQ codes: 256 per 64 px image, 64 per 32 px image
+    latents         VAE latents: 64 patches (2 x 2) per 64 px image, 64 (1 x 1) per 32 px image
     latents-causal  latents with causal intra-image attention (model.image.bidirectional=false)
+
+Prerequisites are trained when absent: each arm's image tokenizer (data.image_tokenizer =
+runs/NAME/tokenizer, from configs/tokenizers/NAME.yaml) and, for the CLIP score, the 32 px
+dual encoder (runs/dual-encoder-32, configs/retrieval/dual-encoder-shapes-32.yaml).
 
 The configs use a constant learning rate after warmup, so the model after s steps of a longer
 run is the model an s-step run would give: each arm trains once, to the largest budget,
@@ -35,11 +40,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ARMS = {
-    "tokens": ("configs/study/tokens-64.yaml", []),
-    "latents": ("configs/study/latents-64.yaml", []),
-    "latents-causal": ("configs/study/latents-64.yaml", ["model.image.bidirectional=false"]),
+ARMS = {  # arm -> (config, with {res} the image resolution, overrides)
+    "tokens": ("configs/study/tokens-{res}.yaml", []),
+    "latents": ("configs/study/latents-{res}.yaml", []),
+    "latents-causal": ("configs/study/latents-{res}.yaml", ["model.image.bidirectional=false"]),
 }
+RESOLUTIONS = (32, 64)
+DUAL_ENCODER, DUAL_ENCODER_CONFIG = "runs/dual-encoder-32/encoder", "configs/retrieval/dual-encoder-shapes-32.yaml"
 
 
 def run(cmd: list[str]) -> None:
@@ -55,8 +62,33 @@ def snapshot_dir(out: Path, arm: str, steps: int) -> Path:
     return out / arm / f"steps-{steps:05d}"
 
 
-def train(out: Path, arm: str, budgets: list[int], overrides: list[str]) -> None:
+def ensure_run(run_dir: str, config: str, artifact: str) -> None:
+    """Train a prerequisite (an image tokenizer, the dual encoder) unless RUN_DIR/ARTIFACT exists:
+    `mixmodal train CONFIG --out RUN_DIR`, resumed if a checkpoint is there."""
+    if (ROOT / run_dir / artifact).exists():
+        return
+    resume = ["--resume"] if (ROOT / run_dir / "checkpoints").is_dir() else []
+    mixmodal("train", config, "--out", run_dir, *resume)
+
+
+def ensure_image_tokenizer(config: str) -> None:
+    """The arm's image tokenizer (data.image_tokenizer: runs/NAME/tokenizer, trained from
+    configs/tokenizers/NAME.yaml when absent)."""
+    from mixmodal.config import load_yaml
+
+    path = Path(load_yaml(ROOT / config)["data"]["image_tokenizer"])
+    name = path.parent.name
+    tokenizer_config = Path("configs/tokenizers") / f"{name}.yaml"
+    if not (ROOT / tokenizer_config).is_file():
+        raise SystemExit(f"{config}: data.image_tokenizer={path} is missing and there is no {tokenizer_config} "
+                         "to train it from; train it, or point data.image_tokenizer at a trained tokenizer")
+    ensure_run(str(path.parent), str(tokenizer_config), path.name)
+
+
+def train(out: Path, arm: str, budgets: list[int], overrides: list[str], res: int = 64) -> None:
     config, arm_overrides = ARMS[arm]
+    config = config.format(res=res)
+    ensure_image_tokenizer(config)
     run_dir = out / arm / "run"
     for steps in sorted(budgets):
         snap = snapshot_dir(out, arm, steps)
@@ -79,6 +111,8 @@ def snapshots(out: Path, arm: str) -> list[Path]:
 def evaluate(out: Path, arm: str, eval_overrides: list[str], encoder: str | None) -> None:
     import torch
 
+    if encoder and encoder == DUAL_ENCODER:  # the default: trained here when absent (~5 min on 2 CPU cores)
+        ensure_run(str(Path(encoder).parent), DUAL_ENCODER_CONFIG, Path(encoder).name)
     extra = ["--encoder", encoder] if encoder and Path(ROOT / encoder).exists() else []
     extra += ["--device", "cuda"] if torch.cuda.is_available() else []  # training picks the GPU by itself
     for snap in snapshots(out, arm):
@@ -237,14 +271,19 @@ def report(out: Path, arms: list[str], command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/study")
+    p.add_argument("--out", default="runs/study-32")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--budgets", nargs="+", type=int, default=[300, 600, 1200], help="training steps per snapshot")
+    p.add_argument("--res", type=int, default=32, choices=RESOLUTIONS,
+                   help="image resolution: 32 (the CPU-sized study: 64 positions per image both ways; tokenizers "
+                        "runs/{vq,vae}-demo-32) or 64 (256 VQ codes vs 64 latent patches per image; tokenizers "
+                        "runs/{vq,vae}-shapes-64)")
     p.add_argument("--phase", choices=["all", "train", "eval", "report"], default="all")
     p.add_argument("--eval", nargs="*", default=["num_prompts=100", "num_captions=100", "num_vqa=100", "num_ppl=100"],
                    help="key=value overrides for `mixmodal eval` (default: 100 prompts per task)")
-    p.add_argument("--encoder", default="runs/dual-encoder-32/encoder",
-                   help="dual encoder for the CLIP score (configs/retrieval/dual-encoder-shapes-32.yaml); skipped if absent")
+    p.add_argument("--encoder", default=DUAL_ENCODER,
+                   help=f"dual encoder for the CLIP score (the default is trained from {DUAL_ENCODER_CONFIG} "
+                        "when absent; '' for none)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -254,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write("python benchmarks/study/compute.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n")
     if args.phase in ("all", "train"):
         for arm in args.arms:
-            train(out, arm, args.budgets, args.overrides)
+            train(out, arm, args.budgets, args.overrides, args.res)
     if args.phase in ("all", "eval"):
         for arm in args.arms:
             evaluate(out, arm, args.eval, args.encoder)
