@@ -62,3 +62,15 @@ def test_a_missing_tokenizer_without_a_config_is_a_clear_error(tmp_path, monkeyp
     monkeypatch.setattr(study, "ROOT", tmp_path)
     with pytest.raises(SystemExit, match="data.image_tokenizer=runs/no-such-tokenizer/tokenizer is missing"):
         study.ensure_image_tokenizer("arm.yaml")
+
+
+def test_the_attention_ablation_compares_equal_budgets_only():
+    def row(steps, v):
+        return {"steps": steps, "flops": steps * 1e10, **{k: v for k, *_ in study.METRICS}}
+
+    lines = study.attention_ablation([row(300, 0.1), row(600, 0.2), row(1200, 0.9)], [row(300, 0.3), row(600, 0.4)])
+    table = "\n".join(lines)
+    assert "1200" not in table and "0.900" not in table  # the longer bidirectional run is not compared
+    assert "| bidirectional, 300 steps | causal, 300 steps | bidirectional, 600 steps | causal, 600 steps |" in table
+    assert "| 0.100 | 0.300 | 0.200 | 0.400 |" in table
+    assert "No budget" in "\n".join(study.attention_ablation([row(300, 0.1)], [row(600, 0.2)]))

@@ -223,6 +223,23 @@ def plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def attention_ablation(bidirectional: list[dict], causal: list[dict]) -> list[str]:
+    """Transfusion Table 5 form: the two attention patterns side by side at every budget both
+    arms reached (the same steps, so the same FLOPs), never one arm's longer run against the other's."""
+    by_steps = {r["steps"]: r for r in bidirectional}
+    common = [(by_steps[r["steps"]], r) for r in sorted(causal, key=lambda r: r["steps"]) if r["steps"] in by_steps]
+    if not common:
+        return ["", "## Intra-image attention (Transfusion Table 5 form)", "",
+                "No budget reached by both latents and latents-causal yet."]
+    lines = ["", "## Intra-image attention (Transfusion Table 5 form), latent mode, at equal steps", "",
+             "| metric | " + " | ".join(f"bidirectional, {a['steps']} steps | causal, {a['steps']} steps" for a, _ in common) + " |",
+             "|---|" + "---|---|" * len(common)]
+    for key, label, *_ in METRICS:
+        cells = ["n/a" if r[key] is None else f"{r[key]:.3f}" for pair in common for r in pair]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(out: Path, arms: list[str], command: str) -> None:
     table = collect(out, arms)
     (out / "results.json").write_text(json.dumps(table, indent=1) + "\n")
@@ -256,14 +273,7 @@ def report(out: Path, arms: list[str], command: str) -> None:
             value = "n/a" if ref[key] is None else f"{ref[key]:.3f}"
             lines.append(f"| {label} | {value} | {text} | {text2} |")
     if "latents" in table and "latents-causal" in table:
-        lines += ["", "## Intra-image attention (Transfusion Table 5 form), largest budget", "",
-                  "| metric | bidirectional | causal |", "|---|---|---|"]
-        a = max(table["latents"], key=lambda r: r["flops"])
-        b = max(table["latents-causal"], key=lambda r: r["flops"])
-        for key, label, *_ in METRICS:
-            fa = "n/a" if a[key] is None else f"{a[key]:.3f}"
-            fb = "n/a" if b[key] is None else f"{b[key]:.3f}"
-            lines.append(f"| {label} | {fa} | {fb} |")
+        lines += attention_ablation(table["latents"], table["latents-causal"])
     lines += ["", "![curves](curves.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
     print(f"wrote {out / 'results.md'}, {out / 'curves.png'}, {out / 'results.json'}")
