@@ -85,7 +85,7 @@ def ensure_image_tokenizer(config: str) -> None:
     ensure_run(str(path.parent), str(tokenizer_config), path.name)
 
 
-def train(out: Path, arm: str, budgets: list[int], overrides: list[str], res: int = 64) -> None:
+def train(out: Path, arm: str, budgets: list[int], overrides: list[str], res: int) -> None:
     config, arm_overrides = ARMS[arm]
     config = config.format(res=res)
     ensure_image_tokenizer(config)
