@@ -238,7 +238,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-QUICK_EVAL = {"num_prompts": 32, "num_captions": 32, "num_vqa": 32, "num_ppl": 32, "num_fid_real": 256, "samples": 8}
+QUICK_EVAL = {"num_prompts": 32, "num_captions": 32, "num_vqa": 32, "num_ppl": 32, "num_fid_real": 256, "samples": 8,
+              "geneval_prompts": 8, "images_per_prompt": 2}
 
 
 def _load_yaml(path: str) -> dict:
@@ -250,6 +251,10 @@ def _load_yaml(path: str) -> dict:
 def _headline(metrics: dict) -> dict:
     """The numbers a reader looks for first."""
     out: dict = {}
+    for which, m in metrics.get("geneval", {}).items():
+        out[f"geneval_{which}_overall"] = round(m["overall"], 4)
+        for category, c in m["categories"].items():
+            out[f"geneval_{which}_{category}"] = round(c["accuracy"], 4)
     for split, m in metrics.get("text_to_image", {}).items():
         out[f"t2i_{split}_overall"] = round(m["overall"], 4)
         if "fid" in m:
@@ -719,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="shapes", help="the evaluation suite (default and only: shapes)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", default=None, help="a YAML file of suite fields (overrides still apply on top)")
-    p.add_argument("--quick", action="store_true", help="32 prompts per task instead of 200 (a smoke test; noisy numbers)")
+    p.add_argument("--quick", action="store_true", help="32 prompts per task instead of 200, 8 x 2 images per GenEval "
+                   "category (a smoke test; noisy numbers)")
     p.add_argument("--inception", default=None, metavar="PATH",
                    help="pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth) for comparable FID; "
                    "without it FID uses mixmodal's shapes feature net (trained once, cached), labelled not comparable")

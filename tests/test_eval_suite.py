@@ -37,6 +37,7 @@ class FakeEngine:
     def __init__(self, answer):
         self.answer = answer
         self.per_image = 64
+        self.mode = "tokens"
         self.calls = 0
 
     def generate(self, prompts, config, seed=0):
@@ -159,11 +160,17 @@ def test_eval_cli_writes_metrics_and_a_report(checkpoint, feature_net, tmp_path,
     out = tmp_path / "eval"
     code = main(["eval", str(checkpoint), "--suite", "shapes", "--out", str(out), "--feature-net", str(feature_net),
                  "num_prompts=3", "num_captions=3", "num_vqa=3", "num_ppl=3", "num_fid_real=6", "batch_size=3",
-                 "samples=3"])
+                 "samples=3", "geneval_prompts=2", "images_per_prompt=1"])
     assert code == 0
     printed = capsys.readouterr().out
     assert str(out / "report.md") in printed and "t2i_heldout_overall" in printed
+    assert "geneval_heldout_overall" in printed and "geneval_heldout-combos_color_attr" in printed
     m = json.loads((out / "metrics.json").read_text())
+    assert set(m["geneval"]["heldout"]["categories"]) == {"single_object", "two_object", "counting", "colors",
+                                                         "position", "color_attr"}
+    assert set(m["geneval"]["heldout-combos"]["categories"]) == {"colors", "color_attr"}
+    assert all(c["images"] == 2 for c in m["geneval"]["heldout"]["categories"].values())
+    assert m["sampling"]["cfg"] == m["geneval"]["heldout"]["sampling"]["cfg"]
     assert set(m["text_to_image"]) == {"heldout", "heldout-combos"}
     for split in m["text_to_image"].values():
         assert split["n"] == 3 and 0.0 <= split["overall"] <= 1.0
@@ -177,6 +184,8 @@ def test_eval_cli_writes_metrics_and_a_report(checkpoint, feature_net, tmp_path,
     report = (out / "report.md").read_text()
     assert m["command"] in report
     assert "NO" in report and "1.5e+12" in report and "figures/attributes.png" in report
+    assert "GenEval-form accuracy" in report and "figures/geneval-heldout.png" in report
+    assert (out / "figures" / "geneval.png").is_file() and (out / "figures" / "geneval-heldout-combos.png").is_file()
     assert (out / "figures" / "samples-heldout.png").is_file() and (out / "report.html").is_file()
     assert len(list((out / "samples" / "heldout").glob("*.png"))) == 3
 

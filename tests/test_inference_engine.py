@@ -13,7 +13,7 @@ from mixmodal.documents import Document, Text
 from mixmodal.inference import (ContrastiveConfig, End, Engine, GenerationConfig, GuidanceConfig, ImageDone,
                                 ImagePreview, ImageStarted, SamplingParams, TextDelta)
 from mixmodal.inference.logits import contrastive_scores, guided_scores, masked_log_softmax, sample
-from mixmodal.inference.prompt import PromptError, encode_prompt, layout
+from mixmodal.inference.prompt import PromptError, encode_prompt, prompt_ids
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
 from mixmodal.model.transformer import TransformerConfig
 from mixmodal.objectives.diffusion import DiffusionConfig
@@ -316,7 +316,7 @@ def test_prompt_images_are_laid_out_as_in_training(text_tokenizer):
     engine = _engine("latents", text_tokenizer)
     doc = next(iter(ShapesSource(ShapesConfig(resolution=32), num=1)))
     encoded = encode_prompt(doc, text_tokenizer, engine.image_tokenizer, engine.vocab, "latents")
-    ids, images = layout(encoded.segments, engine.vocab, "latents", engine.per_image)
+    ids, images = prompt_ids(encoded.segments, engine.vocab, "latents", engine.per_image)
     v = engine.vocab
     assert ids[0] == v.bos and ids.count(v.boi) == len(images) == len(doc.images)
     for start, _ in images:

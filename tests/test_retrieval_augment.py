@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig, flatten, join_flats
+from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig, join_flats, lay_out
 from mixmodal.data.shapes import ShapesConfig
 from mixmodal.data.sources import ShapesSource
 from mixmodal.inference import GenerationConfig
@@ -203,7 +203,7 @@ def test_generation_lays_out_retrieved_documents_as_training_does(text_tokenizer
     per = engine.per_image
     flats = []
     for enc in encoder.encode(list(enumerate(context))):
-        flat, _ = flatten(enc, vocab, mode, per, 10_000)
+        flat, _ = lay_out(enc.segments, vocab, mode, per, max_len=10_000, latents=enc.latents)
         flats.append(flat)
     expected = join_flats(flats, [1.0, 1.0]).ids + [vocab.bos] + text_tokenizer.encode(prompt)
     if mode == "latents":  # placeholders: the engine writes the clean latents there

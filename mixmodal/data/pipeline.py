@@ -1,16 +1,17 @@
 """Documents -> token sequences -> packed training rows, resumable exactly.
 
-One document becomes
-
-    <bos> text ids <boi> IMAGE <eoi> text ids ... <eos>
-
-where IMAGE is the image's N code ids (token mode; ids of the shared vocabulary) or N
-placeholder positions, one per latent patch (latent mode; the model writes the patch
-vectors there). Per-document transforms run first, each drawing from a random stream
-seeded by (seed, rank, document index), so a document is transformed the same way
-whatever came before it and however the run was resumed:
+One document becomes `<bos> text ids <boi> IMAGE <eoi> text ids ... <eos>`, laid out by
+data/layout.py, the module generation lays prompts out with. Per-document transforms run
+first, each drawing from a random stream seeded by (seed, rank, document index), so a
+document is transformed the same way whatever came before it and however the run was resumed:
   - caption order: a document of one text and one image is put caption-first with
-    probability `caption_first_prob` (Transfusion: 0.8), image-first otherwise;
+    probability `caption_first_prob` (Transfusion: 0.8), image-first otherwise (documents
+    marked `keep_order` in their metadata are left as they are);
+  - conditioning dropout: with probability `cond_dropout` the text before a document's first
+    image is removed (`uncond: empty`) or replaced by `<mask:0>` (`uncond: mask`), exactly as
+    the unconditional guidance stream's prompt is made (layout.unconditional); such a
+    document gets no retrieved context, no CM3 and no noise limiting, since at generation the
+    unconditional stream predicts the image at every noise level;
   - CM3 causal masking (data/cm3.py) on a fraction `cm3.rate` of documents.
 
 Retrieval augmentation (CM3Leon / RA-CM3; an `augmenter`, mixmodal/retrieval/augment.py):
@@ -53,8 +54,9 @@ import numpy as np
 import torch
 
 from mixmodal.data.cm3 import CM3Config, cm3_transform
-from mixmodal.data.segments import Segment
-from mixmodal.documents import Document, Image, Text
+from mixmodal.data.layout import (UNCONDITIONAL, Encoded, Flat, drop_conditioning, encode_document, join_flats,
+                                  lay_out, order_caption)
+from mixmodal.documents import Document, Image
 from mixmodal.tokenizers.pixels import images_to_tensor
 from mixmodal.vocab import Vocab
 
@@ -65,6 +67,10 @@ IGNORE = -100
 class PipelineConfig:
     seq_len: int = 512  # positions per packed row
     caption_first_prob: float = 0.8  # one-text-one-image documents: P(caption before image)
+    # Conditioning dropout (Transfusion: 0.1): the share of documents whose text before the first
+    # image is removed ("empty") or masked ("mask"), as guidance's unconditional stream removes it.
+    cond_dropout: float = 0.0
+    uncond: str = "empty"
     cm3: CM3Config = field(default_factory=CM3Config)
     encode_batch: int = 64  # documents whose images are encoded together
 
@@ -73,45 +79,13 @@ class PipelineConfig:
             raise ValueError(f"seq_len must be >= 8, got {self.seq_len}")
         if not 0.0 <= self.caption_first_prob <= 1.0:
             raise ValueError(f"caption_first_prob must be in [0, 1], got {self.caption_first_prob}")
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}")
+        if self.uncond not in UNCONDITIONAL:
+            raise ValueError(f"uncond must be one of {', '.join(UNCONDITIONAL)} (what generation's unconditional "
+                             f"stream sees), got {self.uncond!r}")
         if self.encode_batch < 1:
             raise ValueError(f"encode_batch must be >= 1, got {self.encode_batch}")
-
-
-@dataclass
-class Encoded:
-    """One tokenized document: segments, plus its images' latents (latent mode)."""
-
-    index: int
-    segments: list[Segment]
-    latents: torch.Tensor | None = None  # [n_images, C, h, w]
-
-
-@dataclass
-class Flat:
-    """One document laid out as a sequence, ready to pack."""
-
-    index: int
-    ids: list[int]
-    targets_ok: list[bool]  # may this token be a prediction target
-    images: list[tuple[int, int, int]]  # (start position, length, image number in the document)
-    limited: list[bool]  # per image: no text before it
-    latents: torch.Tensor | None
-    weights: list[float] | None = None  # per token: loss weight when it is a target (None: all 1)
-
-
-def join_flats(parts: Sequence[Flat], weights: Sequence[float]) -> Flat:
-    """Documents laid out back to back as one attention segment (retrieved documents, then
-    the document itself); the last part's index names the result."""
-    ids, ok, images, limited, latents, w = [], [], [], [], [], []
-    for part, weight in zip(parts, weights):
-        images += [(start + len(ids), n, im) for start, n, im in part.images]
-        ids += part.ids
-        ok += part.targets_ok
-        limited += part.limited
-        w += [weight] * len(part.ids)
-        if part.latents is not None:
-            latents.append(part.latents)
-    return Flat(parts[-1].index, ids, ok, images, limited, torch.cat(latents) if latents else None, w)
 
 
 class DocumentEncoder:
@@ -156,77 +130,15 @@ class DocumentEncoder:
 
     def encode(self, docs: Sequence[tuple[int, Document]]) -> list[Encoded]:
         images = [p.image for _, d in docs for p in d.parts if isinstance(p, Image)]
-        encoded = iter(self.encode_images(images))
-        out = []
+        encoded = self.encode_images(images)
+        out, used = [], 0
         for index, doc in docs:
-            segments, latents = [], []
-            for part in doc.parts:
-                if isinstance(part, Text):
-                    ids = self.text.encode(part.text)
-                    if ids:
-                        segments.append(Segment("text", list(ids)))
-                else:
-                    image = next(encoded)
-                    if self.mode == "tokens":
-                        segments.append(Segment("image", image.tolist(), image=len(latents)))
-                        latents.append(None)
-                    else:
-                        segments.append(Segment("image", [], image=len(latents)))
-                        latents.append(image)
-            stacked = torch.stack(latents) if self.mode == "latents" and latents else None
-            out.append(Encoded(index, segments, stacked))
+            n = sum(isinstance(p, Image) for p in doc.parts)
+            enc = encode_document(doc, self.text, encoded[used:used + n], self.mode, index)
+            enc.keep_order = bool(doc.metadata.get("keep_order", False))
+            out.append(enc)
+            used += n
         return out
-
-
-def order_caption(segments: list[Segment], rng: np.random.Generator, caption_first_prob: float) -> list[Segment]:
-    """A one-text-one-image document: caption first with probability caption_first_prob."""
-    if len(segments) != 2 or {s.kind for s in segments} != {"text", "image"}:
-        return segments
-    text, image = (segments if segments[0].kind == "text" else segments[::-1])
-    return [text, image] if rng.random() < caption_first_prob else [image, text]
-
-
-def flatten(enc: Encoded, vocab: Vocab, mode: str, positions_per_image: int, seq_len: int) -> tuple[Flat | None, str]:
-    """Lay out a document; cut at a part boundary to fit seq_len. Returns (flat or None, "" | "truncated" | "dropped")."""
-    ids, ok, images, limited = [vocab.bos], [False], [], []
-    seen_text = False
-    status = ""
-    for seg in enc.segments:
-        room = seq_len - 1 - len(ids)  # keep one position for <eos>
-        if seg.kind == "text":
-            take = seg.ids[: max(room, 0)]
-            if len(take) < len(seg.ids):
-                status = "truncated"
-            ids += take
-            ok += [seg.loss] * len(take)
-            seen_text = seen_text or bool(take)
-            if status:
-                break
-        else:
-            n = positions_per_image
-            if room < n + 2:
-                status = "truncated"
-                break
-            content = seg.ids if mode == "tokens" else [vocab.pad] * n
-            if len(content) != n:
-                raise ValueError(f"an image has {len(content)} codes but the model expects {n} per image; "
-                                 "the image tokenizer does not match model.image.grid_size")
-            ids.append(vocab.boi)
-            ok.append(seg.loss)
-            images.append((len(ids), n, seg.image))
-            limited.append(not seen_text)
-            ids += content
-            ok += [seg.loss and mode == "tokens"] * n
-            ids.append(vocab.eoi)
-            ok.append(seg.loss and mode == "tokens")
-    if len(ids) == 1:
-        return None, "dropped"
-    ids.append(vocab.eos)
-    ok.append(True)
-    latents = None
-    if mode == "latents" and images:
-        latents = enc.latents[torch.tensor([im for _, _, im in images])]
-    return Flat(enc.index, ids, ok, images, limited, latents), status
 
 
 class Packer:
@@ -293,10 +205,13 @@ class PipelineStats:
     positions: int = 0  # all positions emitted
     retrieved: int = 0  # retrieved documents prepended (retrieval augmentation)
     retrieval_dropped: int = 0  # retrieved documents left out: no room in the row
+    cond_dropped: int = 0  # documents whose prompt was dropped (conditioning dropout)
 
     def as_dict(self) -> dict:
         out = {"documents": self.documents, "truncated": self.truncated, "dropped": self.dropped,
                "fill": self.tokens / self.positions if self.positions else 0.0}
+        if self.cond_dropped:
+            out["cond_dropped"] = self.cond_dropped
         if self.retrieved or self.retrieval_dropped:
             out.update(retrieved=self.retrieved, retrieval_dropped=self.retrieval_dropped)
         return out
@@ -369,14 +284,29 @@ class FusionBatches:
                 if enc.index < start:  # before the resume point: only there to keep the chunk whole
                     continue
                 rng = np.random.default_rng([self.seed, self.rank, enc.index])
-                enc.segments = order_caption(enc.segments, rng, self.config.caption_first_prob)
-                enc.segments = cm3_transform(enc.segments, self.vocab, rng, self.config.cm3)
-                flat, status = flatten(enc, self.vocab, self.mode, self.positions_per_image, self.config.seq_len)
+                if not enc.keep_order:
+                    enc.segments = order_caption(enc.segments, rng, self.config.caption_first_prob)
+                dropped = None
+                if self.config.cond_dropout > 0 and rng.random() < self.config.cond_dropout:
+                    dropped = drop_conditioning(enc.segments, self.config.uncond, self.vocab)
+                if dropped is not None:
+                    enc.segments = dropped
+                    self.stats.cond_dropped += 1
+                else:
+                    enc.segments = cm3_transform(enc.segments, self.vocab, rng, self.config.cm3)
+                flat, status = lay_out(enc.segments, self.vocab, self.mode, self.positions_per_image,
+                                       max_len=self.config.seq_len, index=enc.index, latents=enc.latents)
                 self.stats.documents += 1
                 if status == "truncated":
                     self.stats.truncated += 1
                 if flat is None:
                     self.stats.dropped += 1
+                    continue
+                if dropped is not None:
+                    # what the unconditional stream is fed at generation: no prompt, no retrieved
+                    # context, and the image at every noise level (not noise-limited)
+                    flat.limited = [False] * len(flat.limited)
+                    yield flat
                     continue
                 if retrieved is not None:
                     flat = self._augment(flat, retrieved[k])
@@ -388,8 +318,9 @@ class FusionBatches:
         room = self.config.seq_len - len(flat.ids)
         for j, enc in enumerate(retrieved):
             rng = np.random.default_rng([self.seed, self.rank, flat.index, 1 + j])
-            enc = Encoded(enc.index, order_caption(list(enc.segments), rng, self.config.caption_first_prob), enc.latents)
-            part, status = flatten(enc, self.vocab, self.mode, self.positions_per_image, self.config.seq_len)
+            segments = order_caption(list(enc.segments), rng, self.config.caption_first_prob)
+            part, status = lay_out(segments, self.vocab, self.mode, self.positions_per_image,
+                                   max_len=self.config.seq_len, index=enc.index, latents=enc.latents)
             if part is None or status or len(part.ids) > room:
                 self.stats.retrieval_dropped += 1
                 continue
@@ -444,4 +375,4 @@ class FusionBatches:
 
 
 __all__ = ["DocumentEncoder", "Encoded", "Flat", "FusionBatches", "IGNORE", "Packer", "PipelineConfig",
-           "PipelineStats", "flatten", "join_flats", "order_caption"]
+           "PipelineStats", "join_flats", "lay_out", "order_caption"]

@@ -3,6 +3,8 @@ them, with figures (attribute accuracies, sample grids) and the sample images as
 
     OUT/metrics.json                    every number (written by the suite)
     OUT/report.md, OUT/report.html      the same numbers as tables, with the figures
+    OUT/figures/geneval.png             GenEval-form accuracy per category and prompt set
+    OUT/figures/geneval-SET.png         per category, generated images with their verdicts
     OUT/figures/attributes.png          text -> image oracle accuracy per attribute and split
     OUT/figures/samples-SPLIT.png       generated images with their prompts (green: whole scene right)
     OUT/samples/SPLIT/NNNN.png          every generated image
@@ -49,7 +51,8 @@ def attribute_figure(metrics: dict, path: Path) -> Path:
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("oracle accuracy")
     n = metrics["config"]
-    ax.set_title(f"text -> image, {n['min_objects']}-{n['max_objects']} objects, cfg {n['cfg']}", fontsize=9)
+    ax.set_title(f"text -> image, {n['min_objects']}-{n['max_objects']} objects, cfg {metrics['sampling']['cfg']}",
+                 fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.text(0.01, 0.01, textwrap.shorten(metrics.get("command", ""), 150), fontsize=5.5, color="gray")
@@ -84,6 +87,86 @@ def sample_grid(samples: list, path: Path, columns: int = 4, limit: int = 16, co
     return path
 
 
+def geneval_figure(metrics: dict, path: Path) -> Path:
+    """Accuracy per GenEval category, one bar per prompt set, with the overall means in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mixmodal.data.shapes.geneval import CATEGORIES
+
+    sets = metrics["geneval"]
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    width = 0.8 / max(len(sets), 1)
+    for k, (name, m) in enumerate(sets.items()):
+        xs, values = [], []
+        for i, c in enumerate(CATEGORIES):
+            if c in m["categories"]:
+                xs.append(i + (k - (len(sets) - 1) / 2) * width)
+                values.append(m["categories"][c]["accuracy"])
+        bars = ax.bar(xs, values, width, label=f"{name} (overall {m['overall']:.2f})")
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
+    ax.set_xticks(range(len(CATEGORIES)), [c.replace("_", " ") for c in CATEGORIES], fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("GenEval-form accuracy")
+    ax.set_title(f"text -> image, {_sampling_text(metrics)}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.text(0.01, 0.01, textwrap.shorten(metrics.get("command", ""), 150), fontsize=5.5, color="gray")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def geneval_grid(samples: dict, path: Path, columns: int = 6, command: str = "") -> Path:
+    """One row per category: its first images, titled with the prompt and the verdict
+    (green: correct; red: wrong, with GenEval's reason)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(samples)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(columns * 1.9, len(rows) * 2.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, category in enumerate(rows):
+        shown = [s for s in samples[category] if s["image"] is not None][:columns]
+        for c, s in enumerate(shown):
+            ax = axes[r, c]
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.imshow(s["image"])
+            ok = s["correct"] == 1.0
+            verdict = "correct" if ok else "; ".join(s["reasons"])[:60]
+            prompt = s["prompt"].removeprefix("a photo of ")
+            ax.set_title("\n".join(textwrap.wrap(prompt, 24)[:2] + textwrap.wrap(verdict, 28)[:2]), fontsize=5.5,
+                         color="green" if ok else "firebrick")
+            for spine in ax.spines.values():
+                spine.set_color("green" if ok else "red")
+                spine.set_linewidth(2)
+            if c == 0:
+                ax.set_ylabel(category, fontsize=7)
+    fig.tight_layout(rect=(0, 0.03 if command else 0, 1, 1))
+    if command:
+        fig.text(0.01, 0.004, textwrap.shorten(command, 140), fontsize=5, color="gray")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _sampling_text(metrics: dict) -> str:
+    s = metrics.get("sampling", {})
+    if not s:
+        return ""
+    if metrics.get("image_mode") == "latents":
+        return f"cfg {s['cfg']}, {s['diffusion_steps']} denoising steps"
+    return (f"cfg {s['cfg']}, image temperature {s['image_temperature']}, top-k {s['image_top_k'] or 'off'}, "
+            f"top-p {s['image_top_p']}")
+
+
 def _save_images(items: list, key: str, folder: Path) -> list[str | None]:
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -103,6 +186,11 @@ def write_report(out: Path, metrics: dict, artifacts: dict) -> dict[str, Path]:
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json", "markdown": out / "report.md", "html": out / "report.html"}
+    if metrics.get("geneval"):
+        paths["geneval"] = geneval_figure(metrics, figures / "geneval.png")
+        for which, samples in artifacts.get("geneval", {}).items():
+            paths[f"geneval-{which}"] = geneval_grid(samples, figures / f"geneval-{which}.png",
+                                                     command=metrics.get("command", ""))
     t2i = artifacts.get("text_to_image", {})
     if t2i:
         paths["attributes"] = attribute_figure(metrics, figures / "attributes.png")
@@ -131,18 +219,34 @@ def _sections(metrics: dict) -> list[tuple[str, list[str], list[list[str]], str]
                   _fmt(tr.get("steps")), _fmt(tr.get("positions"))]],
                 tr.get("note", "FLOPs: the model's own accounting (forward + backward per position, attention "
                                "included), every packed position of every step; the image tokenizer is not counted.")))
+    if metrics.get("geneval"):
+        from mixmodal.data.shapes.geneval import CATEGORIES
+
+        sets = metrics["geneval"]
+        rows = []
+        for c in CATEGORIES:
+            row = [c]
+            for m in sets.values():
+                cat = m["categories"].get(c)
+                row += [_fmt(cat["accuracy"]) if cat else "n/a", f"{cat['images']} ({cat['distinct_prompts']})" if cat else ""]
+            rows.append(row)
+        rows.append(["**overall**", *[v for m in sets.values() for v in (f"**{_fmt(m['overall'])}**", "")]])
+        header = ["category", *[h for name in sets for h in (name, "images (distinct prompts)")]]
+        k = next(iter(sets.values()))["images_per_prompt"]
+        out.append(("Text to image: GenEval-form accuracy", header, rows,
+                    f"{k} images per prompt, {_sampling_text(metrics)}. An image is correct when the oracle finds what "
+                    "the prompt names (GenEval's rules: counts, colours, relations on object centres, no more than the "
+                    "counted number); overall = the mean of the categories. heldout-combos: prompts naming a held-out "
+                    "shape-colour pair (only colors and color_attr name colours). docs/eval.md."))
     if "text_to_image" in metrics:
         rows = []
         for split, m in metrics["text_to_image"].items():
             rows.append([split, str(m["n"]), *[_fmt(m.get(a)) for a in ATTRIBUTES]])
             for n_obj, sub in m.get("by_objects", {}).items():
                 rows.append([f"{split}, {n_obj} object(s)", "", *[_fmt(sub.get(a)) for a in ATTRIBUTES]])
-        c = metrics["config"]
-        out.append(("Text to image: oracle accuracy (GenEval-style)", ["split", "prompts", *ATTRIBUTES], rows,
-                    f"One image per held-out caption, CFG {c['cfg']}"
-                    + (f", {c['diffusion_steps']} diffusion steps" if metrics["image_mode"] == "latents" else
-                       f", image temperature {c['image_temperature']}, top-p {c['image_top_p']}")
-                    + ". overall = the parsed scene equals the prompt's scene exactly."))
+        out.append(("Text to image: full-scene oracle accuracy (stricter)", ["split", "prompts", *ATTRIBUTES], rows,
+                    f"One image per held-out full caption (every object's shape, colour, size and cell), "
+                    f"{_sampling_text(metrics)}. overall = the parsed scene equals the prompt's scene exactly."))
         fid_rows, clip_rows = [], []
         for split, m in metrics["text_to_image"].items():
             if "fid" in m:
@@ -199,6 +303,12 @@ def _sections(metrics: dict) -> list[tuple[str, list[str], list[list[str]], str]
     return out
 
 
+def _figure_keys(paths: dict) -> list[str]:
+    keys = ["geneval", *[k for k in paths if k.startswith("geneval-")], "attributes",
+            *[k for k in paths if k.startswith("samples-")]]
+    return [k for k in keys if k in paths]
+
+
 def _markdown(metrics: dict, paths: dict, out: Path) -> str:
     lines = [f"# mixmodal eval: `{metrics['checkpoint']}`", "",
              f"Suite `{metrics['suite']}` at {metrics['resolution']} px, {metrics['config']['min_objects']}-"
@@ -208,9 +318,8 @@ def _markdown(metrics: dict, paths: dict, out: Path) -> str:
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines += ["", note, ""]
-    for key in ("attributes", *[k for k in paths if k.startswith("samples-")]):
-        if key in paths:
-            lines += [f"![{key}]({_rel(paths[key], out)})", ""]
+    for key in _figure_keys(paths):
+        lines += [f"![{key}]({_rel(paths[key], out)})", ""]
     return "\n".join(lines)
 
 
@@ -228,9 +337,8 @@ def _html(metrics: dict, paths: dict, out: Path, artifacts: dict, caption_files:
         parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows]
         parts.append(f"</table><p class='note'>{e(note)}</p>")
-    for key in ("attributes", *[k for k in paths if k.startswith("samples-")]):
-        if key in paths:
-            parts.append(f"<h3>{e(key)}</h3><img src='{e(_rel(paths[key], out))}' style='max-width:100%'>")
+    for key in _figure_keys(paths):
+        parts.append(f"<h3>{e(key)}</h3><img src='{e(_rel(paths[key], out))}' style='max-width:100%'>")
     examples = artifacts.get("captioning", [])
     if examples:
         parts.append("<h2>Captions</h2>")
@@ -248,4 +356,4 @@ def _html(metrics: dict, paths: dict, out: Path, artifacts: dict, caption_files:
     return "\n".join(parts)
 
 
-__all__ = ["attribute_figure", "sample_grid", "write_report"]
+__all__ = ["attribute_figure", "geneval_figure", "geneval_grid", "sample_grid", "write_report"]

@@ -1,9 +1,13 @@
 """`mixmodal eval CHECKPOINT --suite shapes`: what a trained early-fusion model can do on the
 built-in world, measured the way the papers measure it.
 
-    text -> image   GenEval-style oracle accuracy (count, colour, shape, size, position,
-                    overall = the whole scene right) on held-out captions and on held-out
-                    shape-colour combinations; FID against renders of held-out scenes (Inception
+    text -> image   GenEval-form accuracy (data/shapes/geneval.py): six categories of short
+                    prompts that name only what they check (single_object, two_object,
+                    counting, colors, position, color_attr), 4 images per prompt, overall =
+                    the mean of the categories; held-out shape-colour combinations apart.
+                    Beside it, the stricter full-scene oracle accuracy (count, colour, shape,
+                    size, position, overall = the whole scene right) on held-out full
+                    captions and held-out shape-colour combinations; FID against renders of held-out scenes (Inception
                     features from a pytorch-fid weights file, else mixmodal's shapes feature net,
                     labelled not comparable); CLIP score with a dual encoder when one is given
     image -> text   captioning: CIDEr-D and BLEU-4 against 5 reference captions per scene, and
@@ -45,10 +49,16 @@ class ShapesEvalConfig:
     num_vqa: int = 200  # held-out questions
     num_ppl: int = 200  # held-out documents for perplexity
     num_fid_real: int = 1000  # renders of held-out scenes: FID's reference set
-    cfg: float = 3.0  # classifier-free guidance scale for text -> image
-    diffusion_steps: int = 50  # latent mode
-    image_temperature: float = 1.0  # token mode
-    image_top_p: float = 1.0
+    geneval: bool = True  # the GenEval-form categories
+    geneval_prompts: int = 0  # prompts per category; 0 = GenEval's counts (80, 99, 80, 94, 100, 100)
+    images_per_prompt: int = 4  # GenEval's
+    # Text -> image sampling. None = the image mode's default, chosen by the sweep in docs/eval.md
+    # (SAMPLING_DEFAULTS); the report records what was used.
+    cfg: float | None = None  # classifier-free guidance scale
+    diffusion_steps: int | None = None  # latent mode
+    image_temperature: float | None = None  # token mode
+    image_top_k: int | None = None  # token mode; 0 = off
+    image_top_p: float | None = None  # token mode
     batch_size: int = 32  # prompts generated together
     seed: int = 0
     samples: int = 16  # images per split in the report's sample grids
@@ -58,11 +68,39 @@ class ShapesEvalConfig:
             if getattr(self, name) < 0 or (name in ("num_references", "batch_size") and getattr(self, name) < 1):
                 raise ValueError(f"eval.{name} must be >= {1 if name in ('num_references', 'batch_size') else 0}, "
                                  f"got {getattr(self, name)}")
+        if self.geneval_prompts < 0 or self.images_per_prompt < 1:
+            raise ValueError(f"eval.geneval_prompts must be >= 0 (0 = GenEval's counts) and eval.images_per_prompt >= 1, "
+                             f"got {self.geneval_prompts} and {self.images_per_prompt}")
         bad = [s for s in self.splits if s not in ("train", *SPLITS)]
         if bad:
             raise ValueError(f"eval.splits: unknown split(s) {bad}; use heldout and/or heldout-combos")
         if not 1 <= self.min_objects <= self.max_objects <= 4:
             raise ValueError(f"eval objects: need 1 <= min_objects <= max_objects <= 4, got {self.min_objects}..{self.max_objects}")
+
+
+# The text -> image sampling each image mode is evaluated with unless told otherwise: the best
+# setting of the sweep (`mixmodal eval RUN --suite shapes --sweep`, docs/eval.md) on the
+# validation prompts, which are disjoint from the test prompts.
+SAMPLING_DEFAULTS = {
+    "tokens": {"cfg": 3.0, "image_temperature": 1.0, "image_top_k": 0, "image_top_p": 1.0, "diffusion_steps": 50},
+    "latents": {"cfg": 3.0, "image_temperature": 1.0, "image_top_k": 0, "image_top_p": 1.0, "diffusion_steps": 50},
+}
+SAMPLING_FIELDS = ("cfg", "image_temperature", "image_top_k", "image_top_p", "diffusion_steps")
+
+
+def sampling(config: ShapesEvalConfig, mode: str) -> dict:
+    """The text -> image sampling settings in effect: the config's, else the mode's defaults."""
+    return {k: (getattr(config, k) if getattr(config, k) is not None else SAMPLING_DEFAULTS[mode][k])
+            for k in SAMPLING_FIELDS}
+
+
+def image_generation_config(engine, settings: dict):
+    from mixmodal.inference.config import GenerationConfig, GuidanceConfig, SamplingParams
+
+    return GenerationConfig(mode="image", max_images=1, max_new_tokens=engine.per_image + 2,
+                            guidance=GuidanceConfig(scale=settings["cfg"]), diffusion_steps=settings["diffusion_steps"],
+                            image=SamplingParams(temperature=settings["image_temperature"], top_k=settings["image_top_k"],
+                                                 top_p=settings["image_top_p"]))
 
 
 class EvalError(ValueError):
@@ -127,13 +165,10 @@ def _mean_scores(rows: list[dict]) -> dict[str, float]:
 
 def text_to_image(engine, config: ShapesEvalConfig, resolution: int, split: str, progress) -> tuple[dict, list]:
     from mixmodal.data.shapes import Scene, score
-    from mixmodal.inference.config import GenerationConfig, GuidanceConfig, SamplingParams
 
     docs = documents(config, resolution, "caption", split, config.num_prompts)
     prompts = [d.metadata["caption"] for d in docs]
-    gen = GenerationConfig(mode="image", max_images=1, max_new_tokens=engine.per_image + 2,
-                           guidance=GuidanceConfig(scale=config.cfg), diffusion_steps=config.diffusion_steps,
-                           image=SamplingParams(temperature=config.image_temperature, top_p=config.image_top_p))
+    gen = image_generation_config(engine, sampling(config, engine.mode))
     results = _generate(engine, prompts, gen, config.batch_size, config.seed, progress, f"text->image {split}")
     rows, samples = [], []
     for i, (doc, result) in enumerate(zip(docs, results)):
@@ -148,6 +183,44 @@ def text_to_image(engine, config: ShapesEvalConfig, resolution: int, split: str,
         by_objects[str(n)] = _mean_scores([r for r, s in zip(rows, samples) if s["objects"] == n])
     return {"n": len(rows), **_mean_scores(rows), "by_objects": by_objects,
             "without_image": sum(1 for s in samples if s["image"] is None)}, samples
+
+
+def geneval(engine, config: ShapesEvalConfig, prompt_set: str, progress, settings: dict | None = None,
+            keep_images: bool = True) -> tuple[dict, dict]:
+    """GenEval-form accuracy on one prompt set (heldout, heldout-combos or validation): per
+    category the fraction of images that meet their prompt, and overall = their mean.
+    Image j of prompt i of a category is drawn with seed `config.seed + 1000 * i + j`."""
+    from mixmodal.data.shapes.geneval import GENEVAL_PROMPTS, categories_of, prompt_set as make_prompts, score_image
+
+    settings = settings or sampling(config, engine.mode)
+    gen = image_generation_config(engine, settings)
+    k = config.images_per_prompt
+    metrics: dict[str, Any] = {"prompt_set": prompt_set, "images_per_prompt": k, "categories": {}}
+    samples: dict[str, list] = {}
+    for category in categories_of(prompt_set):
+        n = config.geneval_prompts or GENEVAL_PROMPTS[category]
+        prompts = make_prompts(category, prompt_set, n)
+        jobs = [(i, j) for i in range(n) for j in range(k)]
+        results = []
+        for start in range(0, len(jobs), config.batch_size):
+            chunk = jobs[start:start + config.batch_size]
+            results += engine.generate([prompts[i].text for i, _ in chunk], gen,
+                                       seed=[config.seed + 1000 * i + j for i, j in chunk])
+            progress(f"geneval {prompt_set} {category}: {min(start + config.batch_size, len(jobs))}/{len(jobs)}")
+        rows = []
+        for (i, j), result in zip(jobs, results):
+            images = result.document.images
+            verdict = score_image(images[0], prompts[i]) if images else {"correct": 0.0, "reasons": ["no image"]}
+            rows.append({"prompt": prompts[i].text, "prompt_index": i, "seed_index": j,
+                         "image": images[0] if images and keep_images else None, **verdict})
+        accuracy = float(np.mean([r["correct"] for r in rows])) if rows else float("nan")
+        metrics["categories"][category] = {"accuracy": accuracy, "prompts": n, "images": len(rows),
+                                           "distinct_prompts": len({p.text for p in prompts})}
+        samples[category] = rows
+    accuracies = [m["accuracy"] for m in metrics["categories"].values()]
+    metrics["overall"] = float(np.mean(accuracies)) if accuracies else float("nan")
+    metrics["sampling"] = settings
+    return metrics, samples
 
 
 def captioning(engine, config: ShapesEvalConfig, resolution: int, progress) -> tuple[dict, list, dict]:
@@ -304,7 +377,12 @@ def evaluate(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig |
     }
     artifacts: dict[str, Any] = {}
 
+    metrics["sampling"] = sampling(config, engine.mode)
     extractor = _feature_extractor(inception, feature_net, resolution, progress) if config.num_prompts else None
+    if config.geneval:
+        metrics["geneval"], artifacts["geneval"] = {}, {}
+        for which in [s for s in config.splits if s in SPLITS]:
+            metrics["geneval"][which], artifacts["geneval"][which] = geneval(engine, config, which, progress)
     metrics["text_to_image"], artifacts["text_to_image"] = {}, {}
     for split in config.splits if config.num_prompts else []:
         m, samples = text_to_image(engine, config, resolution, split, progress)
@@ -429,4 +507,5 @@ def _jsonable(x):
     return x
 
 
-__all__ = ["EvalError", "ShapesEvalConfig", "evaluate", "references", "training_compute"]
+__all__ = ["EvalError", "SAMPLING_DEFAULTS", "ShapesEvalConfig", "evaluate", "geneval", "references", "sampling",
+           "training_compute"]

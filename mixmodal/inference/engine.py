@@ -33,7 +33,7 @@ from mixmodal.inference.config import GenerationConfig
 from mixmodal.inference.events import (End, Event, GenerationResult, ImageDone, ImagePreview, ImageStarted,
                                         TextDelta)
 from mixmodal.inference.logits import contrastive_scores, guide, guided_scores, repetition_penalty, sample
-from mixmodal.inference.prompt import PromptError, PromptLike, encode_prompt, layout, stream_segments, to_document
+from mixmodal.inference.prompt import PromptError, PromptLike, encode_prompt, prompt_ids, stream_segments, to_document
 from mixmodal.objectives.diffusion import (DDPMSchedule, DiffusionConfig, FlowSchedule, build_schedule, ddim_step,
                                            ddpm_step, flow_step, sampling_times)
 from mixmodal.tokenizers.pixels import tensor_to_images
@@ -186,7 +186,7 @@ class Engine:
             prefix, prefix_images = self._context(context)
             blocks = []
             for v, segments in enumerate(variants):
-                ids, images = layout(segments, self.vocab, self.mode, self.per_image)
+                ids, images = prompt_ids(segments, self.vocab, self.mode, self.per_image)
                 placed = [(start, encoded.latents[k]) for start, k in images] if self.mode == "latents" else []
                 if v == 0 and prefix:  # the conditional stream reads the retrieved documents first
                     ids = prefix + ids
@@ -219,10 +219,10 @@ class Engine:
         images: list[tuple[int, torch.Tensor]] = []
         for doc in docs:
             encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode)
-            doc_ids, doc_images = layout(encoded.segments, self.vocab, self.mode, self.per_image)
+            doc_ids, doc_images = prompt_ids(encoded.segments, self.vocab, self.mode, self.per_image, eos=True)
             if self.mode == "latents":
                 images += [(len(ids) + start, encoded.latents[k]) for start, k in doc_images]
-            ids += doc_ids + [self.vocab.eos]
+            ids += doc_ids
         return ids, images
 
     # --- one forward over every live row -------------------------------------------------

@@ -1,13 +1,14 @@
-"""Prompts: a string, a Document, or a list of strings and images -> the ids of each stream.
+"""Prompts: a string, a Document, or a list of strings and images -> the segments of each stream.
 
-A prompt is laid out as a training document is (data/pipeline.py) but without `<eos>`:
+A prompt is laid out by data/layout.py, as a training document is, without `<eos>`:
 
     <bos> text ids <boi> IMAGE <eoi> text ids ...
 
 IMAGE is the image's code ids (token mode) or one placeholder per latent patch whose
 vectors the model writes from the clean latents (latent mode). Guidance needs the same
 prompt with its conditioning taken away (config.GuidanceConfig): `stream_segments` makes
-those variants from the encoded segments, so the images are encoded once.
+those variants from the encoded segments (layout.unconditional, the function training's
+conditioning dropout uses), so the images are encoded once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from mixmodal.data.bad_input import BadInputError, BadInputLog
 from mixmodal.data.images import decode_image
+from mixmodal.data.layout import encode_document, lay_out, unconditional
 from mixmodal.data.segments import Segment
 from mixmodal.documents import Document, Image, Text
 from mixmodal.inference.config import GuidanceConfig
@@ -84,52 +86,28 @@ def encode_prompt(doc: Document, text_tokenizer, image_tokenizer, vocab: Vocab, 
             contents = list(vocab.image_code_to_id(image_tokenizer.encode(pixels).flatten(1)).cpu())
         else:
             contents = list(image_tokenizer.scale_latents(image_tokenizer.encode(pixels)).float().cpu())
-    segments, latents = [], []
-    for part in doc.parts:
-        if isinstance(part, Text):
-            ids = text_tokenizer.encode(part.text)
-            if ids:
-                segments.append(Segment("text", list(ids)))
-        else:
-            content = contents[len(latents)]
-            segments.append(Segment("image", content.tolist() if mode == "tokens" else [], image=len(latents)))
-            latents.append(content)
-    return EncodedPrompt(segments, latents if mode == "latents" else [])
+    encoded = encode_document(doc, text_tokenizer, contents, mode)
+    return EncodedPrompt(encoded.segments, contents if mode == "latents" else [])
 
 
 def stream_segments(segments: list[Segment], guidance: GuidanceConfig, streams: int, vocab: Vocab) -> list[list[Segment]]:
     """The prompt of each guidance stream: [cond], [cond, uncond] or [cond, image-only, uncond]."""
-
-    def without_text(keep_images: bool) -> list[Segment]:
-        out = []
-        for seg in segments:
-            if seg.kind == "image":
-                if keep_images:
-                    out.append(seg)
-            elif guidance.uncond == "mask" and not (out and out[-1].ids == [vocab.mask(0)]):
-                out.append(Segment("text", [vocab.mask(0)]))
-        return out
-
     if streams == 1:
         return [segments]
+    uncond = unconditional(segments, guidance.uncond, vocab, keep_images=False)
     if streams == 2:
-        return [segments, without_text(False)]
-    return [segments, without_text(True), without_text(False)]
+        return [segments, uncond]
+    return [segments, unconditional(segments, guidance.uncond, vocab, keep_images=True), uncond]
 
 
-def layout(segments: list[Segment], vocab: Vocab, mode: str, positions_per_image: int) -> tuple[list[int], list[tuple[int, int]]]:
-    """Segments -> ids from <bos>, and (start position, image number) of each image's content."""
-    ids, images = [vocab.bos], []
-    for seg in segments:
-        if seg.kind == "text":
-            ids += seg.ids
-            continue
-        ids.append(vocab.boi)
-        images.append((len(ids), seg.image))
-        ids += seg.ids if mode == "tokens" else [vocab.pad] * positions_per_image
-        ids.append(vocab.eoi)
-    return ids, images
+def prompt_ids(segments: list[Segment], vocab: Vocab, mode: str, positions_per_image: int, *,
+               eos: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    """Segments -> ids from <bos> (layout.lay_out), and (start position, image number) of each image."""
+    flat, _ = lay_out(segments, vocab, mode, positions_per_image, eos=eos)
+    if flat is None:  # a retrieved document with nothing in it
+        return [], []
+    return flat.ids, [(start, image) for start, _, image in flat.images]
 
 
-__all__ = ["EncodedPrompt", "PromptError", "PromptLike", "encode_prompt", "layout", "load_prompt_image",
+__all__ = ["EncodedPrompt", "PromptError", "PromptLike", "encode_prompt", "load_prompt_image", "prompt_ids",
            "stream_segments", "to_document"]

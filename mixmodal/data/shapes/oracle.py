@@ -178,6 +178,8 @@ class Detection:
     centroid: tuple[float, float]  # (y, x) in pixels
     mass: float  # summed alpha
     distance: float  # L1 distance to the best template (lower = more certain)
+    centre: tuple[float, float] = (0.0, 0.0)  # (y, x) of the matched shape's bounding-box centre, pixels
+    extent: float = 0.0  # the matched size's bounding-box side, pixels
 
 
 class _Candidate(NamedTuple):
@@ -283,7 +285,8 @@ def _choose_blur(candidates: list[_Candidate], side: int) -> list[Detection]:
         row = min(2, max(0, int((cy - oy) // cell)))
         column = min(2, max(0, int((cx - ox) // cell)))
         obj = ShapeObject(shape, _COLOUR_NAMES[colour], size, POSITIONS[3 * row + column])
-        out.append(Detection(obj, (cy, cx), mass, float(distances[level, t])))
+        out.append(Detection(obj, (cy, cx), mass, float(distances[level, t]), (cy - oy, cx - ox),
+                             SIZE_FRACTION[size] * cell))
     return out
 
 

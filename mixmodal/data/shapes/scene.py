@@ -165,6 +165,9 @@ class ShapesConfig:
     background: str = "black"  # black, white, gray, or "random" (uniform over those)
     tasks: list[str] = field(default_factory=_default_tasks)
     story_length: int = 3  # images per story document
+    # Share of caption documents whose text is a GenEval-form partial caption ("a photo of a red
+    # star", data/shapes/geneval.py) instead of a full one; such documents keep caption-first order.
+    partial_captions: float = 0.0
     seed: int = 0  # seeds the train stream; the held-out splits never depend on it
 
     def __post_init__(self) -> None:
@@ -184,6 +187,8 @@ class ShapesConfig:
             raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)} or random; got {self.background!r}")
         if not 2 <= self.story_length <= 8:
             raise ValueError(f"story_length must be between 2 and 8 images; got {self.story_length!r}")
+        if not 0.0 <= self.partial_captions <= 1.0:
+            raise ValueError(f"partial_captions must be a share in [0, 1]; got {self.partial_captions!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
         self.task_weights()  # raises on a bad entry

@@ -5,14 +5,17 @@ shards by index). Each document draws, from its own stream (`splits.split_rng`),
 scene (so its first scene is `sample_scene(config, split, index)`), then its task from
 `config.tasks`, then its text and any later scenes. Layouts (T = text, I = image):
 
-    caption  T I          the caption, then the image it describes
+    caption  T I          the caption, then the image it describes; a share
+                          `partial_captions` of them say only part of it, in GenEval's
+                          forms ("a photo of a red star"; geneval.py), and are marked
+                          `keep_order` (a prompt, never a caption to write)
     vqa      I T          "Question: ... Answer: ..."
     edit     I T I        before, instruction, after
     story    T I (T I)*   caption of the first scene, then one change per later image
 
 `metadata`: source, task, split, index, resolution, and `scenes` (one scene dict per
 image, in image order), plus per task: caption; question, answer, question_type;
-instruction, edit; steps, edits.
+instruction, edit; steps, edits. A partial caption adds `prompt` (its GenEval requirements).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 
 from mixmodal.data.shapes.captions import caption
 from mixmodal.data.shapes.edits import Edit, random_edit
+from mixmodal.data.shapes.geneval import partial_caption
 from mixmodal.data.shapes.render import render
 from mixmodal.data.shapes.scene import Scene, ShapesConfig
 from mixmodal.data.shapes.splits import MAX_TRIES, allowed_later, draw_scene, split_rng
@@ -53,9 +57,14 @@ def shapes_document(config: ShapesConfig, split: str, index: int) -> Document:
     scenes = [scene]
     meta: dict = {}
     if task == "caption":
-        text = caption(scene, rng)
+        prompt = None
+        if config.partial_captions > 0 and rng.random() < config.partial_captions:
+            prompt = partial_caption(scene, rng)
+        text = prompt.text if prompt is not None else caption(scene, rng)
         layout: list = [text, 0]
         meta["caption"] = text
+        if prompt is not None:
+            meta.update(prompt=prompt.to_dict(), keep_order=True)
     elif task == "vqa":
         question, answer, kind = vqa(scene, rng)
         layout = [0, f"Question: {question} Answer: {answer}"]

@@ -1,0 +1,179 @@
+"""The one sequence layout of mixmodal, shared by training and generation.
+
+A document is laid out as
+
+    <bos> text ids <boi> IMAGE <eoi> text ids ... <eos>
+
+IMAGE is the image's N code ids (token mode; ids of the shared vocabulary) or N
+placeholder positions, one per latent patch (latent mode; the model writes the patch
+vectors there). Positions count from 0 at `<bos>`.
+
+Everything that turns documents into ids goes through this module:
+
+- training rows (data/pipeline.py): `encode_document`, the per-document transforms
+  (`order_caption`, `drop_conditioning`, CM3), then `lay_out(..., eos=True)`, packed;
+- prompts (inference/prompt.py and the engine): `lay_out(..., eos=False)`. A prompt is
+  therefore a prefix of the training layout of the document it begins, ids and positions;
+- retrieved documents (retrieval augmentation, in training and at `--retrieve`): each laid
+  out whole with `<eos>` and joined in front of the document (`join_flats`);
+- guidance: the unconditional stream's prompt is `unconditional(segments, ...)`, and
+  training's conditioning dropout (`drop_conditioning`) removes a document's prompt with
+  the same function, so the stream CFG extrapolates from is trained on exactly what
+  generation feeds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mixmodal.data.segments import Segment
+from mixmodal.documents import Document, Image, Text
+from mixmodal.vocab import Vocab
+
+UNCONDITIONAL = ("empty", "mask")  # what replaces the conditioning text: nothing, or one <mask:0> per text run
+
+
+@dataclass
+class Encoded:
+    """One tokenized document: segments, plus its images' latents (latent mode)."""
+
+    index: int
+    segments: list[Segment]
+    latents: torch.Tensor | None = None  # [n_images, C, h, w]
+    keep_order: bool = False  # the document's order is its meaning (metadata keep_order): never reorder it
+
+
+@dataclass
+class Flat:
+    """One document laid out as a sequence: what training packs and generation prefills."""
+
+    index: int
+    ids: list[int]
+    targets_ok: list[bool]  # may this token be a prediction target
+    images: list[tuple[int, int, int]]  # (start position, length, image number in the document)
+    limited: list[bool]  # per image: no text before it (noise limiting applies)
+    latents: torch.Tensor | None
+    weights: list[float] | None = None  # per token: loss weight when it is a target (None: all 1)
+
+
+def encode_document(doc: Document, text_tokenizer, contents: Sequence[torch.Tensor], mode: str,
+                    index: int = -1) -> Encoded:
+    """A document's parts -> segments. `contents`: its images already encoded, in order: code
+    ids [N] in the shared vocabulary (tokens) or scaled latents [C, h, w] (latents)."""
+    segments, latents = [], []
+    images = iter(contents)
+    for part in doc.parts:
+        if isinstance(part, Text):
+            ids = text_tokenizer.encode(part.text)
+            if ids:
+                segments.append(Segment("text", list(ids)))
+        elif isinstance(part, Image):
+            content = next(images)
+            segments.append(Segment("image", content.tolist() if mode == "tokens" else [], image=len(latents)))
+            latents.append(content)
+    stacked = torch.stack(latents) if mode == "latents" and latents else None
+    return Encoded(index, segments, stacked)
+
+
+def order_caption(segments: list[Segment], rng: np.random.Generator, caption_first_prob: float) -> list[Segment]:
+    """A one-text-one-image document: caption first with probability caption_first_prob."""
+    if len(segments) != 2 or {s.kind for s in segments} != {"text", "image"}:
+        return segments
+    text, image = (segments if segments[0].kind == "text" else segments[::-1])
+    return [text, image] if rng.random() < caption_first_prob else [image, text]
+
+
+def unconditional(segments: Sequence[Segment], uncond: str, vocab: Vocab, keep_images: bool) -> list[Segment]:
+    """The segments with their conditioning taken away: text runs removed ("empty") or each
+    replaced by one `<mask:0>` ("mask", CM3Leon); images kept or removed."""
+    if uncond not in UNCONDITIONAL:
+        raise ValueError(f"uncond must be one of {', '.join(UNCONDITIONAL)}; got {uncond!r}")
+    out: list[Segment] = []
+    for seg in segments:
+        if seg.kind == "image":
+            if keep_images:
+                out.append(seg)
+        elif uncond == "mask" and not (out and out[-1].ids == [vocab.mask(0)]):
+            out.append(Segment("text", [vocab.mask(0)], loss=False))
+    return out
+
+
+def drop_conditioning(segments: list[Segment], uncond: str, vocab: Vocab) -> list[Segment] | None:
+    """Conditioning dropout (Transfusion drops 10% of captions): the text before a document's
+    first image, its prompt, replaced as the unconditional guidance stream replaces a prompt.
+    None when no text precedes an image (nothing conditions it)."""
+    first = next((i for i, s in enumerate(segments) if s.kind == "image"), None)
+    if not first:  # no image, or an image first
+        return None
+    return unconditional(segments[:first], uncond, vocab, keep_images=False) + list(segments[first:])
+
+
+def lay_out(segments: Sequence[Segment], vocab: Vocab, mode: str, positions_per_image: int, *,
+            max_len: int | None = None, eos: bool = True, index: int = -1,
+            latents: torch.Tensor | None = None) -> tuple[Flat | None, str]:
+    """Segments -> the sequence from `<bos>` (and `<eos>` when `eos`). Cut at a part boundary to
+    fit `max_len` positions. Returns (flat or None, "" | "truncated" | "dropped")."""
+    ids, ok, images, limited = [vocab.bos], [False], [], []
+    seen_text = False
+    status = ""
+    reserve = 1 if eos else 0
+    for seg in segments:
+        room = (max_len - reserve - len(ids)) if max_len is not None else None
+        if seg.kind == "text":
+            take = seg.ids if room is None else seg.ids[: max(room, 0)]
+            if len(take) < len(seg.ids):
+                status = "truncated"
+            ids += take
+            ok += [seg.loss] * len(take)
+            seen_text = seen_text or bool(take)
+            if status:
+                break
+            continue
+        n = positions_per_image
+        if room is not None and room < n + 2:
+            status = "truncated"
+            break
+        content = seg.ids if mode == "tokens" else [vocab.pad] * n
+        if len(content) != n:
+            raise ValueError(f"an image has {len(content)} codes but the model expects {n} per image; "
+                             "the image tokenizer does not match model.image.grid_size")
+        ids.append(vocab.boi)
+        ok.append(seg.loss)
+        images.append((len(ids), n, seg.image))
+        limited.append(not seen_text)
+        ids += content
+        ok += [seg.loss and mode == "tokens"] * n
+        ids.append(vocab.eoi)
+        ok.append(seg.loss and mode == "tokens")
+    if eos:
+        if len(ids) == 1:
+            return None, "dropped"
+        ids.append(vocab.eos)
+        ok.append(True)
+    chosen = None
+    if mode == "latents" and images and latents is not None:
+        chosen = latents[torch.tensor([im for _, _, im in images])]
+    return Flat(index, ids, ok, images, limited, chosen), status
+
+
+def join_flats(parts: Sequence[Flat], weights: Sequence[float]) -> Flat:
+    """Documents laid out back to back as one attention segment (retrieved documents, then
+    the document itself); the last part's index names the result."""
+    ids, ok, images, limited, latents, w = [], [], [], [], [], []
+    for part, weight in zip(parts, weights):
+        images += [(start + len(ids), n, im) for start, n, im in part.images]
+        ids += part.ids
+        ok += part.targets_ok
+        limited += part.limited
+        w += [weight] * len(part.ids)
+        if part.latents is not None:
+            latents.append(part.latents)
+    return Flat(parts[-1].index, ids, ok, images, limited, torch.cat(latents) if latents else None, w)
+
+
+__all__ = ["Encoded", "Flat", "UNCONDITIONAL", "drop_conditioning", "encode_document", "join_flats", "lay_out",
+           "order_caption", "unconditional"]
