@@ -1,0 +1,151 @@
+"""The one sequence layout (mixmodal/data/layout.py): a prompt is the prefix of the training
+layout of the document it begins (ids and positions), and conditioning dropout trains exactly
+the unconditional stream that guidance feeds at generation, for uncond=empty and uncond=mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixmodal.data.layout import drop_conditioning, lay_out, unconditional
+from mixmodal.data.pipeline import DocumentEncoder, FusionBatches, PipelineConfig
+from mixmodal.data.segments import Segment
+from mixmodal.data.shapes import ShapesConfig
+from mixmodal.data.sources import ShapesSource
+from mixmodal.documents import Document
+from mixmodal.inference import GenerationConfig
+from mixmodal.inference.config import GuidanceConfig
+from mixmodal.inference.engine import Engine
+from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
+from mixmodal.model.transformer import TransformerConfig
+from mixmodal.objectives.diffusion import DiffusionConfig
+from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
+from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
+from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
+from mixmodal.vocab import Vocab
+
+SHAPES = ShapesConfig(resolution=32, tasks=["caption", "vqa"], max_objects=2)
+TRUNK = dict(resolution=16, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, norm_groups=4)  # 8 x 8
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer():
+    texts = (t for doc in ShapesSource(SHAPES, num=200) for t in doc.texts)
+    return TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=300))
+
+
+def _engine(mode: str, text_tokenizer) -> Engine:
+    torch.manual_seed(0)
+    if mode == "tokens":
+        image_tokenizer = VQTokenizer(VQConfig(**TRUNK, latent_channels=8, codebook_size=32, codebook_dim=4))
+        image = ImageConfig(mode="tokens", num_codes=32, grid_size=8)
+    else:
+        image_tokenizer = VAETokenizer(VAEConfig(**TRUNK, latent_channels=4))
+        image = ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=4)
+    config = ModelConfig(text_vocab_size=text_tokenizer.vocab_size, image=image,
+                         transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=2))
+    return Engine(FusionModel(config), text_tokenizer, image_tokenizer, diffusion=DiffusionConfig())
+
+
+def _rows(engine: Engine, docs: list[Document], **pipeline) -> tuple[dict, FusionBatches]:
+    encoder = DocumentEncoder(engine.text_tokenizer, engine.image_tokenizer, engine.vocab, engine.mode)
+    batches = FusionBatches(lambda: docs, encoder, PipelineConfig(seq_len=256, **pipeline), len(docs),
+                            engine.per_image, endless=False)
+    return next(iter(batches)), batches
+
+
+def _prefills(engine: Engine, prompts: list, config: GenerationConfig) -> list[tuple[list[int], list[int]]]:
+    """(ids, positions) of every row of the engine's first forward (the prompt prefill)."""
+    seen = []
+    model_forward = engine.model.forward
+
+    def spy(ids, positions=None, **kwargs):
+        if not seen:  # rows are padded to the longest block; logits_index is each row's last id
+            lengths = (kwargs["logits_index"][:, 0] + 1).tolist()
+            seen.extend((ids[r, :n].tolist(), positions[r, :n].tolist()) for r, n in enumerate(lengths))
+        return model_forward(ids, positions=positions, **kwargs)
+
+    engine.model.forward = spy
+    try:
+        engine.generate(prompts, config)
+    finally:
+        engine.model.forward = model_forward
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_a_prompt_is_the_prefix_of_its_documents_training_layout(text_tokenizer, mode):
+    engine = _engine(mode, text_tokenizer)
+    caption_first = [d for d in ShapesSource(ShapesConfig(resolution=32, tasks=["caption"], max_objects=2), num=2)]
+    for doc in caption_first:
+        doc.metadata["keep_order"] = True
+    batch, _ = _rows(engine, caption_first[:1])
+    text = Document(caption_first[0].parts[:1])
+    (ids, positions), = _prefills(engine, [text], GenerationConfig(mode="image", max_new_tokens=engine.per_image + 2))
+    n = len(ids)
+    assert ids == batch["input_ids"][0, :n].tolist()
+    assert positions == batch["positions"][0, :n].tolist() == list(range(n))
+    assert batch["input_ids"][0, n].item() == engine.vocab.boi  # what image mode forces next
+    # an image prompt (captioning): <bos> <boi> IMAGE <eoi>, as the image-first training row begins
+    image_first = Document(caption_first[1].parts[::-1], {"keep_order": True})
+    batch, _ = _rows(engine, [image_first])
+    (ids, positions), = _prefills(engine, [Document(image_first.parts[:1])], GenerationConfig(mode="text", max_new_tokens=2))
+    n = len(ids)
+    assert n == engine.per_image + 3
+    assert ids == batch["input_ids"][0, :n].tolist() and positions == batch["positions"][0, :n].tolist()
+
+
+@pytest.mark.parametrize("uncond", ["empty", "mask"])
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_conditioning_dropout_trains_the_unconditional_stream_generation_feeds(text_tokenizer, mode, uncond):
+    engine = _engine(mode, text_tokenizer)
+    doc = next(iter(ShapesSource(ShapesConfig(resolution=32, tasks=["caption"], max_objects=2), num=1)))
+    doc.metadata["keep_order"] = True  # caption first
+    batch, batches = _rows(engine, [doc], cond_dropout=1.0, uncond=uncond)
+    vocab = engine.vocab
+    config = GenerationConfig(mode="image", max_new_tokens=engine.per_image + 2,
+                              guidance=GuidanceConfig(scale=3.0, uncond=uncond))
+    cond, (uncond_ids, uncond_positions) = _prefills(engine, [Document(doc.parts[:1])], config)
+    # the unconditional stream's prompt, then the image it is guided towards: exactly the dropped row
+    n = len(uncond_ids)
+    assert uncond_ids == ([vocab.bos] if uncond == "empty" else [vocab.bos, vocab.mask(0)])
+    row = batch["input_ids"][0]
+    assert row[:n].tolist() == uncond_ids and batch["positions"][0, :n].tolist() == uncond_positions
+    assert row[n].item() == vocab.boi and row[n + 1 + engine.per_image].item() == vocab.eoi
+    assert row[n + 2 + engine.per_image].item() == vocab.eos
+    assert batches.stats.cond_dropped == 1
+    if mode == "latents":
+        assert batch["image_limited"].tolist() == [False]  # trained at every noise level, as guidance uses it
+    else:
+        assert (batch["labels"][0, n:n + engine.per_image] >= vocab.image_code_ids.start).all()  # codes are targets
+
+
+def test_conditioning_dropout_rate_and_what_it_leaves_alone(text_tokenizer):
+    engine = _engine("tokens", text_tokenizer)
+    docs = list(ShapesSource(SHAPES, num=400))
+    _, batches = _rows(engine, docs, cond_dropout=0.1)
+    for _ in batches:
+        pass
+    # only documents with text before their image (80% of these one-text-one-image documents) can drop it
+    assert 0.05 < batches.stats.cond_dropped / batches.stats.documents < 0.13, batches.stats.as_dict()
+    vocab = Vocab(300, 32)
+    image = Segment("image", [1] * 4, image=0)
+    text = Segment("text", [5, 6])
+    assert drop_conditioning([image, text], "empty", vocab) is None  # image first: nothing conditions it
+    assert drop_conditioning([text, image, text], "empty", vocab) == [image, text]
+    assert unconditional([text, image, text], "mask", vocab, keep_images=True)[0].ids == [vocab.mask(0)]
+    with pytest.raises(ValueError, match="uncond"):
+        PipelineConfig(uncond="nothing")
+
+
+def test_lay_out_truncates_at_a_part_boundary_and_drops_empty_documents():
+    vocab = Vocab(300, 32)
+    text, image = Segment("text", [5, 6, 7]), Segment("image", [vocab.image_code_to_id(torch.tensor(0)).item()] * 4,
+                                                       image=0)
+    flat, status = lay_out([text, image], vocab, "tokens", 4, max_len=8)
+    assert status == "truncated" and flat.ids == [vocab.bos, 5, 6, 7, vocab.eos]
+    flat, status = lay_out([text, image], vocab, "tokens", 4)
+    assert status == "" and flat.ids[4] == vocab.boi and flat.images == [(5, 4, 0)] and flat.limited == [False]
+    assert lay_out([], vocab, "tokens", 4) == (None, "dropped")
+    prompt, _ = lay_out([text], vocab, "tokens", 4, eos=False)
+    assert prompt.ids == flat.ids[:4]
