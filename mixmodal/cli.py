@@ -228,6 +228,15 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     preset = _load_yaml(args.config) if args.config else {}
     if args.quick:
         preset = {**QUICK_EVAL, **preset}
+    if args.sweep:
+        from mixmodal.eval.shapes_suite import sweep
+
+        config = build_config(ShapesEvalConfig, {**SWEEP_EVAL, **preset}, overrides)
+        result = sweep(args.checkpoint, args.out, config, device=args.device,
+                       progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps({"best": result["best"]}, indent=1))
+        print(f"sweep: {Path(args.out) / 'sweep.md'}")
+        return 0
     config = build_config(ShapesEvalConfig, preset, overrides)
     metrics = evaluate(args.checkpoint, args.out, config, inception=args.inception, feature_net=args.feature_net,
                        encoder=args.encoder, device=args.device,
@@ -238,6 +247,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+SWEEP_EVAL = {"geneval_prompts": 16, "images_per_prompt": 2}
 QUICK_EVAL = {"num_prompts": 32, "num_captions": 32, "num_vqa": 32, "num_ppl": 32, "num_fid_real": 256, "samples": 8,
               "geneval_prompts": 8, "images_per_prompt": 2}
 
@@ -726,6 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="a YAML file of suite fields (overrides still apply on top)")
     p.add_argument("--quick", action="store_true", help="32 prompts per task instead of 200, 8 x 2 images per GenEval "
                    "category (a smoke test; noisy numbers)")
+    p.add_argument("--sweep", action="store_true", help="instead of the suite: GenEval-form accuracy on the validation "
+                   "prompts for a grid of sampling settings (CFG scale, temperature / top-k, CD-K; denoising steps) "
+                   "-> OUT/sweep.md; the defaults the suite uses were chosen this way (docs/eval.md)")
     p.add_argument("--inception", default=None, metavar="PATH",
                    help="pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth) for comparable FID; "
                    "without it FID uses mixmodal's shapes feature net (trained once, cached), labelled not comparable")

@@ -198,3 +198,17 @@ def test_eval_cli_errors_are_clear(checkpoint, tmp_path, capsys):
     assert main(["eval", str(checkpoint), "--out", str(tmp_path / "x"), "--inception", str(tmp_path / "none.pth"),
                  "num_prompts=1", "num_captions=0", "num_vqa=0", "num_ppl=0"]) == 2
     assert "none.pth" in capsys.readouterr().err
+
+
+def test_sweep_scores_every_setting_on_validation_prompts_and_names_the_best(checkpoint, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["eval", str(checkpoint), "--suite", "shapes", "--sweep", "--out", str(out), "geneval_prompts=1",
+                 "images_per_prompt=1", "batch_size=8"]) == 0
+    assert "sweep.md" in capsys.readouterr().out
+    result = json.loads((out / "sweep.json").read_text())
+    from mixmodal.eval.shapes_suite import SWEEP_GRID
+
+    assert len(result["rows"]) == len(SWEEP_GRID["tokens"]) and result["prompt_set"] == "validation"
+    assert result["best"]["overall"] == max(r["overall"] for r in result["rows"])
+    assert any(r["settings"]["cdk"] for r in result["rows"]) and "--sweep" in result["command"]
+    assert "(best)" in (out / "sweep.md").read_text()

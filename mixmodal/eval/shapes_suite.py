@@ -59,6 +59,7 @@ class ShapesEvalConfig:
     image_temperature: float | None = None  # token mode
     image_top_k: int | None = None  # token mode; 0 = off
     image_top_p: float | None = None  # token mode
+    cdk: bool | None = None  # token mode: contrastive decoding (CD-K, CM3Leon's alpha 0.5, k 5) instead of CFG
     batch_size: int = 32  # prompts generated together
     seed: int = 0
     samples: int = 16  # images per split in the report's sample grids
@@ -82,10 +83,20 @@ class ShapesEvalConfig:
 # setting of the sweep (`mixmodal eval RUN --suite shapes --sweep`, docs/eval.md) on the
 # validation prompts, which are disjoint from the test prompts.
 SAMPLING_DEFAULTS = {
-    "tokens": {"cfg": 3.0, "image_temperature": 1.0, "image_top_k": 0, "image_top_p": 1.0, "diffusion_steps": 50},
-    "latents": {"cfg": 3.0, "image_temperature": 1.0, "image_top_k": 0, "image_top_p": 1.0, "diffusion_steps": 50},
+    "tokens": {"cfg": 3.0, "image_temperature": 1.0, "image_top_k": 0, "image_top_p": 1.0, "cdk": False,
+               "diffusion_steps": 50},
+    "latents": {"cfg": 3.0, "image_temperature": 1.0, "image_top_k": 0, "image_top_p": 1.0, "cdk": False,
+                "diffusion_steps": 50},
 }
-SAMPLING_FIELDS = ("cfg", "image_temperature", "image_top_k", "image_top_p", "diffusion_steps")
+SAMPLING_FIELDS = ("cfg", "image_temperature", "image_top_k", "image_top_p", "cdk", "diffusion_steps")
+# The sweep's grid per image mode (docs/eval.md): guidance scale x how codes are drawn / how many
+# denoising steps.
+SWEEP_GRID = {
+    "tokens": [{"cfg": c, "image_temperature": t, "image_top_k": k} for c in (1.0, 2.0, 3.0, 5.0)
+               for t, k in ((1.0, 0), (0.7, 0), (1.0, 50), (0.0, 0))] + [{"cdk": True, "image_temperature": 1.0},
+                                                                         {"cdk": True, "image_temperature": 0.0}],
+    "latents": [{"cfg": c, "diffusion_steps": n} for c in (1.0, 2.0, 3.0, 5.0, 7.5) for n in (25, 50)],
+}
 
 
 def sampling(config: ShapesEvalConfig, mode: str) -> dict:
@@ -95,10 +106,13 @@ def sampling(config: ShapesEvalConfig, mode: str) -> dict:
 
 
 def image_generation_config(engine, settings: dict):
-    from mixmodal.inference.config import GenerationConfig, GuidanceConfig, SamplingParams
+    from mixmodal.inference.config import ContrastiveConfig, GenerationConfig, GuidanceConfig, SamplingParams
 
+    cdk = bool(settings.get("cdk")) and engine.mode == "tokens"
     return GenerationConfig(mode="image", max_images=1, max_new_tokens=engine.per_image + 2,
-                            guidance=GuidanceConfig(scale=settings["cfg"]), diffusion_steps=settings["diffusion_steps"],
+                            guidance=GuidanceConfig(scale=1.0 if cdk else settings["cfg"]),
+                            contrastive=ContrastiveConfig() if cdk else None,
+                            diffusion_steps=settings["diffusion_steps"],
                             image=SamplingParams(temperature=settings["image_temperature"], top_k=settings["image_top_k"],
                                                  top_p=settings["image_top_p"]))
 
@@ -410,11 +424,69 @@ def evaluate(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig |
     return metrics
 
 
+def sweep(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig | None = None, *,
+          grid: list[dict] | None = None, device: str = "cpu", progress: Callable[[str], None] = print) -> dict:
+    """GenEval-form accuracy on the validation prompts (disjoint from the test prompts) for each
+    sampling setting of `grid` (default: SWEEP_GRID of the model's mode); writes OUT/sweep.json,
+    OUT/sweep.md and OUT/sweep.png and returns {"rows": [...], "best": {...}}."""
+    from mixmodal.inference.checkpoint import model_folder
+    from mixmodal.inference.engine import Engine
+
+    config = config or ShapesEvalConfig(geneval_prompts=16, images_per_prompt=2)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = model_folder(checkpoint)
+    engine = Engine.from_pretrained(model_dir, device=device)
+    grid = grid or SWEEP_GRID[engine.mode]
+    started = time.time()
+    rows = []
+    for k, setting in enumerate(grid):
+        settings = {**sampling(config, engine.mode), **setting}
+        m, _ = geneval(engine, config, "validation", lambda line: None, settings, keep_images=False)
+        rows.append({"settings": settings, "overall": m["overall"],
+                     "categories": {c: v["accuracy"] for c, v in m["categories"].items()}})
+        progress(f"sweep {k + 1}/{len(grid)}: {_describe(settings, engine.mode)} -> overall {m['overall']:.3f}")
+    best = max(rows, key=lambda r: r["overall"])
+    result = {"checkpoint": str(model_dir), "image_mode": engine.mode, "prompt_set": "validation",
+              "prompts_per_category": config.geneval_prompts, "images_per_prompt": config.images_per_prompt,
+              "command": command_line(model_dir, out, config, sweep=True, device=device), "rows": rows, "best": best,
+              "seconds": round(time.time() - started, 1)}
+    (out / "sweep.json").write_text(json.dumps(_jsonable(result), indent=1) + "\n", encoding="utf-8")
+    _write_sweep_report(out, result)
+    return result
+
+
+def _describe(settings: dict, mode: str) -> str:
+    if mode == "latents":
+        return f"cfg {settings['cfg']}, {settings['diffusion_steps']} steps"
+    if settings.get("cdk"):
+        return f"CD-K, temperature {settings['image_temperature']}"
+    top_k = f", top-k {settings['image_top_k']}" if settings["image_top_k"] else ""
+    return f"cfg {settings['cfg']}, temperature {settings['image_temperature']}{top_k}"
+
+
+def _write_sweep_report(out: Path, result: dict) -> None:
+    from mixmodal.data.shapes.geneval import CATEGORIES
+
+    mode = result["image_mode"]
+    lines = [f"# Sampling sweep: `{result['checkpoint']}` ({mode})", "",
+             f"GenEval-form accuracy on the validation prompts ({result['prompts_per_category']} per category, "
+             f"{result['images_per_prompt']} images each; disjoint from the test prompts by seed). "
+             f"{result['seconds']} s.", "", f"Reproduce: `{result['command']}`", "",
+             "| setting | overall | " + " | ".join(CATEGORIES) + " |", "|---|---|" + "---|" * len(CATEGORIES)]
+    for row in sorted(result["rows"], key=lambda r: -r["overall"]):
+        mark = " **(best)**" if row is result["best"] else ""
+        lines.append(f"| {_describe(row['settings'], mode)}{mark} | {row['overall']:.3f} | "
+                     + " | ".join(f"{row['categories'].get(c, float('nan')):.3f}" for c in CATEGORIES) + " |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def command_line(checkpoint, out, config: ShapesEvalConfig, **flags) -> str:
     """The `mixmodal eval` command that reproduces these metrics (non-default fields as overrides)."""
     default = asdict(ShapesEvalConfig())
     overrides = [f"{k}={v}".replace(" ", "").replace("'", "") for k, v in asdict(config).items() if default[k] != v]
-    options = [f"--{k.replace('_', '-')} {v}" for k, v in flags.items() if v and not (k == "device" and v == "cpu")]
+    options = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in flags.items()
+               if v and not (k == "device" and v == "cpu")]
     return " ".join(["mixmodal eval", str(checkpoint), "--suite shapes", "--out", str(out), *options, *overrides])
 
 
@@ -507,5 +579,5 @@ def _jsonable(x):
     return x
 
 
-__all__ = ["EvalError", "SAMPLING_DEFAULTS", "ShapesEvalConfig", "evaluate", "geneval", "references", "sampling",
-           "training_compute"]
+__all__ = ["EvalError", "SAMPLING_DEFAULTS", "SWEEP_GRID", "ShapesEvalConfig", "evaluate", "geneval", "references",
+           "sampling", "sweep", "training_compute"]
