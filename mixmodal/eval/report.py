@@ -54,8 +54,15 @@ def attribute_figure(metrics: dict, path: Path) -> Path:
     ax.set_title(f"text -> image, {n['min_objects']}-{n['max_objects']} objects, cfg {metrics['sampling']['cfg']}",
                  fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
+    return _save_with_command(fig, path, metrics.get("command", ""))
+
+
+def _save_with_command(fig, path: Path, command: str) -> Path:
+    """Save a bar chart with the command that made it along its bottom edge."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.text(0.01, 0.01, textwrap.shorten(metrics.get("command", ""), 150), fontsize=5.5, color="gray")
+    fig.text(0.01, 0.01, textwrap.shorten(command, 150), fontsize=5.5, color="gray")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -112,11 +119,7 @@ def geneval_figure(metrics: dict, path: Path) -> Path:
     ax.set_ylabel("GenEval-form accuracy")
     ax.set_title(f"text -> image, {_sampling_text(metrics)}", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.text(0.01, 0.01, textwrap.shorten(metrics.get("command", ""), 150), fontsize=5.5, color="gray")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_with_command(fig, path, metrics.get("command", ""))
 
 
 def geneval_grid(samples: dict, path: Path, columns: int = 6, command: str = "") -> Path:
