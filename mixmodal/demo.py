@@ -88,12 +88,12 @@ def _oracle_check(data_dir: Path) -> dict:
 
 
 def _heldout_captions(data_dir: Path, n: int) -> list[str]:
-    """The first n caption documents' texts of a held-out split (prompts the models never saw)."""
+    """The first n full-caption documents' texts of a held-out split (prompts the models never saw)."""
     from mixmodal.data.sources import open_source
 
     out = []
     for doc in open_source(str(data_dir), strict=True):
-        if doc.metadata.get("task") == "caption":
+        if doc.metadata.get("task") == "caption" and "prompt" not in doc.metadata:  # not a partial caption
             out.append(doc.texts[0])
             if len(out) == n:
                 break
@@ -202,14 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         pages[model] = gen / "index.html"
     training["generated"] = {m: _oracle_generated(p.parent, prompts) for m, p in pages.items()}
 
-    print("\n# a short eval of each model (mixmodal eval --suite shapes): text->image oracle accuracy and FID,"
+    print("\n# a short eval of each model (mixmodal eval --suite shapes): GenEval-form text->image accuracy, "
+          "full-scene oracle accuracy and FID,"
           " captioning, VQA, perplexity, training FLOPs")
     evals = {}
     n = config.eval_num
     for model in ("tokens", "latents"):
         dest = out / "eval" / model
         _run(["eval", str(runs / model), "--suite", "shapes", "--quick", "--out", str(dest), f"num_prompts={n}",
-              f"num_captions={n}", f"num_vqa={n}", f"num_ppl={n}", f"cfg={config.cfg}",
+              f"num_captions={n}", f"num_vqa={n}", f"num_ppl={n}", f"geneval_prompts={max(1, n // 4)}",
               f"diffusion_steps={config.diffusion_steps}", *(["--feature-net", config.feature_net] if config.feature_net else [])])
         evals[model] = json.loads((dest / "metrics.json").read_text())
     training["eval"] = evals
@@ -283,21 +284,29 @@ def _write_report(out: Path, config: DemoConfig, stats: dict, oracle: dict, shee
         lines.append(f"| {name} | {g['documents']} | {g['with_image']} | {g.get('overall', 0):.2f} | "
                      f"{g.get('count', 0):.2f} | {g.get('colour', 0):.2f} | {g.get('shape', 0):.2f} | "
                      f"[index.html](generate/{name}/index.html) |")
-    lines += ["", "## Evaluation (`mixmodal eval --suite shapes --quick`, held-out 1-2-object prompts)", "",
-              "| model | t2i overall (heldout) | t2i overall (combos) | count | FID (shapes features) | CIDEr-D | BLEU-4 "
-              "| VQA | text ppl | training FLOPs | report |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Evaluation (`mixmodal eval --suite shapes --quick`)", "",
+              "| model | GenEval-form overall (heldout) | single_object | overall (combos) | full-scene overall "
+              "(1-2 objects) | FID (shapes features) | CIDEr-D | BLEU-4 | VQA | text ppl | training FLOPs | report |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in training.get("eval", {}).items():
         t2i = m["text_to_image"]
-        h, c = t2i.get("heldout", {}), t2i.get("heldout-combos", {})
+        h = t2i.get("heldout", {})
+        g = m.get("geneval", {})
+        gh, gc = g.get("heldout", {}), g.get("heldout-combos", {})
+        single = gh.get("categories", {}).get("single_object", {}).get("accuracy", 0)
         fid = h.get("fid", {}).get("fid")
         flops = m.get("training", {}).get("flops")
-        lines.append(f"| {name} | {h.get('overall', 0):.3f} | {c.get('overall', 0):.3f} | {h.get('count', 0):.3f} | "
-                     f"{'n/a' if fid is None else f'{fid:.2f}'} | {m['captioning']['cider']:.3f} | "
-                     f"{m['captioning']['bleu4']:.3f} | {m['vqa']['accuracy']:.3f} | {m['text']['perplexity']:.2f} | "
-                     f"{'n/a' if flops is None else f'{flops:.3g}'} | [report](eval/{name}/report.html) |")
-    lines += ["", "FID here uses mixmodal's shapes feature network: not comparable to Inception FID. "
-              "32 prompts per task: expect noise of about +-0.08 on accuracies.", ""]
+        lines.append(f"| {name} | {gh.get('overall', 0):.3f} | {single:.3f} | {gc.get('overall', 0):.3f} | "
+                     f"{h.get('overall', 0):.3f} | {'n/a' if fid is None else f'{fid:.2f}'} | "
+                     f"{m['captioning']['cider']:.3f} | {m['captioning']['bleu4']:.3f} | {m['vqa']['accuracy']:.3f} | "
+                     f"{m['text']['perplexity']:.2f} | {'n/a' if flops is None else f'{flops:.3g}'} | "
+                     f"[report](eval/{name}/report.html) |")
+    lines += ["", "GenEval-form: six categories of short prompts that name only what they check (docs/eval.md); "
+              "the full-scene column asks for every object's shape, colour, size and cell. FID here uses mixmodal's "
+              "shapes feature network: not comparable to Inception FID. Few prompts per task: expect noise of about "
+              "+-0.08 on accuracies.", ""]
+    for name in training.get("eval", {}):
+        lines += [f"![GenEval-form samples, {name}](eval/{name}/figures/geneval-heldout.png)", ""]
     lines += ["", "## Contact sheets", ""] + [f"![{s.stem}]({s.name})" for s in sheets] + [""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

@@ -37,7 +37,9 @@ def test_small_demo_runs_and_lists_its_outputs(tmp_path, capsys):
     for model in ("tokens", "latents"):
         metrics = json.loads((out / "eval" / model / "metrics.json").read_text())
         assert metrics["text_to_image"]["heldout"]["n"] == 2 and metrics["training"]["steps"] == 2
+        assert len(metrics["geneval"]["heldout"]["categories"]) == 6
     assert "## Evaluation" in (out / "report.md").read_text()
+    assert "GenEval-form overall" in (out / "report.md").read_text()
     # a second `make demo` into the same folder starts its runs afresh instead of refusing
     assert main(["--out", str(out), "num_train=40", "num_heldout=20", "num_shown=8", "shapes.resolution=32",
                  "text_tokenizer.vocab_size=400", "image_tokenizer_steps=2", "model_steps=2", "num_prompts=1",
