@@ -115,10 +115,11 @@ def geneval_figure(metrics: dict, path: Path) -> Path:
         bars = ax.bar(xs, values, width, label=f"{name} (overall {m['overall']:.2f})")
         ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
     ax.set_xticks(range(len(CATEGORIES)), [c.replace("_", " ") for c in CATEGORIES], fontsize=8)
-    ax.set_ylim(0, 1.1)
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("GenEval-form accuracy")
     ax.set_title(f"text -> image, {_sampling_text(metrics)}", fontsize=9)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(sets))
     return _save_with_command(fig, path, metrics.get("command", ""))
 
 
