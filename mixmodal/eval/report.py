@@ -57,12 +57,13 @@ def attribute_figure(metrics: dict, path: Path) -> Path:
     return _save_with_command(fig, path, metrics.get("command", ""))
 
 
-def _save_with_command(fig, path: Path, command: str) -> Path:
-    """Save a bar chart with the command that made it along its bottom edge."""
+def _save_with_command(fig, path: Path, command: str, margin: float = 0.06, fontsize: float = 5.5) -> Path:
+    """Save a figure with the command that made it along its bottom edge."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.text(0.01, 0.01, textwrap.shorten(command, 150), fontsize=5.5, color="gray")
+    fig.tight_layout(rect=(0, margin if command else 0, 1, 1))
+    if command:
+        fig.text(0.01, margin / 6, textwrap.shorten(command, 150), fontsize=fontsize, color="gray")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -86,12 +87,7 @@ def sample_grid(samples: list, path: Path, columns: int = 4, limit: int = 16, co
         for spine in ax.spines.values():
             spine.set_visible(True)
             spine.set_color("green" if ok else "red")
-    fig.tight_layout(rect=(0, 0.04 if command else 0, 1, 1))
-    if command:
-        fig.text(0.01, 0.005, textwrap.shorten(command, 120), fontsize=5, color="gray")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_with_command(fig, path, command, margin=0.04, fontsize=5)
 
 
 def geneval_figure(metrics: dict, path: Path) -> Path:
@@ -153,12 +149,7 @@ def geneval_grid(samples: dict, path: Path, columns: int = 6, command: str = "")
                 spine.set_linewidth(2)
             if c == 0:
                 ax.set_ylabel(category, fontsize=7)
-    fig.tight_layout(rect=(0, 0.03 if command else 0, 1, 1))
-    if command:
-        fig.text(0.01, 0.004, textwrap.shorten(command, 140), fontsize=5, color="gray")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_with_command(fig, path, command, margin=0.03, fontsize=5)
 
 
 def _sampling_text(metrics: dict) -> str:
