@@ -219,3 +219,23 @@ class RunConfig:
 def test_config_errors_name_the_path_when_nested():
     with pytest.raises(ConfigError, match=r"diffusion: noise_limit must be in \[1, num_timesteps=1000\], got 0"):
         from_dict(RunConfig, {"diffusion": {"noise_limit": 0}})
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "flow"])
+def test_logit_normal_time_sampling_concentrates_on_middle_noise_and_respects_the_cap(kind):
+    from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule
+
+    n = 20_000
+    uniform = build_schedule(DiffusionConfig(kind=kind)).sample_times(n, generator=torch.Generator().manual_seed(0))
+    schedule = build_schedule(DiffusionConfig(kind=kind, time_sampling="logit_normal", logit_mean=0.5))
+    t = schedule.sample_times(n, generator=torch.Generator().manual_seed(0))
+    assert ((t > 0) & (t <= 1)).all()
+    middle = lambda x: float(((x > 0.25) & (x < 0.75)).float().mean())  # noqa: E731
+    assert middle(t) > middle(uniform) + 0.1
+    # sigmoid(N(0.5, 1)) has median sigmoid(0.5): the mean shifts towards noise for both kinds
+    assert abs(float(t.median()) - float(torch.sigmoid(torch.tensor(0.5)))) < 0.02
+    limited = torch.ones(n, dtype=torch.bool)
+    capped = schedule.sample_times(n, generator=torch.Generator().manual_seed(1), limited=limited)
+    assert float(capped.max()) <= 0.5 + 1e-6
+    with pytest.raises(ValueError, match="time_sampling"):
+        DiffusionConfig(time_sampling="beta")

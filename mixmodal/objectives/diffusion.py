@@ -14,6 +14,10 @@ denoiser is a pure function model(x_t, t, context); nothing here holds a model o
 - "flow" (rectified flow): x_t = (1 - t) x0 + t noise with continuous t; the model
   predicts the velocity noise - x0.
 
+Training times: uniform in (0, 1] (Transfusion), or `time_sampling: logit_normal` (SD3,
+Esser et al. 2024: t = sigmoid(N(logit_mean, logit_std)), which spends more of the steps at
+middle noise levels, where layout and count are decided, than at the low-noise end).
+
 Noise limiting (Transfusion, for captioning): an image that comes before its caption is
 the input of that caption, and a very noisy input teaches the text nothing, so its noise
 is capped at step `noise_limit` (ddpm) or t = noise_limit / T (flow). The caller says
@@ -50,6 +54,9 @@ class DiffusionConfig:
     # largest t is noise_limit / num_timesteps
     noise_limit: int = 500
     noise_limit_prob: float = 1.0  # fraction of the qualifying images that are capped
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"  # how training draws t (capped images too)
+    logit_mean: float = 0.0  # logit_normal: SD3's default
+    logit_std: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("ddpm", "flow"):
@@ -64,6 +71,10 @@ class DiffusionConfig:
             )
         if not 0.0 <= self.noise_limit_prob <= 1.0:
             raise ValueError(f"noise_limit_prob must be in [0, 1], got {self.noise_limit_prob}")
+        if self.time_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"time_sampling must be 'uniform' or 'logit_normal', got {self.time_sampling!r}")
+        if not self.logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
         if not (self.loss_weight >= 0.0 and math.isfinite(self.loss_weight)):
             raise ValueError(f"loss_weight must be a finite number >= 0, got {self.loss_weight}")
 
@@ -90,7 +101,12 @@ class Schedule(ABC):
         are capped with probability noise_limit_prob. Drawn from `generator` only, on
         its device, then moved to `device`."""
         draw_device = generator.device
-        uniform = torch.rand(n, generator=generator, device=draw_device)  # [0, 1)
+        if self.config.time_sampling == "logit_normal":  # the draw whose time is upper * sigmoid(N(mean, std))
+            normal = torch.randn(n, generator=generator, device=draw_device)
+            fraction = torch.sigmoid(self.config.logit_mean + self.config.logit_std * normal)
+            uniform = (fraction if self._time_rises_with_draw else 1.0 - fraction).clamp(0.0, 1.0 - 1e-7)
+        else:
+            uniform = torch.rand(n, generator=generator, device=draw_device)  # [0, 1)
         capped = torch.zeros(n, dtype=torch.bool, device=draw_device)
         if limited is not None:
             if limited.shape != (n,) or limited.dtype != torch.bool:
@@ -104,6 +120,8 @@ class Schedule(ABC):
         limit = self.config.noise_limit / self.num_timesteps
         upper = torch.where(capped, limit, 1.0)  # (n,) float32: the largest allowed t
         return self._times_below(uniform, upper).to(device=device if device is not None else draw_device)
+
+    _time_rises_with_draw = True  # does _times_below map larger draws to larger times
 
     @abstractmethod
     def _times_below(self, uniform: Tensor, upper: Tensor) -> Tensor:
@@ -183,6 +201,8 @@ class DDPMSchedule(Schedule):
 
 class FlowSchedule(Schedule):
     """Rectified flow: x_t = (1 - t) x0 + t noise; target = velocity noise - x0."""
+
+    _time_rises_with_draw = False
 
     def _times_below(self, uniform: Tensor, upper: Tensor) -> Tensor:
         # 1 - uniform is in (0, 1]: t = 0 would ask the model for a velocity at clean data
