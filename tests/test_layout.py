@@ -47,10 +47,10 @@ def _engine(mode: str, text_tokenizer) -> Engine:
     return Engine(FusionModel(config), text_tokenizer, image_tokenizer, diffusion=DiffusionConfig())
 
 
-def _rows(engine: Engine, docs: list[Document], **pipeline) -> tuple[dict, FusionBatches]:
+def _rows(engine: Engine, docs: list[Document], training: bool = True, **pipeline) -> tuple[dict, FusionBatches]:
     encoder = DocumentEncoder(engine.text_tokenizer, engine.image_tokenizer, engine.vocab, engine.mode)
     batches = FusionBatches(lambda: docs, encoder, PipelineConfig(seq_len=256, **pipeline), len(docs),
-                            engine.per_image, endless=False)
+                            engine.per_image, endless=False, training=training)
     return next(iter(batches)), batches
 
 
@@ -128,6 +128,10 @@ def test_conditioning_dropout_rate_and_what_it_leaves_alone(text_tokenizer):
         pass
     # only documents with text before their image (80% of these one-text-one-image documents) can drop it
     assert 0.05 < batches.stats.cond_dropped / batches.stats.documents < 0.13, batches.stats.as_dict()
+    _, held_out = _rows(engine, docs[:50], training=False, cond_dropout=0.1)
+    for _ in held_out:
+        pass
+    assert held_out.stats.cond_dropped == 0  # held-out losses measure the conditional model
     vocab = Vocab(300, 32)
     image = Segment("image", [1] * 4, image=0)
     text = Segment("text", [5, 6])

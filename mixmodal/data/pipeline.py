@@ -223,7 +223,8 @@ class FusionBatches:
     `source_factory()` returns a fresh Source (a new pass over the data); a finite source is
     restarted when exhausted (an epoch). `augmenter` (optional): retrieval augmentation,
     an object with `alpha` and `retrieve(chunk, training) -> [[Encoded, ...] per document]`
-    (mixmodal.retrieval.augment.RetrievalAugmenter); `training` turns on its query dropout."""
+    (mixmodal.retrieval.augment.RetrievalAugmenter); `training` turns on its query dropout
+    and conditioning dropout (held-out losses measure the conditional model)."""
 
     def __init__(self, source_factory, encoder: DocumentEncoder, config: PipelineConfig, batch_size: int,
                  positions_per_image: int, *, seed: int = 0, rank: int = 0, endless: bool = True,
@@ -287,7 +288,7 @@ class FusionBatches:
                 if not enc.keep_order:
                     enc.segments = order_caption(enc.segments, rng, self.config.caption_first_prob)
                 dropped = None
-                if self.config.cond_dropout > 0 and rng.random() < self.config.cond_dropout:
+                if self.training and self.config.cond_dropout > 0 and rng.random() < self.config.cond_dropout:
                     dropped = drop_conditioning(enc.segments, self.config.uncond, self.vocab)
                 if dropped is not None:
                     enc.segments = dropped
