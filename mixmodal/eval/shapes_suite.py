@@ -92,9 +92,9 @@ SAMPLING_FIELDS = ("cfg", "image_temperature", "image_top_k", "image_top_p", "cd
 # The sweep's grid per image mode (docs/eval.md): guidance scale x how codes are drawn / how many
 # denoising steps.
 SWEEP_GRID = {
-    "tokens": [{"cfg": c, "image_temperature": t, "image_top_k": k} for c in (1.0, 2.0, 3.0, 5.0)
-               for t, k in ((1.0, 0), (0.7, 0), (1.0, 50), (0.0, 0))] + [{"cdk": True, "image_temperature": 1.0},
-                                                                         {"cdk": True, "image_temperature": 0.0}],
+    "tokens": [{"cfg": c, "image_temperature": t} for c in (1.0, 2.0, 3.0, 5.0, 7.5, 10.0) for t in (1.0, 0.7, 0.0)]
+              + [{"cfg": 3.0, "image_temperature": 1.0, "image_top_k": 50}]
+              + [{"cdk": True, "image_temperature": t} for t in (1.0, 0.0)],
     "latents": [{"cfg": c, "diffusion_steps": n} for c in (1.0, 2.0, 3.0, 5.0, 7.5) for n in (25, 50)],
 }
 
