@@ -113,6 +113,8 @@ def test_conditioning_dropout_trains_the_unconditional_stream_generation_feeds(t
     assert row[:n].tolist() == uncond_ids and batch["positions"][0, :n].tolist() == uncond_positions
     assert row[n].item() == vocab.boi and row[n + 1 + engine.per_image].item() == vocab.eoi
     assert row[n + 2 + engine.per_image].item() == vocab.eos
+    # ... whose <eos> is no target: "image, then the end" would teach captioning to stop at once
+    assert batch["labels"][0, n + 1 + engine.per_image].item() == -100
     assert batches.stats.cond_dropped == 1
     if mode == "latents":
         assert batch["image_limited"].tolist() == [False]  # trained at every noise level, as guidance uses it

@@ -11,7 +11,8 @@ document is transformed the same way whatever came before it and however the run
     image is removed (`uncond: empty`) or replaced by `<mask:0>` (`uncond: mask`), exactly as
     the unconditional guidance stream's prompt is made (layout.unconditional); such a
     document gets no retrieved context, no CM3 and no noise limiting, since at generation the
-    unconditional stream predicts the image at every noise level;
+    unconditional stream predicts the image at every noise level, and no loss on its final
+    `<eos>` (what follows the image there is an artefact of the dropout, not a caption's end);
   - CM3 causal masking (data/cm3.py) on a fraction `cm3.rate` of documents.
 
 Retrieval augmentation (CM3Leon / RA-CM3; an `augmenter`, mixmodal/retrieval/augment.py):
@@ -305,8 +306,11 @@ class FusionBatches:
                     continue
                 if dropped is not None:
                     # what the unconditional stream is fed at generation: no prompt, no retrieved
-                    # context, and the image at every noise level (not noise-limited)
+                    # context, and the image at every noise level (not noise-limited). Its <eos> is
+                    # no target: "an image, then the end" would teach a captioner to stop at once
+                    # (greedy captions came out empty with it).
                     flat.limited = [False] * len(flat.limited)
+                    flat.targets_ok[-1] = False
                     yield flat
                     continue
                 if retrieved is not None:
