@@ -120,8 +120,8 @@ def geneval_figure(metrics: dict, path: Path) -> Path:
 
 
 def geneval_grid(samples: dict, path: Path, columns: int = 6, command: str = "") -> Path:
-    """One row per category: its first images, titled with the prompt and the verdict
-    (green: correct; red: wrong, with GenEval's reason)."""
+    """One row per category: the first image of its first prompts, titled with the prompt and
+    the verdict (green: correct; red: wrong, with GenEval's reason)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +132,9 @@ def geneval_grid(samples: dict, path: Path, columns: int = 6, command: str = "")
     for ax in axes.flat:
         ax.axis("off")
     for r, category in enumerate(rows):
-        shown = [s for s in samples[category] if s["image"] is not None][:columns]
+        # one image of each prompt first (a greedy sampler draws the same image for every seed)
+        ordered = sorted(samples[category], key=lambda s: (s.get("seed_index", 0), s.get("prompt_index", 0)))
+        shown = [s for s in ordered if s["image"] is not None][:columns]
         for c, s in enumerate(shown):
             ax = axes[r, c]
             ax.axis("on")
