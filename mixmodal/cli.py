@@ -229,9 +229,9 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.quick:
         preset = {**QUICK_EVAL, **preset}
     if args.sweep:
-        from mixmodal.eval.shapes_suite import sweep
+        from mixmodal.eval.shapes_suite import SWEEP_PRESET, sweep
 
-        config = build_config(ShapesEvalConfig, {**SWEEP_EVAL, **preset}, overrides)
+        config = build_config(ShapesEvalConfig, {**SWEEP_PRESET, **preset}, overrides)
         result = sweep(args.checkpoint, args.out, config, device=args.device,
                        progress=lambda line: print(line, file=sys.stderr, flush=True))
         print(json.dumps({"best": result["best"]}, indent=1))
@@ -247,7 +247,6 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-SWEEP_EVAL = {"geneval_prompts": 16, "images_per_prompt": 2}
 QUICK_EVAL = {"num_prompts": 32, "num_captions": 32, "num_vqa": 32, "num_ppl": 32, "num_fid_real": 256, "samples": 8,
               "geneval_prompts": 8, "images_per_prompt": 2}
 

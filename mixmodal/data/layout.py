@@ -76,7 +76,7 @@ def encode_document(doc: Document, text_tokenizer, contents: Sequence[torch.Tens
             segments.append(Segment("image", content.tolist() if mode == "tokens" else [], image=len(latents)))
             latents.append(content)
     stacked = torch.stack(latents) if mode == "latents" and latents else None
-    return Encoded(index, segments, stacked)
+    return Encoded(index, segments, stacked, keep_order=bool(doc.metadata.get("keep_order", False)))
 
 
 def order_caption(segments: list[Segment], rng: np.random.Generator, caption_first_prob: float) -> list[Segment]:

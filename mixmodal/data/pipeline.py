@@ -135,9 +135,7 @@ class DocumentEncoder:
         out, used = [], 0
         for index, doc in docs:
             n = sum(isinstance(p, Image) for p in doc.parts)
-            enc = encode_document(doc, self.text, encoded[used:used + n], self.mode, index)
-            enc.keep_order = bool(doc.metadata.get("keep_order", False))
-            out.append(enc)
+            out.append(encode_document(doc, self.text, encoded[used:used + n], self.mode, index))
             used += n
         return out
 

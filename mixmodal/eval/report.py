@@ -154,14 +154,18 @@ def geneval_grid(samples: dict, path: Path, columns: int = 6, command: str = "")
     return _save_with_command(fig, path, command, margin=0.03, fontsize=5)
 
 
+def describe_sampling(settings: dict, mode: str) -> str:
+    """One line for a text -> image sampling setting (eval reports and sweep tables)."""
+    if mode == "latents":
+        return f"cfg {settings['cfg']}, {settings['diffusion_steps']} denoising steps"
+    if settings.get("cdk"):
+        return f"CD-K, image temperature {settings['image_temperature']}"
+    return (f"cfg {settings['cfg']}, image temperature {settings['image_temperature']}, "
+            f"top-k {settings['image_top_k'] or 'off'}, top-p {settings['image_top_p']}")
+
+
 def _sampling_text(metrics: dict) -> str:
-    s = metrics.get("sampling", {})
-    if not s:
-        return ""
-    if metrics.get("image_mode") == "latents":
-        return f"cfg {s['cfg']}, {s['diffusion_steps']} denoising steps"
-    return (f"cfg {s['cfg']}, image temperature {s['image_temperature']}, top-k {s['image_top_k'] or 'off'}, "
-            f"top-p {s['image_top_p']}")
+    return describe_sampling(metrics["sampling"], metrics["image_mode"]) if metrics.get("sampling") else ""
 
 
 def _save_images(items: list, key: str, folder: Path) -> list[str | None]:
@@ -353,4 +357,4 @@ def _html(metrics: dict, paths: dict, out: Path, artifacts: dict, caption_files:
     return "\n".join(parts)
 
 
-__all__ = ["attribute_figure", "geneval_figure", "geneval_grid", "sample_grid", "write_report"]
+__all__ = ["attribute_figure", "describe_sampling", "geneval_figure", "geneval_grid", "sample_grid", "write_report"]

@@ -91,6 +91,7 @@ SAMPLING_DEFAULTS = {
     "latents": {"cfg": 7.5, "image_temperature": 1.0, "image_top_k": 0, "image_top_p": 1.0, "cdk": False,
                 "diffusion_steps": 25},
 }
+SWEEP_PRESET = {"geneval_prompts": 16, "images_per_prompt": 2}  # the sweep's prompt counts unless told otherwise
 SAMPLING_FIELDS = ("cfg", "image_temperature", "image_top_k", "image_top_p", "cdk", "diffusion_steps")
 # The sweep's grid per image mode (docs/eval.md): guidance scale x how codes are drawn / how many
 # denoising steps.
@@ -167,13 +168,19 @@ def training_compute(model_dir: Path) -> dict:
 
 # --- the runners --------------------------------------------------------------------------------
 
-def _generate(engine, prompts: list, gen_config, batch_size: int, seed: int, progress: Callable[[str], None], what: str):
+def _generate(engine, prompts: list, gen_config, batch_size: int, seeds: list[int], progress: Callable[[str], None],
+              what: str):
+    """Prompts in batches of batch_size; prompt i draws from seeds[i]."""
     results = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        results += engine.generate(chunk, gen_config, seed=[seed + start + i for i in range(len(chunk))])
+        results += engine.generate(chunk, gen_config, seed=seeds[start:start + len(chunk)])
         progress(f"{what}: {min(start + batch_size, len(prompts))}/{len(prompts)}")
     return results
+
+
+def _seeds(config: ShapesEvalConfig, n: int) -> list[int]:
+    return [config.seed + i for i in range(n)]
 
 
 def _mean_scores(rows: list[dict]) -> dict[str, float]:
@@ -186,7 +193,8 @@ def text_to_image(engine, config: ShapesEvalConfig, resolution: int, split: str,
     docs = documents(config, resolution, "caption", split, config.num_prompts)
     prompts = [d.metadata["caption"] for d in docs]
     gen = image_generation_config(engine, sampling(config, engine.mode))
-    results = _generate(engine, prompts, gen, config.batch_size, config.seed, progress, f"text->image {split}")
+    results = _generate(engine, prompts, gen, config.batch_size, _seeds(config, len(prompts)), progress,
+                        f"text->image {split}")
     rows, samples = [], []
     for i, (doc, result) in enumerate(zip(docs, results)):
         scene = Scene.from_dict(doc.metadata["scenes"][0])
@@ -218,12 +226,8 @@ def geneval(engine, config: ShapesEvalConfig, prompt_set: str, progress, setting
         n = config.geneval_prompts or GENEVAL_PROMPTS[category]
         prompts = make_prompts(category, prompt_set, n)
         jobs = [(i, j) for i in range(n) for j in range(k)]
-        results = []
-        for start in range(0, len(jobs), config.batch_size):
-            chunk = jobs[start:start + config.batch_size]
-            results += engine.generate([prompts[i].text for i, _ in chunk], gen,
-                                       seed=[config.seed + 1000 * i + j for i, j in chunk])
-            progress(f"geneval {prompt_set} {category}: {min(start + config.batch_size, len(jobs))}/{len(jobs)}")
+        results = _generate(engine, [prompts[i].text for i, _ in jobs], gen, config.batch_size,
+                            [config.seed + 1000 * i + j for i, j in jobs], progress, f"geneval {prompt_set} {category}")
         rows = []
         for (i, j), result in zip(jobs, results):
             images = result.document.images
@@ -247,7 +251,8 @@ def captioning(engine, config: ShapesEvalConfig, resolution: int, progress) -> t
 
     docs = documents(config, resolution, "caption", "heldout", config.num_captions)
     gen = GenerationConfig(mode="text", max_images=0, max_new_tokens=64, text=SamplingParams(temperature=0.0))
-    results = _generate(engine, [[d.images[0]] for d in docs], gen, config.batch_size, config.seed, progress, "captioning")
+    results = _generate(engine, [[d.images[0]] for d in docs], gen, config.batch_size, _seeds(config, len(docs)),
+                        progress, "captioning")
     candidates = [" ".join(r.document.texts).strip() for r in results]
     refs = [references(Scene.from_dict(d.metadata["scenes"][0]), i, config.num_references, config.seed)
             for i, d in enumerate(docs)]
@@ -286,7 +291,7 @@ def vqa(engine, config: ShapesEvalConfig, resolution: int, progress) -> tuple[di
     docs = documents(config, resolution, "vqa", "heldout", config.num_vqa)
     prompts = [[d.images[0], f"Question: {d.metadata['question']} Answer:"] for d in docs]
     gen = GenerationConfig(mode="text", max_images=0, max_new_tokens=12, text=SamplingParams(temperature=0.0))
-    results = _generate(engine, prompts, gen, config.batch_size, config.seed, progress, "vqa")
+    results = _generate(engine, prompts, gen, config.batch_size, _seeds(config, len(prompts)), progress, "vqa")
     predictions = [" ".join(r.document.texts).strip() for r in results]
     answers = [d.metadata["answer"] for d in docs]
     types = [d.metadata["question_type"] for d in docs]
@@ -430,12 +435,13 @@ def evaluate(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig |
 def sweep(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig | None = None, *,
           grid: list[dict] | None = None, device: str = "cpu", progress: Callable[[str], None] = print) -> dict:
     """GenEval-form accuracy on the validation prompts (disjoint from the test prompts) for each
-    sampling setting of `grid` (default: SWEEP_GRID of the model's mode); writes OUT/sweep.json,
-    OUT/sweep.md and OUT/sweep.png and returns {"rows": [...], "best": {...}}."""
+    sampling setting of `grid` (default: SWEEP_GRID of the model's mode); writes OUT/sweep.json
+    and OUT/sweep.md and returns {"rows": [...], "best": {...}}."""
+    from mixmodal.eval.report import describe_sampling
     from mixmodal.inference.checkpoint import model_folder
     from mixmodal.inference.engine import Engine
 
-    config = config or ShapesEvalConfig(geneval_prompts=16, images_per_prompt=2)
+    config = config or ShapesEvalConfig(**SWEEP_PRESET)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = model_folder(checkpoint)
@@ -448,7 +454,7 @@ def sweep(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig | No
         m, _ = geneval(engine, config, "validation", lambda line: None, settings, keep_images=False)
         rows.append({"settings": settings, "overall": m["overall"],
                      "categories": {c: v["accuracy"] for c, v in m["categories"].items()}})
-        progress(f"sweep {k + 1}/{len(grid)}: {_describe(settings, engine.mode)} -> overall {m['overall']:.3f}")
+        progress(f"sweep {k + 1}/{len(grid)}: {describe_sampling(settings, engine.mode)} -> overall {m['overall']:.3f}")
     best = max(rows, key=lambda r: r["overall"])
     result = {"checkpoint": str(model_dir), "image_mode": engine.mode, "prompt_set": "validation",
               "prompts_per_category": config.geneval_prompts, "images_per_prompt": config.images_per_prompt,
@@ -459,17 +465,9 @@ def sweep(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig | No
     return result
 
 
-def _describe(settings: dict, mode: str) -> str:
-    if mode == "latents":
-        return f"cfg {settings['cfg']}, {settings['diffusion_steps']} steps"
-    if settings.get("cdk"):
-        return f"CD-K, temperature {settings['image_temperature']}"
-    top_k = f", top-k {settings['image_top_k']}" if settings["image_top_k"] else ""
-    return f"cfg {settings['cfg']}, temperature {settings['image_temperature']}{top_k}"
-
-
 def _write_sweep_report(out: Path, result: dict) -> None:
     from mixmodal.data.shapes.geneval import CATEGORIES
+    from mixmodal.eval.report import describe_sampling
 
     mode = result["image_mode"]
     lines = [f"# Sampling sweep: `{result['checkpoint']}` ({mode})", "",
@@ -479,7 +477,7 @@ def _write_sweep_report(out: Path, result: dict) -> None:
              "| setting | overall | " + " | ".join(CATEGORIES) + " |", "|---|---|" + "---|" * len(CATEGORIES)]
     for row in sorted(result["rows"], key=lambda r: -r["overall"]):
         mark = " **(best)**" if row is result["best"] else ""
-        lines.append(f"| {_describe(row['settings'], mode)}{mark} | {row['overall']:.3f} | "
+        lines.append(f"| {describe_sampling(row['settings'], mode)}{mark} | {row['overall']:.3f} | "
                      + " | ".join(f"{row['categories'].get(c, float('nan')):.3f}" for c in CATEGORIES) + " |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
