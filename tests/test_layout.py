@@ -16,35 +16,17 @@ from mixmodal.documents import Document
 from mixmodal.inference import GenerationConfig
 from mixmodal.inference.config import GuidanceConfig
 from mixmodal.inference.engine import Engine
-from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
-from mixmodal.model.transformer import TransformerConfig
-from mixmodal.objectives.diffusion import DiffusionConfig
 from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
-from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
-from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
 from mixmodal.vocab import Vocab
+from tiny import tiny_engine
 
 SHAPES = ShapesConfig(resolution=32, tasks=["caption", "vqa"], max_objects=2)
-TRUNK = dict(resolution=16, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, norm_groups=4)  # 8 x 8
 
 
 @pytest.fixture(scope="module")
 def text_tokenizer():
     texts = (t for doc in ShapesSource(SHAPES, num=200) for t in doc.texts)
     return TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=300))
-
-
-def _engine(mode: str, text_tokenizer) -> Engine:
-    torch.manual_seed(0)
-    if mode == "tokens":
-        image_tokenizer = VQTokenizer(VQConfig(**TRUNK, latent_channels=8, codebook_size=32, codebook_dim=4))
-        image = ImageConfig(mode="tokens", num_codes=32, grid_size=8)
-    else:
-        image_tokenizer = VAETokenizer(VAEConfig(**TRUNK, latent_channels=4))
-        image = ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=4)
-    config = ModelConfig(text_vocab_size=text_tokenizer.vocab_size, image=image,
-                         transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=2))
-    return Engine(FusionModel(config), text_tokenizer, image_tokenizer, diffusion=DiffusionConfig())
 
 
 def _rows(engine: Engine, docs: list[Document], training: bool = True, **pipeline) -> tuple[dict, FusionBatches]:
@@ -75,7 +57,7 @@ def _prefills(engine: Engine, prompts: list, config: GenerationConfig) -> list[t
 
 @pytest.mark.parametrize("mode", ["tokens", "latents"])
 def test_a_prompt_is_the_prefix_of_its_documents_training_layout(text_tokenizer, mode):
-    engine = _engine(mode, text_tokenizer)
+    engine = tiny_engine(mode, text_tokenizer)
     caption_first = [d for d in ShapesSource(ShapesConfig(resolution=32, tasks=["caption"], max_objects=2), num=2)]
     for doc in caption_first:
         doc.metadata["keep_order"] = True
@@ -98,7 +80,7 @@ def test_a_prompt_is_the_prefix_of_its_documents_training_layout(text_tokenizer,
 @pytest.mark.parametrize("uncond", ["empty", "mask"])
 @pytest.mark.parametrize("mode", ["tokens", "latents"])
 def test_conditioning_dropout_trains_the_unconditional_stream_generation_feeds(text_tokenizer, mode, uncond):
-    engine = _engine(mode, text_tokenizer)
+    engine = tiny_engine(mode, text_tokenizer)
     doc = next(iter(ShapesSource(ShapesConfig(resolution=32, tasks=["caption"], max_objects=2), num=1)))
     doc.metadata["keep_order"] = True  # caption first
     batch, batches = _rows(engine, [doc], cond_dropout=1.0, uncond=uncond)
@@ -123,7 +105,7 @@ def test_conditioning_dropout_trains_the_unconditional_stream_generation_feeds(t
 
 
 def test_conditioning_dropout_rate_and_what_it_leaves_alone(text_tokenizer):
-    engine = _engine("tokens", text_tokenizer)
+    engine = tiny_engine("tokens", text_tokenizer)
     docs = list(ShapesSource(SHAPES, num=400))
     _, batches = _rows(engine, docs, cond_dropout=0.1)
     for _ in batches:

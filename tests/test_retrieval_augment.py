@@ -13,32 +13,19 @@ from mixmodal.data.shapes import ShapesConfig
 from mixmodal.data.sources import ShapesSource
 from mixmodal.inference import GenerationConfig
 from mixmodal.inference.config import GuidanceConfig
-from mixmodal.inference.engine import Engine
-from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
-from mixmodal.model.transformer import TransformerConfig
-from mixmodal.objectives.diffusion import DiffusionConfig
 from mixmodal.objectives.next_token import next_token_loss
 from mixmodal.retrieval.augment import RetrievalAugmenter, RetrievalConfig
 from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
-from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
-from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
 from mixmodal.vocab import Vocab
+from tiny import tiny_engine, tiny_image_tokenizer
 
 SHAPES = ShapesConfig(resolution=32, tasks=["caption"], max_objects=2)
-TRUNK = dict(resolution=16, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, norm_groups=4)  # 8 x 8
 
 
 @pytest.fixture(scope="module")
 def text_tokenizer():
     texts = (t for doc in ShapesSource(SHAPES, num=200) for t in doc.texts)
     return TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=300))
-
-
-def _image_tokenizer(mode: str):
-    torch.manual_seed(0)
-    if mode == "tokens":
-        return VQTokenizer(VQConfig(**TRUNK, latent_channels=8, codebook_size=32, codebook_dim=4))  # 8 x 8 codes
-    return VAETokenizer(VAEConfig(**TRUNK, latent_channels=4))  # 4 x 8 x 8 latents
 
 
 class _Bank:
@@ -64,7 +51,7 @@ class _Retriever:
 
 def _batches(text_tokenizer, mode: str, *, alpha: float = 1.0, k: int = 2, seq_len: int = 400, encode_batch: int = 4):
     vocab = Vocab(text_tokenizer.vocab_size, 32 if mode == "tokens" else 0)
-    encoder = DocumentEncoder(text_tokenizer, _image_tokenizer(mode), vocab, mode)
+    encoder = DocumentEncoder(text_tokenizer, tiny_image_tokenizer(mode), vocab, mode)
     bank = list(ShapesSource(SHAPES, split="heldout", num=40))
     augmenter = RetrievalAugmenter(RetrievalConfig(k=k, alpha=alpha), encoder, seed=0,
                                    retriever=_Retriever(bank, k))
@@ -117,7 +104,7 @@ def test_a_bank_that_fits_is_encoded_once_before_training(text_tokenizer):
             return len(self.docs)
 
     vocab = Vocab(text_tokenizer.vocab_size, 32)
-    encoder = DocumentEncoder(text_tokenizer, _image_tokenizer("tokens"), vocab, "tokens")
+    encoder = DocumentEncoder(text_tokenizer, tiny_image_tokenizer("tokens"), vocab, "tokens")
     retriever = _Retriever(list(ShapesSource(SHAPES, split="heldout", num=30)), 2)
     retriever.bank = Sized(retriever.bank.docs)
     augmenter = RetrievalAugmenter(RetrievalConfig(k=2), encoder, retriever=retriever)
@@ -173,18 +160,9 @@ def test_weighted_next_token_loss_is_a_weighted_mean():
 
 # --- generation --------------------------------------------------------------------------------
 
-def _engine(mode: str, text_tokenizer) -> Engine:
-    torch.manual_seed(0)
-    image = (ImageConfig(mode="tokens", num_codes=32, grid_size=8) if mode == "tokens"
-             else ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=4))
-    config = ModelConfig(text_vocab_size=text_tokenizer.vocab_size, image=image,
-                         transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=2, init_std=0.5))
-    return Engine(FusionModel(config), text_tokenizer, _image_tokenizer(mode), diffusion=DiffusionConfig())
-
-
 @pytest.mark.parametrize("mode", ["tokens", "latents"])
 def test_generation_lays_out_retrieved_documents_as_training_does(text_tokenizer, mode):
-    engine = _engine(mode, text_tokenizer)
+    engine = tiny_engine(mode, text_tokenizer)
     context = list(ShapesSource(SHAPES, split="heldout", num=2))
     prompt = "a red circle"
     seen = []
@@ -215,7 +193,7 @@ def test_generation_lays_out_retrieved_documents_as_training_does(text_tokenizer
 def test_context_counts_against_the_context_length(text_tokenizer):
     from mixmodal.inference.prompt import PromptError
 
-    engine = _engine("tokens", text_tokenizer)
+    engine = tiny_engine("tokens", text_tokenizer)
     engine.max_length = 100
     context = list(ShapesSource(SHAPES, split="heldout", num=2))
     with pytest.raises(PromptError, match="retrieved documents"):
@@ -263,7 +241,7 @@ def test_ra_training_and_generation_end_to_end(tmp_path, bank, text_tokenizer, c
     from mixmodal.train.run import load_run_config, train
 
     root = Path(__file__).resolve().parents[1]
-    save_image_tokenizer(_image_tokenizer("tokens"), tmp_path / "vq")
+    save_image_tokenizer(tiny_image_tokenizer("tokens"), tmp_path / "vq")
     text_tokenizer.save(tmp_path / "text")
     config = load_run_config(root / "configs/models/tiny-tokens.yaml", [
         f"data.image_tokenizer={tmp_path / 'vq'}", f"data.text_tokenizer={tmp_path / 'text'}",
@@ -289,7 +267,7 @@ def test_retrieve_without_an_index_is_refused(tmp_path, capsys, text_tokenizer):
     from mixmodal.cli import main
     from mixmodal.model.io import save_model_dir
 
-    engine = _engine("tokens", text_tokenizer)
+    engine = tiny_engine("tokens", text_tokenizer)
     save_model_dir(engine.model, tmp_path / "model")
     engine.text_tokenizer.save(tmp_path / "model" / "text_tokenizer")
     code = main(["generate", str(tmp_path / "model"), "--prompt", "a", "--mode", "text", "--retrieve", "2",
