@@ -102,7 +102,8 @@ def test_vqa_accuracy_counts_right_answers():
         answers[d.metadata["question"]] = d.metadata["answer"]
 
     def oracle(doc, cfg):
-        question = doc.texts[-1].removeprefix("Question: ").removesuffix(" Answer:")
+        assert doc.texts[-1] == "Answer:"
+        question = doc.texts[0].removeprefix("Question: ")
         return Document([Text(" " + answers[question])])
 
     m, examples = vqa(FakeEngine(oracle), SMALL, RES, lambda *_: None)

@@ -164,6 +164,22 @@ def test_trains_and_reports_the_loss_breakdown(tokenizers, tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_geneval_during_training_logs_the_accuracy_curve(tokenizers, tmp_path, mode):
+    config = _config(mode, tokenizers, "trainer.steps=2", "trainer.eval_every=1", "trainer.ema_decay=0.9",
+                     "eval.geneval_prompts=1", "eval.geneval_sets=[heldout,heldout-combos]")
+    train(config, tmp_path / "run")
+    evals = read_metrics(tmp_path / "run", "eval")
+    assert [r["step"] for r in evals] == [1, 2]
+    for record in evals:
+        m = record["metrics"]
+        assert set(m) >= {"geneval_heldout_overall", "geneval_heldout_single_object", "geneval_heldout_combos_overall",
+                          "geneval_heldout_combos_colors"}
+        assert all(0.0 <= m[k] <= 1.0 for k in m if k.startswith("geneval_"))
+    with pytest.raises(ValueError, match="geneval_sets"):
+        _config(mode, tokenizers, "eval.geneval_sets=[train]")
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
 def test_losses_fall_on_a_repeated_batch(tokenizers, mode):
     """Overfitting one batch: every loss term must fall (the gradient reaches every part)."""
     from mixmodal.train.fusion import FusionTask, fill_model_config

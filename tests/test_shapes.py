@@ -175,7 +175,7 @@ def test_images_have_the_configured_resolution(resolution):
     assert all(im.mode == "RGB" for im in doc.images)
 
 
-@pytest.mark.parametrize("task, layout", [("caption", "TI"), ("vqa", "IT"), ("edit", "ITI"), ("story", "TITITITI")])
+@pytest.mark.parametrize("task, layout", [("caption", "TI"), ("vqa", "TIT"), ("edit", "ITI"), ("story", "TITITITI")])
 def test_each_task_has_its_layout_and_metadata(task, layout):
     config = ShapesConfig(tasks=[task], story_length=4, background="random")
     for i in range(25):
@@ -193,7 +193,8 @@ def test_each_task_has_its_layout_and_metadata(task, layout):
         if task == "caption":
             assert parse_caption(doc.texts[0]) == scenes[0] == parse_caption(meta["caption"])
         elif task == "vqa":
-            assert doc.texts[0] == f"Question: {meta['question']} Answer: {meta['answer']}"
+            assert doc.texts == [f"Question: {meta['question']}", f"Answer: {meta['answer']}"]
+            assert [type(p).__name__ for p in doc.parts] == ["Text", "Image", "Text"]
             _check_answer(scenes[0], meta["question_type"], meta["answer"])
         elif task == "edit":
             assert Edit.from_dict(meta["edit"]).apply(scenes[0]) == scenes[1] != scenes[0]

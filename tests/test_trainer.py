@@ -296,3 +296,45 @@ def test_metrics_jsonl(tmp_path):
 def test_bf16_autocast_runs(tmp_path):
     fit(toy_config(steps=2, precision="bf16"), tmp_path)
     assert len(read_metrics(tmp_path, "train")) == 1
+
+
+def test_weight_average_resumes_exactly_and_is_what_eval_sees(tmp_path):
+    straight = toy_config(ema_decay=0.9)
+    result = fit(straight, tmp_path / "straight")
+    crashed = toy_config(ema_decay=0.9, save_every=3)
+    crashed.crash_at = 4
+    with pytest.raises(Crash):
+        fit(crashed, tmp_path / "resumed")
+    fit(toy_config(ema_decay=0.9, save_every=3, resume=True), tmp_path / "resumed")
+    last_a, last_b = (ckpt.latest_checkpoint(tmp_path / r) for r in ("straight", "resumed"))
+    average_a, average_b = load_file(str(last_a / "ema.safetensors")), load_file(str(last_b / "ema.safetensors"))
+    assert_bitwise_equal(average_a, average_b, "average")
+    assert_bitwise_equal(final_state(tmp_path / "straight")[0], final_state(tmp_path / "resumed")[0], "weights")
+    # the eval saw the average, and the checkpoint keeps the trained weights (they differ)
+    trained = final_state(tmp_path / "straight")[0]["net.body.weight"]
+    assert not torch.equal(trained, average_a["net.body.weight"])
+    assert result["weight_norm"] == pytest.approx(float(average_a["net.body.weight"].norm()), rel=1e-6)
+
+
+def test_weight_average_follows_the_updates_with_a_warm_up():
+    from mixmodal.train.ema import EMA
+
+    net = nn.Linear(2, 1, bias=False)
+    nn.init.zeros_(net.weight)
+    ema = EMA({"net": net}, decay=0.99)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update()  # rate at update 0: min(0.99, 1/10) -> the average moves 90% of the way
+    assert torch.allclose(ema.shadow["net.weight"], torch.full((1, 2), 0.9))
+    with ema.swapped_in():
+        assert torch.allclose(net.weight, torch.full((1, 2), 0.9))
+    assert torch.equal(net.weight, torch.ones(1, 2))
+
+
+def test_resume_without_the_average_the_run_had_is_refused(tmp_path):
+    crashed = toy_config(save_every=3)
+    crashed.crash_at = 4
+    with pytest.raises(Crash):
+        fit(crashed, tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="ema_decay"):
+        fit(toy_config(ema_decay=0.9, save_every=3, resume=True), tmp_path / "run")

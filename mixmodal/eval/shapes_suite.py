@@ -289,7 +289,7 @@ def vqa(engine, config: ShapesEvalConfig, resolution: int, progress) -> tuple[di
     from mixmodal.inference.config import GenerationConfig, SamplingParams
 
     docs = documents(config, resolution, "vqa", "heldout", config.num_vqa)
-    prompts = [[d.images[0], f"Question: {d.metadata['question']} Answer:"] for d in docs]
+    prompts = [[f"Question: {d.metadata['question']}", d.images[0], "Answer:"] for d in docs]
     gen = GenerationConfig(mode="text", max_images=0, max_new_tokens=12, text=SamplingParams(temperature=0.0))
     results = _generate(engine, prompts, gen, config.batch_size, _seeds(config, len(prompts)), progress, "vqa")
     predictions = [" ".join(r.document.texts).strip() for r in results]

@@ -169,9 +169,11 @@ def save_checkpoint(
     rng: dict[str, Any],
     config_yaml: str | None = None,
     keep_last: int = 0,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically (temporary directory, then rename) and prune
-    all but the newest `keep_last` (0 keeps all)."""
+    all but the newest `keep_last` (0 keeps all). `extra` maps a file name to a function
+    that writes it (given its path), e.g. the weight average."""
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
@@ -184,6 +186,8 @@ def save_checkpoint(
     (tmp / STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=1, allow_nan=False), encoding="utf-8")
     if config_yaml is not None:
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    for name, write in (extra or {}).items():
+        write(tmp / name)
     _fsync_dir(tmp)
     _rename_into_place(tmp, final)
     if keep_last > 0:

@@ -71,12 +71,33 @@ class FusionLossConfig:
 
 
 @dataclass
+class FusionEvalConfig:
+    """GenEval-form accuracy at every eval (shapes world; trainer.eval_every): the learning curve
+    in accuracy, not only in loss. Drawn with the eval suite's default sampling for the mode."""
+
+    geneval_prompts: int = 0  # prompts per category and set; 0: off
+    geneval_sets: list[str] = field(default_factory=lambda: ["heldout", "heldout-combos"])
+    images_per_prompt: int = 1
+    batch_size: int = 64  # prompts generated together
+
+    def __post_init__(self) -> None:
+        from mixmodal.data.shapes.geneval import PROMPT_SETS
+
+        bad = [s for s in self.geneval_sets if s not in PROMPT_SETS]
+        if bad:
+            raise ValueError(f"eval.geneval_sets: unknown set(s) {bad}; choose from {', '.join(PROMPT_SETS)}")
+        if self.geneval_prompts < 0 or self.images_per_prompt < 1 or self.batch_size < 1:
+            raise ValueError("eval.geneval_prompts must be >= 0, eval.images_per_prompt and eval.batch_size >= 1")
+
+
+@dataclass
 class FusionTrainConfig:
     task: Literal["fusion"] = "fusion"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: FusionDataConfig = field(default_factory=FusionDataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     loss: FusionLossConfig = field(default_factory=FusionLossConfig)
+    eval: FusionEvalConfig = field(default_factory=FusionEvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
@@ -400,9 +421,31 @@ class FusionTask(TaskBase):
         metrics = {f"eval_{k}": v / n for k, v in sums.items()}
         if "eval_text_ce" in metrics:
             metrics["eval_text_ppl"] = math.exp(min(metrics["eval_text_ce"], 50.0))
+        if self.config.eval.geneval_prompts:
+            metrics.update(self.geneval(model))
         if hasattr(self, "train_batches"):
             metrics["data"] = self.train_batches.stats.as_dict()
         return metrics
+
+    def geneval(self, model) -> dict[str, float]:
+        """GenEval-form accuracy of `model` as it is now (eval.geneval_*): geneval_SET_overall and
+        geneval_SET_CATEGORY for each set; the eval suite's prompts, seeds and default sampling."""
+        from mixmodal.eval.shapes_suite import ShapesEvalConfig, geneval
+        from mixmodal.inference.engine import Engine
+
+        e = self.config.eval
+        engine = Engine(model, self.text_tokenizer, self.image_tokenizer,
+                        diffusion=self.config.diffusion if self.latent else None,
+                        max_length=self.config.data.pipeline.seq_len)
+        suite = ShapesEvalConfig(geneval_prompts=e.geneval_prompts, images_per_prompt=e.images_per_prompt,
+                                 batch_size=e.batch_size)
+        out: dict[str, float] = {}
+        for prompt_set in e.geneval_sets:
+            metrics, _ = geneval(engine, suite, prompt_set, lambda message: None, keep_images=False)
+            key = "geneval_" + prompt_set.replace("-", "_")
+            out[f"{key}_overall"] = metrics["overall"]
+            out.update({f"{key}_{c}": m["accuracy"] for c, m in metrics["categories"].items()})
+        return out
 
     def save_artifacts(self, models, run_dir: Path) -> None:
         from mixmodal.inference.checkpoint import write_generation_settings

@@ -8,6 +8,8 @@ implements `Task`; `Trainer(task, config, run_dir).fit()` does the rest:
       every log_every: a metrics.jsonl record; every eval_every: task.evaluate;
       every save_every: an atomic checkpoint
     final eval -> RUN/eval.json -> task.save_artifacts
+With trainer.ema_decay > 0 an average of the weights (train/ema.py) follows the updates;
+evals and the saved model use it, checkpoints carry it for an exact resume.
 
 Models are plain single-device modules; data parallelism is applied here, from outside:
 under torchrun (see distributed.py) each process wraps the models its optimizers train in
@@ -36,6 +38,7 @@ from torch import nn
 
 from mixmodal.train import checkpoint as ckpt
 from mixmodal.train import distributed
+from mixmodal.train.ema import EMA, EMA_FILE
 from mixmodal.train.metrics import MetricsLogger, Progress, jsonable
 from mixmodal.train.optim import build_adamw, clip_gradients, lr_multiplier, set_learning_rate
 
@@ -49,6 +52,7 @@ class TrainerConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.0
+    ema_decay: float = 0.0  # > 0: evaluate and save an exponential moving average of the weights (train/ema.py)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global grad norm per optimizer; 0 = no clipping
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA or a bf16-capable CPU
@@ -70,6 +74,8 @@ class TrainerConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "keep_last", "max_nonfinite_streak", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"trainer.ema_decay must be in [0, 1) (0: no average), got {self.ema_decay}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"trainer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -278,6 +284,7 @@ class Trainer:
             for name, spec in self.specs.items()
         }
         self.params = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in self.optimizers.items()}
+        self.ema = EMA(self.models, cfg.ema_decay) if cfg.ema_decay else None
         self.train_models = self._wrap_data_parallel()
         self.data = self.task.data_iterator()
         self.logger = MetricsLogger(self.run_dir, enabled=self.main)
@@ -340,6 +347,8 @@ class Trainer:
         if changed and self.main:
             print(f"resuming {checkpoint.path.name} with a changed config:\n  " + "\n  ".join(changed))
         rng = ckpt.load_checkpoint(checkpoint, self.models, self.optimizers)
+        if self.ema is not None:
+            self.ema.load(checkpoint.path / EMA_FILE)
         data = checkpoint.state["data"]
         if self.world_size > 1:  # one entry per rank
             data, rng = data[self.rank], rng["ranks"][self.rank]
@@ -403,6 +412,8 @@ class Trainer:
                 self.optimizers[name].step()
             for module in self.synced_modules:
                 distributed.broadcast_module_state(module)
+            if self.ema is not None:
+                self.ema.update()
         else:
             for opt in self.optimizers.values():
                 opt.zero_grad(set_to_none=True)
@@ -449,7 +460,7 @@ class Trainer:
         for m in self.models.values():
             m.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._averaged():
                 metrics = dict(self.task.evaluate(self.models, self.step, self.run_dir))
         finally:
             for m in self.models.values():
@@ -458,6 +469,10 @@ class Trainer:
         self.logger.log(self.step, "eval", metrics=metrics)
         self.eval_history.append(jsonable({"step": self.step, **metrics}))
         return metrics
+
+    def _averaged(self):
+        """The weight average in the models (trainer.ema_decay > 0), else nothing changes."""
+        return self.ema.swapped_in() if self.ema is not None else nullcontext()
 
     def save(self) -> Path:
         """Write a checkpoint (called on every rank). With several processes the data
@@ -482,7 +497,8 @@ class Trainer:
             }
             path = ckpt.save_checkpoint(
                 self.run_dir, self.step, self.models, self.optimizers, state, rng,
-                to_yaml(self.task.config) if self.task.config is not None else None, self.config.keep_last)
+                to_yaml(self.task.config) if self.task.config is not None else None, self.config.keep_last,
+                extra={EMA_FILE: self.ema.save} if self.ema is not None else None)
         distributed.barrier()
         return path
 
@@ -550,7 +566,8 @@ class Trainer:
                 final = self.evaluate()
             result = {"step": self.step, **final}
             (self.run_dir / "eval.json").write_text(json.dumps(jsonable(result), indent=1) + "\n", encoding="utf-8")
-            self.task.save_artifacts(self.models, self.run_dir)
+            with self._averaged():
+                self.task.save_artifacts(self.models, self.run_dir)
         return distributed.gather_objects(result)[0]  # also makes every rank wait for rank 0's files
 
     def _nonfinite(self, result: dict, progress: Progress) -> None:

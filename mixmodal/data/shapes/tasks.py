@@ -9,7 +9,9 @@ scene (so its first scene is `sample_scene(config, split, index)`), then its tas
                           `partial_captions` of them say only part of it, in GenEval's
                           forms ("a photo of a red star"; geneval.py), and are marked
                           `keep_order` (a prompt, never a caption to write)
-    vqa      I T          "Question: ... Answer: ..."
+    vqa      T I T        "Question: ...", the image, "Answer: ..." (the question first: after a bare
+                          image the world only ever continues with a caption, so an image alone
+                          prompts a caption, and the question says what to look for)
     edit     I T I        before, instruction, after
     story    T I (T I)*   caption of the first scene, then one change per later image
 
@@ -67,7 +69,7 @@ def shapes_document(config: ShapesConfig, split: str, index: int) -> Document:
             meta.update(prompt=prompt.to_dict(), keep_order=True)
     elif task == "vqa":
         question, answer, kind = vqa(scene, rng)
-        layout = [0, f"Question: {question} Answer: {answer}"]
+        layout = [f"Question: {question}", 0, f"Answer: {answer}"]
         meta.update(question=question, answer=answer, question_type=kind)
     elif task == "edit":
         edit = _next_edit(rng, scene, config, split)
