@@ -421,6 +421,9 @@ class FusionTask(TaskBase):
         metrics = {f"eval_{k}": v / n for k, v in sums.items()}
         if "eval_text_ce" in metrics:
             metrics["eval_text_ppl"] = math.exp(min(metrics["eval_text_ce"], 50.0))
+        t = self.config.trainer
+        positions = step * t.batch_size * t.grad_accumulation * getattr(self, "world", 1) * self.config.data.pipeline.seq_len
+        metrics["train_flops"] = positions * model.flops_per_token(self.config.data.pipeline.seq_len)  # as training.json
         if self.config.eval.geneval_prompts:
             metrics.update(self.geneval(model))
         if hasattr(self, "train_batches"):
