@@ -74,3 +74,41 @@ def test_the_attention_ablation_compares_equal_budgets_only():
     assert "| bidirectional, 300 steps | causal, 300 steps | bidirectional, 600 steps | causal, 600 steps |" in table
     assert "| 0.100 | 0.300 | 0.200 | 0.400 |" in table
     assert "No budget" in "\n".join(study.attention_ablation([row(300, 0.1)], [row(600, 0.2)]))
+
+
+ablate_spec = importlib.util.spec_from_file_location("study_ablate", Path(__file__).parents[1] / "benchmarks/study/ablate.py")
+ablate = importlib.util.module_from_spec(ablate_spec)
+ablate_spec.loader.exec_module(ablate)
+
+
+def test_ablation_arms_parse_and_bad_ones_are_refused():
+    assert ablate.parse_arm("base") == ("base", [])
+    assert ablate.parse_arm("lr: trainer.lr=3e-3 trainer.warmup_steps=50") == ("lr", ["trainer.lr=3e-3",
+                                                                                       "trainer.warmup_steps=50"])
+    with pytest.raises(SystemExit, match="key=value"):
+        ablate.parse_arm("lr: trainer.lr")
+    with pytest.raises(SystemExit, match="plain NAME"):
+        ablate.parse_arm("../x: trainer.lr=1")
+
+
+def test_ablation_table_reads_each_arms_last_eval_and_the_seed_spread(tmp_path):
+    import json
+
+    from mixmodal.train.metrics import MetricsLogger
+
+    def fake_run(name, accuracies):
+        log = MetricsLogger(tmp_path / name)
+        for step, acc in accuracies:
+            log.log(step, "eval", metrics={"geneval_heldout_overall": acc, "train_flops": 1e12 * step})
+        (tmp_path / name / "ablate-time.json").write_text(json.dumps({"seconds": 60.0}))
+
+    fake_run("base-s0", [(10, 0.1), (20, 0.30)])
+    fake_run("base-s1", [(10, 0.1), (20, 0.40)])
+    fake_run("lr-s0", [(20, 0.50)])
+    fake_run("lr-s1", [(20, 0.70)])
+    result = ablate.table(tmp_path, [("base", []), ("lr", ["trainer.lr=3e-3"])], seeds=2)
+    assert [r["geneval_heldout_overall"] for r in result["rows"]] == [0.30, 0.40, 0.50, 0.70]
+    text = ablate.write_report(tmp_path, "configs/recipes/tokens-64.yaml", 20, result, "cmd").read_text()
+    assert "| base | `(base)` | 2 | 0.350 ± 0.050 | 2.00e+13 | 60 |" in text
+    assert "| lr | `trainer.lr=3e-3` | 2 | 0.600 ± 0.100 | 2.00e+13 | 60 |" in text
+    assert ablate.finished(tmp_path / "base-s0") is False  # no eval.json / model: it would be trained
