@@ -39,7 +39,7 @@ class DemoConfig:
     num_shown: int = 24  # documents on each contact sheet
     image_tokenizer_run: str = "configs/tokenizers/vq-demo-32.yaml"  # the VQ image tokenizer the demo trains
     model_run: str = "configs/models/demo-tokens.yaml"  # the early-fusion model the demo trains on it
-    image_tokenizer_steps: int = 600
+    image_tokenizer_steps: int = 500
     model_steps: int = 300
     latent_tokenizer_run: str = "configs/tokenizers/vae-demo-32.yaml"  # the KL-VAE the latent model uses
     latent_model_run: str = "configs/models/demo-latents.yaml"  # the Transfusion-style model on its latents
