@@ -12,7 +12,7 @@ once, one thread each (OMP_NUM_THREADS=1: two jobs on two cores do not oversubsc
 `--seeds K` repeats every arm with trainer.seed = 0..K-1 (OUT/NAME-sK), so the table can show
 the spread that a difference must exceed. Writes OUT/ablation.md and OUT/ablation.json: per arm
 its last eval (GenEval-form overall on each prompt set, the image loss), wall time and training
-FLOPs, and the base's values beside it.
+FLOPs; the base is one of the rows.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
     if bad:
         raise SystemExit(f"--arm {text!r}: {bad} are not key=value overrides")
     return name, overrides
+
+
+def arm_dir(out: Path, name: str, seed: int, seeds: int) -> Path:
+    return out / (name if seeds == 1 else f"{name}-s{seed}")
 
 
 def finished(run: Path) -> bool:
@@ -87,7 +91,7 @@ def table(out: Path, arms: list[tuple[str, list[str]]], seeds: int) -> dict:
     rows = []
     for name, overrides in arms:
         for seed in range(seeds):
-            run = out / (name if seeds == 1 else f"{name}-s{seed}")
+            run = arm_dir(out, name, seed, seeds)
             timing = run / "ablate-time.json"
             rows.append({"arm": name, "seed": seed, "run": str(run), "overrides": overrides, **last_eval(run),
                          "seconds": json.loads(timing.read_text())["seconds"] if timing.is_file() else None})
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def one(job):
             name, seed, overrides = job
-            run = args.out / (name if args.seeds == 1 else f"{name}-s{seed}")
+            run = arm_dir(args.out, name, seed, args.seeds)
             seed_override = [f"trainer.seed={seed}"] if args.seeds > 1 else []
             return train_arm(args.base, run, args.steps, overrides + seed_override, threads)
 

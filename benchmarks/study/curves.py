@@ -1,7 +1,7 @@
 """GenEval-form accuracy against training FLOPs, from runs trained with `eval.geneval_prompts > 0`
 (the recipes in configs/recipes/ log it at every eval).
 
-    python benchmarks/study/curves.py runs/recipe-tokens runs/recipe-latents --out docs/figures/recipe-curves.png
+    python benchmarks/study/curves.py runs/recipe-tokens runs/recipe-latents --out docs/img/recipe-curves.png
 
 One panel per prompt set (held-out prompts, held-out shape-colour combinations), one line per
 run; the dashed lines are issue 16's targets. Prints the table of points too.

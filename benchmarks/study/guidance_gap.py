@@ -34,6 +34,12 @@ from mixmodal.tokenizers.pixels import images_to_tensor
 TIMES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
+def heldout_captions(resolution: int, num: int, max_objects: int) -> list:
+    """The first `num` held-out caption -> image documents of the shapes world."""
+    world = ShapesConfig(resolution=resolution, max_objects=max_objects, tasks=["caption"])
+    return [shapes_document(world, "heldout", i) for i in range(num)]
+
+
 @torch.no_grad()
 def guidance_gap(run: str, num: int = 64, uncond: str = "empty", max_objects: int = 2, seed: int = 0) -> dict:
     engine = Engine.from_pretrained(run) if isinstance(run, (str, Path)) else run
@@ -41,8 +47,7 @@ def guidance_gap(run: str, num: int = 64, uncond: str = "empty", max_objects: in
         return caption_gain(engine, num, uncond, max_objects)
     model, vocab, schedule = engine.model, engine.vocab, engine.schedule
     resolution = engine.image_tokenizer.config.resolution
-    world = ShapesConfig(resolution=resolution, max_objects=max_objects, tasks=["caption"])
-    docs = [shapes_document(world, "heldout", i) for i in range(num)]
+    docs = heldout_captions(resolution, num, max_objects)
     tok = engine.image_tokenizer
     x0 = tok.scale_latents(tok.encode(images_to_tensor([d.images[0] for d in docs], resolution))).float()
     # each document's two streams, laid out once: (ids, start of the image) per stream
@@ -85,8 +90,7 @@ def caption_gain(engine, num: int = 64, uncond: str = "empty", max_objects: int 
     deterministic given a full caption, so a model that used it fully would reach ce_c ~ 0."""
     model, vocab = engine.model, engine.vocab
     resolution = engine.image_tokenizer.config.resolution
-    world = ShapesConfig(resolution=resolution, max_objects=max_objects, tasks=["caption"])
-    docs = [shapes_document(world, "heldout", i) for i in range(num)]
+    docs = heldout_captions(resolution, num, max_objects)
     pixels = images_to_tensor([d.images[0] for d in docs], resolution)
     codes = vocab.image_code_to_id(engine.image_tokenizer.encode(pixels).flatten(1))
     ce = [[], []]

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 EMA_FILE = "ema.safetensors"
@@ -61,19 +62,17 @@ class EMA:
                   metadata={"updates": str(self.updates), "decay": repr(self.decay)})
 
     def load(self, path: Path) -> None:
-        from safetensors import safe_open
-
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: this checkpoint was written without trainer.ema_decay, so the average cannot "
                 "continue exactly; resume with trainer.ema_decay=0 or start a new run with another --out")
-        tensors = load_file(str(path))
-        if set(tensors) != set(self.shadow):
-            raise ValueError(f"{path} averages other parameters than the model has "
-                             f"({len(tensors)} vs {len(self.shadow)} tensors); it belongs to another model")
-        for k, v in tensors.items():
-            self.shadow[k].copy_(v)
         with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+            if keys != set(self.shadow):
+                raise ValueError(f"{path} averages other parameters than the model has "
+                                 f"({len(keys)} vs {len(self.shadow)} tensors); it belongs to another model")
+            for k in keys:
+                self.shadow[k].copy_(f.get_tensor(k))
             self.updates = int((f.metadata() or {}).get("updates", 0))
 
 

@@ -276,15 +276,17 @@ def fill_model_config(config: FusionTrainConfig) -> None:
 TRAINING_FILE = "training.json"  # in the model folder: what training cost, for `mixmodal eval` and the study
 
 
-def training_compute(model, config: FusionTrainConfig, world_size: int = 1) -> dict:
+def training_compute(model, config: FusionTrainConfig, world_size: int = 1, steps: int | None = None) -> dict:
     """Training compute from the model's own accounting: every position of every packed row
     (padding included: it was computed) costs `model.flops_per_token(seq_len)`, forward and
-    backward. The image tokenizer's encoding is not counted (it is frozen and could be cached)."""
+    backward. The image tokenizer's encoding is not counted (it is frozen and could be cached).
+    `steps`: the updates made so far (default: the whole run's trainer.steps)."""
     t = config.trainer
+    steps = t.steps if steps is None else steps
     seq_len = config.data.pipeline.seq_len
-    positions = t.steps * t.batch_size * t.grad_accumulation * world_size * seq_len
+    positions = steps * t.batch_size * t.grad_accumulation * world_size * seq_len
     per_position = model.flops_per_token(seq_len)
-    return {"steps": t.steps, "batch_size": t.batch_size, "grad_accumulation": t.grad_accumulation,
+    return {"steps": steps, "batch_size": t.batch_size, "grad_accumulation": t.grad_accumulation,
             "world_size": world_size, "seq_len": seq_len, "positions": positions,
             "parameters": model.num_parameters(), "non_embedding_parameters": model.num_parameters(non_embedding=True),
             "flops_per_position": per_position, "flops": positions * per_position,
@@ -421,9 +423,7 @@ class FusionTask(TaskBase):
         metrics = {f"eval_{k}": v / n for k, v in sums.items()}
         if "eval_text_ce" in metrics:
             metrics["eval_text_ppl"] = math.exp(min(metrics["eval_text_ce"], 50.0))
-        t = self.config.trainer
-        positions = step * t.batch_size * t.grad_accumulation * getattr(self, "world", 1) * self.config.data.pipeline.seq_len
-        metrics["train_flops"] = positions * model.flops_per_token(self.config.data.pipeline.seq_len)  # as training.json
+        metrics["train_flops"] = training_compute(model, self.config, getattr(self, "world", 1), steps=step)["flops"]
         if self.config.eval.geneval_prompts:
             metrics.update(self.geneval(model))
         if hasattr(self, "train_batches"):
