@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, required=True, help="number of documents")
     p.add_argument("--split", default="train", choices=["train", "heldout", "heldout-combos"],
                    help="train, heldout (unseen scenes) or heldout-combos (unseen shape-colour pairs)")
-    p.add_argument("--resolution", type=int, default=None, help="image size in pixels: 32, 64 or 128 (default 64)")
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels: 32, 48, 64 or 128 (default 64)")
     p.add_argument("--seed", type=int, default=None, help="seed of the train stream (held-out splits are fixed)")
     p.add_argument("--config", default=None, help="YAML preset for ShapesConfig (e.g. configs/data/shapes-64.yaml)")
     p.add_argument("--format", default="jsonl", choices=["jsonl", "wds"], help="documents JSONL + PNGs, or WebDataset tar shards")

@@ -373,3 +373,9 @@ def test_feature_net_reaches_the_accuracy_bar(tmp_path):
     trained = fn.train_feature_net(64, out=tmp_path / "net")
     accuracy = trained.metadata["heldout_accuracy"]
     assert min(accuracy[name] for name in fn.ATTRIBUTES) >= fn.ACCURACY_BAR, accuracy
+
+
+def test_images_between_net_sizes_use_the_next_larger_net():
+    assert [fn.net_resolution(r) for r in (32, 48, 64, 128)] == [32, 64, 64, 128]
+    with pytest.raises(fn.FeatureNetError, match="no shapes feature net for 256 px"):
+        fn.net_resolution(256)

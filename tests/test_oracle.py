@@ -61,7 +61,7 @@ def test_attributes_survive_blur_and_noise_at_64px():
 
 
 @pytest.mark.parametrize("resolution, split, num", [(32, "heldout", 1000), (128, "heldout", 150),
-                                                     (64, "heldout-combos", 300)])
+                                                     (64, "heldout-combos", 300), (48, "heldout-combos", 300)])
 def test_exact_scene_at_other_resolutions_and_on_unseen_pairs(resolution, split, num):
     config = ShapesConfig(resolution=resolution, background="random")
     scenes = [sample_scene(config, split, i) for i in range(num)]

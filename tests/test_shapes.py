@@ -46,7 +46,7 @@ def _layout(doc) -> str:
 # --- config --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value, message", [
-    ("resolution", 48, "resolution must be one of 32, 64, 128"),
+    ("resolution", 50, "resolution must be one of 32, 48, 64, 128"),
     ("min_objects", 0, "min_objects must be between 1 and 4"),
     ("max_objects", 5, "max_objects must be between"),
     ("background", "teal", "background must be one of black, white, gray or random"),
@@ -168,7 +168,7 @@ def test_documents_are_a_pure_function_of_config_split_index():
         shapes_document(config, "train", -1)
 
 
-@pytest.mark.parametrize("resolution", [32, 64, 128])
+@pytest.mark.parametrize("resolution", [32, 48, 64, 128])
 def test_images_have_the_configured_resolution(resolution):
     doc = shapes_document(ShapesConfig(resolution=resolution, tasks=["edit"]), "train", 0)
     assert [im.size for im in doc.images] == [(resolution, resolution)] * 2

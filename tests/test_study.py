@@ -112,3 +112,23 @@ def test_ablation_table_reads_each_arms_last_eval_and_the_seed_spread(tmp_path):
     assert "| base | `(base)` | 2 | 0.350 ± 0.050 | 2.00e+13 | 60 |" in text
     assert "| lr | `trainer.lr=3e-3` | 2 | 0.600 ± 0.100 | 2.00e+13 | 60 |" in text
     assert ablate.finished(tmp_path / "base-s0") is False  # no eval.json / model: it would be trained
+
+
+def test_tokenizer_recon_scores_both_held_out_splits(tmp_path):
+    import torch
+
+    from mixmodal.tokenizers.image import save_image_tokenizer
+    from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
+
+    recon_spec = importlib.util.spec_from_file_location("study_recon", Path(__file__).parents[1] / "benchmarks/study/tokenizer_recon.py")
+    recon = importlib.util.module_from_spec(recon_spec)
+    recon_spec.loader.exec_module(recon)
+    torch.manual_seed(0)
+    trunk = dict(resolution=32, base_channels=8, channel_multipliers=[1, 2, 2], num_res_blocks=1, norm_groups=4)
+    save_image_tokenizer(VQTokenizer(VQConfig(**trunk, latent_channels=8, codebook_size=64, codebook_dim=4)), tmp_path / "vq")
+    out = recon.tokenizer_recon(str(tmp_path / "vq"), num=4)
+    assert set(out) == {"heldout", "heldout-combos"}
+    for metrics in out.values():
+        assert {"psnr", "oracle_overall", "oracle_shape", "oracle_colour"} <= set(metrics)
+        assert metrics["oracle_overall"] == 0.0  # an untrained tokenizer writes no scene back
+        assert 0.0 <= metrics["oracle_background"] <= 1.0

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixmodal.data.shapes import BACKGROUNDS, COLOURS, POSITIONS, RESOLUTIONS, SHAPES, SIZES, Scene, ShapesConfig
+from mixmodal.data.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, ShapesConfig
 from mixmodal.data.shapes import render_array, sample_scene
 from mixmodal.data.shapes.scene import COLOURS_ORDER
 from mixmodal.eval.fid import check_images
@@ -46,6 +46,9 @@ ACCURACY_BAR = 0.95  # held-out accuracy per attribute the default recipe must r
 DEFAULT_STEPS = 800
 DEFAULT_BATCH_SIZE = 32
 MAP_SIZE = 8  # side of the last feature map, whatever the resolution
+# Resolutions a feature net is trained at (MAP_SIZE * 2^k); the world's other sizes (48 px) are
+# resized up to the next one (`net_resolution`).
+RESOLUTIONS = (32, 64, 128)
 
 
 class FeatureNetError(ValueError):
@@ -321,11 +324,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("MIXMODAL_CACHE") or Path.home() / ".cache" / "mixmodal").expanduser()
 
 
+def net_resolution(resolution: int) -> int:
+    """The feature net's resolution for images of `resolution` px: the smallest of RESOLUTIONS that
+    is at least as large (48 px images are scored by the 64 px net, resized up)."""
+    larger = [r for r in RESOLUTIONS if r >= resolution]
+    if not larger:
+        raise FeatureNetError(f"no shapes feature net for {resolution} px images; the largest is "
+                              f"{RESOLUTIONS[-1]} px")
+    return larger[0]
+
+
 def default_feature_net(resolution: int, device: str | torch.device = "cpu") -> ShapesFeatures:
-    """The feature net for `resolution` from the cache (cache_root()/feature-nets/shapes-{R}px-v1),
-    trained there on first use with the default recipe and seed 0."""
-    if resolution not in RESOLUTIONS:
-        raise FeatureNetError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}; got {resolution!r}")
+    """The feature net for `resolution` px images from the cache (cache_root()/feature-nets/shapes-{R}px-v1,
+    R = net_resolution(resolution)), trained there on first use with the default recipe and seed 0."""
+    resolution = net_resolution(resolution)
     path = cache_root() / "feature-nets" / f"shapes-{resolution}px-{VERSION.rsplit('-', 1)[-1]}"
     if not path.exists():
         estimate = {32: "half a minute", 64: "a minute", 128: "2-3 minutes"}[resolution]  # on one CPU thread

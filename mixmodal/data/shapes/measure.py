@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mixmodal.data.shapes.measure",
                                      description="Measure the shapes oracle on clean and degraded held-out renders.")
     parser.add_argument("--num", type=int, default=1000, help="scenes per (resolution, split)")
-    parser.add_argument("--resolution", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--resolution", type=int, nargs="+", default=[32, 48, 64, 128])
     parser.add_argument("--split", nargs="+", default=["heldout", "heldout-combos"])
     parser.add_argument("--blur", type=float, default=1.0, help="Gaussian blur sigma in pixels")
     parser.add_argument("--noise", type=float, default=0.05, help="Gaussian noise std on [0, 1] pixel values")

@@ -43,7 +43,7 @@ POSITIONS = ("top left", "top center", "top right",
              "bottom left", "bottom center", "bottom right")
 TASKS = ("caption", "vqa", "edit", "story")
 SPLITS = ("train", "heldout", "heldout-combos")
-RESOLUTIONS = (32, 64, 128)
+RESOLUTIONS = (32, 48, 64, 128)
 MAX_OBJECTS = 4
 
 
@@ -159,7 +159,7 @@ class ShapesConfig:
     (e.g. ["caption:3", "vqa"]; no weight means 1).
     """
 
-    resolution: int = 64  # image side in pixels: 32, 64 or 128
+    resolution: int = 64  # image side in pixels: 32, 48, 64 or 128 (48: 16 px cells, 2 x 2 f8 codes each)
     min_objects: int = 1
     max_objects: int = 4
     background: str = "black"  # black, white, gray, or "random" (uniform over those)
