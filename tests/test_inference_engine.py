@@ -12,6 +12,7 @@ from mixmodal.data.sources import ShapesSource
 from mixmodal.documents import Document, Text
 from mixmodal.inference import (ContrastiveConfig, End, Engine, GenerationConfig, GuidanceConfig, ImageDone,
                                 ImagePreview, ImageStarted, SamplingParams, TextDelta)
+from mixmodal.inference.engine import RunningBatch
 from mixmodal.inference.logits import contrastive_scores, guided_scores, masked_log_softmax, sample
 from mixmodal.inference.prompt import PromptError, encode_prompt, prompt_ids
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
@@ -261,6 +262,49 @@ def test_a_mixed_batch_equals_one_by_one(text_tokenizer, mode):
         assert alone.ids == together.ids and alone.finish_reason == together.finish_reason
         for a, b in zip(alone.images, together.images):
             torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_sequences_joining_and_leaving_a_running_batch_write_what_they_write_alone(text_tokenizer, mode):
+    """Continuous batching: prompts join at different steps (their prefill beside the others'
+    decoding), one is cancelled half-way; every finished one equals its run alone."""
+    engine = _engine(mode, text_tokenizer, max_length=160)
+    _image_after(engine, 3)
+    jobs = [(PROMPT, GenerationConfig(mode="interleaved", max_new_tokens=50, diffusion_steps=3), 11),
+            ("a green star", GenerationConfig(mode="image", max_new_tokens=40, diffusion_steps=5,
+                                              guidance=GuidanceConfig(scale=2.0)), 12),
+            ("", GenerationConfig(mode="text", max_new_tokens=30, text=SamplingParams(top_p=0.9)), 13),
+            ("a blue square", GenerationConfig(mode="text", max_new_tokens=60, ignore_eos=True), 14)]
+    joins = {0: [0, 3], 2: [1], 5: [2]}  # step -> jobs that join before it
+    batch = RunningBatch(engine)
+    index, results, step, rows_seen = {}, {}, 0, []
+    while batch or step <= max(joins):
+        for j in joins.get(step, []):
+            index[batch.add(jobs[j][0], jobs[j][1], seed=jobs[j][2])] = j
+        if step == 4:
+            assert batch.cancel(next(i for i, j in index.items() if j == 3))
+        rows_seen.append(batch.rows)
+        for event in batch.step():
+            if isinstance(event, End):
+                results[index[event.index]] = event.result
+        step += 1
+    assert set(results) == {0, 1, 2} and batch.rows == 0 and not batch.cancel(0)
+    assert max(rows_seen) >= 4  # guidance streams are rows: jobs ran side by side
+    for j, together in results.items():
+        alone = engine.generate(jobs[j][0], jobs[j][1], seed=jobs[j][2])[0]
+        assert alone.ids == together.ids and alone.finish_reason == together.finish_reason
+        for a, b in zip(alone.images, together.images):
+            torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_running_batch_refuses_what_its_rows_cannot_hold(text_tokenizer):
+    engine = _engine("tokens", text_tokenizer)
+    with pytest.raises(ValueError, match="needs a capacity"):
+        RunningBatch(engine)
+    batch = RunningBatch(engine, capacity=40)
+    with pytest.raises(PromptError, match="needs up to .* positions .* hold 40: lower max_new_tokens"):
+        batch.add(PROMPT, GenerationConfig(mode="text", max_new_tokens=100))
+    assert len(batch) == 0 and batch.rows == 0  # nothing joined
 
 
 def test_stream_events_tell_the_whole_story(text_tokenizer):

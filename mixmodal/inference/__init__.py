@@ -2,9 +2,9 @@
 its configs and events, and the saved output. See docs/generation.md."""
 
 from mixmodal.inference.config import ContrastiveConfig, GenerationConfig, GuidanceConfig, SamplingParams
-from mixmodal.inference.engine import Engine
+from mixmodal.inference.engine import Engine, RunningBatch
 from mixmodal.inference.events import End, GenerationResult, ImageDone, ImagePreview, ImageStarted, TextDelta
 from mixmodal.inference.generate import Generated, generate
 
 __all__ = ["ContrastiveConfig", "End", "Engine", "Generated", "GenerationConfig", "GenerationResult", "GuidanceConfig",
-           "ImageDone", "ImagePreview", "ImageStarted", "SamplingParams", "TextDelta", "generate"]
+           "ImageDone", "ImagePreview", "ImageStarted", "RunningBatch", "SamplingParams", "TextDelta", "generate"]

@@ -64,6 +64,15 @@ class KVCache:
         """Keep the first counts[r] positions of this step's block in each row."""
         self.lengths += counts.to(self.lengths)
 
+    def add_rows(self, n: int) -> None:
+        """Append n empty rows (a sequence joining a running batch)."""
+        self.lengths = torch.cat([self.lengths, torch.zeros(n, dtype=torch.long, device=self.device)])
+        for layer in range(self.num_layers):
+            if self.k[layer] is not None:
+                pad = self.k[layer].new_zeros((n, *self.k[layer].shape[1:]))
+                self.k[layer] = torch.cat([self.k[layer], pad])
+                self.v[layer] = torch.cat([self.v[layer], pad.clone()])
+
     def keep(self, rows: torch.Tensor) -> None:
         """Drop every row not in `rows` (finished sequences), in that order."""
         rows = rows.to(self.device)

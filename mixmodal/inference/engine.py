@@ -151,67 +151,57 @@ class Engine:
         if context is not None and len(context) != n:
             raise ValueError(f"{len(context)} context lists for {n} prompts; give one list (maybe empty) per prompt")
         gens = list(generators) if generators is not None else _generators(seed, n)
-        sequences = self._start(prompt_list, configs, gens, context or [[]] * n)
+        sequences = self._start(prompt_list, configs, gens, context or [[]] * n)  # every prompt checked first
         capacity = max(len(b.ids) for s in sequences for b in s.blocks) + max(c.max_new_tokens for c in configs) \
             + self.per_image + 4
-        cache = KVCache(self.model.config.transformer.num_layers, sum(len(s.rows) for s in sequences), capacity, self.device)
-        live = sequences
-        while live:
-            output = self._forward(live, cache)
-            for seq in live:
-                yield from self._advance(seq, output)
-            finished = [s for s in live if s.finish]
-            for seq in finished:
-                yield End(seq.index, self._result(seq))
-            if finished:
-                live = [s for s in live if not s.finish]
-                keep = [r for s in live for r in s.rows]
-                cache.keep(torch.tensor(keep, dtype=torch.long))
-                row = 0
-                for s in live:
-                    s.rows = list(range(row, row + len(s.rows)))
-                    row += len(s.rows)
+        batch = RunningBatch(self, capacity)
+        batch.join(sequences)
+        while batch:
+            yield from batch.step()
 
     # --- set-up ---------------------------------------------------------------------------
 
     def _start(self, prompts: list[PromptLike], configs: list[GenerationConfig], gens,
                contexts: Sequence[Sequence[Document]]) -> list[_Sequence]:
-        sequences, row = [], 0
-        for i, (prompt, config, context) in enumerate(zip(prompts, configs, contexts)):
-            if config.contrastive is not None and self.mode != "tokens":
-                raise ValueError("contrastive decoding (CD-K) picks image codes; this is a latent-mode model")
-            doc = to_document(prompt)
-            encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode)
-            variants = stream_segments(encoded.segments, config.guidance, config.streams, self.vocab)
-            prefix, prefix_images = self._context(context)
-            blocks = []
-            for v, segments in enumerate(variants):
-                ids, images = prompt_ids(segments, self.vocab, self.mode, self.per_image)
-                placed = [(start, encoded.latents[k]) for start, k in images] if self.mode == "latents" else []
-                if v == 0 and prefix:  # the conditional stream reads the retrieved documents first
-                    ids = prefix + ids
-                    placed = prefix_images + [(len(prefix) + start, x) for start, x in placed]
-                blocks.append(_Block(ids, len(ids), prompt_images=placed) if self.mode == "latents" else _Block(ids, len(ids)))
-            length = len(blocks[0].ids)
-            if self.max_length is not None and length >= self.max_length:
-                what = f" of which {len(prefix)} are {len(context)} retrieved documents" if prefix else ""
-                raise PromptError(f"prompt {i} is {length} positions long{what} (text tokens + {self.per_image + 2} per "
-                                  f"image); the model's context is {self.max_length}. Shorten the prompt"
-                                  + (", retrieve fewer documents" if prefix else "")
-                                  + " or pass a larger --max-length (beyond the trained length the model has not "
-                                  "learned positions)")
-            if config.mode != "text" and self.image_tokenizer is None and self.decode_images:
-                raise PromptError(f"mode={config.mode} writes images, but the checkpoint has no image tokenizer to turn "
-                                  "them into pixels; copy it into MODEL/image_tokenizer or use mode=text")
-            room = min(config.max_new_tokens, (self.max_length or length + config.max_new_tokens) - length)
-            if config.mode == "image" and room < self.per_image + 2:
-                raise PromptError(f"mode=image needs {self.per_image + 2} positions for one image (<boi>, "
-                                  f"{self.per_image} image positions, <eoi>); max_new_tokens={config.max_new_tokens} and "
-                                  f"the context ({self.max_length}) leave {room}: raise max_new_tokens")
-            rows = list(range(row, row + len(variants)))
-            row += len(variants)
-            sequences.append(_Sequence(i, config, gens[i], rows, list(blocks[0].ids), 0, blocks))  # length: on commit
-        return sequences
+        """Encode and check every prompt (sequence i gets index i) before any is run."""
+        return [self._sequence(i, p, c, g, x) for i, (p, c, g, x) in enumerate(zip(prompts, configs, gens, contexts))]
+
+    def _sequence(self, i: int, prompt: PromptLike, config: GenerationConfig, generator: torch.Generator,
+                  context: Sequence[Document]) -> _Sequence:
+        """Sequence i of `prompt`: its guidance streams' prompt blocks, checked against the context.
+        Its rows are numbered from 0 until a RunningBatch places it."""
+        if config.contrastive is not None and self.mode != "tokens":
+            raise ValueError("contrastive decoding (CD-K) picks image codes; this is a latent-mode model")
+        doc = to_document(prompt)
+        encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode)
+        variants = stream_segments(encoded.segments, config.guidance, config.streams, self.vocab)
+        prefix, prefix_images = self._context(context)
+        blocks = []
+        for v, segments in enumerate(variants):
+            ids, images = prompt_ids(segments, self.vocab, self.mode, self.per_image)
+            placed = [(start, encoded.latents[k]) for start, k in images] if self.mode == "latents" else []
+            if v == 0 and prefix:  # the conditional stream reads the retrieved documents first
+                ids = prefix + ids
+                placed = prefix_images + [(len(prefix) + start, x) for start, x in placed]
+            blocks.append(_Block(ids, len(ids), prompt_images=placed) if self.mode == "latents" else _Block(ids, len(ids)))
+        length = len(blocks[0].ids)
+        if self.max_length is not None and length >= self.max_length:
+            what = f" of which {len(prefix)} are {len(context)} retrieved documents" if prefix else ""
+            raise PromptError(f"prompt {i} is {length} positions long{what} (text tokens + {self.per_image + 2} per "
+                              f"image); the model's context is {self.max_length}. Shorten the prompt"
+                              + (", retrieve fewer documents" if prefix else "")
+                              + " or pass a larger --max-length (beyond the trained length the model has not "
+                              "learned positions)")
+        if config.mode != "text" and self.image_tokenizer is None and self.decode_images:
+            raise PromptError(f"mode={config.mode} writes images, but the checkpoint has no image tokenizer to turn "
+                              "them into pixels; copy it into MODEL/image_tokenizer or use mode=text")
+        room = min(config.max_new_tokens, (self.max_length or length + config.max_new_tokens) - length)
+        if config.mode == "image" and room < self.per_image + 2:
+            raise PromptError(f"mode=image needs {self.per_image + 2} positions for one image (<boi>, "
+                              f"{self.per_image} image positions, <eoi>); max_new_tokens={config.max_new_tokens} and "
+                              f"the context ({self.max_length}) leave {room}: raise max_new_tokens")
+        rows = list(range(len(variants)))
+        return _Sequence(i, config, generator, rows, list(blocks[0].ids), 0, blocks)  # length: on commit
 
     def _context(self, docs: Sequence[Document]) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
         """Retrieved documents as the training pipeline lays them out: `<bos> doc <eos>` each."""
@@ -505,6 +495,91 @@ class Engine:
         return GenerationResult(seq.index, Document(parts, meta), list(seq.generated), list(seq.images), seq.finish)
 
 
+class RunningBatch:
+    """Continuous batching over one KV cache: sequences join at the next step (`add`, `join`) and
+    leave when they finish or are cancelled; every step is one forward over all live rows, so a
+    new prompt's prefill runs beside the others' decoding. A sequence's guidance streams are rows
+    that join, step and leave together. `Engine.stream` is a RunningBatch that nobody joins later.
+
+        batch = RunningBatch(engine, capacity=engine.max_length)
+        i = batch.add("a photo of a red star", GenerationConfig(mode="image"), seed=0)
+        while batch:
+            for event in batch.step(): ...
+    """
+
+    def __init__(self, engine: Engine, capacity: int | None = None) -> None:
+        capacity = capacity or (engine.max_length + engine.per_image + 4 if engine.max_length else None)
+        if not capacity:
+            raise ValueError("a RunningBatch needs a capacity (positions per row): pass capacity= or load the "
+                             "engine with a max_length")
+        self.engine, self.capacity = engine, capacity
+        self.cache = KVCache(engine.model.config.transformer.num_layers, 0, capacity, engine.device)
+        self.live: list[_Sequence] = []
+        self._next_index = 0
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    @property
+    def rows(self) -> int:
+        return self.cache.rows
+
+    def add(self, prompt: PromptLike, config: GenerationConfig | None = None, *, seed: int = 0,
+            generator: torch.Generator | None = None, context: Sequence[Document] = ()) -> int:
+        """Queue a prompt to start at the next step; returns its sequence index (events carry it).
+        Raises PromptError for a prompt that does not fit, before anything joins."""
+        index = self._next_index
+        generator = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+        self.join([self.engine._sequence(index, prompt, config or GenerationConfig(), generator, context)])
+        return index
+
+    def join(self, sequences: list[_Sequence]) -> None:
+        for seq in sequences:
+            need = len(seq.blocks[0].ids) + seq.config.max_new_tokens
+            if self.engine.max_length is not None:  # generation stops at the context's end
+                need = min(need, self.engine.max_length)
+            need += self.engine.per_image + 4  # a step's block may reach past the committed length
+            if need > self.capacity:
+                raise PromptError(f"prompt {seq.index} needs up to {need} positions (prompt + max_new_tokens); this "
+                                  f"batch's rows hold {self.capacity}: lower max_new_tokens or shorten the prompt")
+        for seq in sequences:
+            first = self.cache.rows
+            self.cache.add_rows(len(seq.rows))
+            seq.rows = list(range(first, first + len(seq.rows)))
+            self.live.append(seq)
+            self._next_index = max(self._next_index, seq.index + 1)
+
+    def cancel(self, index: int) -> bool:
+        """Drop sequence `index` now (a client went away); False if it is not running."""
+        gone = [s for s in self.live if s.index == index]
+        self._drop(gone)
+        return bool(gone)
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """One forward over every live row; the events it produced, with End for each finished sequence."""
+        if not self.live:
+            return []
+        output = self.engine._forward(self.live, self.cache)
+        events: list[Event] = []
+        for seq in self.live:
+            events += self.engine._advance(seq, output)
+        finished = [s for s in self.live if s.finish]
+        events += [End(s.index, self.engine._result(s)) for s in finished]
+        self._drop(finished)
+        return events
+
+    def _drop(self, sequences: list[_Sequence]) -> None:
+        if not sequences:
+            return
+        self.live = [s for s in self.live if all(s is not d for d in sequences)]
+        self.cache.keep(torch.tensor([r for s in self.live for r in s.rows], dtype=torch.long))
+        row = 0
+        for s in self.live:
+            s.rows = list(range(row, row + len(s.rows)))
+            row += len(s.rows)
+
+
 def _is_single_prompt(prompts) -> bool:
     if isinstance(prompts, (str, Document)):
         return True
@@ -518,4 +593,4 @@ def _generators(seed, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "RunningBatch"]
