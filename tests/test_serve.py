@@ -1,0 +1,244 @@
+"""`mixmodal serve`'s API on a tiny random model: every endpoint, streaming, continuous batching
+under concurrent requests, the same output as `mixmodal.generate`, limits and errors as JSON 4xx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+
+import PIL.Image
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from mixmodal.data.shapes import ShapesConfig  # noqa: E402
+from mixmodal.data.sources import ShapesSource  # noqa: E402
+from mixmodal.inference import Engine, GenerationConfig  # noqa: E402
+from mixmodal.inference.generate import generation_config  # noqa: E402
+from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig  # noqa: E402
+from mixmodal.model.transformer import TransformerConfig  # noqa: E402
+from mixmodal.serve import Limits, Scheduler, create_app  # noqa: E402
+from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig  # noqa: E402
+from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer  # noqa: E402
+from mixmodal.tokenizers.vq import VQConfig, VQTokenizer  # noqa: E402
+
+TRUNK = dict(resolution=16, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, norm_groups=4)
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer():
+    texts = (t for doc in ShapesSource(ShapesConfig(resolution=32), num=200) for t in doc.texts)
+    return TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=300))
+
+
+def _engine(mode: str, text_tokenizer) -> Engine:
+    torch.manual_seed(0)
+    if mode == "tokens":
+        image_tokenizer = VQTokenizer(VQConfig(**{**TRUNK, "resolution": 8}, latent_channels=8, codebook_size=32,
+                                               codebook_dim=4))
+        image = ImageConfig(mode="tokens", num_codes=32, grid_size=4)
+    else:
+        image_tokenizer = VAETokenizer(VAEConfig(**TRUNK, latent_channels=4))
+        image = ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=4)
+    model = FusionModel(ModelConfig(text_vocab_size=text_tokenizer.vocab_size, image=image,
+                                    transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                                                  init_std=0.5)))
+    if mode == "latents":
+        torch.nn.init.normal_(model.patch_out.proj.weight, 0.0, 0.3)
+    return Engine(model, text_tokenizer, image_tokenizer, max_length=160)
+
+
+@pytest.fixture(scope="module", params=["tokens", "latents"])
+def served(request, text_tokenizer):
+    engine = _engine(request.param, text_tokenizer)
+    scheduler = Scheduler(engine, max_batch=4, max_queue=16)
+    app = create_app(scheduler, model_name="tiny", limits=Limits(max_tokens=128))
+    with TestClient(app) as client:
+        client.scheduler = scheduler
+        yield engine, client
+
+
+def _sse(response) -> list[dict]:
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line[len("data: "):]))
+    return out
+
+
+def _png(pixels: int = 16) -> str:
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (pixels, pixels), (200, 30, 30)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_models_health_and_metrics(served):
+    engine, client = served
+    assert client.get("/health").json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "tiny" and models["data"][0]["mode"] == engine.mode
+    text = client.get("/metrics").text
+    for name in ("mixmodal_queue_length", "mixmodal_running_rows", "mixmodal_positions_per_second",
+                 "mixmodal_images_per_second", "mixmodal_latency_seconds_p99"):
+        assert f"\n{name} " in "\n" + text
+
+
+def test_chat_equals_generate_with_the_same_options_and_seed(served):
+    engine, client = served
+    body = {"messages": [{"role": "user", "content": "two red circles"}], "mode": "interleaved", "max_tokens": 60,
+            "cfg": 2.0, "steps": 3, "seed": 5, "n": 2, "temperature": 0.8}
+    reply = client.post("/v1/chat/completions", json=body).json()
+    config = generation_config(mode="interleaved", cfg=2.0, steps=3, max_new_tokens=60, temperature=0.8)
+    for k, choice in enumerate(reply["choices"]):
+        alone = engine.generate("two red circles", config, seed=5 + k)[0]
+        assert choice["finish_reason"] == alone.finish_reason
+        content = choice["message"]["content"]
+        texts = [p.text for p in alone.document.parts if hasattr(p, "text")]
+        if isinstance(content, str):
+            assert content == "".join(texts)
+        else:
+            assert [p["text"] for p in content if p["type"] == "text"] == texts
+    assert reply["usage"]["completion_tokens"] == sum(
+        len(engine.generate("two red circles", config, seed=5 + k)[0].ids) for k in range(2))
+    assert reply["usage"]["prompt_tokens"] > 0
+
+
+def test_images_api_draws_n_images_of_the_model_size(served):
+    engine, client = served
+    side = engine.image_tokenizer.config.resolution
+    reply = client.post("/v1/images/generations", json={"prompt": "a blue star", "n": 2, "cfg": 3.0, "steps": 2,
+                                                         "seed": 1}).json()
+    assert len(reply["data"]) == 2
+    images = [PIL.Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in reply["data"]]
+    assert all(im.size == (side, side) for im in images)
+    assert images[0].tobytes() != images[1].tobytes()  # seeds 1 and 2
+    wrong = client.post("/v1/images/generations", json={"prompt": "x", "size": "1024x1024"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "size"
+
+
+def test_streaming_tells_text_and_images_as_they_are_written(served):
+    engine, client = served
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _png()}},
+                                                      {"type": "text", "text": "a red square"}]}],
+            "mode": "image", "steps": 4, "preview_every": 2, "stream": True, "seed": 3}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        chunks = _sse(response)
+    events = [c.get("mixmodal", {}).get("event") for c in chunks]
+    assert "image_started" in events and "image_done" in events
+    assert events.index("image_started") < events.index("image_done")
+    if engine.mode == "latents":
+        assert "image_preview" in events
+    done = next(c for c in chunks if c.get("mixmodal", {}).get("event") == "image_done")
+    url = done["choices"][0]["delta"]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+    assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)
+
+
+def test_concurrent_requests_share_the_batch_and_each_gets_its_own_answer(served):
+    engine, client = served
+    prompts = ["a red circle", "two blue squares", "a green star", "a cross", "three diamonds", "a pink star"]
+    replies = {}
+
+    def ask(p):
+        replies[p] = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": p}],
+                                                               "mode": "text", "max_tokens": 30, "seed": 7}).json()
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert client.scheduler.stats["max_running"] >= 2  # they were decoded side by side
+    assert client.scheduler.stats["max_running"] <= 4  # never more than max_batch
+    config = generation_config(mode="text", max_new_tokens=30)
+    for p in prompts:
+        alone = engine.generate(p, config, seed=7)[0]
+        assert replies[p]["choices"][0]["message"]["content"] == "".join(x.text for x in alone.document.parts)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 99}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     400, "messages.0.content.0.image_url.url"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]},
+     400, "messages.0.content.0.image_url.url"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                  "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]},
+     400, "messages.0.content.0.image_url.url"),
+])
+def test_bad_requests_get_a_json_4xx_naming_the_field(served, body, status, param):
+    _, client = served
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param.split(".")[0] in error["message"]
+
+
+def test_not_json_huge_images_and_a_busy_queue(text_tokenizer):
+    engine = _engine("tokens", text_tokenizer)
+    scheduler = Scheduler(engine, max_batch=1, max_queue=1)
+    app = create_app(scheduler, model_name="tiny", limits=Limits(max_image_pixels=100))
+    with TestClient(app) as client:
+        bad = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
+        big = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _png(16)}}]}]})
+        assert big.status_code == 400 and "max_pixels" in big.json()["error"]["message"]
+        many = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "n": 2})
+        assert many.status_code == 429 and many.headers["retry-after"] == "1"
+        assert client.get("/health").status_code == 200  # the scheduler is still there
+
+
+def test_an_api_key_is_required_when_set(text_tokenizer):
+    app = create_app(Scheduler(_engine("tokens", text_tokenizer)), model_name="tiny", api_key="s3cret")
+    with TestClient(app) as client:
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/health").status_code == 200  # liveness needs no key
+
+
+def test_a_cancelled_sequence_leaves_the_batch_and_frees_its_rows(text_tokenizer):
+    """What a client disconnect does: its sequences leave at the next step, waiting or running."""
+    import asyncio
+    import time
+
+    from mixmodal.documents import Document, Text
+    from mixmodal.serve.scheduler import Ticket
+
+    engine = _engine("tokens", text_tokenizer)
+    forward = engine._forward
+    engine._forward = lambda live, cache: (time.sleep(0.01), forward(live, cache))[1]  # ~1.5 s for the whole text
+    scheduler = Scheduler(engine, max_batch=1)
+    config = generation_config(mode="text", max_new_tokens=150, overrides=["ignore_eos=true", "guidance.scale=2",
+                                                                           "guidance.text=true"])
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        running, waiting = (Ticket(Document([Text(p)]), config, 0, loop) for p in ("a red star", "a blue square"))
+        scheduler.submit([running])
+        scheduler.submit([waiting])  # max_batch=1: it waits
+        scheduler.start()
+        await running.events.get()  # running now
+        assert scheduler.rows == 2  # the sequence's two guidance streams
+        scheduler.cancel([running, waiting])
+        for _ in range(200):
+            if scheduler.running == 0 and scheduler.queue_length == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert scheduler.running == 0 and scheduler.queue_length == 0 and scheduler.rows == 0
+        assert scheduler.stats["cancelled"] == 2 and scheduler.stats["finished"] == 0
+
+    asyncio.run(main())
+    scheduler.stop()
