@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all install bench clean
+.PHONY: demo test test-slow test-all test-browser browser install bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the serve page in headless Chromium: Debian's chromium + chromium-driver (no browser download at run time)
+browser:
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+test-browser: $(STAMP) browser
+	$(BIN)/python -m pytest -q tests/test_serve.py -k chromium
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -6,7 +6,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
+from pathlib import Path
 
 import PIL.Image
 import pytest
@@ -242,3 +244,109 @@ def test_a_cancelled_sequence_leaves_the_batch_and_frees_its_rows(text_tokenizer
 
     asyncio.run(main())
     scheduler.stop()
+
+
+@pytest.fixture(scope="module")
+def live_server(text_tokenizer):
+    """The app on a real socket (uvicorn in a thread), for clients that speak HTTP themselves."""
+    import socket
+    import time
+
+    import uvicorn
+
+    engine = _engine("latents", text_tokenizer)
+    app = create_app(Scheduler(engine, max_batch=4), model_name="tiny", api_key="k3y")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield engine, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_official_openai_client_chats_streams_and_draws(live_server):
+    openai = pytest.importorskip("openai")
+    engine, url = live_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    options = {"mode": "text", "cfg": 1.0}
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a red star"}],
+                                           max_tokens=20, seed=4, temperature=0.9, extra_body=options)
+    alone = engine.generate("a red star", generation_config(mode="text", max_new_tokens=20, temperature=0.9), seed=4)[0]
+    assert reply.choices[0].message.content == "".join(p.text for p in alone.document.parts)
+    assert reply.usage.completion_tokens == len(alone.ids)
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a red star"}],
+                                            max_tokens=20, seed=4, temperature=0.9, stream=True, extra_body=options)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == reply.choices[0].message.content
+    side = engine.image_tokenizer.config.resolution
+    images = client.images.generate(model="tiny", prompt="a blue circle", n=2, size=f"{side}x{side}",
+                                    response_format="b64_json", extra_body={"steps": 2, "seed": 0})
+    assert len(images.data) == 2
+    assert PIL.Image.open(io.BytesIO(base64.b64decode(images.data[0].b64_json))).size == (side, side)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=10**6)
+
+
+def test_the_page_is_served_and_talks_to_the_api(served):
+    _, client = served
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for needle in ("/v1/chat/completions", "image_preview", "image_done", "stream: true", 'type="file"'):
+        assert needle in page.text
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                    reason="needs Debian's chromium and chromium-driver (`make test-browser` installs them)")
+def test_the_page_in_headless_chromium_streams_an_image_and_text(live_server, tmp_path):
+    """Type a prompt into the page in a real browser; the image and then text appear; screenshot kept."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    _, url = live_server
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
+    try:
+        driver.get(url + "/")
+        driver.find_element(By.ID, "key").send_keys("k3y")
+        Select(driver.find_element(By.ID, "mode")).select_by_visible_text("image")
+        steps = driver.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("6")
+        driver.find_element(By.ID, "prompt").send_keys("a photo of a red star", Keys.ENTER)
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant img.done"))
+        image = driver.find_element(By.CSS_SELECTOR, ".assistant img.done")
+        assert image.get_attribute("src").startswith("data:image/png;base64,")
+        assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 0
+        Select(driver.find_element(By.ID, "mode")).select_by_visible_text("text")
+        driver.find_element(By.ID, "prompt").send_keys("describe it", Keys.ENTER)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".assistant")) == 2
+                   and d.find_elements(By.CSS_SELECTOR, ".assistant")[1].find_element(By.CSS_SELECTOR, ".body").text
+                   and d.find_element(By.ID, "go").is_enabled())
+        assert not driver.find_elements(By.CSS_SELECTOR, ".err")
+        shots = Path(os.environ.get("MIXMODAL_TEST_ARTIFACTS", tmp_path))
+        shots.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(shots / "serve-page.png"))
+        assert (shots / "serve-page.png").stat().st_size > 1000
+    finally:
+        driver.quit()

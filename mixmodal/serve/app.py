@@ -4,6 +4,7 @@ front of the scheduler (scheduler.py), plus models, health and Prometheus metric
     POST /v1/chat/completions   messages -> interleaved text and images; `stream: true` for SSE
     POST /v1/images/generations prompt -> n images (b64_json)
     GET  /v1/models, /health, /metrics
+    GET  /                      a chat page (page.html) that streams the reply's text and images
 
 Sampling options map to a GenerationConfig through `generation_config`, the function
 `mixmodal generate` uses, and request i's sequence k draws from seed + k: the same prompt,
@@ -22,12 +23,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import PIL.Image
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixmodal.data.bad_input import BadInputError, BadInputLog
@@ -148,6 +150,12 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
         if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
             return _error(413, f"the body is {int(size)} bytes; the limit is {limits.max_body_bytes}", None)
         return await call_next(request)
+
+    page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
 
     @app.get("/health")
     async def health():
