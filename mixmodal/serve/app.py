@@ -97,6 +97,7 @@ class ChatRequest(Sampling):
     sampler: Literal["auto", "ddpm", "ddim", "flow"] | None = None
     max_images: int | None = Field(None, ge=0)
     preview_every: int | None = Field(None, ge=0)  # latent mode: a preview every k steps while streaming
+    ignore_eos: bool = False  # as vLLM's: always write max_tokens (benchmarks)
 
 
 class ImagesRequest(Sampling):
@@ -177,7 +178,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
         mode = body.mode or _mode(body.modalities)
         config = _config(body, limits, mode=mode, max_tokens=max_tokens, temperature=body.temperature,
                          top_p=body.top_p, image_cfg=body.image_cfg, sampler=body.sampler, max_images=body.max_images,
-                         preview_every=body.preview_every if body.stream else None)
+                         preview_every=body.preview_every if body.stream else None, ignore_eos=body.ignore_eos)
         tickets = _submit(scheduler, prompt, config, body, request)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
@@ -228,7 +229,7 @@ def _mode(modalities: list[str] | None) -> str | None:
 
 
 def _config(body: Sampling, limits: Limits, *, mode: str | None, max_tokens: int | None, temperature=None,
-            top_p=None, image_cfg=None, sampler=None, max_images=None, preview_every=None):
+            top_p=None, image_cfg=None, sampler=None, max_images=None, preview_every=None, ignore_eos=False):
     if body.n > limits.max_n:
         raise ApiError(400, f"n: at most {limits.max_n} per request; got {body.n}", "n")
     if max_tokens is not None and max_tokens > limits.max_tokens:
@@ -238,6 +239,7 @@ def _config(body: Sampling, limits: Limits, *, mode: str | None, max_tokens: int
     overrides = [f"text.top_p={top_p}", f"image.top_p={top_p}"] if top_p is not None else []
     overrides += [f"sampler={sampler}"] if sampler else []
     overrides += [f"preview_every={preview_every}"] if preview_every else []
+    overrides += ["ignore_eos=true"] if ignore_eos else []
     try:
         return generation_config(mode=mode, cfg=body.cfg, image_cfg=image_cfg, steps=body.steps,
                                  max_new_tokens=max_tokens or limits.max_tokens, max_images=max_images,
