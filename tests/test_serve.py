@@ -8,6 +8,7 @@ import io
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import PIL.Image
@@ -146,6 +147,8 @@ def test_concurrent_requests_share_the_batch_and_each_gets_its_own_answer(served
     engine, client = served
     prompts = ["a red circle", "two blue squares", "a green star", "a cross", "three diamonds", "a pink star"]
     replies = {}
+    forward = engine._forward
+    engine._forward = lambda live, cache: (time.sleep(0.005), forward(live, cache))[1]  # requests surely overlap
 
     def ask(p):
         replies[p] = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": p}],
@@ -156,6 +159,7 @@ def test_concurrent_requests_share_the_batch_and_each_gets_its_own_answer(served
         t.start()
     for t in threads:
         t.join()
+    engine._forward = forward
     assert client.scheduler.stats["max_running"] >= 2  # they were decoded side by side
     assert client.scheduler.stats["max_running"] <= 4  # never more than max_batch
     config = generation_config(mode="text", max_new_tokens=30)
@@ -350,3 +354,35 @@ def test_the_page_in_headless_chromium_streams_an_image_and_text(live_server, tm
         assert (shots / "serve-page.png").stat().st_size > 1000
     finally:
         driver.quit()
+
+
+def test_an_error_inside_one_sequence_fails_that_request_only(text_tokenizer):
+    engine = _engine("tokens", text_tokenizer)
+    sample = engine._sample
+
+    def flaky(seq, scores, params):
+        if seq.config.text.temperature == 0.5 and len(seq.generated) == 3:
+            raise RuntimeError("boom in one sequence")
+        return sample(seq, scores, params)
+
+    engine._sample = flaky
+    scheduler = Scheduler(engine, max_batch=4)
+    with TestClient(create_app(scheduler, model_name="tiny")) as client:
+        replies = {}
+
+        def ask(t):
+            replies[t] = client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "a star"}], "mode": "text", "max_tokens": 40,
+                "temperature": t, "ignore_eos": True})
+
+        threads = [threading.Thread(target=ask, args=(t,)) for t in (0.5, 0.9, 1.0)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert replies[0.5].status_code == 500 and "boom in one sequence" in replies[0.5].json()["error"]["message"]
+        for t in (0.9, 1.0):
+            assert replies[t].status_code == 200
+            assert replies[t].json()["usage"]["completion_tokens"] == 40
+        assert scheduler.stats["failed"] == 1
+        assert client.get("/health").status_code == 200

@@ -72,6 +72,7 @@ class _Sequence:
     offsets: tuple[int, int] = (0, 0)  # incremental detokenizer: window start, ids already read
     finish: str = ""
     text_tokens: int = 0
+    error: str = ""  # why it ended with finish "error" (RunningBatch(isolate_errors=True))
 
 
 class Engine:
@@ -491,7 +492,7 @@ class Engine:
             elif part[1] is not None:
                 parts.append(Image(part[1], origin="generated"))
         meta = {"finish_reason": seq.finish, "mode": seq.config.mode, "new_positions": len(seq.generated),
-                "images": len(seq.images)}
+                "images": len(seq.images), **({"error": seq.error} if seq.error else {})}
         return GenerationResult(seq.index, Document(parts, meta), list(seq.generated), list(seq.images), seq.finish)
 
 
@@ -507,12 +508,15 @@ class RunningBatch:
             for event in batch.step(): ...
     """
 
-    def __init__(self, engine: Engine, capacity: int | None = None) -> None:
+    def __init__(self, engine: Engine, capacity: int | None = None, *, isolate_errors: bool = False) -> None:
         capacity = capacity or (engine.max_length + engine.per_image + 4 if engine.max_length else None)
         if not capacity:
             raise ValueError("a RunningBatch needs a capacity (positions per row): pass capacity= or load the "
                              "engine with a max_length")
         self.engine, self.capacity = engine, capacity
+        # isolate_errors (a server): an exception while advancing one sequence ends that sequence with
+        # finish_reason "error" (its End's result.document.metadata["error"] says why); the others go on
+        self.isolate_errors = isolate_errors
         self.cache = KVCache(engine.model.config.transformer.num_layers, 0, capacity, engine.device)
         self.live: list[_Sequence] = []
         self._next_index = 0
@@ -563,7 +567,12 @@ class RunningBatch:
         output = self.engine._forward(self.live, self.cache)
         events: list[Event] = []
         for seq in self.live:
-            events += self.engine._advance(seq, output)
+            try:
+                events += self.engine._advance(seq, output)
+            except Exception as e:  # noqa: BLE001 - re-raised unless isolating
+                if not self.isolate_errors:
+                    raise
+                seq.finish, seq.error = "error", f"{type(e).__name__}: {e}"
         finished = [s for s in self.live if s.finish]
         events += [End(s.index, self.engine._result(s)) for s in finished]
         self._drop(finished)

@@ -7,8 +7,9 @@ guidance streams are rows of one sequence, so they join, run and leave together.
 
 Events go back to the asyncio side through each ticket's `asyncio.Queue`, fed with
 `loop.call_soon_threadsafe`: the event loop never blocks on the engine. An error in one
-request's set-up (a prompt that does not fit) fails that request only; an error inside an
-engine step fails the sequences of that step and the scheduler goes on with a fresh batch.
+request's set-up (a prompt that does not fit) fails that request only; so does an error while
+advancing one sequence (sampling, decoding its image); an error in the batched forward itself
+fails the sequences of that step, and the scheduler goes on with a fresh batch.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Scheduler:
         self.first_event_latencies: collections.deque[float] = collections.deque(maxlen=1000)
 
     def _new_batch(self) -> RunningBatch:
-        return RunningBatch(self.engine, self.capacity)
+        return RunningBatch(self.engine, self.capacity, isolate_errors=True)
 
     # --- the asyncio side ----------------------------------------------------------------
 
@@ -190,6 +191,11 @@ class Scheduler:
                 continue
             if isinstance(event, ImageDone):
                 self.stats["images"] += 1
+            if isinstance(event, End) and event.result.finish_reason == "error":  # this sequence only
+                del self._running[event.index]
+                self.stats["failed"] += 1
+                ticket.put(Failure(f"generation failed: {event.result.document.metadata.get('error', '?')}"))
+                continue
             ticket.put(event)
             if isinstance(event, End):
                 del self._running[event.index]
