@@ -213,3 +213,23 @@ def test_sweep_scores_every_setting_on_validation_prompts_and_names_the_best(che
     assert result["best"]["overall"] == max(r["overall"] for r in result["rows"])
     assert any(r["settings"]["cdk"] for r in result["rows"]) and "--sweep" in result["command"]
     assert "(best)" in (out / "sweep.md").read_text()
+
+
+def test_caption_gain_reads_both_streams_of_the_same_documents(checkpoint):
+    """benchmarks/study/guidance_gap.py's token mode: image CE with and without the caption."""
+    import importlib.util
+    from pathlib import Path
+
+    from mixmodal.inference import Engine
+
+    spec = importlib.util.spec_from_file_location("guidance_gap", Path(__file__).parents[1] / "benchmarks/study/guidance_gap.py")
+    gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gap)
+    engine = Engine.from_pretrained(checkpoint)
+    empty = gap.caption_gain(engine, num=3, uncond="empty", max_objects=1)
+    masked = gap.caption_gain(engine, num=3, uncond="mask", max_objects=1)
+    assert empty["mode"] == "tokens" and empty["gain"] == pytest.approx(empty["ce_u"] - empty["ce_c"])
+    assert 0 < empty["ce_c"] < 10 and 0 < empty["ce_u"] < 10  # nats per code of a 32-code random model: ~log 32
+    assert masked["ce_c"] == pytest.approx(empty["ce_c"], abs=1e-6)  # the captioned stream is the same
+    assert masked["ce_u"] != pytest.approx(empty["ce_u"], abs=1e-6)  # the unconditional one is not
+    assert empty["ce_u"] != pytest.approx(empty["ce_c"], abs=1e-6)  # the caption is in the input
