@@ -386,3 +386,30 @@ def test_an_error_inside_one_sequence_fails_that_request_only(text_tokenizer):
             assert replies[t].json()["usage"]["completion_tokens"] == 40
         assert scheduler.stats["failed"] == 1
         assert client.get("/health").status_code == 200
+
+
+def test_the_server_answers_what_mixmodal_generate_writes(text_tokenizer, tmp_path):
+    """Same model folder, prompt, options (CFG included) and seed: `mixmodal.generate` and the server agree."""
+    import mixmodal
+    from mixmodal.inference.checkpoint import load_checkpoint, write_generation_settings
+    from mixmodal.model.io import save_model_dir
+    from mixmodal.tokenizers.image import save_image_tokenizer
+
+    engine = _engine("latents", text_tokenizer)
+    folder = tmp_path / "model"
+    save_model_dir(engine.model, folder)
+    text_tokenizer.save(folder / "text_tokenizer")
+    save_image_tokenizer(engine.image_tokenizer, folder / "image_tokenizer")
+    write_generation_settings(folder, max_length=160, diffusion=None)
+    written = mixmodal.generate(str(folder), "two red circles", mode="image", cfg=3.0, steps=4, seed=9, num=2,
+                                temperature=0.8)
+    app = create_app(Scheduler(load_checkpoint(folder)), model_name="model")
+    with TestClient(app) as client:
+        reply = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "two red circles"}], "mode": "image", "cfg": 3.0, "steps": 4,
+            "seed": 9, "n": 2, "temperature": 0.8}).json()
+    for choice, result in zip(reply["choices"], written.results):
+        served = [p for p in choice["message"]["content"] if p["type"] == "image_url"]
+        png = base64.b64decode(served[0]["image_url"]["url"].split(",", 1)[1])
+        mine = next(p.image for p in result.document.parts if hasattr(p, "image"))
+        assert PIL.Image.open(io.BytesIO(png)).convert("RGB").tobytes() == mine.tobytes()
