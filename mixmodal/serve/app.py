@@ -22,7 +22,7 @@ import io
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +47,7 @@ class Limits:
     max_body_bytes: int = 8 * 2**20
     max_image_pixels: int = 4096 * 4096  # per prompt image, checked from its header
     max_steps: int = 1000  # denoising steps
+    model_name: str = ""  # set by create_app: requests naming another model get 404
 
 
 class ApiError(Exception):
@@ -111,7 +112,7 @@ class ImagesRequest(Sampling):
 def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = None,
                limits: Limits | None = None) -> FastAPI:
     """The API in front of a scheduler (started on app start-up, stopped on shutdown)."""
-    limits = limits or Limits()
+    limits = replace(limits or Limits(), model_name=model_name)
     engine = scheduler.engine
     resolution = engine.image_tokenizer.config.resolution if engine.image_tokenizer is not None else None
     started = time.time()
@@ -215,7 +216,7 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
 # --- helpers ---------------------------------------------------------------------------------
 
 def _error(status: int, message: str, param: str | None, headers: dict | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 413: "request_too_large", 429: "rate_limit_exceeded"}.get(
+    kind = {401: "authentication_error", 404: "model_not_found", 413: "request_too_large", 429: "rate_limit_exceeded"}.get(
         status, "invalid_request_error" if status < 500 else "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
                         status_code=status, headers=headers)
@@ -230,6 +231,9 @@ def _mode(modalities: list[str] | None) -> str | None:
 
 def _config(body: Sampling, limits: Limits, *, mode: str | None, max_tokens: int | None, temperature=None,
             top_p=None, image_cfg=None, sampler=None, max_images=None, preview_every=None, ignore_eos=False):
+    if body.model is not None and body.model != limits.model_name:
+        raise ApiError(404, f"model: {body.model!r} is not served here; GET /v1/models lists {limits.model_name!r}",
+                       "model")
     if body.n > limits.max_n:
         raise ApiError(400, f"n: at most {limits.max_n} per request; got {body.n}", "n")
     if max_tokens is not None and max_tokens > limits.max_tokens:
