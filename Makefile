@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all test-browser browser install bench clean
+.PHONY: demo demo-full test test-slow test-all test-browser browser install bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m mixmodal.demo --config configs/demo.yaml --out demo_out
+
+# both recipes (docs/recipes.md): 48 px tokenizers, token and latent models, evals, curves; hours, resumable
+demo-full: $(STAMP)
+	$(BIN)/python -m mixmodal.demo_full --out demo_full
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
