@@ -502,7 +502,7 @@ class RunningBatch:
     new prompt's prefill runs beside the others' decoding. A sequence's guidance streams are rows
     that join, step and leave together. `Engine.stream` is a RunningBatch that nobody joins later.
 
-        batch = RunningBatch(engine, capacity=engine.max_length)
+        batch = RunningBatch(engine)        # rows of engine.max_length (+ one image block) positions
         i = batch.add("a photo of a red star", GenerationConfig(mode="image"), seed=0)
         while batch:
             for event in batch.step(): ...
