@@ -393,8 +393,8 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     import uvicorn
 
-    from mixmodal.inference.checkpoint import load_checkpoint
-    from mixmodal.inference.generate import DTYPES
+    from mixmodal.inference.checkpoint import load_checkpoint, read_retrieval_settings
+    from mixmodal.inference.generate import DTYPES, open_retriever
     from mixmodal.serve import Limits, Scheduler, create_app
 
     if overrides:
@@ -406,7 +406,18 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     if name == "model":
         name = Path(args.checkpoint).resolve().parent.name
     api_key = args.api_key or os.environ.get("MIXMODAL_API_KEY") or None
-    app = create_app(scheduler, model_name=name, api_key=api_key, limits=Limits(max_tokens=args.max_tokens))
+    retriever = None
+    if args.index or (read_retrieval_settings(args.checkpoint) or {}).get("index"):
+        from dataclasses import replace
+
+        from mixmodal.retrieval.select import Retriever
+
+        opened = open_retriever(args.checkpoint, args.index, args.encoder, 1, args.device)
+
+        def retriever(prompt, k):
+            return Retriever(opened.bank, opened.embedder, replace(opened.config, k=k)).retrieve_documents([prompt])[0]
+    app = create_app(scheduler, model_name=name, api_key=api_key, limits=Limits(max_tokens=args.max_tokens),
+                     retriever=retriever)
     print(f"mixmodal: serving {args.checkpoint} as {name!r} on http://{args.host}:{args.port} "
           f"({engine.mode} mode{', API key required' if api_key else ''})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -707,6 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="sequences waiting before requests get 429")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $MIXMODAL_API_KEY, else none)")
     p.add_argument("--max-tokens", type=int, default=1024, help="limit on a request's max_tokens")
+    p.add_argument("--index", default=None, metavar="INDEX",
+                   help="memory bank for requests with `retrieve: k` (default: the one the model was trained with, if any)")
+    p.add_argument("--encoder", default=None, metavar="DIR", help="dual encoder for --index (default: the index's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.set_defaults(func=cmd_serve)

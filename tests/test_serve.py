@@ -414,3 +414,28 @@ def test_the_server_answers_what_mixmodal_generate_writes(text_tokenizer, tmp_pa
         png = base64.b64decode(served[0]["image_url"]["url"].split(",", 1)[1])
         mine = next(p.image for p in result.document.parts if hasattr(p, "image"))
         assert PIL.Image.open(io.BytesIO(png)).convert("RGB").tobytes() == mine.tobytes()
+
+
+def test_retrieved_documents_are_read_before_the_prompt_as_generate_lays_them_out(text_tokenizer):
+    from mixmodal.documents import Document, Text
+
+    engine = _engine("tokens", text_tokenizer)
+    bank = [Document([Text("a small red star in the top left")]), Document([Text("two blue squares")])]
+    asked = []
+
+    def retriever(prompt, k):
+        asked.append((prompt.texts, k))
+        return bank[:k]
+
+    body = {"messages": [{"role": "user", "content": "a red star"}], "mode": "text", "max_tokens": 20, "seed": 2}
+    with TestClient(create_app(Scheduler(engine), model_name="tiny", retriever=retriever)) as client:
+        with_docs = client.post("/v1/chat/completions", json={**body, "retrieve": 2}).json()
+        without = client.post("/v1/chat/completions", json=body).json()
+    assert asked == [(["a red star"], 2)]  # retrieve 0 asks nothing
+    config = generation_config(mode="text", max_new_tokens=20)
+    expected = engine.generate("a red star", config, seed=2, context=[bank])[0]
+    assert with_docs["choices"][0]["message"]["content"] == "".join(p.text for p in expected.document.parts)
+    assert with_docs["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
+    with TestClient(create_app(Scheduler(engine), model_name="tiny")) as client:
+        refused = client.post("/v1/chat/completions", json={**body, "retrieve": 1})
+    assert refused.status_code == 400 and "--index" in refused.json()["error"]["message"]

@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import PIL.Image
 from fastapi import FastAPI, Request
@@ -83,6 +83,7 @@ class Sampling(_Body):
     seed: int | None = Field(None, ge=0)
     cfg: float | None = Field(None, ge=0)  # classifier-free guidance scale (mixmodal)
     steps: int | None = Field(None, ge=1)  # denoising steps, latent mode (mixmodal)
+    retrieve: int = Field(0, ge=0, le=8)  # documents retrieved from the memory bank before the prompt (mixmodal)
 
 
 class ChatRequest(Sampling):
@@ -110,8 +111,11 @@ class ImagesRequest(Sampling):
 # --- the app ---------------------------------------------------------------------------------
 
 def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = None,
-               limits: Limits | None = None) -> FastAPI:
-    """The API in front of a scheduler (started on app start-up, stopped on shutdown)."""
+               limits: Limits | None = None, retriever: Callable[[Document, int], list[Document]] | None = None
+               ) -> FastAPI:
+    """The API in front of a scheduler (started on app start-up, stopped on shutdown). `retriever(prompt, k)`
+    gives the k documents a request with `retrieve: k` reads before its prompt (CM3Leon; `mixmodal serve
+    --index`), as `mixmodal generate --retrieve k` lays them out."""
     limits = replace(limits or Limits(), model_name=model_name)
     engine = scheduler.engine
     resolution = engine.image_tokenizer.config.resolution if engine.image_tokenizer is not None else None
@@ -180,7 +184,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
         config = _config(body, limits, mode=mode, max_tokens=max_tokens, temperature=body.temperature,
                          top_p=body.top_p, image_cfg=body.image_cfg, sampler=body.sampler, max_images=body.max_images,
                          preview_every=body.preview_every if body.stream else None, ignore_eos=body.ignore_eos)
-        tickets = _submit(scheduler, prompt, config, body, request)
+        context = await _retrieve(retriever, prompt, body.retrieve)
+        tickets = _submit(scheduler, prompt, config, body, request, context)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if body.stream:
             return StreamingResponse(_chat_stream(scheduler, tickets, rid, model_name, request),
@@ -200,7 +205,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
         if body.size is not None and body.size != f"{resolution}x{resolution}":
             raise ApiError(400, f"size: this model draws {resolution}x{resolution} images; got {body.size!r}", "size")
         config = _config(body, limits, mode="image", max_tokens=engine.per_image + 2)
-        tickets = _submit(scheduler, Document([Text(body.prompt)] if body.prompt else []), config, body, request)
+        prompt = Document([Text(body.prompt)] if body.prompt else [])
+        tickets = _submit(scheduler, prompt, config, body, request, await _retrieve(retriever, prompt, body.retrieve))
         ends = await _collect(scheduler, tickets, request)
         data = []
         for end in ends:
@@ -285,12 +291,24 @@ def _data_url_image(url: str, where: str, limits: Limits) -> PIL.Image.Image:
     return image
 
 
-def _submit(scheduler: Scheduler, prompt: Document, config, body: Sampling, request: Request) -> list[Ticket]:
+async def _retrieve(retriever, prompt: Document, k: int) -> list[Document]:
+    if not k:
+        return []
+    if retriever is None:
+        raise ApiError(400, "retrieve: this server has no memory bank; start it with `mixmodal serve MODEL --index "
+                            "INDEX` (or serve a model trained with retrieval)", "retrieve")
+    import asyncio
+
+    return await asyncio.to_thread(retriever, prompt, k)  # embedding and search: off the event loop
+
+
+def _submit(scheduler: Scheduler, prompt: Document, config, body: Sampling, request: Request,
+            context: list[Document] = ()) -> list[Ticket]:
     import asyncio
 
     loop = asyncio.get_running_loop()
     seed = body.seed if body.seed is not None else 0
-    tickets = [Ticket(prompt, config, seed + k, loop) for k in range(body.n)]
+    tickets = [Ticket(prompt, config, seed + k, loop, context=list(context)) for k in range(body.n)]
     try:
         scheduler.submit(tickets)
     except QueueFull as e:

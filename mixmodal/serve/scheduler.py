@@ -49,6 +49,7 @@ class Ticket:
     config: GenerationConfig
     seed: int
     loop: asyncio.AbstractEventLoop
+    context: list[Document] = field(default_factory=list)  # retrieved documents, read before the prompt
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = field(default_factory=itertools.count().__next__)
     submitted: float = field(default_factory=time.perf_counter)
@@ -164,7 +165,7 @@ class Scheduler:
 
     def _join(self, ticket: Ticket) -> None:
         try:
-            ticket.index = self.batch.add(ticket.prompt, ticket.config, seed=ticket.seed)
+            ticket.index = self.batch.add(ticket.prompt, ticket.config, seed=ticket.seed, context=ticket.context)
             ticket.prompt_tokens = len(self.batch.live[-1].blocks[0].ids)
         except ValueError as e:  # PromptError and config errors: this request only
             self.stats["failed"] += 1
