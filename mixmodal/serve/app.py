@@ -15,6 +15,7 @@ their text and images, one after the other.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -22,6 +23,7 @@ import io
 import json
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -120,8 +122,6 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
     engine = scheduler.engine
     resolution = engine.image_tokenizer.config.resolution if engine.image_tokenizer is not None else None
     started = time.time()
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -297,15 +297,11 @@ async def _retrieve(retriever, prompt: Document, k: int) -> list[Document]:
     if retriever is None:
         raise ApiError(400, "retrieve: this server has no memory bank; start it with `mixmodal serve MODEL --index "
                             "INDEX` (or serve a model trained with retrieval)", "retrieve")
-    import asyncio
-
     return await asyncio.to_thread(retriever, prompt, k)  # embedding and search: off the event loop
 
 
 def _submit(scheduler: Scheduler, prompt: Document, config, body: Sampling, request: Request,
             context: list[Document] = ()) -> list[Ticket]:
-    import asyncio
-
     loop = asyncio.get_running_loop()
     seed = body.seed if body.seed is not None else 0
     tickets = [Ticket(prompt, config, seed + k, loop, context=list(context)) for k in range(body.n)]
@@ -334,8 +330,6 @@ async def _collect(scheduler: Scheduler, tickets: list[Ticket], request: Request
 
 
 async def _chat_stream(scheduler: Scheduler, tickets: list[Ticket], rid: str, model_name: str, request: Request):
-    import asyncio
-
     created = int(time.time())
 
     def chunk(k: int, delta: dict, finish: str | None = None, **extra) -> str:
