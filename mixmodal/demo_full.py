@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     curves = out / "recipe-curves.png"
     _run(["plot", *[str(runs / PATHS[p][3]) for p in paths], "--out", str(out / "loss-curves.png"),
           "--labels", *paths])
-    from subprocess import run as sh
-
-    sh([sys.executable, str(ROOT / "benchmarks/study/curves.py"), *[str(runs / PATHS[p][3]) for p in paths],
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/study/curves.py"), *[str(runs / PATHS[p][3]) for p in paths],
         "--labels", *paths, "--out", str(curves)], check=True)
     print(f"\ndemo-full finished in {time.perf_counter() - started:.0f}s. It made:")
     for path, dest in made.items():

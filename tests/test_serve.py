@@ -13,24 +13,17 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from mixmodal.data.shapes import ShapesConfig  # noqa: E402
 from mixmodal.data.sources import ShapesSource  # noqa: E402
-from mixmodal.inference import Engine, GenerationConfig  # noqa: E402
+from mixmodal.inference import Engine  # noqa: E402
 from mixmodal.inference.generate import generation_config  # noqa: E402
-from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig  # noqa: E402
-from mixmodal.model.transformer import TransformerConfig  # noqa: E402
 from mixmodal.serve import Limits, Scheduler, create_app  # noqa: E402
 from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig  # noqa: E402
-from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer  # noqa: E402
-from mixmodal.tokenizers.vq import VQConfig, VQTokenizer  # noqa: E402
-
-TRUNK = dict(resolution=16, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1, norm_groups=4)
-
+from tiny import tiny_engine  # noqa: E402
 
 @pytest.fixture(scope="module")
 def text_tokenizer():
@@ -39,20 +32,9 @@ def text_tokenizer():
 
 
 def _engine(mode: str, text_tokenizer) -> Engine:
-    torch.manual_seed(0)
-    if mode == "tokens":
-        image_tokenizer = VQTokenizer(VQConfig(**{**TRUNK, "resolution": 8}, latent_channels=8, codebook_size=32,
-                                               codebook_dim=4))
-        image = ImageConfig(mode="tokens", num_codes=32, grid_size=4)
-    else:
-        image_tokenizer = VAETokenizer(VAEConfig(**TRUNK, latent_channels=4))
-        image = ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=4)
-    model = FusionModel(ModelConfig(text_vocab_size=text_tokenizer.vocab_size, image=image,
-                                    transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                                                  init_std=0.5)))
-    if mode == "latents":
-        torch.nn.init.normal_(model.patch_out.proj.weight, 0.0, 0.3)
-    return Engine(model, text_tokenizer, image_tokenizer, max_length=160)
+    engine = tiny_engine(mode, text_tokenizer)
+    engine.max_length = 160  # a context, as a trained model folder has: a RunningBatch sizes its rows by it
+    return engine
 
 
 @pytest.fixture(scope="module", params=["tokens", "latents"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,7 +50,6 @@ class Ticket:
     loop: asyncio.AbstractEventLoop
     context: list[Document] = field(default_factory=list)  # retrieved documents, read before the prompt
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    id: int = field(default_factory=itertools.count().__next__)
     submitted: float = field(default_factory=time.perf_counter)
     first_event: float | None = None
     index: int | None = None  # its sequence index in the running batch
