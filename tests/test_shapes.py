@@ -56,6 +56,7 @@ def _layout(doc) -> str:
     ("tasks", [], "tasks must be a non-empty list"),
     ("story_length", 1, "story_length must be between 2 and 8"),
     ("seed", -1, "seed must be a non-negative integer"),
+    ("repeat_shapes", 1.5, "repeat_shapes must be a share in"),
 ])
 def test_config_errors_name_the_field_and_the_allowed_values(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -130,6 +131,33 @@ def test_splits_are_disjoint_and_follow_their_rules():
     unsplit = [random_scene(rng, ShapesConfig()) for _ in range(4000)]
     share = sum(in_heldout_bucket(s) for s in unsplit) / len(unsplit)
     assert abs(share - 1 / HELDOUT_BUCKETS) < 0.015  # held-out scenes are a small, hash-chosen share
+
+
+def test_repeat_shapes_draws_counts_of_three_and_four_and_keeps_the_rules():
+    def most_of_one_shape(config, n=2000):
+        return Counter(max(Counter(o.shape for o in sample_scene(config, "train", i).objects).values())
+                       for i in range(n))
+
+    plain, repeated = most_of_one_shape(ShapesConfig()), most_of_one_shape(ShapesConfig(repeat_shapes=0.3))
+    assert plain[3] + plain[4] < 0.05 * 2000  # uniform scenes: 3+ of a shape is rare
+    assert repeated[3] > 2 * plain[3] and repeated[4] > 0.05 * 2000  # ~0.3 x 1/3 of scenes hold four
+    assert plain == most_of_one_shape(ShapesConfig(repeat_shapes=0.0))  # off: the draws are unchanged
+    config = ShapesConfig(repeat_shapes=1.0, max_objects=3)
+    for i in range(200):
+        scene = sample_scene(config, "train", i)
+        assert not scene.problems() and scene_split(scene) == "train"
+        assert 2 <= max(Counter(o.shape for o in scene.objects).values()) <= 3
+    with pytest.raises(ValueError, match="repeat_shapes needs max_objects >= 2"):
+        ShapesConfig(repeat_shapes=0.5, max_objects=1)
+
+
+def test_split_all_ignores_the_heldout_rules_for_image_tokenizers():
+    config = ShapesConfig()
+    splits = Counter(scene_split(sample_scene(config, "all", i)) for i in range(1000))
+    assert set(splits) == {"train", "heldout", "heldout-combos"}  # every kind of scene, by its share
+    assert 0.15 < splits["heldout-combos"] / 1000 < 0.45
+    assert [sample_scene(config, "all", i) for i in range(5)] != [sample_scene(config, "train", i) for i in range(5)]
+    assert sample_scene(ShapesConfig(seed=1), "all", 0) != sample_scene(config, "all", 0)  # seeded like train
 
 
 def test_training_documents_never_show_a_heldout_scene():

@@ -42,7 +42,9 @@ POSITIONS = ("top left", "top center", "top right",
              "center left", "center", "center right",
              "bottom left", "bottom center", "bottom right")
 TASKS = ("caption", "vqa", "edit", "story")
-SPLITS = ("train", "heldout", "heldout-combos")
+# "all" ignores the held-out rules (every scene the config allows): for image tokenizers, which
+# read no text, as real tokenizers are trained on broad image data. Never for a text+image model.
+SPLITS = ("train", "heldout", "heldout-combos", "all")
 RESOLUTIONS = (32, 48, 64, 128)
 MAX_OBJECTS = 4
 
@@ -168,6 +170,9 @@ class ShapesConfig:
     # Share of caption documents whose text is a GenEval-form partial caption ("a photo of a red
     # star", data/shapes/geneval.py) instead of a full one; such documents keep caption-first order.
     partial_captions: float = 0.0
+    # Share of scenes drawn with one shape repeated 2-4 times (colours and sizes still random), so
+    # "three stars" is seen: uniform scenes hold 3+ of a shape in only ~3% of draws.
+    repeat_shapes: float = 0.0
     seed: int = 0  # seeds the train stream; the held-out splits never depend on it
 
     def __post_init__(self) -> None:
@@ -189,6 +194,11 @@ class ShapesConfig:
             raise ValueError(f"story_length must be between 2 and 8 images; got {self.story_length!r}")
         if not 0.0 <= self.partial_captions <= 1.0:
             raise ValueError(f"partial_captions must be a share in [0, 1]; got {self.partial_captions!r}")
+        if not 0.0 <= self.repeat_shapes <= 1.0:
+            raise ValueError(f"repeat_shapes must be a share in [0, 1]; got {self.repeat_shapes!r}")
+        if self.repeat_shapes > 0 and self.max_objects < 2:
+            raise ValueError(f"repeat_shapes needs max_objects >= 2 (a repeated shape is 2+ objects); "
+                             f"got max_objects={self.max_objects}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
         self.task_weights()  # raises on a bad entry

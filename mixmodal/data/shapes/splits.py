@@ -7,6 +7,8 @@ Every scene belongs to exactly one split, decided by the scene alone (`scene_spl
 - `heldout`: no held-out pair, and its canonical hash falls in the held-out bucket (1 in
   HELDOUT_BUCKETS): unseen scenes made of seen parts.
 - `train`: everything else.
+- `all` (not a split of its own): any scene, ignoring the rules above; for image tokenizers
+  only, which read no text (a VQ codebook cannot write a shape-colour pair it never saw).
 
 A split is sampled by rejection from one random stream per document. The held-out splits
 use a fixed stream seed (HELDOUT_SEED), so their content is the same whatever the config
@@ -14,6 +16,8 @@ seed; the train stream is seeded by `ShapesConfig.seed`.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -63,6 +67,8 @@ def allowed_later(scene: Scene, split: str) -> bool:
     """May `scene` follow the first scene of a `split` document (the after-image of an
     edit, a later story step)? In train every scene must be a train scene, so nothing
     held out ever leaks into training; held-out documents only keep their kind of pair."""
+    if split == "all":
+        return True
     if split == "train":
         return scene_split(scene) == "train"
     if split == "heldout":
@@ -80,7 +86,7 @@ def split_rng(config: ShapesConfig, split: str, index: int) -> np.random.Generat
     check_split(split)
     if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or index < 0:
         raise ValueError(f"index must be a non-negative integer; got {index!r}")
-    base = config.seed if split == "train" else HELDOUT_SEED
+    base = config.seed if split in ("train", "all") else HELDOUT_SEED
     return np.random.default_rng(np.random.SeedSequence([base, SPLITS.index(split), int(index)]))
 
 
@@ -94,13 +100,24 @@ def random_object(rng: np.random.Generator, position: str) -> ShapeObject:
 
 
 def random_scene(rng: np.random.Generator, config: ShapesConfig) -> Scene:
-    """Any scene the config allows, ignoring splits."""
-    num = int(rng.integers(config.min_objects, config.max_objects + 1))
+    """Any scene the config allows, ignoring splits. With `repeat_shapes`, that share of scenes
+    holds one shape 2-4 times (the count uniform over what max_objects allows); the draws of a
+    config without it are unchanged."""
+    repeat = config.repeat_shapes > 0 and rng.random() < config.repeat_shapes
+    if repeat:
+        count = int(rng.integers(2, config.max_objects + 1))
+        num = int(rng.integers(max(count, config.min_objects), config.max_objects + 1))
+    else:
+        num = int(rng.integers(config.min_objects, config.max_objects + 1))
     cells = rng.choice(len(POSITIONS), size=num, replace=False)
     background = config.background
     if background == "random":
         background = tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    return Scene(tuple(random_object(rng, POSITIONS[c]) for c in cells), background)
+    objects = [random_object(rng, POSITIONS[c]) for c in cells]
+    if repeat:
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        objects = [replace(o, shape=shape) if k < count else o for k, o in enumerate(objects)]
+    return Scene(tuple(objects), background)
 
 
 def draw_scene(rng: np.random.Generator, config: ShapesConfig, split: str) -> Scene:
@@ -108,7 +125,7 @@ def draw_scene(rng: np.random.Generator, config: ShapesConfig, split: str) -> Sc
     check_split(split)
     for _ in range(MAX_TRIES):
         scene = random_scene(rng, config)
-        if scene_split(scene) == split:
+        if split == "all" or scene_split(scene) == split:
             return scene
     raise RuntimeError(f"no {split} scene in {MAX_TRIES} draws; this is a bug in the shapes world")
 

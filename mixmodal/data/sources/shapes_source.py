@@ -13,7 +13,7 @@ from typing import Iterator
 from mixmodal.data.sources.base import Source, SourceSpecError
 from mixmodal.documents import Document
 
-SHAPES_SPLITS = ("train", "heldout", "heldout-combos")
+SHAPES_SPLITS = ("train", "heldout", "heldout-combos", "all")  # all: image tokenizers only
 
 
 class ShapesSource(Source):
