@@ -8,6 +8,10 @@ The JSONL schema (docs/data.md), one document per line:
                {"type": "image", "base64": "iVBORw0KGgo..."}],          # or inline PNG/JPEG bytes
      "metadata": {"source": "coco"}}                                     # optional, any JSON
 
+A conversation may be written with "messages" instead of "parts" (data/chat.py):
+{"messages": [{"role": "user", "parts": [...]}, {"role": "assistant", "content": "..."}]};
+it is read as the turns' parts in order plus metadata["turns"] = [[role, number of parts], ...].
+
 Reading JSONL robustly (skipping and counting bad lines) is `mixmodal.data.sources`;
 this module defines the types and the record <-> Document mapping.
 """
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Union
 
 import PIL.Image
+
+from mixmodal.data.chat import messages_to_parts, parts_to_messages, turns_of
 
 
 @dataclass(frozen=True)
@@ -103,9 +109,19 @@ def record_to_document(
     """
     if not isinstance(record, dict):
         raise MalformedRecord(f"expected a JSON object per line, got {type(record).__name__}")
-    parts_in = record.get("parts")
+    turns = None
+    if "messages" in record:
+        if "parts" in record:
+            raise MalformedRecord('a record has "parts" or "messages" (a conversation), not both')
+        try:
+            parts_in, turns = messages_to_parts(record["messages"])
+        except ValueError as e:
+            raise MalformedRecord(str(e)) from None
+    else:
+        parts_in = record.get("parts")
     if not isinstance(parts_in, list):
-        raise MalformedRecord('missing "parts": a list of {"type": "text"|"image", ...} objects')
+        raise MalformedRecord('missing "parts": a list of {"type": "text"|"image", ...} objects '
+                              '(or "messages", a conversation)')
     parts: list[Part] = []
     for i, part in enumerate(parts_in):
         where = f"parts[{i}]"
@@ -132,8 +148,16 @@ def record_to_document(
     metadata = record.get("metadata", {})
     if not isinstance(metadata, dict):
         raise MalformedRecord('"metadata" must be a JSON object')
+    metadata = dict(metadata)
+    if turns is not None:
+        metadata["turns"] = turns
+    else:
+        try:
+            turns_of(metadata, len(parts))  # "turns" given by hand in metadata: check them too
+        except ValueError as e:
+            raise MalformedRecord(str(e)) from None
     doc_id = record.get("id")
-    return Document(parts, dict(metadata), None if doc_id is None else str(doc_id))
+    return Document(parts, metadata, None if doc_id is None else str(doc_id))
 
 
 def document_to_record(
@@ -162,10 +186,13 @@ def document_to_record(
             parts.append({"type": "image", "path": os.path.relpath(path, base_dir)})
         k += 1
     record: dict = {"parts": parts}
+    metadata = dict(doc.metadata)
+    if metadata.get("turns") is not None:  # a conversation: written in the messages form
+        record = {"messages": parts_to_messages(parts, metadata.pop("turns"))}
     if doc.id is not None:
         record["id"] = doc.id
-    if doc.metadata:
-        record["metadata"] = doc.metadata
+    if metadata:
+        record["metadata"] = metadata
     return record
 
 

@@ -50,7 +50,7 @@ def _layout(doc) -> str:
     ("min_objects", 0, "min_objects must be between 1 and 4"),
     ("max_objects", 5, "max_objects must be between"),
     ("background", "teal", "background must be one of black, white, gray or random"),
-    ("tasks", ["captions"], "'captions' is not a task; allowed: caption, vqa, edit, story"),
+    ("tasks", ["captions"], "'captions' is not a task; allowed: caption, vqa, edit, story, chat"),
     ("tasks", ["caption:x"], "weight of 'caption:x' is not a number"),
     ("tasks", ["caption", "caption:2"], "listed twice"),
     ("tasks", [], "tasks must be a non-empty list"),
@@ -68,7 +68,7 @@ def test_config_errors_name_the_field_and_the_allowed_values(field, value, messa
 
 
 def test_task_weights():
-    assert ShapesConfig().task_weights() == {t: 1.0 for t in TASKS}
+    assert ShapesConfig().task_weights() == {t: 1.0 for t in TASKS if t != "chat"}  # chat is asked for by name
     assert ShapesConfig(tasks=["caption:3", "vqa"]).task_weights() == {"caption": 3.0, "vqa": 1.0}
     tasks = Counter(shapes_document(ShapesConfig(tasks=["caption:3", "vqa"]), "train", i).metadata["task"]
                     for i in range(400))

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mixmodal.data.chat import chat_segments, turns_of
 from mixmodal.data.segments import Segment
 from mixmodal.documents import Document, Image, Text
 from mixmodal.vocab import Vocab
@@ -45,6 +46,7 @@ class Encoded:
     segments: list[Segment]
     latents: torch.Tensor | None = None  # [n_images, C, h, w]
     keep_order: bool = False  # the document's order is its meaning (metadata keep_order): never reorder it
+    chat: bool = False  # a conversation (data/chat.py): loss on assistant turns only, no dropout or CM3
 
 
 @dataclass
@@ -58,25 +60,34 @@ class Flat:
     limited: list[bool]  # per image: no text before it (noise limiting applies)
     latents: torch.Tensor | None
     weights: list[float] | None = None  # per token: loss weight when it is a target (None: all 1)
+    image_loss: list[bool] | None = None  # per image: is it a target (None: all are); latents: else fed clean
 
 
 def encode_document(doc: Document, text_tokenizer, contents: Sequence[torch.Tensor], mode: str,
-                    index: int = -1) -> Encoded:
+                    index: int = -1, vocab: Vocab | None = None, add_generation_prompt: bool = False) -> Encoded:
     """A document's parts -> segments. `contents`: its images already encoded, in order: code
-    ids [N] in the shared vocabulary (tokens) or scaled latents [C, h, w] (latents)."""
-    segments, latents = [], []
+    ids [N] in the shared vocabulary (tokens) or scaled latents [C, h, w] (latents). A
+    conversation (metadata "turns", data/chat.py) gets the chat template, which needs `vocab`;
+    `add_generation_prompt` ends it with `<|assistant|>` (a prompt)."""
+    per_part, latents = [], []
     images = iter(contents)
     for part in doc.parts:
         if isinstance(part, Text):
             ids = text_tokenizer.encode(part.text)
-            if ids:
-                segments.append(Segment("text", list(ids)))
+            per_part.append([Segment("text", list(ids))] if ids else [])
         elif isinstance(part, Image):
             content = next(images)
-            segments.append(Segment("image", content.tolist() if mode == "tokens" else [], image=len(latents)))
+            per_part.append([Segment("image", content.tolist() if mode == "tokens" else [], image=len(latents))])
             latents.append(content)
     stacked = torch.stack(latents) if mode == "latents" and latents else None
-    return Encoded(index, segments, stacked, keep_order=bool(doc.metadata.get("keep_order", False)))
+    turns = turns_of(doc.metadata, len(doc.parts), f"document {doc.id or index}: metadata")
+    if turns is None:
+        segments = [s for segs in per_part for s in segs]
+        return Encoded(index, segments, stacked, keep_order=bool(doc.metadata.get("keep_order", False)))
+    if vocab is None:
+        raise ValueError("a conversation document needs the vocabulary for its role tokens; pass vocab=")
+    segments = chat_segments(per_part, turns, vocab, add_generation_prompt=add_generation_prompt)
+    return Encoded(index, segments, stacked, keep_order=True, chat=True)
 
 
 def order_caption(segments: list[Segment], rng: np.random.Generator, caption_first_prob: float) -> list[Segment]:
@@ -117,7 +128,7 @@ def lay_out(segments: Sequence[Segment], vocab: Vocab, mode: str, positions_per_
             latents: torch.Tensor | None = None) -> tuple[Flat | None, str]:
     """Segments -> the sequence from `<bos>` (and `<eos>` when `eos`). Cut at a part boundary to
     fit `max_len` positions. Returns (flat or None, "" | "truncated" | "dropped")."""
-    ids, ok, images, limited = [vocab.bos], [False], [], []
+    ids, ok, images, limited, image_loss = [vocab.bos], [False], [], [], []
     seen_text = False
     status = ""
     reserve = 1 if eos else 0
@@ -145,6 +156,7 @@ def lay_out(segments: Sequence[Segment], vocab: Vocab, mode: str, positions_per_
         ok.append(seg.loss)
         images.append((len(ids), n, seg.image))
         limited.append(not seen_text)
+        image_loss.append(seg.loss)
         ids += content
         ok += [seg.loss and mode == "tokens"] * n
         ids.append(vocab.eoi)
@@ -157,22 +169,24 @@ def lay_out(segments: Sequence[Segment], vocab: Vocab, mode: str, positions_per_
     chosen = None
     if mode == "latents" and images and latents is not None:
         chosen = latents[torch.tensor([im for _, _, im in images])]
-    return Flat(index, ids, ok, images, limited, chosen), status
+    return Flat(index, ids, ok, images, limited, chosen, image_loss=None if all(image_loss) else image_loss), status
 
 
 def join_flats(parts: Sequence[Flat], weights: Sequence[float]) -> Flat:
     """Documents laid out back to back as one attention segment (retrieved documents, then
     the document itself); the last part's index names the result."""
-    ids, ok, images, limited, latents, w = [], [], [], [], [], []
+    ids, ok, images, limited, latents, w, image_loss = [], [], [], [], [], [], []
     for part, weight in zip(parts, weights):
         images += [(start + len(ids), n, im) for start, n, im in part.images]
+        image_loss += part.image_loss or [True] * len(part.images)
         ids += part.ids
         ok += part.targets_ok
         limited += part.limited
         w += [weight] * len(part.ids)
         if part.latents is not None:
             latents.append(part.latents)
-    return Flat(parts[-1].index, ids, ok, images, limited, torch.cat(latents) if latents else None, w)
+    return Flat(parts[-1].index, ids, ok, images, limited, torch.cat(latents) if latents else None, w,
+                None if all(image_loss) else image_loss)
 
 
 __all__ = ["Encoded", "Flat", "UNCONDITIONAL", "drop_conditioning", "encode_document", "join_flats", "lay_out",

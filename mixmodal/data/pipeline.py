@@ -34,13 +34,15 @@ row is cut at a part boundary (counted as truncated); one whose first image alon
 not fit is dropped (counted). Targets (`labels`, already shifted: labels[t] is the id
 at t+1) are -100 for padding, for latent placeholders and the `<eoi>` that always
 follows them (the engine forces it), and for tokens of segments marked loss=False (the
-CM3 sentinels).
+CM3 sentinels; in a conversation, everything but the assistant's turns: data/chat.py).
 
 A batch is a dict of tensors:
     input_ids, labels, positions, document_ids, image_ids   [B, T]
     image_latents [N, C, h, w]  clean scaled VAE latents      (latent mode)
     image_index   [N, P]        flat positions b * T + t      (latent mode)
     image_limited [N] bool      image precedes all text of its document (noise limiting)
+    image_loss    [N] bool      image is a target; False (a user's image in a conversation):
+                                fed clean, no diffusion loss           (latent mode)
 Its state is the index of the first document of the next row: resuming restarts the
 source there (the shapes world jumps; other sources are re-read and skipped).
 """
@@ -135,7 +137,7 @@ class DocumentEncoder:
         out, used = [], 0
         for index, doc in docs:
             n = sum(isinstance(p, Image) for p in doc.parts)
-            out.append(encode_document(doc, self.text, encoded[used:used + n], self.mode, index))
+            out.append(encode_document(doc, self.text, encoded[used:used + n], self.mode, index, self.vocab))
             used += n
         return out
 
@@ -158,7 +160,7 @@ class Packer:
         document_ids = torch.full((b, t), -1, dtype=torch.long)
         image_ids = torch.full((b, t), -1, dtype=torch.long)
         weights = torch.zeros((b, t), dtype=torch.float32)
-        latents, index, limited, image_weights = [], [], [], []
+        latents, index, limited, image_weights, image_loss = [], [], [], [], []
         image_count = 0
         for r, row in enumerate(rows):
             start = 0
@@ -179,7 +181,9 @@ class Packer:
                         index.append(r * t + start + offset + torch.arange(length))
                         latents.append(flat.latents[k])
                         limited.append(flat.limited[k])
-                        image_weights.append(float(w[offset]))
+                        target = flat.image_loss is None or flat.image_loss[k]
+                        image_loss.append(target)
+                        image_weights.append(float(w[offset]) if target else 0.0)
                     image_count += 1
                 start += n
         batch = {"input_ids": input_ids, "labels": labels, "positions": positions,
@@ -188,6 +192,7 @@ class Packer:
             batch["image_latents"] = torch.stack(latents) if latents else torch.zeros(0)
             batch["image_index"] = torch.stack(index) if index else torch.zeros(0, 0, dtype=torch.long)
             batch["image_limited"] = torch.tensor(limited, dtype=torch.bool)
+            batch["image_loss"] = torch.tensor(image_loss, dtype=torch.bool)
         if self.weighted:
             batch["loss_weights"] = torch.where(labels != IGNORE, weights, 0.0)
             if self.mode == "latents":
@@ -288,11 +293,11 @@ class FusionBatches:
                     enc.segments = order_caption(enc.segments, rng, self.config.caption_first_prob)
                 dropped = None
                 if self.training and self.config.cond_dropout > 0 and rng.random() < self.config.cond_dropout:
-                    dropped = drop_conditioning(enc.segments, self.config.uncond, self.vocab)
+                    dropped = None if enc.chat else drop_conditioning(enc.segments, self.config.uncond, self.vocab)
                 if dropped is not None:
                     enc.segments = dropped
                     self.stats.cond_dropped += 1
-                else:
+                elif not enc.chat:  # a conversation's loss mask is its meaning: no CM3 spans across turns
                     enc.segments = cm3_transform(enc.segments, self.vocab, rng, self.config.cm3)
                 flat, status = lay_out(enc.segments, self.vocab, self.mode, self.positions_per_image,
                                        max_len=self.config.seq_len, index=enc.index, latents=enc.latents)

@@ -86,7 +86,7 @@ def encode_prompt(doc: Document, text_tokenizer, image_tokenizer, vocab: Vocab, 
             contents = list(vocab.image_code_to_id(image_tokenizer.encode(pixels).flatten(1)).cpu())
         else:
             contents = list(image_tokenizer.scale_latents(image_tokenizer.encode(pixels)).float().cpu())
-    encoded = encode_document(doc, text_tokenizer, contents, mode)
+    encoded = encode_document(doc, text_tokenizer, contents, mode, vocab=vocab, add_generation_prompt=True)
     return EncodedPrompt(encoded.segments, contents if mode == "latents" else [])
 
 

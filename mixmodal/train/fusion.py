@@ -300,6 +300,21 @@ def build_task(config: FusionTrainConfig) -> "FusionTask":
     return FusionTask(config)
 
 
+def noise_images(schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, targets: torch.Tensor | None,
+                 image_weights: torch.Tensor | None):
+    """The model's image inputs at times `t`, and the per-image loss weights. Images that are no
+    target (`targets` False: a user's image in a conversation, which the model reads) are fed as
+    the engine feeds a prompt's image, clean at the grid's first time, and weigh 0."""
+    noisy = schedule.add_noise(x0, noise, t)
+    if targets is None or bool(targets.all()):
+        return noisy, t, image_weights
+    targets = targets.to(x0.device)
+    noisy = torch.where(targets.view(-1, *[1] * (x0.dim() - 1)), noisy, x0)
+    t = torch.where(targets, t, torch.full_like(t, 1.0 / schedule.num_timesteps))
+    weights = targets.float() if image_weights is None else image_weights.to(x0.device) * targets
+    return noisy, t, weights
+
+
 class FusionTask(TaskBase):
     progress_keys = ("loss", "text_ce", "image_ce", "diffusion")
 
@@ -378,8 +393,9 @@ class FusionTask(TaskBase):
             t = self.schedule.sample_times(n, generator=generator, device=torch.device("cpu"),
                                            limited=batch["image_limited"].cpu()).to(x0.device)
             noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-            kwargs.update(image_latents=self.schedule.add_noise(x0, noise, t), image_times=t,
-                          image_index=batch["image_index"])
+            noisy, t, image_weights = noise_images(self.schedule, x0, noise, t, batch.get("image_loss"),
+                                                   batch.get("image_weights"))
+            kwargs.update(image_latents=noisy, image_times=t, image_index=batch["image_index"])
             target = self.schedule.target(x0, noise, t)
         out = model(batch["input_ids"], **kwargs)
         labels = batch["labels"]
@@ -396,7 +412,7 @@ class FusionTask(TaskBase):
         if self.latent:
             if "image_latents" in kwargs:
                 diffusion = diffusion_loss(out.image_prediction, target, weight=self.config.diffusion.loss_weight,
-                                           image_weights=batch.get("image_weights"))
+                                           image_weights=image_weights)
                 losses["loss"] = losses["loss"] + diffusion
             else:  # a batch without images: keep the graph shape of every step the same
                 diffusion = out.logits.sum() * 0.0

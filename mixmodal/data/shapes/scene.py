@@ -41,7 +41,8 @@ SIZE_FRACTION = {"small": 0.5, "large": 0.85}
 POSITIONS = ("top left", "top center", "top right",
              "center left", "center", "center right",
              "bottom left", "bottom center", "bottom right")
-TASKS = ("caption", "vqa", "edit", "story")
+TASKS = ("caption", "vqa", "edit", "story", "chat")  # chat: conversations (shapes/conversations.py)
+DEFAULT_TASKS = ("caption", "vqa", "edit", "story")
 # "all" ignores the held-out rules (every scene the config allows): for image tokenizers, which
 # read no text, as real tokenizers are trained on broad image data. Never for a text+image model.
 SPLITS = ("train", "heldout", "heldout-combos", "all")
@@ -150,7 +151,7 @@ class Scene:
 
 
 def _default_tasks() -> list[str]:
-    return list(TASKS)
+    return list(DEFAULT_TASKS)
 
 
 @dataclass
@@ -167,6 +168,7 @@ class ShapesConfig:
     background: str = "black"  # black, white, gray, or "random" (uniform over those)
     tasks: list[str] = field(default_factory=_default_tasks)
     story_length: int = 3  # images per story document
+    chat_turns: int = 3  # most user/assistant exchanges per conversation (the chat task)
     # Share of caption documents whose text is a GenEval-form partial caption ("a photo of a red
     # star", data/shapes/geneval.py) instead of a full one; such documents keep caption-first order.
     partial_captions: float = 0.0
@@ -192,6 +194,8 @@ class ShapesConfig:
             raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)} or random; got {self.background!r}")
         if not 2 <= self.story_length <= 8:
             raise ValueError(f"story_length must be between 2 and 8 images; got {self.story_length!r}")
+        if not 1 <= self.chat_turns <= 8:
+            raise ValueError(f"chat_turns must be between 1 and 8 exchanges; got {self.chat_turns!r}")
         if not 0.0 <= self.partial_captions <= 1.0:
             raise ValueError(f"partial_captions must be a share in [0, 1]; got {self.partial_captions!r}")
         if not 0.0 <= self.repeat_shapes <= 1.0:

@@ -14,10 +14,12 @@ scene (so its first scene is `sample_scene(config, split, index)`), then its tas
                           prompts a caption, and the question says what to look for)
     edit     I T I        before, instruction, after
     story    T I (T I)*   caption of the first scene, then one change per later image
+    chat     a conversation of 1..chat_turns exchanges (conversations.py), with `turns`
 
 `metadata`: source, task, split, index, resolution, and `scenes` (one scene dict per
 image, in image order), plus per task: caption; question, answer, question_type;
-instruction, edit; steps, edits. A partial caption adds `prompt` (its GenEval requirements).
+instruction, edit; steps, edits; turns, exchanges. A partial caption adds `prompt` (its GenEval
+requirements).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from mixmodal.data.shapes.captions import caption
 from mixmodal.data.shapes.edits import Edit, random_edit
 from mixmodal.data.shapes.geneval import partial_caption
+from mixmodal.data.shapes.conversations import conversation
 from mixmodal.data.shapes.render import render
 from mixmodal.data.shapes.scene import Scene, ShapesConfig
 from mixmodal.data.shapes.splits import MAX_TRIES, allowed_later, draw_scene, split_rng
@@ -77,6 +80,10 @@ def shapes_document(config: ShapesConfig, split: str, index: int) -> Document:
         scenes.append(edit.apply(scene))
         layout = [0, text, 1]
         meta.update(instruction=text, edit=edit.to_dict())
+    elif task == "chat":
+        layout, turns, chat = conversation(scene, rng, config, lambda s: _next_edit(rng, s, config, split))
+        scenes = chat.pop("scenes")
+        meta.update(turns=turns, **chat)
     else:
         steps, edits = [caption(scene, rng)], []
         for k in range(1, config.story_length):

@@ -1,0 +1,179 @@
+"""Conversations (issue 20): the chat template, the JSONL messages form, the shapes world's
+conversations, and supervised fine-tuning's loss mask (assistant turns only)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from mixmodal.data.chat import Turn, chat_segments, turns_of
+from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
+from mixmodal.data.segments import Segment
+from mixmodal.data.shapes import Edit, Scene, ShapesConfig, scene_split, shapes_document
+from mixmodal.data.shapes.conversations import EXCHANGES
+from mixmodal.data.sources import JsonlSource, ShapesSource
+from mixmodal.documents import Document, Image, MalformedRecord, Text, record_to_document, write_jsonl
+from mixmodal.inference import GenerationConfig
+from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffusion_loss
+from mixmodal.train.fusion import noise_images
+from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
+from mixmodal.vocab import Vocab
+from tiny import tiny_engine
+
+CHAT = ShapesConfig(resolution=32, tasks=["chat"], max_objects=2, chat_turns=3, story_length=2)
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer():
+    texts = (t for doc in ShapesSource(CHAT, num=200) for t in doc.texts)
+    return TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=400))
+
+
+def _batch(engine, docs, **pipeline):
+    encoder = DocumentEncoder(engine.text_tokenizer, engine.image_tokenizer, engine.vocab, engine.mode)
+    batches = FusionBatches(lambda: docs, encoder, PipelineConfig(seq_len=512, **pipeline), len(docs),
+                            engine.per_image, endless=False)
+    return next(iter(batches))
+
+
+def test_chat_template_marks_only_assistant_turns_as_targets():
+    vocab = Vocab(300, 16)
+    text = lambda *ids: [Segment("text", list(ids))]  # noqa: E731
+    parts = [text(30, 31), [Segment("image", [300] * 4, image=0)], text(40), text(50, 51)]
+    turns = [Turn("system", 1), Turn("user", 2), Turn("assistant", 1)]
+    segments = chat_segments(parts[:1] + parts[1:3] + parts[3:], turns, vocab)
+    ids = [(i, s.loss) for s in segments for i in s.ids]
+    assert ids[:4] == [(vocab.system, False), (30, False), (31, False), (vocab.end_of_turn, False)]
+    assert ids[4] == (vocab.user, False) and all(not loss for _, loss in ids[4:11])
+    assert ids[11:] == [(vocab.assistant, False), (50, True), (51, True), (vocab.end_of_turn, True)]
+    prompt = chat_segments(parts[:3] + [[]], turns[:2] + [Turn("assistant", 1)], vocab)[:-2]
+    prompt += [Segment("text", [vocab.assistant], loss=False)]
+    assert [i for s in chat_segments(parts[:3], turns[:2], vocab, add_generation_prompt=True) for i in s.ids] == \
+        [i for s in prompt for i in s.ids]  # the prompt is the prefix of the training conversation
+
+
+@pytest.mark.parametrize("turns, message", [
+    ([["user", 1]], "turns hold 1 parts but the document has 2"),
+    ([["robot", 2]], r"turns\[0\] must be \[role, parts\] with role one of system, user, assistant"),
+    ("user", "must be a non-empty list"),
+])
+def test_bad_turns_name_the_field(turns, message):
+    with pytest.raises(ValueError, match=message):
+        turns_of({"turns": turns}, 2)
+
+
+def test_jsonl_messages_form_round_trips_and_bad_records_say_what_to_fix(tmp_path):
+    docs = list(ShapesSource(CHAT, num=6))
+    assert all(d.metadata["turns"] for d in docs)
+    write_jsonl(docs, tmp_path / "chat.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
+    assert all("messages" in r and "parts" not in r and "turns" not in r.get("metadata", {}) for r in records)
+    back = list(JsonlSource(tmp_path / "chat.jsonl"))
+    for a, b in zip(docs, back):
+        assert a.texts == b.texts and a.metadata["turns"] == b.metadata["turns"] and a.num_images == b.num_images
+    load = lambda data, origin: None  # noqa: E731  (text-only records below)
+    doc = record_to_document({"messages": [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "parts": [{"type": "text", "text": "hello"}]}]},
+                             load, tmp_path)
+    assert doc.texts == ["hi", "hello"] and doc.metadata["turns"] == [["user", 1], ["assistant", 1]]
+    for record, message in [
+        ({"messages": []}, "messages must be a non-empty list"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, r'messages\[0\] must be an object with "role"'),
+        ({"messages": [{"role": "user", "content": 3}]}, r"messages\[0\].content must be a string"),
+        ({"messages": [{"role": "user", "content": "x"}], "parts": []}, '"parts" or "messages"'),
+        ({"parts": [{"type": "text", "text": "x"}], "metadata": {"turns": [["user", 2]]}}, "turns hold 2 parts"),
+    ]:
+        with pytest.raises(MalformedRecord, match=message):
+            record_to_document(record, load, tmp_path)
+
+
+def test_shapes_conversations_follow_the_world_rules():
+    docs = [shapes_document(CHAT, "train", i) for i in range(300)]
+    kinds = Counter(e["kind"] for d in docs for e in d.metadata["exchanges"])
+    assert set(kinds) == set(EXCHANGES)
+    for doc in docs:
+        turns = doc.metadata["turns"]
+        assert [r for r, _ in turns] == ["user", "assistant"] * (len(turns) // 2)
+        assert sum(n for _, n in turns) == len(doc.parts)
+        assert len(doc.metadata["scenes"]) == doc.num_images
+        scenes = [Scene.from_dict(s) for s in doc.metadata["scenes"]]
+        assert all(scene_split(s) == "train" for s in scenes)  # nothing held out leaks into training
+        for e in doc.metadata["exchanges"]:
+            if e["kind"] == "edit":  # the edit turns the image it starts from into the one drawn
+                assert Edit.from_dict(e["edit"]).apply(scenes[e["before"]]) == scenes[e["image"]]
+    # a follow-up asks about the picture the assistant drew earlier, without showing it again
+    follow = [d for d in docs if d.metadata["exchanges"][0]["kind"] == "generate" and len(d.metadata["turns"]) > 2]
+    assert follow and all(isinstance(d.parts[0], Text) for d in follow)
+    for d in follow:
+        (_, n_user), (_, n_assistant), (_, n_next) = d.metadata["turns"][:3]
+        second_user = d.parts[n_user + n_assistant:n_user + n_assistant + n_next]
+        assert not any(isinstance(p, Image) for p in second_user)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_sft_rows_train_only_the_assistant(text_tokenizer, mode):
+    engine = tiny_engine(mode, text_tokenizer)
+    vocab = engine.vocab
+    docs = [d for d in ShapesSource(CHAT, num=40) if d.metadata["exchanges"][0]["kind"] == "edit"][:2]
+    batch = _batch(engine, docs, cond_dropout=1.0)  # dropout and CM3 leave conversations alone
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    user_at, assistant_at = (ids == vocab.user).nonzero()[0].item(), (ids == vocab.assistant).nonzero()[0].item()
+    assert (labels[:assistant_at] == IGNORE).all()  # nothing before <|assistant|> is predicted
+    assert labels[assistant_at].item() == vocab.boi  # the assistant's reply is a target from its first token
+    ends = (ids == vocab.end_of_turn).nonzero()[:, 0].tolist()
+    assert labels[ends[1] - 1].item() == vocab.end_of_turn  # it learns to end its turn
+    if mode == "latents":
+        # the user's image is read, not written: fed clean, no diffusion loss; the edited image is a target
+        flags = batch["image_loss"].tolist()
+        assert flags[:2] == [False, True]
+        user_image = batch["image_ids"][0, user_at:assistant_at]
+        assert (user_image >= 0).any()
+    else:
+        first_image = (labels[user_at:assistant_at] != IGNORE).sum().item()
+        assert first_image == 0
+
+
+def test_latent_sft_feeds_user_images_clean_and_weighs_them_zero():
+    schedule = build_schedule(DiffusionConfig(kind="flow"))
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0.5, 0.9, 0.3])
+    targets = torch.tensor([False, True, True])
+    noisy, times, weights = noise_images(schedule, x0, noise, t, targets, None)
+    assert torch.equal(noisy[0], x0[0]) and times[0].item() == pytest.approx(1 / schedule.num_timesteps)
+    assert torch.equal(noisy[1:], schedule.add_noise(x0, noise, t)[1:]) and torch.equal(times[1:], t[1:])
+    assert weights.tolist() == [0.0, 1.0, 1.0]
+    retrieved = torch.tensor([1.0, 0.1, 1.0])  # retrieval's alpha weights multiply
+    assert noise_images(schedule, x0, noise, t, targets, retrieved)[2].tolist() == pytest.approx([0.0, 0.1, 1.0])
+    assert noise_images(schedule, x0, noise, t, torch.ones(3, dtype=torch.bool), None)[2] is None
+    prediction = torch.randn(3, 4, 8, 8)
+    target = schedule.target(x0, noise, times)
+    loss = diffusion_loss(prediction, target, weight=1.0, image_weights=weights)
+    only_targets = diffusion_loss(prediction[1:], target[1:], weight=1.0)
+    assert loss.item() == pytest.approx(only_targets.item(), rel=1e-5)
+
+
+def test_a_conversation_prompt_is_the_prefix_of_its_training_row(text_tokenizer):
+    engine = tiny_engine("tokens", text_tokenizer)
+    doc = next(d for d in ShapesSource(CHAT, num=40) if d.metadata["exchanges"][0]["kind"] == "vqa")
+    batch = _batch(engine, [doc])
+    first_user = doc.metadata["turns"][0][1]
+    prompt = Document(doc.parts[:first_user], {"turns": [["user", first_user]]})
+    seen = []
+    forward = engine.model.forward
+
+    def spy(ids, positions=None, **kwargs):
+        if not seen:
+            seen.append(ids[0, :kwargs["logits_index"][0, 0] + 1].tolist())
+        return forward(ids, positions=positions, **kwargs)
+
+    engine.model.forward = spy
+    try:
+        engine.generate([prompt], GenerationConfig(mode="text", max_new_tokens=2))
+    finally:
+        engine.model.forward = forward
+    n = len(seen[0])
+    assert seen[0][-1] == engine.vocab.assistant
+    assert seen[0] == batch["input_ids"][0, :n].tolist()
