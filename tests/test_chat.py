@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mixmodal.data.chat import Turn, chat_segments, turns_of
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
 from mixmodal.data.segments import Segment
 from mixmodal.data.shapes import Edit, Scene, ShapesConfig, scene_split, shapes_document
 from mixmodal.data.shapes.conversations import EXCHANGES
-from mixmodal.data.sources import JsonlSource, ShapesSource
+from mixmodal.data.sources import JsonlSource, ShapesSource, SourceSpecError, open_source
 from mixmodal.documents import Document, Image, MalformedRecord, Text, record_to_document, write_jsonl
 from mixmodal.inference import GenerationConfig
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffusion_loss
@@ -177,3 +179,47 @@ def test_a_conversation_prompt_is_the_prefix_of_its_training_row(text_tokenizer)
     n = len(seen[0])
     assert seen[0][-1] == engine.vocab.assistant
     assert seen[0] == batch["input_ids"][0, :n].tolist()
+
+
+# --- fine-tuning: init_from and mixed sources --------------------------------------------------
+
+def test_mix_source_samples_by_weight_and_resumes_exactly():
+    spec = "mix:shapes:resolution=32,tasks=chat@3|shapes:resolution=32,tasks=vqa@1"
+    docs = [d for _, d in zip(range(400), open_source(spec))]
+    share = Counter(d.metadata["task"] for d in docs)["chat"] / len(docs)
+    assert 0.68 < share < 0.82  # 3 : 1
+    resumed = open_source(spec)
+    resumed.skip(250)
+    again = [d for _, d in zip(range(30), resumed)]
+    assert [d.texts for d in again] == [d.texts for d in docs[250:280]]  # each source skipped by its own count
+    for bad, message in [("mix:", "give sources as SPEC@WEIGHT"), ("mix:shapes@x", "is not a number"),
+                         ("mix:shapes@0", "must be > 0"), ("mix:nowhere.jsonl@1", "nowhere.jsonl")]:
+        with pytest.raises(SourceSpecError, match=message):
+            open_source(bad)
+
+
+def test_sft_starts_from_the_pretrained_weights_and_refuses_a_different_architecture(tmp_path):
+    from mixmodal.config import ConfigError
+    from mixmodal.tokenizers.image import save_image_tokenizer
+    from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
+    from mixmodal.train.run import load_run_config, train
+
+    torch.manual_seed(0)
+    trunk = dict(resolution=32, base_channels=8, channel_multipliers=[1, 2, 2], num_res_blocks=1, norm_groups=4)
+    save_image_tokenizer(VAETokenizer(VAEConfig(**trunk, latent_channels=4)), tmp_path / "vae")
+    tiny = Path(__file__).resolve().parents[1] / "configs/models/tiny-latents.yaml"
+    base = load_run_config(tiny, [f"data.image_tokenizer={tmp_path / 'vae'}", "data.text_vocab_size=300",
+                                  "data.text_tokenizer_documents=200", "trainer.steps=2"])
+    train(base, tmp_path / "base")
+    sft = load_run_config(tiny, [f"init_from={tmp_path / 'base'}", "trainer.steps=1", "trainer.lr=0.0",
+                                 "trainer.warmup_steps=0", "data.source=mix:shapes:tasks=chat@3|shapes:tasks=caption@1"])
+    assert sft.init_from == str((tmp_path / "base" / "model").resolve())  # a run names its model folder
+    assert sft.data.image_tokenizer == str((tmp_path / "base" / "model" / "image_tokenizer").resolve())
+    train(sft, tmp_path / "sft")
+    before = load_file(str(tmp_path / "base" / "model" / "model.safetensors"))
+    after = load_file(str(tmp_path / "sft" / "model" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # lr 0
+    with pytest.raises(ConfigError, match=r"model.transformer.num_layers = 3 contradicts the checkpoint's"):
+        load_run_config(tiny, [f"init_from={tmp_path / 'base'}", "model.transformer.num_layers=3"])
+    with pytest.raises(ConfigError, match="no model folder there"):
+        load_run_config(tiny, [f"init_from={tmp_path}"])

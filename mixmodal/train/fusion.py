@@ -24,6 +24,10 @@ document is preceded by k documents retrieved for it (CM3Leon; mixmodal/retrieva
 or encoder stops the run before anything trains.
 At the end the model is saved to RUN/model (config.yaml, model.safetensors and both
 tokenizers): `mixmodal.load_model(RUN/model)` reads it.
+
+Fine-tuning (`init_from: RUN` or a model folder, e.g. SFT on conversations, data/chat.py): the
+model starts from that folder's weights; its architecture and, unless given, both tokenizers
+come from the folder (a `model:` key that contradicts it fails before training).
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file
 
 from mixmodal.config import ConfigError, load_yaml, merge, relative_to_config, to_dict
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
 from mixmodal.inference.checkpoint import IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR
 from mixmodal.model.fusion import FusionModel, ModelConfig
+from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, check_model_state, tied_aliases
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffusion_loss
 from mixmodal.objectives.next_token import next_token_loss
 from mixmodal.retrieval.augment import RetrievalConfig
@@ -93,6 +99,7 @@ class FusionEvalConfig:
 @dataclass
 class FusionTrainConfig:
     task: Literal["fusion"] = "fusion"
+    init_from: str = ""  # a run or model folder to fine-tune from (its weights, architecture and tokenizers)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: FusionDataConfig = field(default_factory=FusionDataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -108,6 +115,8 @@ def resolve(data: dict, base_dir: Path) -> dict:
     """Expand `model.preset: PATH` (a ModelConfig YAML, relative to the config file or the
     working directory); fields given inline win. Tokenizer paths are resolved relative to
     the config file when they exist there."""
+    if isinstance(data.get("init_from"), str) and data["init_from"]:
+        data = _resolve_init_from(data, base_dir)
     section = data.get("model")
     if isinstance(section, dict) and "preset" in section:
         section = dict(section)
@@ -128,6 +137,50 @@ def resolve(data: dict, base_dir: Path) -> dict:
             d["retrieval"] = r
         data = {**data, "data": d}
     return data
+
+
+def init_folder(given: str | Path) -> Path:
+    """The model folder `init_from` names: the folder itself, or RUN/model of a run."""
+    path = Path(given)
+    for folder in (path, path / MODEL_DIR):
+        if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+            return folder
+    raise ConfigError(f"init_from={given}: no model folder there ({CONFIG_FILE} + {WEIGHTS_FILE}, or a run's "
+                      f"{MODEL_DIR}/); give a finished run, RUN/model, or a converted checkpoint")
+
+
+def _resolve_init_from(data: dict, base_dir: Path) -> dict:
+    """init_from: the folder's architecture under the given model keys (which must agree), its tokenizers
+    unless data.* names others."""
+    folder = init_folder(relative_to_config(data["init_from"], base_dir)).resolve()
+    architecture = load_yaml(folder / CONFIG_FILE)
+    given = data.get("model") or {}
+    merged = merge(architecture, {k: v for k, v in given.items() if k != "preset"})
+    clash = [k for k in _leaves(merged) if k.split(".")[0] not in NOT_ARCHITECTURE
+             and _get(architecture, k) is not None and str(_get(merged, k)).lower() != str(_get(architecture, k)).lower()]
+    if clash:  # (compared as text: a command-line override is still a string here)
+        raise ConfigError(f"init_from={data['init_from']}: model.{clash[0]} = {_get(merged, clash[0])} contradicts "
+                          f"the checkpoint's {_get(architecture, clash[0])!r} ({folder / CONFIG_FILE}); drop it")
+    d = dict(data.get("data") or {})
+    for key in ("image_tokenizer", "text_tokenizer"):
+        if d.get(key) in (None, "", "auto") and (folder / key).is_dir():
+            d[key] = str(folder / key)
+    return {**data, "init_from": str(folder), "model": merged, "data": d}
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def _get(tree: dict, dotted: str):
+    for k in dotted.split("."):
+        if not isinstance(tree, dict) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
 
 
 # --- before training: tokenizers in the run directory, model config filled and checked -------
@@ -345,7 +398,15 @@ class FusionTask(TaskBase):
         return {k: v for k, v in to_dict(self.config.model).items() if k not in NOT_ARCHITECTURE}
 
     def build_models(self) -> dict[str, torch.nn.Module]:
-        return {"model": FusionModel(self.config.model)}
+        model = FusionModel(self.config.model)
+        if self.config.init_from:  # fine-tuning: the pretrained weights (a resume then loads its checkpoint over them)
+            folder = Path(self.config.init_from)
+            state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+            check_model_state(model, state, folder / WEIGHTS_FILE)
+            for alias, owner in tied_aliases(model).items():
+                state[alias] = state[owner]
+            model.load_state_dict(state)
+        return {"model": model}
 
     def optimizers(self, models) -> dict[str, OptimizerSpec]:
         return {"model": OptimizerSpec(models["model"])}

@@ -31,9 +31,16 @@ from mixmodal.train import distributed
 
 def open_image_source(spec: str, resolution: int, **options):
     """`open_source(spec, **options)`, rendering shapes at `resolution` unless the spec names one."""
+    return open_source(with_resolution(spec, resolution), **options)
+
+
+def with_resolution(spec: str, resolution: int) -> str:
+    """A shapes spec (also inside a mix:) made to render at `resolution` unless it names one."""
+    if spec.startswith("mix:"):
+        return "mix:" + "|".join(with_resolution(item, resolution) for item in spec[len("mix:"):].split("|"))
     if (spec == "shapes" or spec.startswith("shapes:")) and "resolution=" not in spec:
         spec = f"shapes:resolution={resolution}" + ("," + spec.partition(":")[2] if ":" in spec else "")
-    return open_source(spec, **options)
+    return spec
 
 
 class ShapesImages(torch.utils.data.Dataset):

@@ -11,18 +11,20 @@ docs/data.md.
     write_webdataset     wds.py             Documents -> tar shards
     CocoCaptionsSource   coco.py            COCO captions annotations + image folder
     ShapesSource         shapes_source.py   the built-in procedural world
+    MixSource            mix.py             several sources sampled by weight (mix:A@3|B@1)
     open_source          spec.py            any of them from one string, for the CLI
 """
 
 from mixmodal.data.sources.base import Source, SourceSpecError
 from mixmodal.data.sources.coco import CocoCaptionsSource, CocoFormatError
 from mixmodal.data.sources.jsonl import JsonlSource
+from mixmodal.data.sources.mix import MixSource
 from mixmodal.data.sources.shapes_source import SHAPES_SPLITS, ShapesSource
 from mixmodal.data.sources.spec import SPEC_FORMS, open_source
 from mixmodal.data.sources.wds import IMAGE_EXTENSIONS, WebDatasetSource, expand_shard_urls, write_webdataset
 
 __all__ = [
     "IMAGE_EXTENSIONS", "SHAPES_SPLITS", "SPEC_FORMS",
-    "CocoCaptionsSource", "CocoFormatError", "JsonlSource", "ShapesSource", "Source", "SourceSpecError",
+    "CocoCaptionsSource", "CocoFormatError", "JsonlSource", "MixSource", "ShapesSource", "Source", "SourceSpecError",
     "WebDatasetSource", "expand_shard_urls", "open_source", "write_webdataset",
 ]

@@ -11,6 +11,7 @@ from mixmodal.data.images import DEFAULT_MAX_PIXELS
 from mixmodal.data.sources.base import Source, SourceSpecError
 from mixmodal.data.sources.coco import CocoCaptionsSource, default_coco_image_dir
 from mixmodal.data.sources.jsonl import JsonlSource
+from mixmodal.data.sources.mix import mix_source_from_spec
 from mixmodal.data.sources.shapes_source import shapes_source_from_spec
 from mixmodal.data.sources.wds import WebDatasetSource
 
@@ -22,7 +23,9 @@ SPEC_FORMS = """\
   coco:ANNOTATIONS.json[?images=DIR][&captions=first|all]
                             COCO captions; images default to ../SPLIT for captions_SPLIT.json
   shapes | shapes:resolution=64,split=heldout,num=100,seed=0
-                            the built-in procedural world (split and num, or ShapesConfig fields)"""
+                            the built-in procedural world (split and num, or ShapesConfig fields)
+  mix:SPEC@WEIGHT|SPEC@WEIGHT
+                            several sources sampled by weight, endless (e.g. SFT balancing)"""
 
 
 def open_source(
@@ -36,6 +39,11 @@ def open_source(
 ) -> Source:
     """Open the source named by `spec` (forms in SPEC_FORMS); `options` go to its class."""
     common = dict(strict=strict, max_pixels=max_pixels, rank=rank, world_size=world_size, **options)
+    if spec.startswith("mix:"):
+        try:
+            return mix_source_from_spec(spec[len("mix:"):], open_source, common)
+        except (SourceSpecError, ValueError) as e:
+            raise SourceSpecError(f"cannot open data source {spec!r}: {e}") from None
     if spec == "shapes" or spec.startswith("shapes:"):  # its errors list the allowed keys instead
         return shapes_source_from_spec(spec.partition(":")[2], common)
     try:
