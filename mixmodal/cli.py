@@ -305,7 +305,7 @@ def cmd_convert_hf_chameleon(args: argparse.Namespace, overrides: list[str]) -> 
     from mixmodal.interop.hf_chameleon import convert_hf_chameleon
 
     _no_overrides("convert hf-chameleon", overrides)
-    config, notes = convert_hf_chameleon(args.src, args.out)
+    config, notes = convert_hf_chameleon(args.src, args.out, image_generation=args.image_generation)
     t, vocab = config.transformer, config.vocab
     print(f"converted Chameleon ({t.num_layers} layers, dim {t.dim}, {t.num_heads} heads / {t.kv_heads} kv, "
           f"{'swin' if t.swin_norm else 'pre'}-norm; {vocab.text_size} text ids + {vocab.num_image_codes} image codes) "
@@ -822,12 +822,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Convert a transformers ChameleonForConditionalGeneration folder (config.json "
                                  "+ model.safetensors or a sharded index; safetensors only, nothing is unpickled) into a "
                                  "model directory: config.yaml, model.safetensors, vocab_map.json (Chameleon id -> "
-                                 "mixmodal id: image tokens move after the text ids), hf_config.json, and "
-                                 "image_tokenizer/ when the folder holds the VQGAN. mixmodal's special-token ids do "
-                                 "not apply to the result: drive it with Chameleon's tokenizer through vocab_map.json. "
+                                 "mixmodal id: Chameleon's special tokens, found by name, move to mixmodal's special "
+                                 "slots and image tokens after the text ids), hf_config.json, text_tokenizer/ (the "
+                                 "folder's tokenizer.json, which `mixmodal generate` drives through vocab_map.json), "
+                                 "generation.yaml, and image_tokenizer/ when the folder holds the VQGAN. "
                                  "See docs/interop.md.")
     p.add_argument("src", metavar="SRC", help="transformers Chameleon folder")
     p.add_argument("out", metavar="OUT", help="output model directory")
+    p.add_argument("--image-generation", action="store_true",
+                   help="let the converted model start images (generation.yaml image_generation: true): for weights "
+                   "trained to draw, e.g. Anole. Off by default: base Chameleon, as Meta releases it, writes text only")
     p.set_defaults(func=cmd_convert_hf_chameleon)
     p = convert_verbs.add_parser("to-hf-chameleon", help="a mixmodal token-mode model -> a transformers Chameleon folder",
                                  description="Write a mixmodal token-mode model directory as a folder that "

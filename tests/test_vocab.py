@@ -57,6 +57,11 @@ def test_dict_round_trip_and_mismatched_special_tokens():
         V.Vocab.from_dict(bad)
 
 
+# Chameleon's own vocabulary spells two of its tokens like ours (its <eoss> ends an image, ours ends a
+# CM3 span): the adapter must name them as Chameleon does, not ask vocab.py.
+FOREIGN_NAMES = {("interop/chameleon_tokenizer.py", "<pad>"), ("interop/chameleon_tokenizer.py", "<eoss>")}
+
+
 def test_no_other_module_hard_codes_special_token_strings():
     """Special-token strings live only in vocab.py; everything else asks it."""
     root = pathlib.Path(__file__).resolve().parents[1] / "mixmodal"
@@ -65,6 +70,7 @@ def test_no_other_module_hard_codes_special_token_strings():
         if path.name == "vocab.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in V.SPECIAL_TOKENS:
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in V.SPECIAL_TOKENS \
+                    and (path.relative_to(root).as_posix(), node.value) not in FOREIGN_NAMES:
                 offenders.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
     assert not offenders, offenders

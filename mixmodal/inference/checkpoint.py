@@ -11,6 +11,11 @@
 
 A run directory or its model/ folder are both accepted. A checkpoint written before
 generation.yaml existed falls back to the run's config.yaml for the same two facts.
+
+A converted Chameleon (`mixmodal convert hf-chameleon`) also holds vocab_map.json; its
+text_tokenizer/tokenizer.json is Chameleon's own, loaded through the adapter
+(interop/chameleon_tokenizer.py), and its generation.yaml says whether it may start
+images (`image_generation`, false for base Chameleon; absent means true).
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ class CheckpointError(ValueError):
 
 
 def write_generation_settings(model_dir: str | Path, *, max_length: int | None, diffusion: DiffusionConfig | None,
-                              retrieval: dict | None = None) -> Path:
+                              retrieval: dict | None = None, image_generation: bool | None = None) -> Path:
     settings: dict = {"max_length": max_length}
+    if image_generation is not None:
+        settings["image_generation"] = bool(image_generation)
     if diffusion is not None:
         from mixmodal.config import to_dict
 
@@ -47,6 +54,15 @@ def read_retrieval_settings(model_dir: str | Path) -> dict | None:
     """The memory bank (index, encoder, k) a retrieval-augmented model was trained with, or None."""
     path = model_folder(model_dir) / GENERATION_FILE
     return (load_yaml(path) or {}).get("retrieval") if path.is_file() else None
+
+
+def read_image_generation(model_dir: Path) -> bool:
+    """generation.yaml's image_generation: whether the model may start images (default true)."""
+    path = model_dir / GENERATION_FILE
+    value = (load_yaml(path) or {}).get("image_generation", True) if path.is_file() else True
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{path}: image_generation must be true or false, got {value!r}")
+    return value
 
 
 def read_generation_settings(model_dir: Path) -> tuple[int | None, DiffusionConfig | None]:
@@ -81,13 +97,15 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
     """An Engine for a run or model folder. Without an image tokenizer the engine can only write text;
     `require_image_tokenizer` makes that an error naming the missing folder."""
     from mixmodal.inference.engine import Engine
+    from mixmodal.interop.hf_chameleon import VOCAB_MAP_FILE
     from mixmodal.model.io import load_model_dir
     from mixmodal.tokenizers.image import load_image_tokenizer
     from mixmodal.tokenizers.text import TextTokenizer
 
     folder = model_folder(path)
     text_dir, image_dir = folder / TEXT_TOKENIZER_DIR, folder / IMAGE_TOKENIZER_DIR
-    if not text_dir.is_dir():
+    text_tokenizer = _chameleon_tokenizer(folder) if (folder / VOCAB_MAP_FILE).is_file() else None
+    if text_tokenizer is None and not text_dir.is_dir():
         raise CheckpointError(f"{folder} has no {TEXT_TOKENIZER_DIR}/ folder: copy the text tokenizer the model was "
                               f"trained with (its tokenizer.json) into {text_dir}")
     image_tokenizer = None
@@ -99,11 +117,22 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
                               "(or generate with --mode text)")
     max_length, diffusion = read_generation_settings(folder)
     model = load_model_dir(folder, device)
-    engine = Engine(model, TextTokenizer.load(text_dir), image_tokenizer, diffusion=diffusion,
-                    max_length=max_length, dtype=dtype)
+    engine = Engine(model, text_tokenizer or TextTokenizer.load(text_dir), image_tokenizer, diffusion=diffusion,
+                    max_length=max_length, dtype=dtype, image_generation=read_image_generation(folder))
     engine.checkpoint = str(folder)
     return engine
 
 
+def _chameleon_tokenizer(folder: Path):
+    """A converted Chameleon's own tokenizer through the adapter; CheckpointError naming the file and the fix."""
+    from mixmodal.interop.chameleon_tokenizer import ChameleonTokenizer
+    from mixmodal.tokenizers.text import TOKENIZER_FILE
+
+    try:
+        return ChameleonTokenizer.load(folder, folder / TEXT_TOKENIZER_DIR / TOKENIZER_FILE)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 __all__ = ["CheckpointError", "GENERATION_FILE", "load_checkpoint", "model_folder", "read_generation_settings",
-           "read_retrieval_settings", "write_generation_settings"]
+           "read_image_generation", "read_retrieval_settings", "write_generation_settings"]

@@ -5,6 +5,7 @@ guidance stream; they all receive the same generated ids):
 
     text  ── samples a text id ────────────────────────────────> text
           ── samples <eos> / a stop string / out of room ──────> done
+             (<eos> or <|end|> for a converted Chameleon: the tokenizer's stop_ids)
           ── samples <boi> ──> image
     image (tokens)   exactly N codes, logits restricted to the code range; after the
                      N-th, <eoi> is fed with it (no sampling) and text resumes
@@ -29,6 +30,7 @@ import torch
 
 from mixmodal.documents import Document, Image, Text
 from mixmodal.inference.cache import KVCache
+from mixmodal.inference.checkpoint import GENERATION_FILE
 from mixmodal.inference.config import GenerationConfig
 from mixmodal.inference.events import (End, Event, GenerationResult, ImageDone, ImagePreview, ImageStarted,
                                         TextDelta)
@@ -81,7 +83,8 @@ class Engine:
     `Engine.from_pretrained(RUN_OR_MODEL_DIR)` loads `mixmodal train`'s model folder."""
 
     def __init__(self, model, text_tokenizer, image_tokenizer, *, diffusion: DiffusionConfig | None = None,
-                 max_length: int | None = None, dtype: torch.dtype | None = None, decode_images: bool = True) -> None:
+                 max_length: int | None = None, dtype: torch.dtype | None = None, decode_images: bool = True,
+                 image_generation: bool = True) -> None:
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer.eval() if image_tokenizer is not None else None
@@ -93,6 +96,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = dtype
         self.decode_images = decode_images  # False: ImageDone / documents carry no pixels (benchmarks)
+        self.image_generation = image_generation  # False: <boi> is never sampled (base Chameleon; generation.yaml)
         if text_tokenizer.vocab_size > self.vocab.text_size:
             raise ValueError(f"the text tokenizer has {text_tokenizer.vocab_size} ids but the model's text range is "
                              f"{self.vocab.text_size} (model.text_vocab_size): they were not trained together")
@@ -112,6 +116,13 @@ class Engine:
         self._free_extra[v.mask(0):v.mask(0) + NUM_MASK_SENTINELS] = True
         self._codes_allowed = torch.zeros(size, dtype=torch.bool)
         self._codes_allowed[v.image_code_ids.start:v.image_code_ids.stop] = True
+        # the tokenizer's model-specific rules (a converted Chameleon): ids that are not text, and end-of-turn stops
+        self._never = torch.zeros(size, dtype=torch.bool)
+        self._never[list(text_tokenizer.never_sample)] = True
+        self._stops = list(text_tokenizer.stop_ids)
+        self._text_allowed[self._stops] = True
+        self._not_stop = torch.ones(size, dtype=torch.bool)
+        self._not_stop[self._stops] = False
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -193,6 +204,11 @@ class Engine:
                               + (", retrieve fewer documents" if prefix else "")
                               + " or pass a larger --max-length (beyond the trained length the model has not "
                               "learned positions)")
+        if config.mode in ("image", "interleaved") and not self.image_generation:
+            raise PromptError(f"mode={config.mode} writes images, but this model's {GENERATION_FILE} says "
+                              "image_generation: false (a converted base Chameleon: Meta's release does not draw); use "
+                              f"mode=text, or set image_generation: true in MODEL/{GENERATION_FILE} for weights "
+                              "trained to draw (Anole)")
         if config.mode != "text" and self.image_tokenizer is None and self.decode_images:
             raise PromptError(f"mode={config.mode} writes images, but the checkpoint has no image tokenizer to turn "
                               "them into pixels; copy it into MODEL/image_tokenizer or use mode=text")
@@ -302,9 +318,9 @@ class Engine:
             scores = guided_scores(streams, allowed, config.guidance.scale, config.guidance.image_scale)
             token = self._sample(seq, scores, config.text)
         v = self.vocab
-        if token in (v.eos, v.boi):
+        if token in self._stops or token == v.boi:
             yield from self._flush(seq)
-        if token == v.eos:
+        if token in self._stops:  # <eos>, and <|end|> for a converted Chameleon
             seq.finish = "eos"
             seq.generated.append(token)
             return
@@ -435,16 +451,18 @@ class Engine:
         allowed = self._text_allowed.clone()
         if config.mode == "free":
             allowed |= self._free_extra
-        can_image = config.mode != "text" and len(seq.images) < config.max_images and self._image_fits(seq)
+        can_image = self.image_generation and config.mode != "text" and len(seq.images) < config.max_images \
+            and self._image_fits(seq)
         allowed[v.boi] = can_image
         if config.mode == "image":
             allowed &= False
             allowed[v.boi] = can_image
             allowed[v.eos] = True
         if config.mode == "interleaved" and not (seq.images and seq.text_tokens):
-            allowed[v.eos] = False
-        if config.ignore_eos and allowed.sum() > 1:
-            allowed[v.eos] = False
+            allowed[self._stops] = False
+        if config.ignore_eos and (allowed & self._not_stop).any():
+            allowed[self._stops] = False
+        allowed &= ~self._never
         return allowed.to(self.device)
 
     # --- timing and decoding ----------------------------------------------------------------

@@ -1,34 +1,44 @@
 """transformers' Chameleon (`ChameleonForConditionalGeneration`) <-> a mixmodal token-mode model directory.
 
     convert_hf_chameleon(SRC, OUT)     config.json + *.safetensors (one file or a sharded index)
+                                       [+ tokenizer.json, or Meta's text_tokenizer.json]
                                        -> OUT/config.yaml, model.safetensors, vocab_map.json,
-                                          hf_config.json, image_tokenizer/ (when SRC holds the VQGAN)
+                                          hf_config.json, generation.yaml, text_tokenizer/
+                                          (the source's tokenizer), image_tokenizer/ (when SRC
+                                          holds the VQGAN)
     convert_to_hf_chameleon(SRC, OUT)  a mixmodal token-mode model directory
-                                       -> OUT/config.json + model.safetensors, which
-                                          `ChameleonForConditionalGeneration.from_pretrained(OUT)` loads
+                                       -> OUT/config.json + model.safetensors (+ tokenizer.json),
+                                          which `ChameleonForConditionalGeneration.from_pretrained(OUT)` loads
 
 The backbone mirrors transformers' module names (model/transformer.py), and transformers'
 q/k weights are already permuted for its rotate-half RoPE, which ours uses too, so every
 layer tensor is a renaming (`model.layers.i.*` <-> `transformer.layers.i.*`) copied bit
-for bit in its stored dtype. Only the vocabulary moves:
+for bit in its stored dtype. Only the vocabulary moves (embed_tokens and lm_head rows are
+permuted, which keeps every logit exact):
 
-- Chameleon's image tokens are the vocabulary entries named "IMGIMG..." (their letters
-  A-J spell the VQGAN code in decimal, and a last letter is dropped; transformers'
-  `ChameleonImageVocabularyMapping.bpe2img`), scattered through the id space. mixmodal's
-  `Vocab` puts code c at text_size + c. So embed_tokens and lm_head rows are permuted:
-  our ids 0..text_size-1 are the non-image ids of Chameleon in ascending order, our id
-  text_size + c is Chameleon's id of image code c, and text_size = vocab_size - (number of
-  image tokens). `Vocab` pads its size to a multiple of 64; the extra rows are zeros.
-- vocab_map.json records the permutation (`hf_to_mixmodal[hf_id] = mixmodal_id`), so a
-  tokenizer adapter can map ids both ways; the inverse conversion reads it back.
+- Special tokens: Chameleon's <pad>, <s>, </s>, <racm3:break>, <eoss> (end of image) and
+  <reserved08706> (end of turn), found BY NAME in the source's tokenizer (else config's
+  vocabulary_map; never from the stale *_token_id fields), go to mixmodal's slots <pad> 0,
+  <bos> 1, <eos> 2, <boi> 3, <eoi> 4 and <|end|> 17; the other 12 slots get unused
+  <reservedNNNNN> tokens (interop/chameleon_tokenizer.py has the table and the rules).
+  The remaining non-image ids follow in Chameleon's order. A vocabulary without those
+  names (a model exported from mixmodal) keeps every text id in order, and cannot be
+  driven through mixmodal's special ids.
+- Image tokens: the vocabulary entries named "IMGIMG..." (their letters A-J spell the VQGAN
+  code in decimal, and a last letter is dropped; transformers' `ChameleonImageVocabularyMapping.bpe2img`),
+  scattered through the id space. mixmodal's `Vocab` puts code c at text_size + c, and
+  text_size = vocab_size - (number of image tokens). `Vocab` pads its size to a multiple of
+  64; the extra rows are zeros.
+- vocab_map.json records the permutation (`hf_to_mixmodal[hf_id] = mixmodal_id`), the name in
+  each special slot, and never_sample: the ids that are not text by Meta's rule (a name
+  starting with "<", or no name), which the engine masks. The inverse conversion reads it back.
 
-Special tokens: mixmodal's own special-token ids (vocab.py: <pad> 0, <bos> 1, <eos> 2,
-<boi> 3, ...) do NOT match Chameleon's tokenizer. A converted Chameleon keeps Chameleon's
-meaning of every id: it must be driven with Chameleon's tokenizer, its ids sent through
-vocab_map.json (text ids keep their order, so a text id shifts down by the number of image
-tokens below it). Generating from it needs that tokenizer adapter, which mixmodal does not
-have yet; what the conversion proves is the network (tests/test_interop_hf_chameleon.py:
-logits equal to transformers' within 1e-4 on every column, and a bitwise round trip).
+Generation: OUT/text_tokenizer/tokenizer.json is the source's own tokenizer, which
+`Engine.from_pretrained(OUT)` wraps in `ChameleonTokenizer` (ids through vocab_map.json);
+the engine stops on </s> and <reserved08706>. OUT/generation.yaml holds max_length
+(max_position_embeddings) and image_generation: false unless asked (base Chameleon, as Meta
+releases it, does not draw; Anole-derived weights do). tests/test_chameleon_adapter.py:
+greedy text equals transformers' `generate` token for token.
 
 The VQGAN (`model.vqmodel.*`), when present, goes through interop/chameleon_vqgan.py into
 OUT/image_tokenizer/ (encoder only: transformers ships no decoder), and the inverse
@@ -41,11 +51,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from mixmodal.interop.chameleon_tokenizer import (CHAMELEON_SPECIALS, SOURCE_TOKENIZER_FILES, SpecialLayout,
+                                                  read_source_tokenizer, special_layout)
 from mixmodal.interop.common import HF_WEIGHTS, ConversionError, read_hf_state, read_json
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
 from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, ModelDirError, check_model_state, read_model_config, write_model_dir
@@ -79,19 +92,30 @@ def image_code_of(name: str) -> int | None:
 
 @dataclass(frozen=True)
 class VocabMap:
-    """Chameleon id -> mixmodal id. hf_to_mixmodal has one entry per Chameleon id."""
+    """Chameleon id -> mixmodal id. hf_to_mixmodal has one entry per Chameleon id.
+
+    special_tokens (a converted Chameleon whose vocabulary names its special tokens): the
+    Chameleon name in each of mixmodal's special slots, {mixmodal name: Chameleon name}, in
+    slot order; None when the source's names were not found (the model then cannot be
+    driven through mixmodal's special ids). never_sample: mixmodal ids that are not text by
+    Meta's rule (chameleon_tokenizer.py), masked at sampling time."""
 
     hf_to_mixmodal: tuple[int, ...]
     text_size: int
     num_image_codes: int
+    special_tokens: dict[str, str] | None = None
+    never_sample: tuple[int, ...] = ()
 
     @classmethod
-    def from_image_ids(cls, hf_vocab_size: int, hf_id_of_code: list[int]) -> "VocabMap":
-        """Text ids keep their order; code c goes to text_size + c."""
+    def from_image_ids(cls, hf_vocab_size: int, hf_id_of_code: list[int], special_hf_ids: list[int] = ()) -> "VocabMap":
+        """special_hf_ids[k] goes to id k; the other text ids follow in ascending order; code c goes
+        to text_size + c."""
         image_ids = set(hf_id_of_code)
         text_size = hf_vocab_size - len(hf_id_of_code)
         ours = [0] * hf_vocab_size
-        for i, hf_id in enumerate(j for j in range(hf_vocab_size) if j not in image_ids):
+        first = set(special_hf_ids)
+        text = [*special_hf_ids, *(j for j in range(hf_vocab_size) if j not in image_ids and j not in first)]
+        for i, hf_id in enumerate(text):
             ours[hf_id] = i
         for code, hf_id in enumerate(hf_id_of_code):
             ours[hf_id] = text_size + code
@@ -109,14 +133,22 @@ class VocabMap:
         return torch.tensor(self.hf_to_mixmodal, dtype=torch.long)
 
     def to_dict(self) -> dict:
-        return {"format": VOCAB_MAP_FORMAT,
-                "about": "hf_to_mixmodal[chameleon_id] = mixmodal_id. Text ids keep their order, image code c is "
-                         "text_size + c; mixmodal ids from hf_vocab_size up to mixmodal_vocab_size are padding "
-                         "(zero rows). mixmodal's own special-token ids do not apply: drive this model with "
-                         "Chameleon's tokenizer through this map.",
-                "hf_vocab_size": self.hf_vocab_size, "text_size": self.text_size,
-                "num_image_codes": self.num_image_codes, "mixmodal_vocab_size": self.vocab.size,
-                "hf_to_mixmodal": list(self.hf_to_mixmodal)}
+        about = ("hf_to_mixmodal[chameleon_id] = mixmodal_id. Image code c is text_size + c; mixmodal ids from "
+                 "hf_vocab_size up to mixmodal_vocab_size are padding (zero rows). ")
+        if self.special_tokens is None:
+            about += ("Text ids keep their order. mixmodal's own special-token ids do not apply: the source named no "
+                      "special tokens, so this model cannot be driven through mixmodal's special ids.")
+        else:
+            about += ("special_tokens names the Chameleon token in each of mixmodal's special slots (ids 0.."
+                      f"{NUM_SPECIAL - 1}); the other text ids follow in Chameleon's order. never_sample: mixmodal "
+                      "ids that are not text (Meta's rule), never sampled. text_tokenizer/tokenizer.json is "
+                      "Chameleon's tokenizer, driven through this map.")
+        out = {"format": VOCAB_MAP_FORMAT, "about": about, "hf_vocab_size": self.hf_vocab_size,
+               "text_size": self.text_size, "num_image_codes": self.num_image_codes,
+               "mixmodal_vocab_size": self.vocab.size}
+        if self.special_tokens is not None:
+            out.update(special_tokens=dict(self.special_tokens), never_sample=list(self.never_sample))
+        return {**out, "hf_to_mixmodal": list(self.hf_to_mixmodal)}
 
     @classmethod
     def read(cls, path: Path) -> "VocabMap":
@@ -131,11 +163,18 @@ class VocabMap:
         if not isinstance(ours, list) or not isinstance(text_size, int) or not isinstance(num_codes, int) \
                 or sorted(ours) != list(range(len(ours))) or len(ours) != text_size + num_codes:
             raise ConversionError(f"{path}: hf_to_mixmodal must be a permutation of 0..text_size + num_image_codes - 1")
-        return cls(tuple(ours), text_size, num_codes)
+        specials, never = data.get("special_tokens"), data.get("never_sample", [])
+        if specials is not None and (not isinstance(specials, dict) or list(specials) != list(SPECIAL_TOKENS)):
+            raise ConversionError(f"{path}: special_tokens must map each of mixmodal's special tokens, in order "
+                                  f"({', '.join(SPECIAL_TOKENS)}), to a Chameleon name; reconvert the checkpoint")
+        if not isinstance(never, list) or not all(isinstance(i, int) and 0 <= i < text_size for i in never):
+            raise ConversionError(f"{path}: never_sample must be a list of text ids below text_size={text_size}")
+        return cls(tuple(ours), text_size, num_codes, specials, tuple(never))
 
 
-def vocab_map_from_hf(config: dict, origin: str) -> VocabMap:
-    """The permutation named by a Chameleon config's vocabulary_map (its "IMGIMG" entries)."""
+def vocab_map_from_hf(config: dict, origin: str, specials: SpecialLayout | None = None) -> VocabMap:
+    """The permutation named by a Chameleon config's vocabulary_map (its "IMGIMG" entries); with
+    `specials` (chameleon_tokenizer.special_layout), Chameleon's special tokens go to mixmodal's slots."""
     names = config.get("vocabulary_map")
     vocab_size = config.get("vocab_size", 65536)
     if not isinstance(names, dict) or not names:
@@ -163,7 +202,16 @@ def vocab_map_from_hf(config: dict, origin: str) -> VocabMap:
     if vocab_size - num_codes <= NUM_SPECIAL:
         raise ConversionError(f"{origin}: vocab_size={vocab_size} leaves {vocab_size - num_codes} text ids beside "
                               f"{num_codes} image tokens; mixmodal needs more than {NUM_SPECIAL}")
-    return VocabMap.from_image_ids(vocab_size, [id_of_code[c] for c in range(num_codes)])
+    image_ids = [id_of_code[c] for c in range(num_codes)]
+    if specials is None:
+        return VocabMap.from_image_ids(vocab_size, image_ids)
+    if set(specials.hf_ids) & set(image_ids):
+        raise ConversionError(f"{origin}: vocabulary_map gives a special token ({', '.join(specials.names.values())}) "
+                              "the id of an image token")
+    ours = VocabMap.from_image_ids(vocab_size, image_ids, specials.hf_ids)
+    image = set(image_ids)
+    never = sorted(ours.hf_to_mixmodal[i] for i in specials.not_text if i not in image)
+    return replace(ours, special_tokens=dict(specials.names), never_sample=tuple(never))
 
 
 def native_vocab_map(config: ModelConfig) -> VocabMap:
@@ -335,9 +383,12 @@ def _check(config: ModelConfig, state: dict[str, torch.Tensor], origin: str) -> 
 
 # --- reading --------------------------------------------------------------------------------
 
-def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> tuple[ModelConfig, list[str]]:
+def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike, *,
+                         image_generation: bool = False) -> tuple[ModelConfig, list[str]]:
     """Convert a transformers ChameleonForConditionalGeneration folder into a model directory `out`.
 
+    image_generation: written to OUT/generation.yaml; False (base Chameleon, as Meta releases
+    it) keeps the engine from starting images, True is for weights trained to draw (Anole).
     Returns the model's config and notes for the user."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -350,7 +401,13 @@ def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> tupl
     if hf_config.get("model_type") != "chameleon":
         raise ConversionError(f"{origin}: not a Chameleon config (model_type={hf_config.get('model_type')!r}, "
                               "expected 'chameleon')")
-    vocab_map = vocab_map_from_hf(hf_config, origin)
+    try:
+        source_tokenizer = read_source_tokenizer(src)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    names, names_from = _source_names(hf_config, source_tokenizer, origin)
+    layout = special_layout(names, hf_config.get("vocab_size", 65536))
+    vocab_map = vocab_map_from_hf(hf_config, origin, layout if isinstance(layout, SpecialLayout) else None)
     config = model_config_from_hf(hf_config, origin, vocab_map)
     state = read_hf_state(src, "ChameleonForConditionalGeneration")
     vq_state = {k[len(_VQ_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_VQ_PREFIX)]}
@@ -367,10 +424,58 @@ def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> tupl
         notes.append(f"the vocabulary is padded from {vocab_map.hf_vocab_size} to {vocab.size} rows (a multiple of "
                      f"{vocab.pad_to_multiple}); the extra embedding and lm_head rows are zeros")
     notes.append(f"ids are permuted: {vocab_map.num_image_codes} image tokens moved to ids {vocab.text_size}.."
-                 f"{vocab.text_size + vocab_map.num_image_codes - 1} (see {VOCAB_MAP_FILE}); mixmodal's special-token "
-                 "ids do not apply, drive the model with Chameleon's tokenizer through the map")
+                 f"{vocab.text_size + vocab_map.num_image_codes - 1} (see {VOCAB_MAP_FILE})")
     notes.extend(_convert_vqgan(hf_config, vq_state, src, out / IMAGE_TOKENIZER_DIR, vocab_map.num_image_codes))
+    notes.extend(_write_text_side(out, vocab_map, layout, names_from, source_tokenizer, hf_config, image_generation))
     return config, notes
+
+
+def _source_names(hf_config: dict, source, origin: str) -> tuple[dict[str, int], str]:
+    """name -> Chameleon id, and where it came from: the source's tokenizer when it has one (checked
+    against vocabulary_map on the special and image tokens), else config.json's vocabulary_map."""
+    vocabulary_map = hf_config.get("vocabulary_map") or {}
+    if source is None:
+        return dict(vocabulary_map), f"{origin} (vocabulary_map)"
+    tokenizer, path = source
+    names = tokenizer.get_vocab(with_added_tokens=True)
+    for name in [*CHAMELEON_SPECIALS.values(), *(n for n in vocabulary_map if image_code_of(n) is not None)]:
+        if name in names and name in vocabulary_map and names[name] != vocabulary_map[name]:
+            raise ConversionError(f"{path} gives {name!r} id {names[name]} but {origin}'s vocabulary_map gives "
+                                  f"{vocabulary_map[name]}: the tokenizer is not this checkpoint's; replace or "
+                                  "remove it")
+    if len(names) > hf_config.get("vocab_size", 65536):
+        raise ConversionError(f"{path} has {len(names)} tokens, more than {origin}'s vocab_size="
+                              f"{hf_config.get('vocab_size', 65536)}: the tokenizer is not this checkpoint's")
+    return names, str(path)
+
+
+def _write_text_side(out: Path, vocab_map: VocabMap, layout, names_from: str, source, hf_config: dict,
+                     image_generation: bool) -> list[str]:
+    """OUT/generation.yaml, OUT/text_tokenizer/tokenizer.json (the source's, copied), and what they mean."""
+    from mixmodal.inference.checkpoint import GENERATION_FILE, TEXT_TOKENIZER_DIR, write_generation_settings
+    from mixmodal.tokenizers.text import TOKENIZER_FILE
+
+    write_generation_settings(out, max_length=hf_config.get("max_position_embeddings"), diffusion=None,
+                              image_generation=image_generation)
+    notes = [f"{GENERATION_FILE}: image_generation: {str(image_generation).lower()}"
+             + ("" if image_generation else " (base Chameleon, as Meta releases it, does not draw; for weights "
+                "trained to, e.g. Anole, convert with --image-generation or set it true)")]
+    if isinstance(layout, str):
+        return notes + [f"{layout} ({names_from}): Chameleon's special tokens were not mapped, so the model converts "
+                        "but cannot generate through mixmodal (text ids keep their order)"]
+    mapped = ", ".join(f"{chameleon} -> {ours} {slot}" for slot, (ours, chameleon) in enumerate(layout.names.items())
+                       if ours in CHAMELEON_SPECIALS)
+    fillers = [chameleon for ours, chameleon in layout.names.items() if ours not in CHAMELEON_SPECIALS]
+    notes.append(f"special tokens by name from {names_from}: {mapped}; mixmodal's {len(fillers)} other special slots "
+                 f"hold unused {fillers[0]}..{fillers[-1]}; {len(vocab_map.never_sample)} ids are never sampled "
+                 f"({VOCAB_MAP_FILE}: never_sample)")
+    target = out / TEXT_TOKENIZER_DIR / TOKENIZER_FILE
+    if source is None:
+        return notes + [f"the source folder has no {' or '.join(SOURCE_TOKENIZER_FILES)}: copy Chameleon's tokenizer "
+                        f"to {target} before generating"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source[1], target)
+    return notes + [f"the text tokenizer {source[1]} went to {target}"]
 
 
 def _convert_vqgan(hf_config: dict, vq_state: dict, src: Path, out: Path, num_image_codes: int) -> list[str]:
@@ -450,6 +555,12 @@ def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> t
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, str(out / HF_WEIGHTS), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+    from mixmodal.inference.checkpoint import TEXT_TOKENIZER_DIR
+
+    tokenizer = src / TEXT_TOKENIZER_DIR / SOURCE_TOKENIZER_FILES[0]
+    if tokenizer.is_file():  # its ids are the written model's (Chameleon's, or mixmodal's kept as they are)
+        shutil.copyfile(tokenizer, out / SOURCE_TOKENIZER_FILES[0])
+        notes.append(f"the text tokenizer {tokenizer} went to {out / SOURCE_TOKENIZER_FILES[0]}")
     return hf_config, notes
 
 

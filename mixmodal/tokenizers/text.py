@@ -45,7 +45,13 @@ class TextTokenizerConfig:
 
 
 class TextTokenizer:
-    """Encode/decode text to ids of the shared vocabulary's text range."""
+    """Encode/decode text to ids of the shared vocabulary's text range.
+
+    never_sample / stop_ids tell the engine which text-range ids it must never sample and which
+    end a sequence; a converted Chameleon's adapter (interop/chameleon_tokenizer.py) sets its own."""
+
+    never_sample: tuple[int, ...] = ()
+    stop_ids: tuple[int, ...] = (V.special_id(V.EOS),)
 
     def __init__(self, tokenizer: Tokenizer, origin: str = "<in memory>") -> None:
         for i, token in enumerate(V.SPECIAL_TOKENS):
