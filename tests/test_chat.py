@@ -223,3 +223,18 @@ def test_sft_starts_from_the_pretrained_weights_and_refuses_a_different_architec
         load_run_config(tiny, [f"init_from={tmp_path / 'base'}", "model.transformer.num_layers=3"])
     with pytest.raises(ConfigError, match="no model folder there"):
         load_run_config(tiny, [f"init_from={tmp_path}"])
+
+
+def test_a_reply_stops_at_the_end_of_its_turn(text_tokenizer):
+    engine = tiny_engine("tokens", text_tokenizer)
+    forward = engine.model.forward
+
+    def closes_its_turn(ids, **kwargs):  # a model that ends its turn at once (and would go on to invent the next)
+        out = forward(ids, **kwargs)
+        out.logits[..., engine.vocab.end_of_turn] = out.logits.max() + 10
+        return out
+
+    engine.model.forward = closes_its_turn
+    prompt = Document([Text("hello")], {"turns": [["user", 1]]})
+    result = engine.generate([prompt], GenerationConfig(mode="text", max_new_tokens=8))[0]
+    assert result.finish_reason == "eos" and result.ids[-1] == engine.vocab.end_of_turn and len(result.ids) == 1

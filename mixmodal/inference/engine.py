@@ -5,7 +5,7 @@ guidance stream; they all receive the same generated ids):
 
     text  ── samples a text id ────────────────────────────────> text
           ── samples <eos> / a stop string / out of room ──────> done
-             (<eos> or <|end|> for a converted Chameleon: the tokenizer's stop_ids)
+             (<eos> or <|end|>, which closes a chat turn: the tokenizer's stop_ids)
           ── samples <boi> ──> image
     image (tokens)   exactly N codes, logits restricted to the code range; after the
                      N-th, <eoi> is fed with it (no sampling) and text resumes
@@ -320,7 +320,7 @@ class Engine:
         v = self.vocab
         if token in self._stops or token == v.boi:
             yield from self._flush(seq)
-        if token in self._stops:  # <eos>, and <|end|> for a converted Chameleon
+        if token in self._stops:  # <eos>, and <|end|> (the end of an assistant's turn)
             seq.finish = "eos"
             seq.generated.append(token)
             return

@@ -51,7 +51,8 @@ class TextTokenizer:
     end a sequence; a converted Chameleon's adapter (interop/chameleon_tokenizer.py) sets its own."""
 
     never_sample: tuple[int, ...] = ()
-    stop_ids: tuple[int, ...] = (V.special_id(V.EOS),)
+    # <|end|> closes an assistant's turn (data/chat.py): a reply stops there, not in a made-up next turn
+    stop_ids: tuple[int, ...] = (V.special_id(V.EOS), V.special_id(V.END_OF_TURN))
 
     def __init__(self, tokenizer: Tokenizer, origin: str = "<in memory>") -> None:
         for i, token in enumerate(V.SPECIAL_TOKENS):
