@@ -19,6 +19,7 @@ from mixmodal.data.shapes.conversations import EXCHANGES
 from mixmodal.data.sources import JsonlSource, ShapesSource, SourceSpecError, open_source
 from mixmodal.documents import Document, Image, MalformedRecord, Text, record_to_document, write_jsonl
 from mixmodal.inference import GenerationConfig
+from mixmodal.inference.checkpoint import read_chat_template
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffusion_loss
 from mixmodal.train.fusion import noise_images
 from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
@@ -159,6 +160,7 @@ def test_latent_sft_feeds_user_images_clean_and_weighs_them_zero():
 
 def test_a_conversation_prompt_is_the_prefix_of_its_training_row(text_tokenizer):
     engine = tiny_engine("tokens", text_tokenizer)
+    engine.chat_template = "mixmodal"  # what generation.yaml says of a model tuned on conversations
     doc = next(d for d in ShapesSource(CHAT, num=40) if d.metadata["exchanges"][0]["kind"] == "vqa")
     batch = _batch(engine, [doc])
     first_user = doc.metadata["turns"][0][1]
@@ -179,6 +181,26 @@ def test_a_conversation_prompt_is_the_prefix_of_its_training_row(text_tokenizer)
     n = len(seen[0])
     assert seen[0][-1] == engine.vocab.assistant
     assert seen[0] == batch["input_ids"][0, :n].tolist()
+    engine.chat_template = None  # a base model: the conversation's parts, laid out plainly
+    seen.clear()
+    engine.model.forward = spy
+    try:
+        engine.generate([prompt], GenerationConfig(mode="text", max_new_tokens=2))
+    finally:
+        engine.model.forward = forward
+    assert not {engine.vocab.user, engine.vocab.assistant, engine.vocab.end_of_turn} & set(seen[0])
+
+
+def test_the_chameleon_template_has_no_role_tokens():
+    vocab = Vocab(300, 16)
+    parts = [[Segment("text", [30])], [Segment("text", [40, 41])]]
+    turns = [Turn("user", 1), Turn("assistant", 1)]
+    ids = [(i, s.loss) for s in chat_segments(parts, turns, vocab, template="chameleon") for i in s.ids]
+    assert ids == [(30, False), (vocab.end_of_turn, False), (40, True), (41, True), (vocab.end_of_turn, True)]
+    prompt = chat_segments(parts[:1], turns[:1], vocab, add_generation_prompt=True, template="chameleon")
+    assert [i for s in prompt for i in s.ids] == [30, vocab.end_of_turn]  # the reply follows the user's <|end|>
+    with pytest.raises(ValueError, match="chat template must be one of mixmodal, chameleon"):
+        chat_segments(parts, turns, vocab, template="llama")
 
 
 # --- fine-tuning: init_from and mixed sources --------------------------------------------------
@@ -219,6 +241,9 @@ def test_sft_starts_from_the_pretrained_weights_and_refuses_a_different_architec
     before = load_file(str(tmp_path / "base" / "model" / "model.safetensors"))
     after = load_file(str(tmp_path / "sft" / "model" / "model.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # lr 0
+    # the fine-tuned model says it speaks the chat template; the base model never saw a conversation
+    assert read_chat_template(tmp_path / "sft" / "model") == "mixmodal"
+    assert read_chat_template(tmp_path / "base" / "model") is None
     with pytest.raises(ConfigError, match=r"model.transformer.num_layers = 3 contradicts the checkpoint's"):
         load_run_config(tiny, [f"init_from={tmp_path / 'base'}", "model.transformer.num_layers=3"])
     with pytest.raises(ConfigError, match="no model folder there"):
@@ -238,3 +263,26 @@ def test_a_reply_stops_at_the_end_of_its_turn(text_tokenizer):
     prompt = Document([Text("hello")], {"turns": [["user", 1]]})
     result = engine.generate([prompt], GenerationConfig(mode="text", max_new_tokens=8))[0]
     assert result.finish_reason == "eos" and result.ids[-1] == engine.vocab.end_of_turn and len(result.ids) == 1
+
+
+def test_the_server_sends_a_conversation_in_the_models_template(text_tokenizer):
+    from mixmodal.serve.app import Limits, Message, _chat_prompt
+
+    messages = [Message(role="system", content="be brief"), Message(role="user", content="how many stars?"),
+                Message(role="assistant", content="2"), Message(role="user", content="and circles?")]
+    doc = _chat_prompt(messages, Limits())
+    assert doc.metadata["turns"] == [["system", 1], ["user", 1], ["assistant", 1], ["user", 1]]
+    engine = tiny_engine("tokens", text_tokenizer)
+    engine.chat_template = "mixmodal"
+    segments = engine_prompt_ids(engine, doc)
+    v = engine.vocab
+    assert [i for i in segments if i in (v.system, v.user, v.assistant, v.end_of_turn)] == \
+        [v.system, v.end_of_turn, v.user, v.end_of_turn, v.assistant, v.end_of_turn, v.user, v.end_of_turn, v.assistant]
+
+
+def engine_prompt_ids(engine, doc) -> list[int]:
+    from mixmodal.inference.prompt import encode_prompt
+
+    encoded = encode_prompt(doc, engine.text_tokenizer, engine.image_tokenizer, engine.vocab, engine.mode,
+                            engine.chat_template)
+    return [i for s in encoded.segments for i in s.ids]

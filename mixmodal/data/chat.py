@@ -15,6 +15,12 @@ Laid out by the one layout (data/layout.py) as
 
     <bos> <|system|> ... <|end|> <|user|> text <boi> IMAGE <eoi> <|end|> <|assistant|> ... <|end|> <eos>
 
+That is the "mixmodal" template. A converted Chameleon has no role tokens (its role slots hold
+untrained rows), so its "chameleon" template is Meta's: each turn's content then `<|end|>`
+(Chameleon's `<reserved08706>`), and the reply follows directly:
+
+    <bos> text <boi> IMAGE <eoi> <|end|> reply ... <|end|>
+
 Only assistant turns are targets (their text, their images and their closing `<|end|>`):
 role tokens, system and user turns carry no loss, and their images, in latent mode, are fed
 clean and get no diffusion loss (they are what the model reads, not what it writes). A
@@ -32,6 +38,7 @@ from mixmodal.vocab import Vocab
 
 ROLES = ("system", "user", "assistant")
 TARGET_ROLE = "assistant"
+TEMPLATES = ("mixmodal", "chameleon")  # with role tokens; Meta's Chameleon (turns closed by <|end|> only)
 
 
 @dataclass(frozen=True)
@@ -67,22 +74,26 @@ def role_token(vocab: Vocab, role: str) -> int:
 
 
 def chat_segments(part_segments: Sequence[Sequence[Segment]], turns: Sequence[Turn], vocab: Vocab, *,
-                  add_generation_prompt: bool = False) -> list[Segment]:
+                  add_generation_prompt: bool = False, template: str = "mixmodal") -> list[Segment]:
     """The segments of a conversation: `part_segments[k]` are the segments of part k (an empty
     list for a text part with no tokens). Loss only on assistant turns; `add_generation_prompt`
-    appends `<|assistant|>`, the prompt the model answers."""
+    appends `<|assistant|>` (mixmodal template; nothing for chameleon), the prompt the model answers."""
+    if template not in TEMPLATES:
+        raise ValueError(f"chat template must be one of {', '.join(TEMPLATES)}; got {template!r}")
+    roles = template == "mixmodal"
     if sum(t.parts for t in turns) != len(part_segments):
         raise ValueError(f"turns hold {sum(t.parts for t in turns)} parts; got {len(part_segments)}")
     out: list[Segment] = []
     k = 0
     for turn in turns:
         target = turn.role == TARGET_ROLE
-        out.append(Segment("text", [role_token(vocab, turn.role)], loss=False))
+        if roles:
+            out.append(Segment("text", [role_token(vocab, turn.role)], loss=False))
         for segments in part_segments[k:k + turn.parts]:
             out += [Segment(s.kind, list(s.ids), s.image, loss=target) for s in segments]
         k += turn.parts
         out.append(Segment("text", [vocab.end_of_turn], loss=target))
-    if add_generation_prompt:
+    if add_generation_prompt and roles:
         out.append(Segment("text", [vocab.assistant], loss=False))
     return out
 
@@ -122,5 +133,5 @@ def parts_to_messages(parts: list[dict], turns: Sequence[Sequence]) -> list[dict
     return out
 
 
-__all__ = ["ROLES", "TARGET_ROLE", "Turn", "chat_segments", "messages_to_parts", "parts_to_messages", "role_token",
+__all__ = ["ROLES", "TARGET_ROLE", "TEMPLATES", "Turn", "chat_segments", "messages_to_parts", "parts_to_messages", "role_token",
            "turns_of"]

@@ -64,11 +64,13 @@ class Flat:
 
 
 def encode_document(doc: Document, text_tokenizer, contents: Sequence[torch.Tensor], mode: str,
-                    index: int = -1, vocab: Vocab | None = None, add_generation_prompt: bool = False) -> Encoded:
+                    index: int = -1, vocab: Vocab | None = None, add_generation_prompt: bool = False,
+                    chat_template: str | None = "mixmodal") -> Encoded:
     """A document's parts -> segments. `contents`: its images already encoded, in order: code
     ids [N] in the shared vocabulary (tokens) or scaled latents [C, h, w] (latents). A
-    conversation (metadata "turns", data/chat.py) gets the chat template, which needs `vocab`;
-    `add_generation_prompt` ends it with `<|assistant|>` (a prompt)."""
+    conversation (metadata "turns", data/chat.py) gets `chat_template`, which needs `vocab`
+    (None: its parts are laid out plainly, for a model never tuned to chat); `add_generation_prompt`
+    ends it with the reply's opening (a prompt)."""
     per_part, latents = [], []
     images = iter(contents)
     for part in doc.parts:
@@ -81,12 +83,13 @@ def encode_document(doc: Document, text_tokenizer, contents: Sequence[torch.Tens
             latents.append(content)
     stacked = torch.stack(latents) if mode == "latents" and latents else None
     turns = turns_of(doc.metadata, len(doc.parts), f"document {doc.id or index}: metadata")
-    if turns is None:
+    if turns is None or chat_template is None:
         segments = [s for segs in per_part for s in segs]
         return Encoded(index, segments, stacked, keep_order=bool(doc.metadata.get("keep_order", False)))
     if vocab is None:
         raise ValueError("a conversation document needs the vocabulary for its role tokens; pass vocab=")
-    segments = chat_segments(per_part, turns, vocab, add_generation_prompt=add_generation_prompt)
+    segments = chat_segments(per_part, turns, vocab, add_generation_prompt=add_generation_prompt,
+                             template=chat_template)
     return Encoded(index, segments, stacked, keep_order=True, chat=True)
 
 

@@ -95,8 +95,9 @@ class DocumentEncoder:
     """Document -> Encoded: BPE for text, the image tokenizer for images (batched, no grad)."""
 
     def __init__(self, text_tokenizer, image_tokenizer, vocab: Vocab, mode: str, device: torch.device | str = "cpu",
-                 image_batch: int = 16):
+                 image_batch: int = 16, chat_template: str = "mixmodal"):
         self.text = text_tokenizer
+        self.chat_template = chat_template  # conversations' layout (data/chat.py)
         self.image = image_tokenizer
         self.vocab = vocab
         self.mode = mode
@@ -137,7 +138,8 @@ class DocumentEncoder:
         out, used = [], 0
         for index, doc in docs:
             n = sum(isinstance(p, Image) for p in doc.parts)
-            out.append(encode_document(doc, self.text, encoded[used:used + n], self.mode, index, self.vocab))
+            out.append(encode_document(doc, self.text, encoded[used:used + n], self.mode, index, self.vocab,
+                                       chat_template=self.chat_template))
             used += n
         return out
 
@@ -210,12 +212,15 @@ class PipelineStats:
     retrieved: int = 0  # retrieved documents prepended (retrieval augmentation)
     retrieval_dropped: int = 0  # retrieved documents left out: no room in the row
     cond_dropped: int = 0  # documents whose prompt was dropped (conditioning dropout)
+    conversations: int = 0  # documents in the chat template (data/chat.py)
 
     def as_dict(self) -> dict:
         out = {"documents": self.documents, "truncated": self.truncated, "dropped": self.dropped,
                "fill": self.tokens / self.positions if self.positions else 0.0}
         if self.cond_dropped:
             out["cond_dropped"] = self.cond_dropped
+        if self.conversations:
+            out["conversations"] = self.conversations
         if self.retrieved or self.retrieval_dropped:
             out.update(retrieved=self.retrieved, retrieval_dropped=self.retrieval_dropped)
         return out
@@ -302,6 +307,7 @@ class FusionBatches:
                 flat, status = lay_out(enc.segments, self.vocab, self.mode, self.positions_per_image,
                                        max_len=self.config.seq_len, index=enc.index, latents=enc.latents)
                 self.stats.documents += 1
+                self.stats.conversations += enc.chat
                 if status == "truncated":
                     self.stats.truncated += 1
                 if flat is None:

@@ -37,8 +37,11 @@ class CheckpointError(ValueError):
 
 
 def write_generation_settings(model_dir: str | Path, *, max_length: int | None, diffusion: DiffusionConfig | None,
-                              retrieval: dict | None = None, image_generation: bool | None = None) -> Path:
+                              retrieval: dict | None = None, image_generation: bool | None = None,
+                              chat_template: str | None = None) -> Path:
     settings: dict = {"max_length": max_length}
+    if chat_template is not None:
+        settings["chat_template"] = chat_template
     if image_generation is not None:
         settings["image_generation"] = bool(image_generation)
     if diffusion is not None:
@@ -62,6 +65,17 @@ def read_image_generation(model_dir: Path) -> bool:
     value = (load_yaml(path) or {}).get("image_generation", True) if path.is_file() else True
     if not isinstance(value, bool):
         raise CheckpointError(f"{path}: image_generation must be true or false, got {value!r}")
+    return value
+
+
+def read_chat_template(model_dir: Path) -> str | None:
+    """generation.yaml's chat_template (data/chat.py): None for a model never tuned on conversations."""
+    from mixmodal.data.chat import TEMPLATES
+
+    path = model_dir / GENERATION_FILE
+    value = (load_yaml(path) or {}).get("chat_template") if path.is_file() else None
+    if value is not None and value not in TEMPLATES:
+        raise CheckpointError(f"{path}: chat_template must be one of {', '.join(TEMPLATES)} (or absent); got {value!r}")
     return value
 
 
@@ -118,7 +132,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
     max_length, diffusion = read_generation_settings(folder)
     model = load_model_dir(folder, device)
     engine = Engine(model, text_tokenizer or TextTokenizer.load(text_dir), image_tokenizer, diffusion=diffusion,
-                    max_length=max_length, dtype=dtype, image_generation=read_image_generation(folder))
+                    max_length=max_length, dtype=dtype, image_generation=read_image_generation(folder),
+                    chat_template=read_chat_template(folder))
     engine.checkpoint = str(folder)
     return engine
 
@@ -135,4 +150,4 @@ def _chameleon_tokenizer(folder: Path):
 
 
 __all__ = ["CheckpointError", "GENERATION_FILE", "load_checkpoint", "model_folder", "read_generation_settings",
-           "read_image_generation", "read_retrieval_settings", "write_generation_settings"]
+           "read_chat_template", "read_image_generation", "read_retrieval_settings", "write_generation_settings"]

@@ -84,7 +84,7 @@ class Engine:
 
     def __init__(self, model, text_tokenizer, image_tokenizer, *, diffusion: DiffusionConfig | None = None,
                  max_length: int | None = None, dtype: torch.dtype | None = None, decode_images: bool = True,
-                 image_generation: bool = True) -> None:
+                 image_generation: bool = True, chat_template: str | None = None) -> None:
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer.eval() if image_tokenizer is not None else None
@@ -97,6 +97,9 @@ class Engine:
         self.dtype = dtype
         self.decode_images = decode_images  # False: ImageDone / documents carry no pixels (benchmarks)
         self.image_generation = image_generation  # False: <boi> is never sampled (base Chameleon; generation.yaml)
+        # how a conversation prompt is laid out (data/chat.py): "mixmodal" for a model tuned on conversations,
+        # "chameleon" for a converted one; None: a conversation's parts are laid out plainly (a base model)
+        self.chat_template = chat_template
         if text_tokenizer.vocab_size > self.vocab.text_size:
             raise ValueError(f"the text tokenizer has {text_tokenizer.vocab_size} ids but the model's text range is "
                              f"{self.vocab.text_size} (model.text_vocab_size): they were not trained together")
@@ -185,7 +188,7 @@ class Engine:
         if config.contrastive is not None and self.mode != "tokens":
             raise ValueError("contrastive decoding (CD-K) picks image codes; this is a latent-mode model")
         doc = to_document(prompt)
-        encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode)
+        encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode, self.chat_template)
         variants = stream_segments(encoded.segments, config.guidance, config.streams, self.vocab)
         prefix, prefix_images = self._context(context)
         blocks = []
@@ -225,7 +228,7 @@ class Engine:
         ids: list[int] = []
         images: list[tuple[int, torch.Tensor]] = []
         for doc in docs:
-            encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode)
+            encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode, self.chat_template)
             doc_ids, doc_images = prompt_ids(encoded.segments, self.vocab, self.mode, self.per_image, eos=True)
             if self.mode == "latents":
                 images += [(len(ids) + start, encoded.latents[k]) for start, k in doc_images]

@@ -74,7 +74,9 @@ class EncodedPrompt:
 
 
 @torch.no_grad()
-def encode_prompt(doc: Document, text_tokenizer, image_tokenizer, vocab: Vocab, mode: str) -> EncodedPrompt:
+def encode_prompt(doc: Document, text_tokenizer, image_tokenizer, vocab: Vocab, mode: str,
+                  chat_template: str | None = None) -> EncodedPrompt:
+    """A prompt's segments; a conversation (metadata "turns") in `chat_template` (None: plainly)."""
     pils = [p.image for p in doc.parts if isinstance(p, Image)]
     contents: list[torch.Tensor] = []
     if pils:
@@ -86,7 +88,8 @@ def encode_prompt(doc: Document, text_tokenizer, image_tokenizer, vocab: Vocab, 
             contents = list(vocab.image_code_to_id(image_tokenizer.encode(pixels).flatten(1)).cpu())
         else:
             contents = list(image_tokenizer.scale_latents(image_tokenizer.encode(pixels)).float().cpu())
-    encoded = encode_document(doc, text_tokenizer, contents, mode, vocab=vocab, add_generation_prompt=True)
+    encoded = encode_document(doc, text_tokenizer, contents, mode, vocab=vocab, add_generation_prompt=True,
+                              chat_template=chat_template)
     return EncodedPrompt(encoded.segments, contents if mode == "latents" else [])
 
 

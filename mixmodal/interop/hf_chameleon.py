@@ -456,7 +456,8 @@ def _write_text_side(out: Path, vocab_map: VocabMap, layout, names_from: str, so
     from mixmodal.tokenizers.text import TOKENIZER_FILE
 
     write_generation_settings(out, max_length=hf_config.get("max_position_embeddings"), diffusion=None,
-                              image_generation=image_generation)
+                              image_generation=image_generation,
+                              chat_template=None if isinstance(layout, str) else "chameleon")
     notes = [f"{GENERATION_FILE}: image_generation: {str(image_generation).lower()}"
              + ("" if image_generation else " (base Chameleon, as Meta releases it, does not draw; for weights "
                 "trained to, e.g. Anole, convert with --image-generation or set it true)")]

@@ -8,9 +8,10 @@ front of the scheduler (scheduler.py), plus models, health and Prometheus metric
 
 Sampling options map to a GenerationConfig through `generation_config`, the function
 `mixmodal generate` uses, and request i's sequence k draws from seed + k: the same prompt,
-options and seed give the same output here as from `mixmodal generate`. Until the chat
-template lands (issue 20), a conversation's messages are laid out in order as one document:
-their text and images, one after the other.
+options and seed give the same output here as from `mixmodal generate`. A conversation is laid
+out in the model's chat template (generation.yaml `chat_template`, data/chat.py: role tokens
+for a model fine-tuned on conversations, Meta's turns for a converted Chameleon), and for a
+model never tuned on conversations plainly: its text and images one after the other.
 """
 
 from __future__ import annotations
@@ -259,8 +260,12 @@ def _config(body: Sampling, limits: Limits, *, mode: str | None, max_tokens: int
 
 
 def _chat_prompt(messages: list[Message], limits: Limits) -> Document:
+    """The conversation as a document with turns (data/chat.py): the engine lays it out in the model's
+    chat template, or plainly for a model never tuned on conversations."""
     parts: list = []
+    turns: list[list] = []
     for m, message in enumerate(messages):
+        before = len(parts)
         content = [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) else message.content
         for p, part in enumerate(content):
             where = f"messages.{m}.content.{p}"
@@ -273,7 +278,8 @@ def _chat_prompt(messages: list[Message], limits: Limits) -> Document:
                 if part.image_url is None:
                     raise ApiError(400, f"{where}.image_url: an image part needs `image_url.url`", f"{where}.image_url")
                 parts.append(Image(_data_url_image(part.image_url.url, f"{where}.image_url.url", limits)))
-    return Document(parts)
+        turns.append([message.role, len(parts) - before])
+    return Document(parts, {"turns": turns})
 
 
 def _data_url_image(url: str, where: str, limits: Limits) -> PIL.Image.Image:

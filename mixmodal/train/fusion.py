@@ -393,6 +393,7 @@ class FusionTask(TaskBase):
         for p in self.image_tokenizer.parameters():
             p.requires_grad_(False)
         self.vocab = self.config.model.vocab
+        self.chat_template = self._chat_template_of_init() or "mixmodal"
 
     def architecture(self) -> dict:
         return {k: v for k, v in to_dict(self.config.model).items() if k not in NOT_ARCHITECTURE}
@@ -426,7 +427,7 @@ class FusionTask(TaskBase):
             return s
 
         encoder = DocumentEncoder(self.text_tokenizer, self.image_tokenizer, self.vocab, self.config.model.image.mode,
-                                  self.device)
+                                  self.device, chat_template=self.chat_template)
         augmenter = None
         if self.config.data.retrieval.enabled:
             from mixmodal.retrieval.augment import RetrievalAugmenter
@@ -544,4 +545,17 @@ class FusionTask(TaskBase):
         r = self.config.data.retrieval
         write_generation_settings(out, max_length=self.config.data.pipeline.seq_len,
                                   diffusion=self.config.diffusion if self.latent else None,
-                                  retrieval={"index": r.index, "encoder": r.encoder, "k": r.k} if r.enabled else None)
+                                  retrieval={"index": r.index, "encoder": r.encoder, "k": r.k} if r.enabled else None,
+                                  chat_template=self._chat_template())
+
+    def _chat_template_of_init(self) -> str | None:
+        from mixmodal.inference.checkpoint import read_chat_template
+
+        return read_chat_template(Path(self.config.init_from)) if self.config.init_from else None
+
+    def _chat_template(self) -> str | None:
+        """The template conversations were laid out in once the model has been trained on some (in this run,
+        or before init_from; a converted Chameleon keeps its own); None for a model that never saw one."""
+        if hasattr(self, "train_batches") and self.train_batches.stats.conversations:
+            return self.chat_template
+        return self._chat_template_of_init()
