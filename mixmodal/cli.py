@@ -469,6 +469,21 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.inference.chat import ChatSession, run_repl
+    from mixmodal.inference.checkpoint import load_checkpoint
+    from mixmodal.inference.generate import DTYPES, generation_config
+
+    config = generation_config(mode=args.mode, cfg=args.cfg, image_cfg=args.image_cfg, steps=args.steps,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, overrides=overrides)
+    engine = load_checkpoint(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype],
+                             require_image_tokenizer=config.mode != "text")
+    if engine.chat_template is None:
+        print(f"note: {args.checkpoint} was never tuned on conversations (no chat_template in its generation.yaml): "
+              "it reads the conversation as plain text and images", file=sys.stderr)
+    return run_repl(ChatSession(engine, config, seed=args.seed, out=args.out, system=args.system))
+
+
 def _no_overrides(verb: str, overrides: list[str]) -> None:
     if overrides:
         raise SystemExit(f"mixmodal {verb}: unexpected arguments {' '.join(overrides)} (this verb takes no config overrides)")
@@ -707,6 +722,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", choices=["clip", "oracle"], default="clip",
                    help="how --best-of ranks images: the dual encoder's text-image similarity, or the shapes oracle")
     p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("chat", help="talk to a model in the terminal: text, /image attachments, drawn replies",
+                         description="An interactive conversation with CHECKPOINT in its chat template (a model "
+                         "fine-tuned on conversations; a base model reads the conversation plainly). Commands: "
+                         "/image PATH, /reset, /save [FILE], /help, /quit. Generated images are saved under --out.",
+                         epilog="Trailing key=value arguments override fields of the generation config, as for "
+                         "`mixmodal generate`.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--mode", choices=["text", "image", "interleaved", "free"], default=None,
+                   help="what a reply may hold (default interleaved)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale for drawn images")
+    p.add_argument("--image-cfg", type=float, default=None, help="image-conditioning guidance scale (edits)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per image (latent mode)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="positions a reply writes at most")
+    p.add_argument("--temperature", type=float, default=None, help="for text and image codes (0 = greedy)")
+    p.add_argument("--seed", type=int, default=0, help="reply k draws from seed + k")
+    p.add_argument("--system", default="", help="a system message that opens the conversation")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--out", default="chat_out", help="where drawn images and /save go (default chat_out)")
+    p.set_defaults(func=cmd_chat)
 
     p = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (docs/serve.md)",
                          description="Serve CHECKPOINT over HTTP: POST /v1/chat/completions (interleaved text and "

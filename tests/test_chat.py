@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -286,3 +287,88 @@ def engine_prompt_ids(engine, doc) -> list[int]:
     encoded = encode_prompt(doc, engine.text_tokenizer, engine.image_tokenizer, engine.vocab, engine.mode,
                             engine.chat_template)
     return [i for s in encoded.segments for i in s.ids]
+
+
+# --- talking to a model: ChatSession and `mixmodal chat` ------------------------------------------
+
+def test_a_chat_session_carries_the_conversation_and_saves_it(text_tokenizer, tmp_path):
+    from mixmodal.inference.chat import ChatSession
+
+    engine = tiny_engine("tokens", text_tokenizer)
+    engine.chat_template = "mixmodal"
+    prompts = []
+    stream = engine.stream
+    engine.stream = lambda doc, config, seed: (prompts.append((doc, seed)), stream(doc, config, seed=seed))[1]
+    session = ChatSession(engine, GenerationConfig(mode="text", max_new_tokens=3), seed=7, out=tmp_path, system="hi")
+    first = session.ask("how many stars?")
+    session.ask("and circles?")
+    (one, seed_one), (two, seed_two) = prompts
+    assert seed_one == 7 and seed_two == 8  # reply k draws from seed + k
+    assert one.metadata["turns"] == [["system", 1], ["user", 1]]
+    assert two.metadata["turns"][:3] == [["system", 1], ["user", 1], ["assistant", len(first.parts)]]
+    assert two.texts[:2] == ["hi", "how many stars?"] and two.texts[-1] == "and circles?"
+    saved = session.save()
+    back = next(iter(JsonlSource(saved)))
+    assert [r for r, _ in back.metadata["turns"]] == ["system", "user", "assistant", "user", "assistant"]
+    with pytest.raises(Exception, match="no such file"):
+        session.attach(tmp_path / "missing.png")
+    session.reset()
+    assert session.document().metadata["turns"] == [["system", 1]]
+
+
+def test_mixmodal_chat_in_a_terminal(text_tokenizer, tmp_path):
+    """Drive the REPL in a pseudo-terminal as a user would: a message, a bad attachment, a drawn image,
+    /save, /quit."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    from tiny import save_engine_folder
+
+    engine = tiny_engine("tokens", text_tokenizer)
+    save_engine_folder(engine, tmp_path / "model", chat_template="mixmodal")
+    PIL.Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "red.png")
+    main, secondary = pty.openpty()
+    env = {**os.environ, "HOME": str(tmp_path), "OMP_NUM_THREADS": "1", "TERM": "dumb"}
+    proc = subprocess.Popen([sys.executable, "-m", "mixmodal", "chat", str(tmp_path / "model"), "--mode", "image",
+                             "--max-new-tokens", "80", "--out", str(tmp_path / "out")],
+                            stdin=secondary, stdout=secondary, stderr=secondary, env=env, close_fds=True)
+    os.close(secondary)
+    seen = b""
+
+    def until(marker: bytes, timeout: float = 120) -> bytes:
+        nonlocal seen
+        import time
+        end = time.time() + timeout
+        while marker not in seen and time.time() < end:
+            ready, _, _ = select.select([main], [], [], 1)
+            if ready:
+                try:
+                    seen += os.read(main, 65536)
+                except OSError:
+                    break
+        assert marker in seen, seen.decode(errors="replace")[-2000:]
+        out, seen = seen, seen[seen.index(marker) + len(marker):]
+        return out
+
+    try:
+        until(b"you> ")
+        os.write(main, b"/image nowhere.png\n")
+        answer = until(b"you> ")
+        assert b"error:" in answer and b"nowhere.png: no such file" in answer
+        os.write(main, f"/image {tmp_path / 'red.png'}\n".encode())
+        until(b"you> ")
+        os.write(main, b"draw it again\n")
+        reply = until(b"you> ")
+        assert b"[image " in reply and (tmp_path / "out" / "image_000.png").is_file()
+        os.write(main, b"/save\n")
+        until(b"you> ")
+        os.write(main, b"/quit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(main)
+    back = next(iter(JsonlSource(tmp_path / "out" / "conversation.jsonl")))
+    assert back.metadata["turns"] == [["user", 2], ["assistant", 1]] and back.num_images == 2

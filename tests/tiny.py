@@ -29,3 +29,16 @@ def tiny_engine(mode: str, text_tokenizer) -> Engine:
     config = ModelConfig(text_vocab_size=text_tokenizer.vocab_size, image=image,
                          transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=2, init_std=0.5))
     return Engine(FusionModel(config), text_tokenizer, tiny_image_tokenizer(mode), diffusion=DiffusionConfig())
+
+
+def save_engine_folder(engine: Engine, out, **generation) -> None:
+    """A model folder as `mixmodal train` writes it (weights, both tokenizers, generation.yaml) from an engine."""
+    from mixmodal.inference.checkpoint import write_generation_settings
+    from mixmodal.model.io import save_model_dir
+    from mixmodal.tokenizers.image import save_image_tokenizer
+
+    save_model_dir(engine.model, out)
+    engine.text_tokenizer.save(out / "text_tokenizer")
+    save_image_tokenizer(engine.image_tokenizer, out / "image_tokenizer")
+    diffusion = DiffusionConfig() if engine.mode == "latents" else None
+    write_generation_settings(out, max_length=generation.pop("max_length", 512), diffusion=diffusion, **generation)
