@@ -140,6 +140,26 @@ def test_sft_rows_train_only_the_assistant(text_tokenizer, mode):
         assert first_image == 0
 
 
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_packing_never_splits_a_turn(text_tokenizer, mode):
+    engine = tiny_engine(mode, text_tokenizer)
+    vocab = engine.vocab
+    long = [d for d in ShapesSource(CHAT, num=60) if len(d.metadata["turns"]) >= 4][:3]
+    encoder = DocumentEncoder(engine.text_tokenizer, engine.image_tokenizer, vocab, engine.mode)
+    batches = FusionBatches(lambda: long, encoder, PipelineConfig(seq_len=200 if mode == "tokens" else 56), 3,
+                            engine.per_image, endless=False)
+    batch = next(iter(batches))
+    assert batches.stats.truncated > 0
+    rows = [row[row != vocab.pad].tolist() for row in batch["input_ids"]]
+    assert any(rows)
+    for ids in filter(None, rows):
+        ends = [i for i, t in enumerate(ids) if t == vocab.end_of_turn]
+        assert ids[-1] == vocab.eos and ids[-2] == vocab.end_of_turn  # cut after a whole turn
+        assert len(ends) % 2 == 0  # user and assistant turns come in pairs: no reply without its end
+        if mode == "latents":
+            assert batch["image_latents"].shape[0] == batch["image_loss"].shape[0] == int(batch["image_ids"].max()) + 1
+
+
 def test_latent_sft_feeds_user_images_clean_and_weighs_them_zero():
     schedule = build_schedule(DiffusionConfig(kind="flow"))
     x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)

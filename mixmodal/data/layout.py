@@ -175,6 +175,23 @@ def lay_out(segments: Sequence[Segment], vocab: Vocab, mode: str, positions_per_
     return Flat(index, ids, ok, images, limited, chosen, image_loss=None if all(image_loss) else image_loss), status
 
 
+def cut_to_turn(flat: Flat, vocab: Vocab) -> Flat | None:
+    """A conversation cut to fit a row ends after its last whole assistant turn (its `<|end|>`, a
+    target), then `<eos>`: packing never splits a turn, nor keeps a question without its answer.
+    None when not even the first exchange fits."""
+    ends = [i for i, t in enumerate(flat.ids) if t == vocab.end_of_turn and flat.targets_ok[i]]
+    if not ends:
+        return None
+    n = ends[-1] + 1
+    keep = [k for k, (start, length, _) in enumerate(flat.images) if start + length < n]
+    latents = flat.latents[torch.tensor(keep, dtype=torch.long)] if flat.latents is not None and keep else None
+    image_loss = [flat.image_loss[k] for k in keep] if flat.image_loss is not None else None
+    return Flat(flat.index, flat.ids[:n] + [vocab.eos], flat.targets_ok[:n] + [True], [flat.images[k] for k in keep],
+                [flat.limited[k] for k in keep], latents,
+                None if flat.weights is None else flat.weights[:n] + [flat.weights[n - 1]],
+                None if image_loss is None or all(image_loss) else image_loss)
+
+
 def join_flats(parts: Sequence[Flat], weights: Sequence[float]) -> Flat:
     """Documents laid out back to back as one attention segment (retrieved documents, then
     the document itself); the last part's index names the result."""
@@ -192,5 +209,5 @@ def join_flats(parts: Sequence[Flat], weights: Sequence[float]) -> Flat:
                 None if all(image_loss) else image_loss)
 
 
-__all__ = ["Encoded", "Flat", "UNCONDITIONAL", "drop_conditioning", "encode_document", "join_flats", "lay_out",
+__all__ = ["Encoded", "Flat", "UNCONDITIONAL", "cut_to_turn", "drop_conditioning", "encode_document", "join_flats", "lay_out",
            "order_caption", "unconditional"]

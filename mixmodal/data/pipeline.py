@@ -30,8 +30,9 @@ document is retrieved in the same company (bitwise the same embeddings) either w
 
 Rows of `seq_len` are filled greedily with whole documents; a document that does not
 fit ends the row (the rest is padding) and starts the next. A document longer than a
-row is cut at a part boundary (counted as truncated); one whose first image alone does
-not fit is dropped (counted). Targets (`labels`, already shifted: labels[t] is the id
+row is cut at a part boundary (counted as truncated), a conversation at its last whole
+turn (layout.cut_to_turn); one whose first image (or turn) alone does not fit is dropped
+(counted). Targets (`labels`, already shifted: labels[t] is the id
 at t+1) are -100 for padding, for latent placeholders and the `<eoi>` that always
 follows them (the engine forces it), and for tokens of segments marked loss=False (the
 CM3 sentinels; in a conversation, everything but the assistant's turns: data/chat.py).
@@ -57,8 +58,8 @@ import numpy as np
 import torch
 
 from mixmodal.data.cm3 import CM3Config, cm3_transform
-from mixmodal.data.layout import (UNCONDITIONAL, Encoded, Flat, drop_conditioning, encode_document, join_flats,
-                                  lay_out, order_caption)
+from mixmodal.data.layout import (UNCONDITIONAL, Encoded, Flat, cut_to_turn, drop_conditioning, encode_document,
+                                  join_flats, lay_out, order_caption)
 from mixmodal.documents import Document, Image
 from mixmodal.tokenizers.pixels import images_to_tensor
 from mixmodal.vocab import Vocab
@@ -306,6 +307,8 @@ class FusionBatches:
                     enc.segments = cm3_transform(enc.segments, self.vocab, rng, self.config.cm3)
                 flat, status = lay_out(enc.segments, self.vocab, self.mode, self.positions_per_image,
                                        max_len=self.config.seq_len, index=enc.index, latents=enc.latents)
+                if enc.chat and status == "truncated" and flat is not None:
+                    flat = cut_to_turn(flat, self.vocab)  # never split a turn
                 self.stats.documents += 1
                 self.stats.conversations += enc.chat
                 if status == "truncated":
