@@ -223,9 +223,16 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from mixmodal.config import build_config
     from mixmodal.eval.shapes_suite import ShapesEvalConfig, evaluate
 
-    if args.suite != "shapes":
-        raise ValueError(f"--suite {args.suite}: the only suite is 'shapes' (the built-in world)")
     preset = _load_yaml(args.config) if args.config else {}
+    if args.suite == "shapes-chat":
+        from mixmodal.eval.chat_suite import ChatEvalConfig, evaluate_chat
+
+        metrics = evaluate_chat(args.checkpoint, args.out, build_config(ChatEvalConfig, preset, overrides),
+                                device=args.device, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps({k: metrics[k] for k in ("overall", "generate", "caption", "vqa", "edit", "multi_turn")},
+                         indent=1))
+        print(f"report: {Path(args.out) / 'report.md'}")
+        return 0
     if args.quick:
         preset = {**QUICK_EVAL, **preset}
     if args.sweep:
@@ -817,7 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUT/metrics.json, OUT/report.md and OUT/report.html. key=value overrides set the suite's "
                          "fields (num_prompts=200 cfg=3.0 max_objects=2 splits=[heldout] ...; docs/eval.md).")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory or its model/ folder")
-    p.add_argument("--suite", default="shapes", help="the evaluation suite (default and only: shapes)")
+    p.add_argument("--suite", default="shapes", choices=["shapes", "shapes-chat"],
+                   help="shapes (default): text-to-image, captions, VQA, FID; shapes-chat: instruction following in "
+                   "conversation (edits, VQA, drawing, multi-turn consistency; docs/chat.md)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", default=None, help="a YAML file of suite fields (overrides still apply on top)")
     p.add_argument("--quick", action="store_true", help="32 prompts per task instead of 200, 8 x 2 images per GenEval "

@@ -1,0 +1,109 @@
+"""`mixmodal eval --suite shapes-chat` (issue 20): a model that replies as the conversation does scores 1
+everywhere, one that replies wrongly scores 0, and the edit verdicts separate target from the rest."""
+
+from __future__ import annotations
+
+import pytest
+
+from mixmodal.data.shapes import Edit, Scene, ShapeObject, render
+from mixmodal.documents import Document, Image, Text
+from mixmodal.eval.chat_suite import ChatEvalConfig, conversations, play, score_edit, summarise
+from mixmodal.inference.events import GenerationResult
+
+
+class Scripted:
+    """An engine stand-in that replies with the conversation's own assistant turn (or a wrong one)."""
+
+    mode, per_image = "latents", 36
+
+    def __init__(self, docs, wrong: bool = False) -> None:
+        self.by_first = {id(d.parts[0]): d for d in docs}
+        self.wrong = wrong
+        self.prompts = []
+
+    def generate(self, prompts, config, seed):
+        out = []
+        for prompt in prompts:
+            self.prompts.append(prompt)
+            doc = self.by_first[id(prompt.parts[0])]
+            turn = sum(role == "user" for role, _ in prompt.metadata["turns"]) - 1
+            turns = doc.metadata["turns"]
+            start = sum(n for _, n in turns[:2 * turn + 1])
+            reply = doc.parts[start:start + turns[2 * turn + 1][1]]
+            if self.wrong:
+                reply = [Text("purple") if isinstance(p, Text) else Image(render(Scene(()), 48)) for p in reply]
+            out.append(GenerationResult(len(out), Document(list(reply)), []))
+        return out
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return conversations(ChatEvalConfig(num_conversations=60, chat_turns=3), 48)
+
+
+def test_replies_like_the_conversation_score_one_and_wrong_ones_zero(docs):
+    config = ChatEvalConfig(num_conversations=60, cfg=1.0, diffusion_steps=1, image_temperature=1.0)
+    right = summarise(play(Scripted(docs), docs, config, lambda _: None))
+    for kind in ("generate", "caption", "vqa", "edit"):
+        assert right[kind]["n"] > 0 and right[kind]["accuracy"] == 1.0, (kind, right[kind])
+    assert right["multi_turn"]["n"] > 0 and right["multi_turn"]["accuracy"] == 1.0
+    wrong = summarise(play(Scripted(docs, wrong=True), docs, config, lambda _: None))
+    assert all(wrong[k]["accuracy"] == 0.0 for k in ("generate", "caption", "vqa", "edit"))
+    assert wrong["multi_turn"]["accuracy"] == 0.0
+    # follow-ups about a picture the model drew wrongly are not counted (the reference no longer holds)
+    assert wrong["multi_turn"]["n"] < right["multi_turn"]["n"]
+
+
+def test_the_model_sees_its_own_earlier_replies(docs):
+    engine = Scripted(docs, wrong=True)
+    config = ChatEvalConfig(num_conversations=60, cfg=1.0, diffusion_steps=1, image_temperature=1.0)
+    play(engine, docs, config, lambda _: None)
+    later = [p for p in engine.prompts if len(p.metadata["turns"]) > 1]
+    assert later and all(p.metadata["turns"][1][0] == "assistant" for p in later)
+    assert any(isinstance(part, Text) and part.text == "purple" for p in later for part in p.parts)
+
+
+def test_edit_verdicts_separate_the_target_from_the_rest():
+    star = ShapeObject("star", "red", "small", "top left")
+    circle = ShapeObject("circle", "blue", "large", "center")
+    before = Scene((star, circle))
+    edit = Edit("recolour", star, ShapeObject("star", "green", "small", "top left"))
+    assert score_edit(edit.apply(before), before, edit) == {"exact": 1.0, "target": 1.0, "kept": 1.0}
+    assert score_edit(before, before, edit) == {"exact": 0.0, "target": 0.0, "kept": 1.0}  # nothing changed
+    lost = Scene((edit.after,))
+    assert score_edit(lost, before, edit) == {"exact": 0.0, "target": 1.0, "kept": 0.0}  # the circle went too
+    remove = Edit("remove", circle, None)
+    assert score_edit(Scene((star,)), before, remove)["exact"] == 1.0
+
+
+def test_the_suite_runs_from_the_command_line(tmp_path):
+    import json
+
+    import torch
+
+    from mixmodal.cli import main
+    from mixmodal.data.shapes import ShapesConfig
+    from mixmodal.data.sources import ShapesSource
+    from mixmodal.inference.engine import Engine
+    from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
+    from mixmodal.model.transformer import TransformerConfig
+    from mixmodal.objectives.diffusion import DiffusionConfig
+    from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
+    from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
+    from tiny import save_engine_folder
+
+    torch.manual_seed(0)
+    world = ShapesConfig(resolution=32, tasks=["chat"])
+    text = TextTokenizer.train((t for d in ShapesSource(world, num=100) for t in d.texts), TextTokenizerConfig(vocab_size=300))
+    vae = VAETokenizer(VAEConfig(resolution=32, base_channels=8, channel_multipliers=[1, 2, 2], num_res_blocks=1,
+                                 norm_groups=4, latent_channels=4))
+    model = FusionModel(ModelConfig(text_vocab_size=text.vocab_size, transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4),
+                                    image=ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=2)))
+    save_engine_folder(Engine(model, text, vae, diffusion=DiffusionConfig()), tmp_path / "model", chat_template="mixmodal")
+    out = tmp_path / "eval"
+    assert main([*f"eval {tmp_path / 'model'} --suite shapes-chat --out {out}".split(), "num_conversations=4",
+                 "diffusion_steps=2", "chat_turns=2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["suite"] == "shapes-chat" and metrics["chat_template"] == "mixmodal"
+    assert {"generate", "caption", "vqa", "edit", "multi_turn", "overall"} <= set(metrics)
+    assert (out / "report.md").read_text().startswith("# shapes-chat")
