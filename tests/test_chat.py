@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from mixmodal.data.chat import Turn, chat_segments, turns_of
+from mixmodal.data.cm3 import CM3Config
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
 from mixmodal.data.segments import Segment
 from mixmodal.data.shapes import Edit, Scene, ShapesConfig, scene_split, shapes_document
@@ -21,6 +22,7 @@ from mixmodal.data.sources import JsonlSource, ShapesSource, SourceSpecError, op
 from mixmodal.documents import Document, Image, MalformedRecord, Text, record_to_document, write_jsonl
 from mixmodal.inference import GenerationConfig
 from mixmodal.inference.checkpoint import read_chat_template
+from mixmodal.inference.config import GuidanceConfig
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffusion_loss
 from mixmodal.train.fusion import noise_images
 from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
@@ -36,10 +38,10 @@ def text_tokenizer():
     return TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=400))
 
 
-def _batch(engine, docs, **pipeline):
+def _batch(engine, docs, seed: int = 0, **pipeline):
     encoder = DocumentEncoder(engine.text_tokenizer, engine.image_tokenizer, engine.vocab, engine.mode)
     batches = FusionBatches(lambda: docs, encoder, PipelineConfig(seq_len=512, **pipeline), len(docs),
-                            engine.per_image, endless=False)
+                            engine.per_image, endless=False, seed=seed)
     return next(iter(batches))
 
 
@@ -122,7 +124,7 @@ def test_sft_rows_train_only_the_assistant(text_tokenizer, mode):
     engine = tiny_engine(mode, text_tokenizer)
     vocab = engine.vocab
     docs = [d for d in ShapesSource(CHAT, num=40) if d.metadata["exchanges"][0]["kind"] == "edit"][:2]
-    batch = _batch(engine, docs, cond_dropout=1.0)  # dropout and CM3 leave conversations alone
+    batch = _batch(engine, docs, cm3=CM3Config(rate=1.0))  # CM3 leaves conversations alone
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     user_at, assistant_at = (ids == vocab.user).nonzero()[0].item(), (ids == vocab.assistant).nonzero()[0].item()
     assert (labels[:assistant_at] == IGNORE).all()  # nothing before <|assistant|> is predicted
@@ -158,6 +160,55 @@ def test_packing_never_splits_a_turn(text_tokenizer, mode):
         assert len(ends) % 2 == 0  # user and assistant turns come in pairs: no reply without its end
         if mode == "latents":
             assert batch["image_latents"].shape[0] == batch["image_loss"].shape[0] == int(batch["image_ids"].max()) + 1
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_chat_dropout_trains_the_streams_instruct_guidance_feeds(text_tokenizer, mode):
+    """An edit conversation with its conditioning dropped is exactly what the engine's unconditional
+    (or image-only) stream is fed for that chat prompt, then the image the assistant draws."""
+    engine = tiny_engine(mode, text_tokenizer)
+    engine.chat_template = "mixmodal"
+    vocab = engine.vocab
+    edits = [d for d in ShapesSource(CHAT, num=80) if d.metadata["exchanges"][0]["kind"] == "edit"][:6]
+    kept = set()
+    for k, doc in enumerate(edits):
+        batch = _batch(engine, [doc], seed=k, cond_dropout=1.0)  # each its own dropout draw
+        n_user = doc.metadata["turns"][0][1]
+        prompt = Document(doc.parts[:n_user], {"turns": [["user", n_user]]})
+        config = GenerationConfig(mode="image", max_new_tokens=engine.per_image + 2,
+                                  guidance=GuidanceConfig(scale=3.0, image_scale=1.5))
+        cond, image_only, uncond = _prefills(engine, [prompt], config)
+        row = batch["input_ids"][0].tolist()
+        p = engine.per_image  # the stream's prompt, then exactly one image, then the end
+        match = [s for s in (image_only, uncond) if row[:len(s)] == s and row[len(s)] == vocab.boi
+                 and row[len(s) + 1 + p] == vocab.eoi and row[len(s) + 2 + p] == vocab.eos]
+        assert len(match) == 1, (row[:12], image_only[:12], uncond[:12])
+        kept.add(match[0] is image_only)
+        start = len(match[0]) + 1  # the drawn image is a target (token mode: its codes)
+        if mode == "tokens":
+            assert (batch["labels"][0, start - 1:start - 1 + engine.per_image] >= vocab.image_code_ids.start).all()
+        else:
+            assert batch["image_loss"].tolist()[-1] is True
+        assert vocab.user not in row and vocab.assistant not in row  # role tokens go with the text
+    assert kept == {True, False}  # both the unconditional and the image-only stream are trained
+
+
+def _prefills(engine, prompts, config) -> list[list[int]]:
+    seen = []
+    forward = engine.model.forward
+
+    def spy(ids, positions=None, **kwargs):
+        if not seen:
+            lengths = (kwargs["logits_index"][:, 0] + 1).tolist()
+            seen.extend(ids[r, :n].tolist() for r, n in enumerate(lengths))
+        return forward(ids, positions=positions, **kwargs)
+
+    engine.model.forward = spy
+    try:
+        engine.generate(prompts, config)
+    finally:
+        engine.model.forward = forward
+    return seen
 
 
 def test_latent_sft_feeds_user_images_clean_and_weighs_them_zero():

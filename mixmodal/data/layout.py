@@ -126,6 +126,17 @@ def drop_conditioning(segments: list[Segment], uncond: str, vocab: Vocab) -> lis
     return unconditional(segments[:first], uncond, vocab, keep_images=False) + list(segments[first:])
 
 
+def drop_chat_conditioning(segments: list[Segment], uncond: str, vocab: Vocab, keep_images: bool) -> list[Segment] | None:
+    """Conditioning dropout for a conversation whose reply draws an image (InstructPix2Pix drops the
+    instruction, the input image, or both): everything before the first image the assistant draws,
+    replaced as the engine's unconditional (`keep_images` False) or image-only (True) guidance stream
+    replaces a chat prompt, then that image. None when the assistant draws no image."""
+    first = next((i for i, s in enumerate(segments) if s.kind == "image" and s.loss), None)
+    if first is None:
+        return None
+    return unconditional(segments[:first], uncond, vocab, keep_images=keep_images) + [segments[first]]
+
+
 def lay_out(segments: Sequence[Segment], vocab: Vocab, mode: str, positions_per_image: int, *,
             max_len: int | None = None, eos: bool = True, index: int = -1,
             latents: torch.Tensor | None = None) -> tuple[Flat | None, str]:
@@ -209,5 +220,5 @@ def join_flats(parts: Sequence[Flat], weights: Sequence[float]) -> Flat:
                 None if all(image_loss) else image_loss)
 
 
-__all__ = ["Encoded", "Flat", "UNCONDITIONAL", "cut_to_turn", "drop_conditioning", "encode_document", "join_flats", "lay_out",
+__all__ = ["Encoded", "Flat", "UNCONDITIONAL", "cut_to_turn", "drop_chat_conditioning", "drop_conditioning", "encode_document", "join_flats", "lay_out",
            "order_caption", "unconditional"]

@@ -14,6 +14,9 @@ document is transformed the same way whatever came before it and however the run
     unconditional stream predicts the image at every noise level, and no loss on its final
     `<eos>` (what follows the image there is an artefact of the dropout, not a caption's end);
   - CM3 causal masking (data/cm3.py) on a fraction `cm3.rate` of documents.
+A conversation (data/chat.py) keeps its order and gets no CM3; its conditioning dropout keeps
+only the first image the assistant draws, after what the engine's unconditional stream (or,
+half the time, the image-only stream: the input images kept) is fed for a chat prompt.
 
 Retrieval augmentation (CM3Leon / RA-CM3; an `augmenter`, mixmodal/retrieval/augment.py):
 each document is preceded by the documents retrieved for it, in one attention segment,
@@ -58,8 +61,8 @@ import numpy as np
 import torch
 
 from mixmodal.data.cm3 import CM3Config, cm3_transform
-from mixmodal.data.layout import (UNCONDITIONAL, Encoded, Flat, cut_to_turn, drop_conditioning, encode_document,
-                                  join_flats, lay_out, order_caption)
+from mixmodal.data.layout import (UNCONDITIONAL, Encoded, Flat, cut_to_turn, drop_chat_conditioning, drop_conditioning,
+                                  encode_document, join_flats, lay_out, order_caption)
 from mixmodal.documents import Document, Image
 from mixmodal.tokenizers.pixels import images_to_tensor
 from mixmodal.vocab import Vocab
@@ -299,7 +302,11 @@ class FusionBatches:
                     enc.segments = order_caption(enc.segments, rng, self.config.caption_first_prob)
                 dropped = None
                 if self.training and self.config.cond_dropout > 0 and rng.random() < self.config.cond_dropout:
-                    dropped = None if enc.chat else drop_conditioning(enc.segments, self.config.uncond, self.vocab)
+                    if enc.chat:  # the instruction dropped, and half the time the input images too
+                        dropped = drop_chat_conditioning(enc.segments, self.config.uncond, self.vocab,
+                                                         keep_images=bool(rng.random() < 0.5))
+                    else:
+                        dropped = drop_conditioning(enc.segments, self.config.uncond, self.vocab)
                 if dropped is not None:
                     enc.segments = dropped
                     self.stats.cond_dropped += 1
@@ -307,7 +314,7 @@ class FusionBatches:
                     enc.segments = cm3_transform(enc.segments, self.vocab, rng, self.config.cm3)
                 flat, status = lay_out(enc.segments, self.vocab, self.mode, self.positions_per_image,
                                        max_len=self.config.seq_len, index=enc.index, latents=enc.latents)
-                if enc.chat and status == "truncated" and flat is not None:
+                if enc.chat and dropped is None and status == "truncated" and flat is not None:
                     flat = cut_to_turn(flat, self.vocab)  # never split a turn
                 self.stats.documents += 1
                 self.stats.conversations += enc.chat
