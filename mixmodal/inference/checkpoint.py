@@ -130,7 +130,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
                               f"pixels: copy the image tokenizer the model was trained with into {image_dir} "
                               "(or generate with --mode text)")
     max_length, diffusion = read_generation_settings(folder)
-    model = load_model_dir(folder, device)
+    model = load_model_dir(folder, device, dtype=dtype)  # bf16: the weights stay bf16, never an fp32 copy
     engine = Engine(model, text_tokenizer or TextTokenizer.load(text_dir), image_tokenizer, diffusion=diffusion,
                     max_length=max_length, dtype=dtype, image_generation=read_image_generation(folder),
                     chat_template=read_chat_template(folder))

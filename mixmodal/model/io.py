@@ -67,26 +67,60 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
         raise ConfigError(f"{config_path}: {e}") from None
 
 
-def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> FusionModel:
+def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> FusionModel:
     """Load a directory written by `save_model_dir` (or `mixmodal convert hf-chameleon`), in eval mode.
 
-    The model is built in float32 and the stored tensors are copied into it (a bf16
-    checkpoint is upcast)."""
-    from safetensors.torch import load_file
-
+    The model is built on the meta device (no random init, no memory) and takes the stored
+    tensors as its parameters (`assign`): safetensors maps the file, so a checkpoint already in
+    `dtype` is never copied, and peak memory is about the weights' bytes once. `dtype` None is
+    float32 (a bf16 checkpoint is upcast); torch.bfloat16 keeps a bf16 checkpoint as it is."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"model directory {folder} does not exist (or is not a directory)")
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} is missing: a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    model = FusionModel(read_model_config(folder))
-    state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    config = read_model_config(folder)
+    with torch.device("meta"):
+        model = FusionModel(config)
+    state = read_weights(folder / WEIGHTS_FILE)
     check_model_state(model, state, folder / WEIGHTS_FILE)
-    for alias, owner in tied_aliases(model).items():
-        state[alias] = state[owner]
-    model.load_state_dict(state)
+    dtype = dtype or torch.float32
+    state = {k: v if v.dtype == dtype or not v.is_floating_point() else v.to(dtype) for k, v in state.items()}
+    aliases = tied_aliases(model)
+    model.load_state_dict(state, strict=False, assign=True)
+    for alias, owner in aliases.items():  # one Parameter under both names again
+        _set_parameter(model, alias, model.get_parameter(owner))
+    for module in model.modules():  # buffers that are computed, not stored (rotary frequencies)
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"loading {folder}: {', '.join(left[:5])} were never given values; this is a bug in mixmodal")
     return model.to(device).eval()
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (memory-mapped); a damaged or foreign file is a ModelDirError
+    naming it and what to do, not a library traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelDirError(f"{path} is empty (0 bytes): the save was cut short; re-save the model, or resume or "
+                            "export from an earlier checkpoint")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelDirError(f"{path} is not a readable safetensors file ({size} bytes; {e}): it is truncated or not "
+                            "a model's weights; re-save the model, or resume or export from an earlier checkpoint") from None
+
+
+def _set_parameter(model: nn.Module, dotted: str, param: nn.Parameter) -> None:
+    owner, _, name = dotted.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, name, param)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -124,7 +158,7 @@ def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], origin: 
 
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ModelDirError", "check_model_state", "expected_shapes", "load_model_dir",
-           "read_model_config", "save_model_dir", "tied_aliases", "write_model_dir"]
+           "read_model_config", "read_weights", "save_model_dir", "tied_aliases", "write_model_dir"]
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> FusionModel:

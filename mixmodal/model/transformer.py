@@ -111,8 +111,15 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim))
+
+    def init_buffers(self) -> None:
+        """Recompute the frequencies (a model built on the meta device has none)."""
+        self.inv_freq = self._inv_freq(torch.device("cpu") if self.inv_freq.is_meta else self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, T] -> 2 x [B, 1, T, d]
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
