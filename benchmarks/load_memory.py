@@ -7,7 +7,7 @@ Builds a random `ChameleonForConditionalGeneration` in bf16 with transformers, s
 (`mixmodal convert hf-chameleon`), then in a fresh process each: loads it with transformers
 (`from_pretrained(torch_dtype=bfloat16)`) and with mixmodal (`load_checkpoint(dtype=bfloat16)`: meta-device
 init, memory-mapped safetensors), touches every weight, and reports the growth of the process's peak
-resident memory (ru_maxrss) over its state after imports, as a multiple of the weights' bytes.
+resident memory (VmHWM, reset after the imports) over its size then, as a multiple of the weights' bytes.
 The conversion's own peak is reported too. Issue 18's target: mixmodal's load <= 1.2x the weights.
 """
 
@@ -23,26 +23,34 @@ import textwrap
 from pathlib import Path
 
 PEAK = """
-import resource, torch
+import torch
 torch.set_num_threads(1)
-def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+def peak(): return status("VmHWM")
+def reset():  # the high-water mark back to the current size: imports' transient peaks do not count
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status("VmRSS")
 """
 
 LOADERS = {
     "transformers": """
 import transformers
 transformers.logging.set_verbosity_error()
-before = peak()
+before = reset()
 model = transformers.ChameleonForConditionalGeneration.from_pretrained(FOLDER, dtype=torch.bfloat16)
 """,
     "mixmodal": """
 from mixmodal.model.io import load_model_dir
-before = peak()
+before = reset()
 model = load_model_dir(FOLDER, dtype=torch.bfloat16)
 """,
     "mixmodal convert": """
 from mixmodal.interop.hf_chameleon import convert_hf_chameleon
-before = peak()
+before = reset()
 convert_hf_chameleon(SRC, FOLDER + "-again")
 model = None
 """,
