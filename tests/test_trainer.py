@@ -214,6 +214,38 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path, 
     assert names == ["step_000002", "step_000003"]
 
 
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_resume_skips_a_damaged_checkpoint_for_the_newest_intact_one(tmp_path, damage, capsys):
+    straight = toy_config()
+    fit(straight, tmp_path / "straight")
+    fit(toy_config(steps=6, save_every=3), tmp_path / "run")  # checkpoints 3 and 6
+    weights = tmp_path / "run" / "checkpoints" / "step_000006" / ckpt.WEIGHTS
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # same size, one byte changed: only the hash sees it
+        weights.write_bytes(data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:])
+    else:
+        (weights.parent / ckpt.OPTIMIZER).unlink()
+    assert ckpt.verify_checkpoint(weights.parent) and not ckpt.verify_checkpoint(weights.parent.with_name("step_000003"))
+    fit(toy_config(save_every=3, resume=True), tmp_path / "run")  # on to step 8 from step 3
+    said = capsys.readouterr().out
+    assert "step_000006 is damaged" in said and "falling back" in said
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert "damaged-step_000006" in names  # kept aside, never again taken for the newest
+    weights_a, optim_a = final_state(tmp_path / "straight")
+    weights_b, optim_b = final_state(tmp_path / "run")
+    assert_bitwise_equal(weights_a, weights_b, "weights")  # the run lost only the work after step 3
+    assert_bitwise_equal(optim_a, optim_b, "optimizer")
+
+
+def test_no_intact_checkpoint_is_one_clear_error(tmp_path):
+    fit(toy_config(steps=3, save_every=3), tmp_path)
+    (tmp_path / "checkpoints" / "step_000003" / ckpt.WEIGHTS).write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint .* start the run again with another --out"):
+        fit(toy_config(steps=4, resume=True), tmp_path)
+
+
 def test_keep_last_k(tmp_path):
     fit(toy_config(steps=6, save_every=1, keep_last=2), tmp_path)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_000005", "step_000006"]

@@ -10,14 +10,19 @@
 A run of several processes (torchrun) keeps one data-iterator state and one RNG state per
 rank: trainer_state.json's "data" is a list indexed by rank, rng.pt is {"ranks": [...]}.
 
+        manifest.json         every other file's size and SHA-256, written last
+
 The directory is built under a hidden temporary name and renamed into place, so a crash
 leaves either the complete checkpoint or none; `latest_checkpoint` only ever considers
-`step_NNNNNN` names. Nothing here unpickles arbitrary objects: weights go through
+`step_NNNNNN` names. A checkpoint damaged later (a disk error, a copy cut short, a file
+replaced) fails its manifest: `latest_intact_checkpoint` skips it for the newest one that
+passes and says so, and resume never starts from a torn checkpoint. Nothing here unpickles arbitrary objects: weights go through
 safetensors, the rest through weights_only loading or JSON.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -37,6 +42,7 @@ WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -188,6 +194,7 @@ def save_checkpoint(
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
     for name, write in (extra or {}).items():
         write(tmp / name)
+    write_manifest(tmp)
     _fsync_dir(tmp)
     _rename_into_place(tmp, final)
     if keep_last > 0:
@@ -222,6 +229,68 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """folder/manifest.json: {file: {size, sha256}} of every file in `folder`, written last."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
+
+
+def verify_checkpoint(path: str | os.PathLike) -> list[str]:
+    """What is wrong with a checkpoint directory against its manifest ([] when intact). A
+    checkpoint written before manifests existed is checked for its files only."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return [f"{name} is missing" for name in (WEIGHTS, OPTIMIZER, RNG, STATE) if not (path / name).is_file()]
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError):
+        return [f"{MANIFEST} is not readable JSON with a files table"]
+    problems = []
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif f.stat().st_size != want["size"]:
+            problems.append(f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}")
+        elif _sha256(f) != want["sha256"]:
+            problems.append(f"{name} does not match its SHA-256 in the manifest")
+    return problems
+
+
+def latest_intact_checkpoint(run_dir: str | os.PathLike, warn=print, quarantine: bool = True) -> Path | None:
+    """The newest checkpoint that passes verify_checkpoint. Each newer damaged one is reported
+    through `warn` and (`quarantine`) renamed `damaged-step_NNNNNN`, out of the run's checkpoints, so
+    pruning and later resumes never take it for the newest. CheckpointError when checkpoints
+    exist and none is intact."""
+    found = list_checkpoints(run_dir)
+    for path in reversed(found):
+        problems = verify_checkpoint(path)
+        if not problems:
+            return path
+        moved = ""
+        if quarantine:
+            aside = path.with_name(f"damaged-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            moved = f", moved to {aside}"
+        warn(f"checkpoint {path} is damaged ({'; '.join(problems)}){moved}; falling back to an earlier one")
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {Path(run_dir) / 'checkpoints'} (checked {len(found)}, newest "
+                              f"{found[-1].name}); start the run again with another --out (the damaged ones are kept "
+                              "as damaged-step_*)")
+    return None
 
 
 def remove_stale_temporaries(run_dir: str | os.PathLike) -> None:

@@ -292,8 +292,10 @@ class Trainer:
         if latest is not None and not cfg.resume:
             raise TrainingError(f"{self.run_dir} already holds checkpoints (latest: {latest.name}); pass --resume "
                                 "(trainer.resume=true) to continue that run, or choose another --out")
-        if latest is not None:
-            self._resume(ckpt.read_checkpoint(latest))
+        if latest is not None:  # never from a torn checkpoint: the newest that passes its manifest
+            intact = ckpt.latest_intact_checkpoint(self.run_dir, warn=print if self.main else lambda _: None,
+                                                   quarantine=self.main)
+            self._resume(ckpt.read_checkpoint(intact))
         elif cfg.resume and self.main:
             print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
 
