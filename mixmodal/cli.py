@@ -312,7 +312,8 @@ def cmd_convert_hf_chameleon(args: argparse.Namespace, overrides: list[str]) -> 
     from mixmodal.interop.hf_chameleon import convert_hf_chameleon
 
     _no_overrides("convert hf-chameleon", overrides)
-    config, notes = convert_hf_chameleon(args.src, args.out, image_generation=args.image_generation)
+    config, notes = convert_hf_chameleon(args.src, args.out, image_generation=args.image_generation, vqgan=args.vqgan,
+                                         vqgan_config=args.vqgan_config)
     t, vocab = config.transformer, config.vocab
     print(f"converted Chameleon ({t.num_layers} layers, dim {t.dim}, {t.num_heads} heads / {t.kv_heads} kv, "
           f"{'swin' if t.swin_norm else 'pre'}-norm; {vocab.text_size} text ids + {vocab.num_image_codes} image codes) "
@@ -374,6 +375,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         result = train(config, out)
     except (TrainingError, CheckpointError) as e:
         print(f"mixmodal train: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the run folder became unwritable (full, read-only) outside a checkpoint write
+        from mixmodal.train.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(out)
+        print(f"mixmodal train: error: cannot write to {e.filename or out} ({e.strerror or e}); "
+              f"{'the last checkpoint, ' + str(latest) + ', is intact' if latest else 'no checkpoint was written yet'}"
+              "; free space on that disk or make it writable, then continue with --resume", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary, from rank 0
         return 0
@@ -857,8 +866,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Convert Chameleon's image tokenizer into a VQ tokenizer: a transformers "
                                  "ChameleonVQVAE folder (config.json + model.safetensors; encoder only, so decode is "
                                  "unavailable) or Meta's taming-layout vqgan.ckpt with its vqgan.yaml (encoder and "
-                                 "decoder). The .ckpt is read with torch.load(weights_only=True): no code is unpickled.")
-    p.add_argument("src", metavar="SRC", help="ChameleonVQVAE folder or .safetensors, or a taming vqgan.ckpt")
+                                 "decoder). The .ckpt is read with torch.load(weights_only=True): no code is unpickled. "
+                                 "OUT may be a converted Chameleon's image_tokenizer/ (MODEL/image_tokenizer): this "
+                                 "adds the decoder, after checking that the encoder is the one already there.")
+    p.add_argument("src", metavar="SRC", help="ChameleonVQVAE folder or .safetensors, or a taming vqgan.ckpt (or the "
+                   "folder holding vqgan.ckpt)")
     p.add_argument("out", metavar="OUT", help="output tokenizer folder")
     p.add_argument("--config", default=None, help="vqgan.yaml for a .ckpt (default: vqgan.yaml or the .ckpt's name "
                    "with .yaml next to it); config.json for a lone .safetensors")
@@ -870,13 +882,19 @@ def build_parser() -> argparse.ArgumentParser:
                                  "mixmodal id: Chameleon's special tokens, found by name, move to mixmodal's special "
                                  "slots and image tokens after the text ids), hf_config.json, text_tokenizer/ (the "
                                  "folder's tokenizer.json, which `mixmodal generate` drives through vocab_map.json), "
-                                 "generation.yaml, and image_tokenizer/ when the folder holds the VQGAN. "
-                                 "See docs/interop.md.")
+                                 "generation.yaml, and image_tokenizer/ when the folder holds the VQGAN (encoder only; "
+                                 "--vqgan adds Meta's decoder). See docs/interop.md.")
     p.add_argument("src", metavar="SRC", help="transformers Chameleon folder")
     p.add_argument("out", metavar="OUT", help="output model directory")
     p.add_argument("--image-generation", action="store_true",
                    help="let the converted model start images (generation.yaml image_generation: true): for weights "
                    "trained to draw, e.g. Anole. Off by default: base Chameleon, as Meta releases it, writes text only")
+    p.add_argument("--vqgan", default=None, metavar="CKPT",
+                   help="Meta's vqgan.ckpt (Chameleon's tokenizer/ folder, also in Anole's), or the folder holding it: "
+                   "image_tokenizer/ gets its encoder and decoder, so generated images decode (transformers ships no "
+                   "decoder); its encoder must equal the folder's model.vqmodel")
+    p.add_argument("--vqgan-config", default=None, metavar="YAML",
+                   help="the taming config of --vqgan (default: vqgan.yaml beside it)")
     p.set_defaults(func=cmd_convert_hf_chameleon)
     p = convert_verbs.add_parser("to-hf-chameleon", help="a mixmodal token-mode model -> a transformers Chameleon folder",
                                  description="Write a mixmodal token-mode model directory as a folder that "

@@ -196,12 +196,12 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path, 
     good = ckpt.latest_checkpoint(tmp_path)
     before = load_file(str(good / ckpt.WEIGHTS))
 
-    def crash(src, dst):
-        raise OSError("simulated crash before the rename")
+    def crash(src, dst):  # the process dies here (not an OSError, which is handled: see the disk-full test)
+        raise Crash("simulated crash before the rename")
 
     trainer.step = 5
     monkeypatch.setattr(ckpt.os, "replace", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(Crash, match="simulated"):
         trainer.save()
     monkeypatch.undo()
     leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir()]
@@ -244,6 +244,59 @@ def test_no_intact_checkpoint_is_one_clear_error(tmp_path):
     (tmp_path / "checkpoints" / "step_000003" / ckpt.WEIGHTS).write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint .* start the run again with another --out"):
         fit(toy_config(steps=4, resume=True), tmp_path)
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EROFS"])
+def test_a_full_or_read_only_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, errno_name):
+    import errno
+    import os
+
+    fit(toy_config(steps=3, save_every=3), tmp_path)
+    good = ckpt.latest_checkpoint(tmp_path)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    real_save = ckpt.save_file
+
+    def full(tensors, path, metadata=None):  # the weights file is half written when the disk fills up
+        real_save(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(100)
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), path)
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        fit(toy_config(steps=6, save_every=3, resume=True), tmp_path)
+    message = str(e.value)
+    assert "cannot write checkpoint step_000006" in message and os.strerror(getattr(errno, errno_name)) in message
+    assert f"the last checkpoint, {good}, is intact" in message and "--resume" in message
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000003"]  # no half checkpoint left
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    monkeypatch.undo()
+    fit(toy_config(steps=6, save_every=3, resume=True), tmp_path)  # space again: it goes on from step 3
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_000006"
+
+
+def test_mixmodal_train_on_a_disk_that_fills_up_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    from mixmodal.cli import main
+    from mixmodal.train import metrics
+
+    config = Path(__file__).resolve().parents[1] / "configs/tokenizers/vq-tiny.yaml"
+    real_log, calls = metrics.MetricsLogger.log, []
+
+    def log(self, step, kind, **fields):  # metrics.jsonl stops taking lines after the checkpoint of step 2
+        calls.append(step)
+        if step > 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real_log(self, step, kind, **fields)
+
+    monkeypatch.setattr(metrics.MetricsLogger, "log", log)
+    code = main(["train", str(config), "--out", str(tmp_path), "trainer.steps=4", "trainer.save_every=2",
+                 "trainer.log_every=1", "trainer.eval_every=0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "No space left on device" in err and "step_000002, is intact" in err and "--resume" in err
 
 
 def test_keep_last_k(tmp_path):

@@ -181,26 +181,39 @@ def save_checkpoint(
     all but the newest `keep_last` (0 keeps all). `extra` maps a file name to a function
     that writes it (given its path), e.g. the weight average."""
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_weights(models, tmp / WEIGHTS)
-    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / OPTIMIZER)
-    torch.save(rng, tmp / RNG)
-    (tmp / STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=1, allow_nan=False), encoding="utf-8")
-    if config_yaml is not None:
-        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    for name, write in (extra or {}).items():
-        write(tmp / name)
-    write_manifest(tmp)
-    _fsync_dir(tmp)
-    _rename_into_place(tmp, final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_weights(models, tmp / WEIGHTS)
+        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / OPTIMIZER)
+        torch.save(rng, tmp / RNG)
+        (tmp / STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=1, allow_nan=False),
+                                 encoding="utf-8")
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        for name, write in (extra or {}).items():
+            write(tmp / name)
+        write_manifest(tmp)
+        _fsync_dir(tmp)
+        _rename_into_place(tmp, final)
+    except OSError as e:  # a full disk, a read-only or vanished folder: the earlier checkpoints stay as they were
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final.name} in {final.parent} ({e.strerror or e}): "
+                              f"{_last_words(run_dir)}") from None
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _last_words(run_dir: str | os.PathLike) -> str:
+    latest = latest_checkpoint(run_dir)
+    where = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint was written yet"
+    return (f"{where}; free space on that disk or make it writable (or copy the run elsewhere), then continue "
+            "with --resume")
 
 
 def _rename_into_place(tmp: Path, final: Path) -> None:
