@@ -54,8 +54,13 @@ def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
+        if size > MAX_YAML_VALUES:
+            raise ConfigError(f"{path} expands to {size:,} values through its anchors and aliases (more than "
+                              f"{MAX_YAML_VALUES:,}): a config is never that large; remove the nested aliases")
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if data is None:
@@ -63,6 +68,30 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     return data
+
+
+MAX_YAML_VALUES = 100_000  # nodes of a config once its aliases are expanded (a "billion laughs" file has 10^9)
+
+
+def _expanded_size(root) -> int:
+    """How many nodes a composed YAML document has with every alias expanded, counted without
+    expanding (each node once, memoised): a file of nested aliases is refused before it is built."""
+    if root is None:
+        return 0
+    sizes: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        kids = ([k for pair in node.value for k in pair] if isinstance(node, yaml.MappingNode)
+                else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if children_done or not kids:
+            sizes[id(node)] = 1 + sum(sizes.get(id(k), 0) for k in kids)
+        else:
+            stack.append((node, True))
+            stack += [(k, False) for k in kids if id(k) not in sizes]
+    return sizes[id(root)]
 
 
 def relative_to_config(value: str | os.PathLike, config_dir: str | os.PathLike) -> Path:

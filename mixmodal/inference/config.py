@@ -23,6 +23,7 @@ sequence of a batch may carry its own.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,15 +38,15 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus; 1.0 = off
     repetition_penalty: float = 1.0  # CTRL-style on ids already in the sequence; 1.0 = off
 
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+    def __post_init__(self) -> None:  # written so that NaN fails every check
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
 
 
 @dataclass
@@ -66,6 +67,10 @@ class GuidanceConfig:
     def __post_init__(self) -> None:
         if self.uncond not in ("empty", "mask"):
             raise ValueError(f"guidance.uncond must be 'empty' or 'mask', got {self.uncond!r}")
+        for name in ("scale", "image_scale"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"guidance.{name} must be a finite number >= 0 (1 = no guidance), got {value}")
 
     @property
     def streams(self) -> int:

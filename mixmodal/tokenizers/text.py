@@ -44,6 +44,19 @@ class TextTokenizerConfig:
             raise ValueError(f"min_frequency must be >= 1, got {self.min_frequency}")
 
 
+def checked_text(text: str) -> str:
+    """`text`, or a ValueError saying it is not text: not a str, or holding bytes that were not UTF-8
+    (a command line or file decoded with surrogateescape carries them as lone surrogates)."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected text, got {type(text).__name__}: {str(text)[:60]!r}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid UTF-8 (an undecodable byte at character {e.start}: "
+                         f"{text[max(e.start - 20, 0):e.start]!r}...); pass UTF-8 text") from None
+    return text
+
+
 class TextTokenizer:
     """Encode/decode text to ids of the shared vocabulary's text range.
 
@@ -132,10 +145,10 @@ class TextTokenizer:
         return V.Vocab(text_size=self.vocab_size, num_image_codes=num_image_codes)
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+        return self._tokenizer.encode(checked_text(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self._tokenizer.encode_batch([checked_text(t) for t in texts], add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Decode text ids; special ids are dropped (they are not text)."""

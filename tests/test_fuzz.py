@@ -1,0 +1,239 @@
+"""The fuzz corpus (issue 22): random and adversarial configs, generation settings, document records,
+images and prompts through the public API. The rule: a clear error (ConfigError / ValueError /
+MalformedRecord / a counted skip) or a result, never another exception, never a hang."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import PIL.Image
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mixmodal.config import ConfigError, build_config, load_yaml
+from mixmodal.data.bad_input import BadInputError, BadInputLog
+from mixmodal.data.images import decode_image
+from mixmodal.documents import MalformedRecord, record_to_document
+from mixmodal.inference.config import GenerationConfig
+from mixmodal.inference.generate import generation_config
+from mixmodal.train.fusion import FusionTrainConfig
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+                      max_leaves=12)
+KEYS = ["trainer.steps", "trainer.lr", "trainer.batch_size", "trainer.warmup_steps", "trainer.ema_decay",
+        "model.transformer.dim", "model.transformer.num_heads", "model.image.mode", "model.image.patch_size",
+        "data.pipeline.seq_len", "data.pipeline.cond_dropout", "data.source", "diffusion.kind",
+        "diffusion.num_timesteps", "loss.z_loss_weight", "eval.geneval_prompts", "trainer.precision", "nonsense.key"]
+
+
+def _yaml_text(value) -> str:
+    return json.dumps(value, allow_nan=True)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(KEYS), values), max_size=4))
+def test_config_overrides_are_a_clear_error_or_a_config(pairs):
+    overrides = [f"{k}={_yaml_text(v)}" for k, v in pairs]
+    try:
+        build_config(FusionTrainConfig, {"task": "fusion"}, overrides)
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e).strip() or "allowed" in str(e)
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["model", "data", "trainer", "diffusion", "extra"]), values, max_size=4))
+def test_config_sections_of_any_shape_are_a_clear_error_or_a_config(data):
+    try:
+        build_config(FusionTrainConfig, {"task": "fusion", **data}, [])
+    except ConfigError:
+        pass
+
+
+def test_a_yaml_bomb_is_refused_not_expanded(tmp_path):
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for k in range(1, 9):  # 10^9 leaves once expanded
+        bomb.append(f"{'abcdefghi'[k]}: &{'abcdefghi'[k]} [" + ", ".join(f"*{'abcdefghi'[k - 1]}" for _ in range(10)) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(bomb) + "\n")
+    with pytest.raises(ConfigError, match="expands to"):
+        load_yaml(path)
+    small = tmp_path / "anchors.yaml"  # ordinary anchors are fine
+    small.write_text("base: &base {dim: 64}\nmodel: {transformer: *base}\n")
+    assert load_yaml(small)["model"]["transformer"] == {"dim": 64}
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["mode", "max_new_tokens", "max_images", "diffusion_steps", "text.temperature",
+                                        "text.top_p", "text.top_k", "image.temperature", "guidance.scale",
+                                        "guidance.image_scale", "guidance.uncond", "stop", "sampler", "unknown"]),
+                       scalars, max_size=5))
+def test_generation_settings_are_a_clear_error_or_a_config(settings_):
+    try:
+        config = generation_config(overrides=[f"{k}={_yaml_text(v)}" for k, v in settings_.items()])
+    except ConfigError:
+        return
+    assert isinstance(config, GenerationConfig)
+    for params in (config.text, config.image):  # what survived is samplable
+        assert math.isfinite(params.temperature) and params.temperature >= 0
+        assert 0 < params.top_p <= 1
+    assert config.max_new_tokens >= 1 and config.diffusion_steps >= 1
+
+
+@pytest.mark.parametrize("override, says", [
+    ("text.temperature=-1", "temperature"), ("text.temperature=.nan", "temperature"), ("text.top_p=0", "top_p"),
+    ("diffusion_steps=0", "diffusion_steps"), ("max_new_tokens=0", "max_new_tokens"),
+    ("max_new_tokens=1e400", "max_new_tokens"), ("guidance.scale=-3", "scale"),
+])
+def test_bad_generation_settings_name_the_field(override, says):
+    with pytest.raises(ConfigError, match=says):
+        generation_config(overrides=[override])
+
+
+part = st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": st.one_of(st.text(max_size=20), scalars)}),
+                 st.fixed_dictionaries({"type": st.sampled_from(["image", "video", None])},
+                                       optional={"path": scalars, "base64": scalars}),
+                 values)
+
+
+@FUZZ
+@given(st.one_of(values, st.fixed_dictionaries({}, optional={
+    "parts": st.one_of(st.lists(part, max_size=4), values), "messages": st.one_of(st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "robot", 3])},
+                              optional={"content": scalars, "parts": st.lists(part, max_size=3)}), max_size=3), values),
+    "metadata": values, "id": scalars})))
+def test_document_records_are_a_document_or_a_malformed_record(record):
+    def load(data, origin):
+        raise BadInputError(f"{origin}: no such image")
+
+    try:
+        doc = record_to_document(record, load, ".")
+    except (MalformedRecord, BadInputError):
+        return
+    assert all(hasattr(p, "text") or hasattr(p, "image") for p in doc.parts)
+
+
+def _encoded(image: PIL.Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+IMAGES = {
+    "png rgb": _encoded(PIL.Image.new("RGB", (8, 8), (9, 9, 9)), "PNG"),
+    "png palette": _encoded(PIL.Image.new("P", (8, 8)), "PNG"),
+    "png 16-bit": _encoded(PIL.Image.fromarray(np.full((8, 8), 60000, dtype=np.uint16)), "PNG"),
+    "png rgba": _encoded(PIL.Image.new("RGBA", (8, 8), (1, 2, 3, 0)), "PNG"),
+    "png 1x1": _encoded(PIL.Image.new("RGB", (1, 1)), "PNG"),
+    "png la": _encoded(PIL.Image.new("LA", (8, 8)), "PNG"),
+    "png 1-bit": _encoded(PIL.Image.new("1", (8, 8)), "PNG"),
+    "jpeg cmyk": _encoded(PIL.Image.new("CMYK", (8, 8)), "JPEG"),
+    "jpeg gray": _encoded(PIL.Image.new("L", (8, 8)), "JPEG"),
+    "gif": _encoded(PIL.Image.new("P", (8, 8)), "GIF"),
+    "bmp": _encoded(PIL.Image.new("RGB", (8, 8)), "BMP"),
+    "tiff float": _encoded(PIL.Image.fromarray(np.zeros((8, 8), dtype=np.float32)), "TIFF"),
+    "webp": _encoded(PIL.Image.new("RGB", (8, 8)), "WEBP"),
+    "ico": _encoded(PIL.Image.new("RGB", (16, 16)), "ICO"),
+}
+
+
+def _huge_header_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb's header; no real pixels)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+BAD_IMAGES = {
+    "truncated png": IMAGES["png rgb"][:40],
+    "empty": b"",
+    "text": b"hello, not an image",
+    "16k x 16k header": _huge_header_png(16384, 16384),
+    "bomb 100k x 100k": _huge_header_png(100_000, 100_000),
+    "zero width": _huge_header_png(0, 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_every_format_pillow_reads_becomes_rgb(name):
+    log = BadInputLog()
+    image = decode_image(IMAGES[name], name, log=log)
+    assert image is not None and image.mode == "RGB", log.summary()
+
+
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+def test_bad_images_are_a_counted_skip_or_a_clear_strict_error(name):
+    log = BadInputLog()
+    assert decode_image(BAD_IMAGES[name], name, log=log, max_pixels=4096 * 4096) is None
+    assert log.num_skipped == 1 and name in log.summary()
+    with pytest.raises(BadInputError, match=name):
+        decode_image(BAD_IMAGES[name], name, log=BadInputLog(strict=True), max_pixels=4096 * 4096)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_random_bytes_are_an_image_or_a_counted_skip(data):
+    log = BadInputLog()
+    image = decode_image(data, "fuzz", log=log, max_pixels=4096 * 4096)
+    assert (image is None) == (log.num_skipped == 1)
+
+
+# --- prompts through the command line ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    from mixmodal.data.shapes import ShapesConfig
+    from mixmodal.data.sources import ShapesSource
+    from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
+    from tiny import save_engine_folder, tiny_engine
+
+    out = tmp_path_factory.mktemp("fuzz") / "model"
+    texts = (t for d in ShapesSource(ShapesConfig(resolution=32), num=50) for t in d.texts)
+    save_engine_folder(tiny_engine("tokens", TextTokenizer.train(texts, TextTokenizerConfig(vocab_size=280))), out,
+                       max_length=256)
+    return out
+
+
+@pytest.mark.parametrize("prompt, error", [
+    ("", None), ("\x01\x1b[31mred\x7f\u200b\r\t", None), ("<boi><eoi><eos><|end|><mask:0>" * 3, None),
+    ("🟥🔺 \U0010ffff", None), (b"\xff\xfe not UTF-8 \xc3", "not valid UTF-8"), ("a red star " * 5000, "positions long"),
+])
+def test_adversarial_prompts_write_a_document_or_one_clear_line(model_folder, tmp_path, prompt, error):
+    import subprocess
+    import sys
+
+    out = tmp_path / "gen"
+    result = subprocess.run([sys.executable, "-m", "mixmodal", "generate", str(model_folder), "--prompt", prompt,
+                             "--mode", "text", "--max-new-tokens", "4", "--out", str(out)],  # bytes: as the shell passes them
+                            capture_output=True, text=True, errors="replace",
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    if error is None:
+        assert result.returncode == 0 and (out / "documents.jsonl").is_file()
+        record = json.loads((out / "documents.jsonl").read_text().splitlines()[0])
+        assert "parts" in record
+    else:
+        assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+        assert error in result.stderr and not out.exists()  # nothing half written
+
+
+def test_special_token_strings_in_a_prompt_stay_text(model_folder):
+    from mixmodal.inference.checkpoint import load_checkpoint
+
+    engine = load_checkpoint(model_folder)
+    ids = engine.text_tokenizer.encode("<boi><eos><|end|>")
+    v = engine.vocab
+    assert ids and not set(ids) & {v.boi, v.eos, v.end_of_turn, v.bos}  # only the layout places control ids
