@@ -34,6 +34,7 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from mixmodal import vocab as V
+from mixmodal.tokenizers.text import checked_text
 
 # mixmodal special token -> Chameleon's name for it (facebookresearch/chameleon, inference/vocab.py)
 CHAMELEON_SPECIALS = {V.PAD: "<pad>", V.BOS: "<s>", V.EOS: "</s>", V.BOI: "<racm3:break>", V.EOI: "<eoss>",
@@ -153,11 +154,11 @@ class ChameleonTokenizer:
         return V.Vocab(text_size=self.text_size, num_image_codes=num_image_codes)
 
     def encode(self, text: str) -> list[int]:
-        return [self._to_ours[i] for i in self._tokenizer.encode(text, add_special_tokens=False).ids]
+        return [self._to_ours[i] for i in self._tokenizer.encode(checked_text(text), add_special_tokens=False).ids]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [[self._to_ours[i] for i in e.ids]
-                for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+                for e in self._tokenizer.encode_batch([checked_text(t) for t in texts], add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Decode text ids; special slots and ids outside the text range are dropped."""
