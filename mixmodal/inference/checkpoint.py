@@ -15,7 +15,10 @@ generation.yaml existed falls back to the run's config.yaml for the same two fac
 A converted Chameleon (`mixmodal convert hf-chameleon`) also holds vocab_map.json; its
 text_tokenizer/tokenizer.json is Chameleon's own, loaded through the adapter
 (interop/chameleon_tokenizer.py), and its generation.yaml says whether it may start
-images (`image_generation`, false for base Chameleon; absent means true).
+images (`image_generation`, false for base Chameleon; absent means true) and how its
+images become pixels (`image_preprocessing: chameleon`, Meta's pipeline; absent means
+mixmodal's, tokenizers/pixels.py). Its image_tokenizer/ is the VQGAN: encoder only when
+converted from transformers alone, encoder and decoder from Meta's vqgan.ckpt.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ class CheckpointError(ValueError):
 
 def write_generation_settings(model_dir: str | Path, *, max_length: int | None, diffusion: DiffusionConfig | None,
                               retrieval: dict | None = None, image_generation: bool | None = None,
-                              chat_template: str | None = None) -> Path:
+                              chat_template: str | None = None, image_preprocessing: str | None = None) -> Path:
     settings: dict = {"max_length": max_length}
+    if image_preprocessing is not None:
+        settings["image_preprocessing"] = image_preprocessing
     if chat_template is not None:
         settings["chat_template"] = chat_template
     if image_generation is not None:
@@ -65,6 +70,19 @@ def read_image_generation(model_dir: Path) -> bool:
     value = (load_yaml(path) or {}).get("image_generation", True) if path.is_file() else True
     if not isinstance(value, bool):
         raise CheckpointError(f"{path}: image_generation must be true or false, got {value!r}")
+    return value
+
+
+def read_image_preprocessing(model_dir: Path) -> str:
+    """generation.yaml's image_preprocessing: how images become tokenizer input and pixels come back
+    (tokenizers/pixels.py PIXEL_CONVENTIONS; default mixmodal's)."""
+    from mixmodal.tokenizers.pixels import PIXEL_CONVENTIONS
+
+    path = model_dir / GENERATION_FILE
+    value = (load_yaml(path) or {}).get("image_preprocessing", "mixmodal") if path.is_file() else "mixmodal"
+    if value not in PIXEL_CONVENTIONS:
+        raise CheckpointError(f"{path}: image_preprocessing must be one of {', '.join(PIXEL_CONVENTIONS)} (or "
+                              f"absent: mixmodal); got {value!r}")
     return value
 
 
@@ -133,7 +151,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
     model = load_model_dir(folder, device, dtype=dtype)  # bf16: the weights stay bf16, never an fp32 copy
     engine = Engine(model, text_tokenizer or TextTokenizer.load(text_dir), image_tokenizer, diffusion=diffusion,
                     max_length=max_length, dtype=dtype, image_generation=read_image_generation(folder),
-                    chat_template=read_chat_template(folder))
+                    chat_template=read_chat_template(folder), image_preprocessing=read_image_preprocessing(folder))
     engine.checkpoint = str(folder)
     return engine
 
@@ -150,4 +168,5 @@ def _chameleon_tokenizer(folder: Path):
 
 
 __all__ = ["CheckpointError", "GENERATION_FILE", "load_checkpoint", "model_folder", "read_generation_settings",
-           "read_chat_template", "read_image_generation", "read_retrieval_settings", "write_generation_settings"]
+           "read_chat_template", "read_image_generation", "read_image_preprocessing", "read_retrieval_settings",
+           "write_generation_settings"]

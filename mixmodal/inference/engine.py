@@ -38,7 +38,7 @@ from mixmodal.inference.logits import contrastive_scores, guide, guided_scores, 
 from mixmodal.inference.prompt import PromptError, PromptLike, encode_prompt, prompt_ids, stream_segments, to_document
 from mixmodal.objectives.diffusion import (DDPMSchedule, DiffusionConfig, FlowSchedule, build_schedule, ddim_step,
                                            ddpm_step, flow_step, sampling_times)
-from mixmodal.tokenizers.pixels import tensor_to_images
+from mixmodal.tokenizers.pixels import pixel_convention
 from mixmodal.vocab import NUM_MASK_SENTINELS
 
 
@@ -84,7 +84,8 @@ class Engine:
 
     def __init__(self, model, text_tokenizer, image_tokenizer, *, diffusion: DiffusionConfig | None = None,
                  max_length: int | None = None, dtype: torch.dtype | None = None, decode_images: bool = True,
-                 image_generation: bool = True, chat_template: str | None = None) -> None:
+                 image_generation: bool = True, chat_template: str | None = None,
+                 image_preprocessing: str = "mixmodal") -> None:
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
         self.image_tokenizer = image_tokenizer.eval() if image_tokenizer is not None else None
@@ -100,6 +101,12 @@ class Engine:
         # how a conversation prompt is laid out (data/chat.py): "mixmodal" for a model tuned on conversations,
         # "chameleon" for a converted one; None: a conversation's parts are laid out plainly (a base model)
         self.chat_template = chat_template
+        # how PIL images become tokenizer input and decoded pixels PIL images (tokenizers/pixels.py):
+        # "mixmodal", or "chameleon" (Meta's pipeline) for a converted Chameleon; generation.yaml
+        self.image_preprocessing = image_preprocessing
+        self._pixels = pixel_convention(image_preprocessing)
+        # a VQ tokenizer converted from transformers alone is encoder only: prompt images, but no pixels out
+        self._can_decode = image_tokenizer is not None and getattr(image_tokenizer, "decoder", True) is not None
         if text_tokenizer.vocab_size > self.vocab.text_size:
             raise ValueError(f"the text tokenizer has {text_tokenizer.vocab_size} ids but the model's text range is "
                              f"{self.vocab.text_size} (model.text_vocab_size): they were not trained together")
@@ -187,8 +194,9 @@ class Engine:
         Its rows are numbered from 0 until a RunningBatch places it."""
         if config.contrastive is not None and self.mode != "tokens":
             raise ValueError("contrastive decoding (CD-K) picks image codes; this is a latent-mode model")
-        doc = to_document(prompt)
-        encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode, self.chat_template)
+        doc = to_document(prompt, self.image_preprocessing)
+        encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode, self.chat_template,
+                                self.image_preprocessing)
         variants = stream_segments(encoded.segments, config.guidance, config.streams, self.vocab)
         prefix, prefix_images = self._context(context)
         blocks = []
@@ -215,6 +223,19 @@ class Engine:
         if config.mode != "text" and self.image_tokenizer is None and self.decode_images:
             raise PromptError(f"mode={config.mode} writes images, but the checkpoint has no image tokenizer to turn "
                               "them into pixels; copy it into MODEL/image_tokenizer or use mode=text")
+        if config.mode != "text" and self.image_generation and self.decode_images and not self._can_decode:
+            folder = Path(getattr(self, "checkpoint", "MODEL")) / "image_tokenizer"
+            raise PromptError(f"mode={config.mode} writes images, but {folder} is encoder only (encoder_only: true: "
+                              "transformers' Chameleon ships no VQGAN decoder), so generated codes cannot become "
+                              f"pixels. Add the decoder from Meta's vqgan.ckpt (with its vqgan.yaml; Anole ships both "
+                              f"in tokenizer/): `mixmodal convert chameleon-vqgan vqgan.ckpt {folder}`, or reconvert "
+                              "with `mixmodal convert hf-chameleon SRC OUT --vqgan vqgan.ckpt`; or use mode=text "
+                              "(prompt images still work)")
+        if config.streams > 1 and config.guidance.uncond == "mask" and self.vocab.mask(0) in set(
+                self.text_tokenizer.never_sample):
+            raise PromptError("guidance.uncond=mask feeds <mask:0>, which this model never learned (a converted "
+                              "Chameleon: the slot holds an unused <reservedNNNNN>, vocab_map.json); use "
+                              "guidance.uncond=empty, whose unconditional stream <bos> <boi> is Meta's <s> <racm3:break>")
         room = min(config.max_new_tokens, (self.max_length or length + config.max_new_tokens) - length)
         if config.mode == "image" and room < self.per_image + 2:
             raise PromptError(f"mode=image needs {self.per_image + 2} positions for one image (<boi>, "
@@ -228,7 +249,8 @@ class Engine:
         ids: list[int] = []
         images: list[tuple[int, torch.Tensor]] = []
         for doc in docs:
-            encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode, self.chat_template)
+            encoded = encode_prompt(doc, self.text_tokenizer, self.image_tokenizer, self.vocab, self.mode, self.chat_template,
+                                    self.image_preprocessing)
             doc_ids, doc_images = prompt_ids(encoded.segments, self.vocab, self.mode, self.per_image, eos=True)
             if self.mode == "latents":
                 images += [(len(ids) + start, encoded.latents[k]) for start, k in doc_images]
@@ -447,7 +469,7 @@ class Engine:
         return None
 
     def _image_fits(self, seq: _Sequence) -> bool:
-        return (self.image_tokenizer is not None or not self.decode_images) and self._room(seq) >= self.per_image + 2
+        return (self._can_decode or not self.decode_images) and self._room(seq) >= self.per_image + 2
 
     def _allowed(self, seq: _Sequence) -> torch.Tensor:
         config, v = seq.config, self.vocab
@@ -495,13 +517,13 @@ class Engine:
     @torch.no_grad()
     def _decode_codes(self, codes: torch.Tensor):
         device = next(self.image_tokenizer.parameters()).device
-        return tensor_to_images(self.image_tokenizer.decode(codes.to(device)))
+        return self._pixels.to_images(self.image_tokenizer.decode(codes.to(device)))
 
     @torch.no_grad()
     def _decode_latents(self, latents: torch.Tensor):
         tok = self.image_tokenizer
         device = next(tok.parameters()).device
-        return tensor_to_images(tok.decode(tok.unscale_latents(latents.to(device))))
+        return self._pixels.to_images(tok.decode(tok.unscale_latents(latents.to(device))))
 
     def _result(self, seq: _Sequence) -> GenerationResult:
         parts = []

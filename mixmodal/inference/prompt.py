@@ -9,6 +9,11 @@ vectors the model writes from the clean latents (latent mode). Guidance needs th
 prompt with its conditioning taken away (config.GuidanceConfig): `stream_segments` makes
 those variants from the encoded segments (layout.unconditional, the function training's
 conditioning dropout uses), so the images are encoded once.
+
+How a PIL image becomes tokenizer input is the model's pixel convention (generation.yaml
+`image_preprocessing`, tokenizers/pixels.py): mixmodal's (RGB, centre-crop, bicubic) for a
+native model, Meta's (white-blended transparency, LANCZOS on the shortest side, centre-crop)
+for a converted Chameleon.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from mixmodal.data.layout import encode_document, lay_out, unconditional
 from mixmodal.data.segments import Segment
 from mixmodal.documents import Document, Image, Text
 from mixmodal.inference.config import GuidanceConfig
-from mixmodal.tokenizers.pixels import images_to_tensor
+from mixmodal.tokenizers.pixels import pixel_convention
 from mixmodal.vocab import Vocab
 
 PromptLike = Union[str, Document, Sequence[Union[str, PIL.Image.Image, Text, Image]]]
@@ -37,7 +42,10 @@ class PromptError(ValueError):
     """A prompt that cannot be generated from; the message says what to change."""
 
 
-def to_document(prompt: PromptLike) -> Document:
+def to_document(prompt: PromptLike, image_preprocessing: str = "mixmodal") -> Document:
+    """A prompt as a Document; a PIL image becomes RGB by the pixel convention (mixmodal's
+    `convert("RGB")`, or Meta's white blend of transparency for a converted Chameleon)."""
+    to_rgb = pixel_convention(image_preprocessing).to_rgb
     if isinstance(prompt, Document):
         return prompt
     if isinstance(prompt, str):
@@ -49,7 +57,7 @@ def to_document(prompt: PromptLike) -> Document:
         elif isinstance(item, str):
             parts.append(Text(item))
         elif isinstance(item, PIL.Image.Image):
-            parts.append(Image(item.convert("RGB")))
+            parts.append(Image(to_rgb(item)))
         else:
             raise PromptError(f"a prompt part must be a str or a PIL image, got {type(item).__name__}")
     return Document(parts)
@@ -75,15 +83,16 @@ class EncodedPrompt:
 
 @torch.no_grad()
 def encode_prompt(doc: Document, text_tokenizer, image_tokenizer, vocab: Vocab, mode: str,
-                  chat_template: str | None = None) -> EncodedPrompt:
-    """A prompt's segments; a conversation (metadata "turns") in `chat_template` (None: plainly)."""
+                  chat_template: str | None = None, image_preprocessing: str = "mixmodal") -> EncodedPrompt:
+    """A prompt's segments; a conversation (metadata "turns") in `chat_template` (None: plainly);
+    images become tokenizer input by `image_preprocessing` (tokenizers/pixels.py)."""
     pils = [p.image for p in doc.parts if isinstance(p, Image)]
     contents: list[torch.Tensor] = []
     if pils:
         if image_tokenizer is None:
             raise PromptError("the prompt has images but the checkpoint has no image tokenizer")
         device = next(image_tokenizer.parameters()).device
-        pixels = images_to_tensor(pils, image_tokenizer.config.resolution).to(device)
+        pixels = pixel_convention(image_preprocessing).to_tensor(pils, image_tokenizer.config.resolution).to(device)
         if mode == "tokens":
             contents = list(vocab.image_code_to_id(image_tokenizer.encode(pixels).flatten(1)).cpu())
         else:

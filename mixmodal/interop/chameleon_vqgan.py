@@ -14,6 +14,13 @@ taming's quantiser is a plain nearest-neighbour codebook, so the result uses
 `codebook: euclidean`; taming fixes GroupNorm at 32 groups. The tests prove the mapping:
 codes equal to transformers' on random images, and codes equal / images within 1e-5 of a
 plain functional taming forward written independently in the test.
+
+Attaching the decoder to a converted Chameleon (`convert hf-chameleon` keeps transformers'
+encoder-only VQGAN in MODEL/image_tokenizer/): convert Meta's vqgan.ckpt into that folder,
+`mixmodal convert chameleon-vqgan vqgan.ckpt MODEL/image_tokenizer`, or pass it at conversion,
+`mixmodal convert hf-chameleon SRC OUT --vqgan vqgan.ckpt`. Either way the checkpoint's encoder
+must be the model's (the VQGAN the language model was trained on): the tensors are compared
+and a different VQGAN is refused, naming the first tensor that differs.
 """
 
 from __future__ import annotations
@@ -186,9 +193,46 @@ def _read_transformers(src: Path, config_path: Path | None) -> tuple[dict, dict,
     return json.loads(config_path.read_text(encoding="utf-8")), state, str(config_path)
 
 
+TAMING_CHECKPOINT = "vqgan.ckpt"  # Meta's release (and Anole's) names it so, beside vqgan.yaml
+
+
+def is_taming_checkpoint(src: Path) -> bool:
+    """A taming checkpoint file, or a folder holding vqgan.ckpt (Meta's / Anole's tokenizer/)."""
+    return (src.is_file() and src.suffix in (".ckpt", ".pt", ".pth")) or (src.is_dir() and (src / TAMING_CHECKPOINT).is_file()
+                                                                          and not (src / "config.json").is_file())
+
+
+def read_taming_vqgan(src: str | os.PathLike, config: str | os.PathLike | None = None
+                      ) -> tuple[VQConfig, dict[str, torch.Tensor], Path]:
+    """Meta's taming VQGAN: (its VQConfig, its state dict under taming's names in float32, the .ckpt path).
+    `src` is the .ckpt or a folder holding vqgan.ckpt; the config is `config`, else vqgan.yaml
+    (or the .ckpt's name with .yaml) beside it."""
+    src = Path(src)
+    if src.is_dir():
+        src = src / TAMING_CHECKPOINT
+    if not src.is_file():
+        raise ConversionError(f"{src} does not exist: pass Meta's {TAMING_CHECKPOINT} (Chameleon's tokenizer/ folder, "
+                              "also shipped in Anole's) or the folder holding it")
+    config_path = Path(config) if config else None
+    if config_path is None:
+        candidates = [src.with_suffix(".yaml"), src.with_name("vqgan.yaml")]
+        config_path = next((c for c in candidates if c.is_file()), None)
+        if config_path is None:
+            raise ConversionError(f"no taming config next to {src} (looked for {', '.join(c.name for c in candidates)}); "
+                                  "pass --config vqgan.yaml")
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConversionError(f"{config_path}: cannot read the taming config: {e}") from None
+    return vq_config_from_taming(raw, str(config_path)), load_lightning_state_dict(src), src
+
+
 def convert_chameleon_vqgan(src: str | os.PathLike, out: str | os.PathLike,
                             config: str | os.PathLike | None = None) -> tuple[VQTokenizer, list[str]]:
-    """Convert a ChameleonVQVAE folder / .safetensors or a taming vqgan.ckpt into a tokenizer directory `out`.
+    """Convert a ChameleonVQVAE folder / .safetensors or a taming vqgan.ckpt (or a folder holding
+    one) into a tokenizer directory `out`. When `out` is a converted Chameleon's image_tokenizer/
+    (its parent holds vocab_map.json), the new VQGAN must fit the model: same codebook size and
+    grid, and the encoder of the tokenizer already there (compare_encoders).
 
     Returns the loaded tokenizer and notes for the user.
     """
@@ -197,19 +241,8 @@ def convert_chameleon_vqgan(src: str | os.PathLike, out: str | os.PathLike,
     if not src.exists():
         raise ConversionError(f"{src} does not exist: pass a ChameleonVQVAE folder, a .safetensors or a taming vqgan.ckpt")
     notes = []
-    if src.is_file() and src.suffix in (".ckpt", ".pt", ".pth"):
-        if config_path is None:
-            candidates = [src.with_suffix(".yaml"), src.with_name("vqgan.yaml")]
-            config_path = next((c for c in candidates if c.is_file()), None)
-            if config_path is None:
-                raise ConversionError(f"no taming config next to {src} (looked for {', '.join(c.name for c in candidates)}); "
-                                      "pass --config vqgan.yaml")
-        try:
-            raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConversionError(f"{config_path}: cannot read the taming config: {e}") from None
-        vq_config = vq_config_from_taming(raw, str(config_path))
-        state = load_lightning_state_dict(src)
+    if is_taming_checkpoint(src):
+        vq_config, state, src = read_taming_vqgan(src, config_path)
     else:
         raw, state, origin = _read_transformers(src, config_path)
         encoder_only = not any(k.startswith("decoder.") for k in state)
@@ -218,4 +251,63 @@ def convert_chameleon_vqgan(src: str | os.PathLike, out: str | os.PathLike,
             notes.append("transformers' ChameleonVQVAE has no decoder: the tokenizer encodes only "
                          "(convert Meta's vqgan.ckpt to decode)")
     mapped = taming_to_mixmodal(state, len(vq_config.channel_multipliers))
+    notes += _check_fits_model(vq_config, mapped, Path(out))
     return finish_conversion(VQTokenizer(vq_config), mapped, src, out), notes
+
+
+# --- attaching to a converted Chameleon ---------------------------------------------------
+
+def first_difference(reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], *,
+                     reference_dtype: bool = True) -> str | None:
+    """None when every tensor of `reference` is in `candidate` with the same values, else what differs.
+    reference_dtype: compare after casting the candidate to the reference's dtype (transformers stores
+    the VQGAN in the checkpoint's dtype, e.g. bf16, Meta's vqgan.ckpt in float32); otherwise equal
+    after rounding both to bf16 or to fp16 (a folder converted from an unknown dtype)."""
+    for name, ref in reference.items():
+        if name not in candidate:
+            return f"{name} is missing"
+        new = candidate[name]
+        if tuple(new.shape) != tuple(ref.shape):
+            return f"{name} has shape {tuple(new.shape)}, not {tuple(ref.shape)}"
+        if reference_dtype:
+            same = torch.equal(new.to(ref.dtype), ref)
+        else:
+            same = torch.equal(new.float(), ref.float()) or any(
+                torch.equal(new.to(d), ref.to(d)) for d in (torch.bfloat16, torch.float16))
+        if not same:
+            return f"{name} differs (max |difference| {float((new.float() - ref.float()).abs().max()):.3g})"
+    return None
+
+
+def _check_fits_model(vq_config: VQConfig, mapped: dict[str, torch.Tensor], out: Path) -> list[str]:
+    """`out` is a converted Chameleon's image_tokenizer/: the VQGAN must be the model's."""
+    from mixmodal.model.io import CONFIG_FILE, ModelDirError, read_model_config
+    from mixmodal.tokenizers.image import load_image_tokenizer
+
+    model_dir = out.parent
+    if not (model_dir / "vocab_map.json").is_file() or not (model_dir / CONFIG_FILE).is_file():
+        return []
+    try:
+        image = read_model_config(model_dir).image
+    except ModelDirError as e:
+        raise ConversionError(str(e)) from None
+    if (vq_config.codebook_size, vq_config.grid_size) != (image.num_codes, image.grid_size):
+        raise ConversionError(f"this VQGAN has {vq_config.codebook_size} codes on a {vq_config.grid_size}x"
+                              f"{vq_config.grid_size} grid but the model {model_dir} has {image.num_codes} image codes "
+                              f"on a {image.grid_size}x{image.grid_size} grid ({model_dir / CONFIG_FILE}): it is not "
+                              "the model's VQGAN")
+    if not (out / "model.safetensors").is_file():
+        return []
+    try:
+        present = load_image_tokenizer(out)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConversionError(f"{out} holds an unreadable image tokenizer ({e}); remove it to write this one") from None
+    reference = {k: v for k, v in present.state_dict().items()
+                 if not k.startswith("decoder.") and k != "quantize.steps_since_used"}
+    why = first_difference(reference, mapped, reference_dtype=False)
+    if why is not None:
+        raise ConversionError(f"this VQGAN's encoder is not the one in {out}, which the model {model_dir} encodes its "
+                              f"images with: {why}. Pass the vqgan.ckpt released with these weights, or remove {out} "
+                              "to replace the VQGAN anyway")
+    had = "encoder and decoder" if present.decoder is not None else "encoder only"
+    return [f"its encoder equals the one {out} held ({had}), which it replaces"]

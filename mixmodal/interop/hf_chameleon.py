@@ -42,7 +42,12 @@ greedy text equals transformers' `generate` token for token.
 
 The VQGAN (`model.vqmodel.*`), when present, goes through interop/chameleon_vqgan.py into
 OUT/image_tokenizer/ (encoder only: transformers ships no decoder), and the inverse
-writes it back from there. A model directory without image_tokenizer/ (a model trained in
+writes it back from there (its encoder; a decoder has no transformers counterpart). With
+`vqgan=` (CLI `--vqgan`), Meta's vqgan.ckpt (+ vqgan.yaml) becomes OUT/image_tokenizer/
+instead, encoder and decoder, after checking that its config and encoder are the folder's
+`model.vqmodel` (equal once cast to the folder's dtype): generated codes then decode to
+pixels. generation.yaml's `image_preprocessing: chameleon` makes prompt images go through
+Meta's pipeline (tokenizers/pixels.py), and decoded images come back as Meta's do. A model directory without image_tokenizer/ (a model trained in
 mixmodal) is written without VQGAN weights: transformers then initialises `model.vqmodel`
 at random and warns about its missing keys; the language model is complete.
 """
@@ -383,12 +388,16 @@ def _check(config: ModelConfig, state: dict[str, torch.Tensor], origin: str) -> 
 
 # --- reading --------------------------------------------------------------------------------
 
-def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike, *,
-                         image_generation: bool = False) -> tuple[ModelConfig, list[str]]:
+def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike, *, image_generation: bool = False,
+                         vqgan: str | os.PathLike | None = None,
+                         vqgan_config: str | os.PathLike | None = None) -> tuple[ModelConfig, list[str]]:
     """Convert a transformers ChameleonForConditionalGeneration folder into a model directory `out`.
 
     image_generation: written to OUT/generation.yaml; False (base Chameleon, as Meta releases
     it) keeps the engine from starting images, True is for weights trained to draw (Anole).
+    vqgan: Meta's vqgan.ckpt (or the folder holding it; its config is `vqgan_config`, else the
+    vqgan.yaml beside it): OUT/image_tokenizer/ gets its encoder and decoder, so generated images
+    decode; it must be the VQGAN of `src` (checked before anything is written).
     Returns the model's config and notes for the user."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -411,6 +420,7 @@ def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike, *,
     config = model_config_from_hf(hf_config, origin, vocab_map)
     state = read_hf_state(src, "ChameleonForConditionalGeneration")
     vq_state = {k[len(_VQ_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_VQ_PREFIX)]}
+    meta_vqgan = _read_meta_vqgan(hf_config, vq_state, vqgan, vqgan_config, config, src) if vqgan is not None else None
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)  # tied: stored once, as the embedding
     ours = hf_state_to_mixmodal(state, vocab_map)
@@ -425,7 +435,8 @@ def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike, *,
                      f"{vocab.pad_to_multiple}); the extra embedding and lm_head rows are zeros")
     notes.append(f"ids are permuted: {vocab_map.num_image_codes} image tokens moved to ids {vocab.text_size}.."
                  f"{vocab.text_size + vocab_map.num_image_codes - 1} (see {VOCAB_MAP_FILE})")
-    notes.extend(_convert_vqgan(hf_config, vq_state, src, out / IMAGE_TOKENIZER_DIR, vocab_map.num_image_codes))
+    notes.extend(_convert_vqgan(hf_config, vq_state, src, out / IMAGE_TOKENIZER_DIR, vocab_map.num_image_codes,
+                                meta_vqgan))
     notes.extend(_write_text_side(out, vocab_map, layout, names_from, source_tokenizer, hf_config, image_generation))
     return config, notes
 
@@ -457,7 +468,8 @@ def _write_text_side(out: Path, vocab_map: VocabMap, layout, names_from: str, so
 
     write_generation_settings(out, max_length=hf_config.get("max_position_embeddings"), diffusion=None,
                               image_generation=image_generation,
-                              chat_template=None if isinstance(layout, str) else "chameleon")
+                              chat_template=None if isinstance(layout, str) else "chameleon",
+                              image_preprocessing="chameleon")
     notes = [f"{GENERATION_FILE}: image_generation: {str(image_generation).lower()}"
              + ("" if image_generation else " (base Chameleon, as Meta releases it, does not draw; for weights "
                 "trained to, e.g. Anole, convert with --image-generation or set it true)")]
@@ -479,20 +491,59 @@ def _write_text_side(out: Path, vocab_map: VocabMap, layout, names_from: str, so
     return notes + [f"the text tokenizer {source[1]} went to {target}"]
 
 
-def _convert_vqgan(hf_config: dict, vq_state: dict, src: Path, out: Path, num_image_codes: int) -> list[str]:
+_ATTACH_HINT = ("to decode generated images, add the decoder from Meta's vqgan.ckpt (+ vqgan.yaml; Chameleon's "
+                "tokenizer/ folder, also in Anole's): reconvert with --vqgan vqgan.ckpt, or run `mixmodal convert "
+                "chameleon-vqgan vqgan.ckpt {out}`")
+
+
+def _read_meta_vqgan(hf_config: dict, vq_state: dict, path, config_path, model_config: ModelConfig, src: Path):
+    """Meta's vqgan.ckpt, checked against the folder: (VQConfig, taming state, .ckpt path)."""
+    from dataclasses import asdict
+
+    from mixmodal.interop.chameleon_vqgan import first_difference, read_taming_vqgan, vq_config_from_transformers
+
+    vq_config, taming, ckpt = read_taming_vqgan(path, config_path)
+    image = model_config.image
+    if (vq_config.codebook_size, vq_config.grid_size) != (image.num_codes, image.grid_size):
+        raise ConversionError(f"{ckpt} has {vq_config.codebook_size} codes on a {vq_config.grid_size}x"
+                              f"{vq_config.grid_size} grid but {src / 'config.json'} has {image.num_codes} image tokens "
+                              f"on a {image.grid_size}x{image.grid_size} grid: it is not this model's VQGAN")
+    if vq_state:
+        theirs = asdict(vq_config_from_transformers(hf_config, str(src / "config.json"), encoder_only=False))
+        differ = [f"{k}: {theirs[k]} vs {v}" for k, v in asdict(vq_config).items() if theirs[k] != v]
+        if differ:
+            raise ConversionError(f"{ckpt}'s config disagrees with {src / 'config.json'} vq_config ({'; '.join(differ)}): "
+                                  "pass the vqgan.ckpt and vqgan.yaml released with these weights")
+        why = first_difference(vq_state, taming)
+        if why is not None:
+            raise ConversionError(f"{ckpt} is not the VQGAN of {src} (model.vqmodel.*): {why}. Pass the vqgan.ckpt "
+                                  "released with these weights (Meta's tokenizer/vqgan.ckpt for Chameleon and Anole)")
+    return vq_config, taming, ckpt
+
+
+def _convert_vqgan(hf_config: dict, vq_state: dict, src: Path, out: Path, num_image_codes: int,
+                   meta_vqgan=None) -> list[str]:
     from mixmodal.interop.chameleon_vqgan import taming_to_mixmodal, vq_config_from_transformers
     from mixmodal.interop.common import finish_conversion
     from mixmodal.tokenizers.vq import VQTokenizer
 
+    if meta_vqgan is not None:
+        vq_config, taming, ckpt = meta_vqgan
+        finish_conversion(VQTokenizer(vq_config), taming_to_mixmodal(taming, len(vq_config.channel_multipliers)),
+                          ckpt, out)
+        same = " (its encoder equals the folder's model.vqmodel)" if vq_state else ""
+        return [f"the VQGAN of {ckpt} went to {out}: encoder and decoder{same}, so generated images decode"]
     if not vq_state:
-        return ["the checkpoint holds no VQGAN (model.vqmodel.*): no image_tokenizer/ was written"]
+        return ["the checkpoint holds no VQGAN (model.vqmodel.*): no image_tokenizer/ was written; "
+                + _ATTACH_HINT.format(out=out)]
     try:
         vq_config = vq_config_from_transformers(hf_config, str(src / "config.json"), encoder_only=True)
         mapped = taming_to_mixmodal({k: v.float() for k, v in vq_state.items()}, len(vq_config.channel_multipliers))
         finish_conversion(VQTokenizer(vq_config), mapped, src, out)
     except ConversionError as e:
         return [f"the VQGAN was not converted ({e}); no {IMAGE_TOKENIZER_DIR}/ was written"]
-    notes = [f"the VQGAN went to {out} (encoder only: transformers ships no decoder)"]
+    notes = [f"the VQGAN went to {out} (encoder only: transformers ships no decoder; prompt images encode, generated "
+             f"images cannot decode): " + _ATTACH_HINT.format(out=out)]
     if vq_config.codebook_size != num_image_codes:
         notes.append(f"the VQGAN has {vq_config.codebook_size} codes but the vocabulary {num_image_codes} image tokens")
     return notes
@@ -549,7 +600,11 @@ def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> t
         vq_config, vq_state = _vqgan_to_hf(src / IMAGE_TOKENIZER_DIR, config.image.num_codes)
         hf_config["vq_config"] = vq_config
         hf_state.update({_VQ_PREFIX + k: v for k, v in vq_state.items()})
-        notes.append(f"the VQGAN encoder of {src / IMAGE_TOKENIZER_DIR} went to model.vqmodel")
+        from mixmodal.config import load_yaml
+
+        decoder = not load_yaml(src / IMAGE_TOKENIZER_DIR / CONFIG_FILE).get("encoder_only", False)
+        notes.append(f"the VQGAN encoder of {src / IMAGE_TOKENIZER_DIR} went to model.vqmodel"
+                     + (" (its decoder is not written: transformers' ChameleonVQVAE has none)" if decoder else ""))
     else:
         notes.append(f"no {IMAGE_TOKENIZER_DIR}/ in {src}: no VQGAN weights are written; transformers initialises "
                      "model.vqmodel at random and warns about its missing keys (the language model is complete)")
