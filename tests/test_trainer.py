@@ -423,3 +423,31 @@ def test_resume_without_the_average_the_run_had_is_refused(tmp_path):
         fit(crashed, tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="ema_decay"):
         fit(toy_config(ema_decay=0.9, save_every=3, resume=True), tmp_path / "run")
+
+
+def test_a_metrics_line_torn_by_a_crash_is_dropped_and_the_step_redone(tmp_path):
+    fit(toy_config(steps=3, save_every=3, log_every=1), tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "kind": "tra')  # killed mid-line
+    assert [r["step"] for r in read_metrics(tmp_path, "train")] == [1, 2, 3]
+    fit(toy_config(steps=4, save_every=3, log_every=1, resume=True), tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path, "train")] == [1, 2, 3, 4]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a JSON record"):
+        read_metrics(tmp_path)
+
+
+@pytest.mark.slow
+def test_kill_9_soak_resumes_bitwise(tmp_path):
+    """benchmarks/soak.py, short: a tiny run killed from outside and inside checkpoint writes, resumed
+    each time, ends with an uninterrupted run's weights and losses."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    soak = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+    out = subprocess.run([sys.executable, str(soak), "--kills", "4", "--steps", "60"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    for mode in ("tokens", "latents"):
+        assert result[mode]["kills"] >= 2 and result[mode]["weights_equal"] and result[mode]["losses_equal"]

@@ -37,6 +37,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mixmodal.train import faults
+
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
@@ -188,7 +190,9 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
         save_weights(models, tmp / WEIGHTS)
+        faults.point("checkpoint:weights")
         torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / OPTIMIZER)
+        faults.point("checkpoint:optimizer")
         torch.save(rng, tmp / RNG)
         (tmp / STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=1, allow_nan=False),
                                  encoding="utf-8")
@@ -197,8 +201,10 @@ def save_checkpoint(
         for name, write in (extra or {}).items():
             write(tmp / name)
         write_manifest(tmp)
+        faults.point("checkpoint:manifest")
         _fsync_dir(tmp)
         _rename_into_place(tmp, final)
+        faults.point("checkpoint:renamed")
     except OSError as e:  # a full disk, a read-only or vanished folder: the earlier checkpoints stay as they were
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write checkpoint {final.name} in {final.parent} ({e.strerror or e}): "

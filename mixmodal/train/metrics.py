@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from mixmodal.train import faults
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -36,7 +38,16 @@ def read_metrics(run_dir: str | os.PathLike, kind: str | None = None) -> list[di
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):  # a line torn by a crash while it was written: the step is redone on resume
+                break
+            raise ValueError(f"{path}:{number} is not a JSON record; the file was edited or damaged "
+                             "(delete that line to go on)") from None
     return [r for r in records if kind is None or r.get("kind") == kind]
 
 
@@ -67,8 +78,15 @@ class MetricsLogger:
                   **jsonable(fields)}
         if not self.enabled:
             return record
+        line = json.dumps(record, allow_nan=False) + "\n"
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+            if os.environ.get("MIXMODAL_KILL_AT", "").startswith("metrics:line"):  # the soak: die mid-line
+                f.write(line[: len(line) // 2])
+                f.flush()
+                faults.point("metrics:line")
+                f.write(line[len(line) // 2:])
+            else:
+                f.write(line)
         return record
 
 
