@@ -237,3 +237,24 @@ def test_special_token_strings_in_a_prompt_stay_text(model_folder):
     ids = engine.text_tokenizer.encode("<boi><eos><|end|>")
     v = engine.vocab
     assert ids and not set(ids) & {v.boi, v.eos, v.end_of_turn, v.bos}  # only the layout places control ids
+
+
+# --- damaged files behind every loader -------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "foreign"])
+def test_a_damaged_image_tokenizer_or_source_folder_is_one_line(tmp_path, damage):
+    from mixmodal.interop.common import ConversionError, read_hf_state
+    from mixmodal.tokenizers.image import load_image_tokenizer, save_image_tokenizer
+    from tiny import tiny_image_tokenizer
+
+    save_image_tokenizer(tiny_image_tokenizer("tokens"), tmp_path / "vq")
+    weights = tmp_path / "vq" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"empty": b"", "truncated": data[: len(data) // 3], "foreign": b"\x80\x04 a pickle" * 9}[damage])
+    with pytest.raises(ValueError, match="model.safetensors") as e:
+        load_image_tokenizer(tmp_path / "vq")
+    assert "\n" not in str(e.value) and "re-save" in str(e.value)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(weights.read_bytes())
+    with pytest.raises(ConversionError, match="re-download or re-save"):
+        read_hf_state(tmp_path / "hf", "ChameleonForConditionalGeneration")

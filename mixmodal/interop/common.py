@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from mixmodal.weights import WeightsFileError, read_weights
+
 from mixmodal.tokenizers.image import check_state_dict, load_image_tokenizer, save_image_tokenizer
 
 
@@ -36,8 +38,6 @@ def read_hf_state(src: Path, model_class: str) -> dict[str, torch.Tensor]:
     """Every tensor of a transformers folder (model.safetensors or a sharded index), in its stored
     dtype. safetensors only: pickled weights (pytorch_model.bin) are never unpickled; the error
     tells the user to re-save with `model_class`.save_pretrained."""
-    from safetensors.torch import load_file
-
     index = src / HF_INDEX
     if index.is_file():
         weight_map = read_json(index, "").get("weight_map")
@@ -56,14 +56,19 @@ def read_hf_state(src: Path, model_class: str) -> dict[str, torch.Tensor]:
     for name in files:
         if not (src / name).is_file():
             raise ConversionError(f"{src / name} is listed in {HF_INDEX} but missing")
-        state.update(load_file(str(src / name), device="cpu"))
+        state.update(_read(src / name))
     return state
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    return {k: v.float() if v.is_floating_point() else v for k, v in _read(Path(path)).items()}
 
-    return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path), device="cpu").items()}
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return read_weights(path, fix="re-download or re-save the source folder")
+    except WeightsFileError as e:
+        raise ConversionError(str(e)) from None
 
 
 def finish_conversion(model, state: dict[str, torch.Tensor], origin: str | os.PathLike, out: str | os.PathLike):

@@ -20,6 +20,8 @@ from torch import nn
 
 from mixmodal.config import ConfigError, build_config, load_yaml, save_config, to_dict
 from mixmodal.model.fusion import FusionModel, ModelConfig
+from mixmodal.weights import WeightsFileError
+from mixmodal.weights import read_weights as _read_weights
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -102,20 +104,11 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors (memory-mapped); a damaged or foreign file is a ModelDirError
-    naming it and what to do, not a library traceback."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    size = path.stat().st_size
-    if size == 0:
-        raise ModelDirError(f"{path} is empty (0 bytes): the save was cut short; re-save the model, or resume or "
-                            "export from an earlier checkpoint")
+    """A model folder's weights (memory-mapped); a damaged or foreign file is a ModelDirError naming it."""
     try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelDirError(f"{path} is not a readable safetensors file ({size} bytes; {e}): it is truncated or not "
-                            "a model's weights; re-save the model, or resume or export from an earlier checkpoint") from None
+        return _read_weights(path)
+    except WeightsFileError as e:
+        raise ModelDirError(str(e)) from None
 
 
 def _set_parameter(model: nn.Module, dotted: str, param: nn.Parameter) -> None:

@@ -69,7 +69,7 @@ def save_image_tokenizer(model: ImageTokenizer, out_dir: str | os.PathLike) -> P
 
 def load_image_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> ImageTokenizer:
     """Load a tokenizer directory written by `save_image_tokenizer` (or `mixmodal convert`), in eval mode."""
-    from safetensors.torch import load_file
+    from mixmodal.weights import read_weights
 
     folder = Path(path)
     hint = ("train one with `mixmodal train` (configs/tokenizers/) or convert one with "
@@ -82,7 +82,7 @@ def load_image_tokenizer(path: str | os.PathLike, device: str | torch.device = "
                                     f"{CONFIG_FILE} and {WEIGHTS_FILE}; {hint}")
     config = build_image_tokenizer_config(folder / CONFIG_FILE)
     model = build_image_tokenizer(config)
-    state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    state = read_weights(folder / WEIGHTS_FILE, fix=f"re-save or re-copy the tokenizer; {hint}")
     check_state_dict(model, state, folder / WEIGHTS_FILE)
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -40,13 +40,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
 
 from mixmodal.config import ConfigError, load_yaml, merge, relative_to_config, to_dict
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
 from mixmodal.inference.checkpoint import IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR
 from mixmodal.model.fusion import FusionModel, ModelConfig
 from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, check_model_state, tied_aliases
+from mixmodal.weights import read_weights
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffusion_loss
 from mixmodal.objectives.next_token import next_token_loss
 from mixmodal.retrieval.augment import RetrievalConfig
@@ -402,7 +402,7 @@ class FusionTask(TaskBase):
         model = FusionModel(self.config.model)
         if self.config.init_from:  # fine-tuning: the pretrained weights (a resume then loads its checkpoint over them)
             folder = Path(self.config.init_from)
-            state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+            state = read_weights(folder / WEIGHTS_FILE, fix="re-copy the model folder init_from names")
             check_model_state(model, state, folder / WEIGHTS_FILE)
             for alias, owner in tied_aliases(model).items():
                 state[alias] = state[owner]
