@@ -223,6 +223,9 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     from mixmodal.config import build_config
     from mixmodal.eval.shapes_suite import ShapesEvalConfig, evaluate
 
+    if args.suite not in ("shapes", "shapes-chat"):
+        raise ValueError(f"--suite {args.suite}: the suites are shapes (the built-in world: text-to-image, captions, "
+                         "VQA) and shapes-chat (instruction following in conversation)")
     preset = _load_yaml(args.config) if args.config else {}
     if args.suite == "shapes-chat":
         from mixmodal.eval.chat_suite import ChatEvalConfig, evaluate_chat
@@ -332,6 +335,16 @@ def cmd_convert_to_hf_chameleon(args: argparse.Namespace, overrides: list[str]) 
           f"vocab_size {hf_config['vocab_size']}) -> {args.out}")
     for note in notes:
         print(f"note: {note}")
+    return 0
+
+
+def cmd_convert_merge_lora(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mixmodal.model.lora import merge_lora_folder
+
+    _no_overrides("convert merge-lora", overrides)
+    out, config = merge_lora_folder(args.src, args.out)
+    print(f"merged the LoRA adapter (rank {config.rank}, alpha {config.alpha:g}, {', '.join(config.targets)}) into the "
+          f"weights -> {out} (a plain model folder; every other file copied)")
     return 0
 
 
@@ -833,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "OUT/metrics.json, OUT/report.md and OUT/report.html. key=value overrides set the suite's "
                          "fields (num_prompts=200 cfg=3.0 max_objects=2 splits=[heldout] ...; docs/eval.md).")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run directory or its model/ folder")
-    p.add_argument("--suite", default="shapes", choices=["shapes", "shapes-chat"],
+    p.add_argument("--suite", default="shapes",
                    help="shapes (default): text-to-image, captions, VQA, FID; shapes-chat: instruction following in "
                    "conversation (edits, VQA, drawing, multi-turn consistency; docs/chat.md)")
     p.add_argument("--out", required=True, help="output directory")
@@ -906,6 +919,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC", help="mixmodal model directory (config.yaml + model.safetensors)")
     p.add_argument("out", metavar="OUT", help="output folder")
     p.set_defaults(func=cmd_convert_to_hf_chameleon)
+    p = convert_verbs.add_parser("merge-lora", help="a LoRA run's model folder -> a plain model folder, adapter merged",
+                                 description="Merge the LoRA adapter of a model folder (adapter.safetensors + "
+                                 "adapter_config.yaml beside model.safetensors, written by a run with `lora:`) into "
+                                 "its weights, W + alpha / rank * B A, and write a plain model folder: "
+                                 "model.safetensors (the base's dtype) and every other file copied (tokenizers, "
+                                 "generation.yaml, vocab_map.json, ...). Readers merge on load anyway (generate, "
+                                 "serve, eval, init_from, to-hf-chameleon); this writes the merged weights once. "
+                                 "See docs/interop.md.")
+    p.add_argument("src", metavar="SRC", help="model folder with an adapter, or a run directory (its model/)")
+    p.add_argument("out", metavar="OUT", help="output model folder")
+    p.set_defaults(func=cmd_convert_merge_lora)
     p = convert_verbs.add_parser("hf-clip", help="a transformers CLIP folder -> a dual encoder for retrieval",
                                  description="Convert a transformers CLIPModel folder (config.json + model.safetensors "
                                  "or a sharded index; safetensors only, nothing is unpickled; tokenizer.json, written "

@@ -193,7 +193,7 @@ def test_eval_cli_writes_metrics_and_a_report(checkpoint, feature_net, tmp_path,
 
 def test_eval_cli_errors_are_clear(checkpoint, tmp_path, capsys):
     assert main(["eval", str(checkpoint), "--suite", "coco", "--out", str(tmp_path / "x")]) == 2
-    assert "only suite is 'shapes'" in capsys.readouterr().err
+    assert "the suites are shapes" in capsys.readouterr().err
     assert main(["eval", str(checkpoint), "--out", str(tmp_path / "x"), "splits=[nowhere]"]) == 2
     assert "unknown split" in capsys.readouterr().err
     assert main(["eval", str(checkpoint), "--out", str(tmp_path / "x"), "--inception", str(tmp_path / "none.pth"),

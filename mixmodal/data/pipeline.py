@@ -64,7 +64,7 @@ from mixmodal.data.cm3 import CM3Config, cm3_transform
 from mixmodal.data.layout import (UNCONDITIONAL, Encoded, Flat, cut_to_turn, drop_chat_conditioning, drop_conditioning,
                                   encode_document, join_flats, lay_out, order_caption)
 from mixmodal.documents import Document, Image
-from mixmodal.tokenizers.pixels import images_to_tensor
+from mixmodal.tokenizers.pixels import pixel_convention
 from mixmodal.vocab import Vocab
 
 IGNORE = -100
@@ -99,9 +99,13 @@ class DocumentEncoder:
     """Document -> Encoded: BPE for text, the image tokenizer for images (batched, no grad)."""
 
     def __init__(self, text_tokenizer, image_tokenizer, vocab: Vocab, mode: str, device: torch.device | str = "cpu",
-                 image_batch: int = 16, chat_template: str = "mixmodal"):
+                 image_batch: int = 16, chat_template: str = "mixmodal", image_preprocessing: str = "mixmodal"):
         self.text = text_tokenizer
         self.chat_template = chat_template  # conversations' layout (data/chat.py)
+        # how PIL images become tokenizer input (tokenizers/pixels.py): the model folder's generation.yaml
+        # image_preprocessing, as the engine prepares prompt images ("chameleon": Meta's, for a converted model)
+        self.image_preprocessing = image_preprocessing
+        self._to_tensor = pixel_convention(image_preprocessing).to_tensor
         self.image = image_tokenizer
         self.vocab = vocab
         self.mode = mode
@@ -122,7 +126,7 @@ class DocumentEncoder:
         try:
             for start in range(0, len(images), self.image_batch):
                 chunk = images[start:start + self.image_batch]
-                pixels = images_to_tensor(chunk, self.resolution)
+                pixels = self._to_tensor(chunk, self.resolution)
                 if len(chunk) < self.image_batch:
                     pad = pixels.new_zeros(self.image_batch - len(chunk), *pixels.shape[1:])
                     pixels = torch.cat([pixels, pad])

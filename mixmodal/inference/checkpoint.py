@@ -19,10 +19,17 @@ images (`image_generation`, false for base Chameleon; absent means true) and how
 images become pixels (`image_preprocessing: chameleon`, Meta's pipeline; absent means
 mixmodal's, tokenizers/pixels.py). Its image_tokenizer/ is the VQGAN: encoder only when
 converted from transformers alone, encoder and decoder from Meta's vqgan.ckpt.
+
+Generation and training read a folder through the same two functions: `load_text_tokenizer`
+(Chameleon's tokenizer through the adapter when a vocab_map.json sits beside text_tokenizer/,
+mixmodal's BPE otherwise) and `read_model_settings` (generation.yaml). A fine-tuning run
+(`init_from`) therefore encodes its data as the engine encodes prompts, and writes RUN/model
+in the same form (train/fusion.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -109,6 +116,52 @@ def read_generation_settings(model_dir: Path) -> tuple[int | None, DiffusionConf
     return None, None
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """How a model folder is driven, from its generation.yaml (the effective values; `stated`: the keys
+    the file itself gives, which a run fine-tuned from the folder carries into its own)."""
+
+    max_length: int | None
+    diffusion: DiffusionConfig | None
+    image_generation: bool
+    chat_template: str | None
+    image_preprocessing: str
+    stated: frozenset[str]
+
+
+def read_model_settings(model_dir: str | Path) -> ModelSettings:
+    """Every generation setting of a model folder, read and checked in one place (engine and training)."""
+    folder = Path(model_dir)
+    path = folder / GENERATION_FILE
+    stated = frozenset((load_yaml(path) or {}).keys()) if path.is_file() else frozenset()
+    max_length, diffusion = read_generation_settings(folder)
+    return ModelSettings(max_length, diffusion, read_image_generation(folder), read_chat_template(folder),
+                         read_image_preprocessing(folder), stated)
+
+
+def load_text_tokenizer(text_dir: str | Path):
+    """The text tokenizer in `text_dir` (a model folder's or a run's text_tokenizer/, or data.text_tokenizer):
+    a converted Chameleon's own through the adapter (ChameleonTokenizer) when a vocab_map.json sits beside
+    that folder, else mixmodal's byte-level BPE (TextTokenizer). ValueError naming the file and the fix."""
+    from mixmodal.interop.chameleon_tokenizer import ChameleonTokenizer
+    from mixmodal.interop.hf_chameleon import VOCAB_MAP_FILE
+    from mixmodal.tokenizers.text import TOKENIZER_FILE, TextTokenizer
+
+    text_dir = Path(text_dir)
+    if (text_dir.parent / VOCAB_MAP_FILE).is_file():
+        return ChameleonTokenizer.load(text_dir.parent, text_dir / TOKENIZER_FILE)
+    try:
+        return TextTokenizer.load(text_dir)
+    except ValueError:
+        file = text_dir / TOKENIZER_FILE if text_dir.is_dir() else text_dir
+        if file.is_file() and "<racm3:break>" in file.read_text(encoding="utf-8", errors="replace"):
+            raise ValueError(f"{file} is Chameleon's text tokenizer, which mixmodal reads through the vocab_map.json "
+                             f"that `mixmodal convert hf-chameleon` writes beside text_tokenizer/; there is none at "
+                             f"{text_dir.parent / VOCAB_MAP_FILE}: use the converted folder's text_tokenizer/ (or "
+                             "init_from the converted folder)") from None
+        raise
+
+
 def model_folder(path: str | Path) -> Path:
     from mixmodal.model.io import WEIGHTS_FILE
 
@@ -132,14 +185,16 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
     from mixmodal.interop.hf_chameleon import VOCAB_MAP_FILE
     from mixmodal.model.io import load_model_dir
     from mixmodal.tokenizers.image import load_image_tokenizer
-    from mixmodal.tokenizers.text import TextTokenizer
 
     folder = model_folder(path)
     text_dir, image_dir = folder / TEXT_TOKENIZER_DIR, folder / IMAGE_TOKENIZER_DIR
-    text_tokenizer = _chameleon_tokenizer(folder) if (folder / VOCAB_MAP_FILE).is_file() else None
-    if text_tokenizer is None and not text_dir.is_dir():
+    if not (folder / VOCAB_MAP_FILE).is_file() and not text_dir.is_dir():
         raise CheckpointError(f"{folder} has no {TEXT_TOKENIZER_DIR}/ folder: copy the text tokenizer the model was "
                               f"trained with (its tokenizer.json) into {text_dir}")
+    try:
+        text_tokenizer = load_text_tokenizer(text_dir)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     image_tokenizer = None
     if image_dir.is_dir():
         image_tokenizer = load_image_tokenizer(image_dir, device)
@@ -147,26 +202,16 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
         raise CheckpointError(f"{folder} has no {IMAGE_TOKENIZER_DIR}/ folder, so its images cannot be turned into "
                               f"pixels: copy the image tokenizer the model was trained with into {image_dir} "
                               "(or generate with --mode text)")
-    max_length, diffusion = read_generation_settings(folder)
+    settings = read_model_settings(folder)
     model = load_model_dir(folder, device, dtype=dtype)  # bf16: the weights stay bf16, never an fp32 copy
-    engine = Engine(model, text_tokenizer or TextTokenizer.load(text_dir), image_tokenizer, diffusion=diffusion,
-                    max_length=max_length, dtype=dtype, image_generation=read_image_generation(folder),
-                    chat_template=read_chat_template(folder), image_preprocessing=read_image_preprocessing(folder))
+    engine = Engine(model, text_tokenizer, image_tokenizer, diffusion=settings.diffusion,
+                    max_length=settings.max_length, dtype=dtype, image_generation=settings.image_generation,
+                    chat_template=settings.chat_template, image_preprocessing=settings.image_preprocessing)
     engine.checkpoint = str(folder)
     return engine
 
 
-def _chameleon_tokenizer(folder: Path):
-    """A converted Chameleon's own tokenizer through the adapter; CheckpointError naming the file and the fix."""
-    from mixmodal.interop.chameleon_tokenizer import ChameleonTokenizer
-    from mixmodal.tokenizers.text import TOKENIZER_FILE
-
-    try:
-        return ChameleonTokenizer.load(folder, folder / TEXT_TOKENIZER_DIR / TOKENIZER_FILE)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-
-
-__all__ = ["CheckpointError", "GENERATION_FILE", "load_checkpoint", "model_folder", "read_generation_settings",
+__all__ = ["CheckpointError", "GENERATION_FILE", "ModelSettings", "load_checkpoint", "load_text_tokenizer", "model_folder",
+           "read_generation_settings", "read_model_settings",
            "read_chat_template", "read_image_generation", "read_image_preprocessing", "read_retrieval_settings",
            "write_generation_settings"]

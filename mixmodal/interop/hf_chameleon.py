@@ -66,7 +66,8 @@ from mixmodal.interop.chameleon_tokenizer import (CHAMELEON_SPECIALS, SOURCE_TOK
                                                   read_source_tokenizer, special_layout)
 from mixmodal.interop.common import HF_WEIGHTS, ConversionError, read_hf_state, read_json
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
-from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, ModelDirError, check_model_state, read_model_config, write_model_dir
+from mixmodal.model.io import (CONFIG_FILE, WEIGHTS_FILE, ModelDirError, check_model_state, read_model_config,
+                               read_model_state, write_model_dir)
 from mixmodal.model.transformer import TransformerConfig
 from mixmodal.vocab import NUM_SPECIAL, SPECIAL_TOKENS, Vocab
 
@@ -558,7 +559,7 @@ def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> t
     and config fields go back to Chameleon's); otherwise ids stay as they are, the padding
     rows are dropped, and a vocabulary_map names the image tokens. Returns the written
     config.json dict and notes for the user."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -575,9 +576,16 @@ def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> t
         raise ConversionError(f"{src / CONFIG_FILE}: transformer.qk_norm=false; Chameleon always applies QK-norm")
     if config.image.is_bidirectional:
         raise ConversionError(f"{src / CONFIG_FILE}: image.bidirectional=true; Chameleon attends causally inside images")
-    state = load_file(str(src / WEIGHTS_FILE), device="cpu")
+    from mixmodal.model.lora import ADAPTER_FILE
+
+    try:
+        state = read_model_state(src)  # a LoRA run's folder: its adapter merged into the weights
+    except ModelDirError as e:
+        raise ConversionError(str(e)) from None
     _check(config, state, str(src / WEIGHTS_FILE))
     notes = []
+    if (src / ADAPTER_FILE).is_file():
+        notes.append(f"the LoRA adapter {src / ADAPTER_FILE} was merged into the weights written")
     if (src / VOCAB_MAP_FILE).is_file():
         vocab_map = VocabMap.read(src / VOCAB_MAP_FILE)
         if (vocab_map.text_size, vocab_map.num_image_codes) != (config.text_vocab_size, config.image.num_codes):

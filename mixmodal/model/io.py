@@ -8,6 +8,9 @@
 Converters (interop/hf_chameleon.py) may add files beside these (vocab_map.json,
 image_tokenizer/); this module reads and writes only the two above. Loading checks every
 tensor against the config and names the file and each mismatch.
+
+A LoRA run (model/lora.py) leaves adapter.safetensors + adapter_config.yaml beside the base
+weights; `read_model_state` (every reader's way in) returns the weights with the adapter merged.
 """
 
 from __future__ import annotations
@@ -70,13 +73,14 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None) -> FusionModel:
+                   dtype: torch.dtype | None = None, *, merge_adapter: bool = True) -> FusionModel:
     """Load a directory written by `save_model_dir` (or `mixmodal convert hf-chameleon`), in eval mode.
 
     The model is built on the meta device (no random init, no memory) and takes the stored
     tensors as its parameters (`assign`): safetensors maps the file, so a checkpoint already in
     `dtype` is never copied, and peak memory is about the weights' bytes once. `dtype` None is
-    float32 (a bf16 checkpoint is upcast); torch.bfloat16 keeps a bf16 checkpoint as it is."""
+    float32 (a bf16 checkpoint is upcast); torch.bfloat16 keeps a bf16 checkpoint as it is.
+    A LoRA adapter beside the weights is merged into them (`merge_adapter=False`: the base alone)."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"model directory {folder} does not exist (or is not a directory)")
@@ -86,7 +90,7 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu",
     config = read_model_config(folder)
     with torch.device("meta"):
         model = FusionModel(config)
-    state = read_weights(folder / WEIGHTS_FILE)
+    state = read_model_state(folder, merge_adapter=merge_adapter)
     check_model_state(model, state, folder / WEIGHTS_FILE)
     dtype = dtype or torch.float32
     state = {k: v if v.dtype == dtype or not v.is_floating_point() else v.to(dtype) for k, v in state.items()}
@@ -108,6 +112,24 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return _read_weights(path)
     except WeightsFileError as e:
+        raise ModelDirError(str(e)) from None
+
+
+def read_model_state(folder: str | os.PathLike, *, merge_adapter: bool = True) -> dict[str, torch.Tensor]:
+    """A model folder's weights (memory-mapped), with its LoRA adapter (adapter.safetensors, model/lora.py)
+    merged in when it has one; a damaged file or an adapter that does not fit is a ModelDirError naming it."""
+    folder = Path(folder)
+    state = read_weights(folder / WEIGHTS_FILE)
+    if not merge_adapter:
+        return state
+    from mixmodal.model import lora
+
+    try:
+        adapter = lora.read_adapter(folder)
+        if adapter is None:
+            return state
+        return lora.merge_adapter(state, adapter[0], adapter[1], str(folder / lora.ADAPTER_FILE))
+    except (ValueError, WeightsFileError) as e:
         raise ModelDirError(str(e)) from None
 
 
@@ -151,7 +173,7 @@ def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], origin: 
 
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ModelDirError", "check_model_state", "expected_shapes", "load_model_dir",
-           "read_model_config", "read_weights", "save_model_dir", "tied_aliases", "write_model_dir"]
+           "read_model_config", "read_model_state", "read_weights", "save_model_dir", "tied_aliases", "write_model_dir"]
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> FusionModel:

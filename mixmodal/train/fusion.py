@@ -27,7 +27,24 @@ tokenizers): `mixmodal.load_model(RUN/model)` reads it.
 
 Fine-tuning (`init_from: RUN` or a model folder, e.g. SFT on conversations, data/chat.py): the
 model starts from that folder's weights; its architecture and, unless given, both tokenizers
-come from the folder (a `model:` key that contradicts it fails before training).
+come from the folder (a `model:` key that contradicts it fails before training). The folder is
+read as the engine reads it (inference/checkpoint.py `load_text_tokenizer`, `read_model_settings`),
+so a converted Chameleon (`mixmodal convert hf-chameleon`) fine-tunes with its own tokenizer
+(vocab_map.json, copied to RUN/ beside RUN/text_tokenizer), its images prepared by its
+`image_preprocessing` and encoded by its VQGAN, its conversations in its `chat_template`; features
+that would train ids its engine never samples (CM3 sentinels, `uncond: mask`: unused
+<reservedNNNNN> rows of Chameleon) are refused before training. RUN/model is then a folder of
+the same kind: vocab_map.json, hf_config.json and the generation.yaml settings the folder stated
+(image_generation, image_preprocessing, chat_template; max_length at least the folder's) are
+carried over, so `mixmodal generate`, `serve` and `convert to-hf-chameleon` take it as they took
+the converted one.
+
+LoRA (`lora: {rank, alpha, targets, dropout}`, model/lora.py; needs init_from): adapters on the
+named projections of every transformer block, everything else frozen (the optimizer sees the
+trainable parameters only). Checkpoints hold the whole model (base + adapters), so a resume is
+exact as every run's; RUN/model holds the base weights as they were (in init_from's dtype) and
+adapter.safetensors + adapter_config.yaml, which every model-folder reader merges
+(`mixmodal convert merge-lora RUN OUT` writes them merged into a plain folder).
 """
 
 from __future__ import annotations
@@ -44,9 +61,10 @@ import torch
 from mixmodal.config import ConfigError, load_yaml, merge, relative_to_config, to_dict
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
 from mixmodal.inference.checkpoint import IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR
+from mixmodal.interop.hf_chameleon import HF_CONFIG_FILE, VOCAB_MAP_FILE
 from mixmodal.model.fusion import FusionModel, ModelConfig
-from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, check_model_state, tied_aliases
-from mixmodal.weights import read_weights
+from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, check_model_state, read_model_state, tied_aliases
+from mixmodal.model.lora import LoRAConfig
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffusion_loss
 from mixmodal.objectives.next_token import next_token_loss
 from mixmodal.retrieval.augment import RetrievalConfig
@@ -106,6 +124,12 @@ class FusionTrainConfig:
     loss: FusionLossConfig = field(default_factory=FusionLossConfig)
     eval: FusionEvalConfig = field(default_factory=FusionEvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    lora: LoRAConfig | None = None  # LoRA adapters instead of full fine-tuning (model/lora.py); needs init_from
+
+    def __post_init__(self) -> None:
+        if self.lora is not None and not self.init_from:
+            raise ConfigError("lora: LoRA adapts a pretrained model; set init_from (a converted Chameleon, a run or a "
+                              "model folder), or drop lora to train every weight")
 
 
 CONFIG = FusionTrainConfig
@@ -203,7 +227,9 @@ def prepare(config: FusionTrainConfig, run_dir: str | Path, write: bool = True) 
     _into_run(d.image_tokenizer, image_dir, "config.yaml",
               f"data.image_tokenizer={d.image_tokenizer}: no saved image tokenizer there (config.yaml + model.safetensors)")
     d.image_tokenizer = str(image_dir)
+    given_text = Path(d.text_tokenizer) if d.text_tokenizer != "auto" else None
     d.text_tokenizer = str(prepare_text_tokenizer(config, run))
+    _carry_vocab_map(given_text, run)
     fill_model_config(config)
     if d.retrieval.enabled:
         check_retrieval(config)
@@ -237,6 +263,21 @@ def prepare_text_tokenizer(config, run: Path) -> Path:
                   f"data.text_tokenizer={d.text_tokenizer}: no tokenizer.json there; give a directory written by "
                   "`mixmodal tokenizer train`, or auto")
     return text_dir
+
+
+def _carry_vocab_map(given_text: Path | None, run: Path) -> None:
+    """RUN/vocab_map.json: the map beside the given text tokenizer (a converted Chameleon's), so that
+    RUN/text_tokenizer is read as the engine reads the folder's (inference/checkpoint.load_text_tokenizer)."""
+    target = run / VOCAB_MAP_FILE
+    if given_text is None or given_text.resolve() == (run / TEXT_TOKENIZER_DIR).resolve():
+        return  # trained here, or already in the run (a resume): RUN/ holds what the run started with
+    source = given_text.parent / VOCAB_MAP_FILE
+    if source.is_file():
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        tmp.rename(target)
+    else:
+        target.unlink(missing_ok=True)
 
 
 def _into_run(given: str, dst: Path, marker: str, missing: str) -> None:
@@ -280,12 +321,12 @@ def _take(iterable, n: int):
 
 def fill_model_config(config: FusionTrainConfig) -> None:
     """Fill the model fields that the tokenizers determine; refuse contradictions by key."""
+    from mixmodal.inference.checkpoint import load_text_tokenizer
     from mixmodal.tokenizers.image import load_image_tokenizer
-    from mixmodal.tokenizers.text import TextTokenizer
     from mixmodal.tokenizers.vq import VQConfig
 
     m, d = config.model, config.data
-    text = TextTokenizer.load(d.text_tokenizer)
+    text = load_text_tokenizer(d.text_tokenizer)
     image = load_image_tokenizer(d.image_tokenizer)
     kind = "vq" if isinstance(image.config, VQConfig) else "vae"
 
@@ -319,9 +360,30 @@ def fill_model_config(config: FusionTrainConfig) -> None:
                           f"{m.image.grid_size}x{m.image.grid_size}"
                           + (f", patch_size={m.image.patch_size}" if m.image.mode == "latents" else "")
                           + f") plus 4 control tokens; raise data.pipeline.seq_len to >= {need}")
+    check_learnable_ids(config, text)
     if config.model.attention_backend == "flex" and config.model.transformer.attention_dropout:
         raise ConfigError("model.attention_backend=flex has no attention dropout; set "
                           "model.transformer.attention_dropout=0 or model.attention_backend=sdpa")
+
+
+def check_learnable_ids(config: FusionTrainConfig, text_tokenizer) -> None:
+    """Refuse pipeline features that would train ids the tokenizer says the engine never samples (a
+    converted Chameleon: mixmodal's <mask:k> and <eoss> slots hold unused <reservedNNNNN> rows,
+    vocab_map.json never_sample): CM3 makes them targets, `uncond: mask` feeds <mask:0> for a stream
+    the engine refuses to run."""
+    never = set(text_tokenizer.never_sample)
+    vocab, p = config.model.vocab, config.data.pipeline
+    if vocab.mask(0) not in never:
+        return
+    if p.cm3.rate > 0:
+        raise ConfigError(f"data.pipeline.cm3.rate={p.cm3.rate}: CM3 trains the sentinels <mask:k> and <eoss>, which "
+                          f"this model's tokenizer never samples ({Path(config.data.text_tokenizer).parent / VOCAB_MAP_FILE}"
+                          " never_sample: unused <reservedNNNNN> rows of a converted Chameleon), so generation could "
+                          "never use them; set data.pipeline.cm3.rate=0")
+    if p.cond_dropout > 0 and p.uncond == "mask":
+        raise ConfigError("data.pipeline.uncond=mask feeds <mask:0>, an unused <reservedNNNNN> row of this converted "
+                          "Chameleon that the engine refuses as guidance.uncond; use data.pipeline.uncond=empty "
+                          "(Meta's unconditional stream <s> <racm3:break>)")
 
 
 # --- the task --------------------------------------------------------------------------------
@@ -382,31 +444,53 @@ class FusionTask(TaskBase):
         self._eval_batches: list[dict] | None = None
 
     def setup(self, device: torch.device) -> None:
+        from mixmodal.inference.checkpoint import load_text_tokenizer, read_model_settings
         from mixmodal.tokenizers.image import load_image_tokenizer
-        from mixmodal.tokenizers.text import TextTokenizer
 
         self.device = device
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.noise = torch.Generator().manual_seed(self.config.trainer.seed + 1000 + self.rank)
-        self.text_tokenizer = TextTokenizer.load(self.config.data.text_tokenizer)
+        self.text_tokenizer = load_text_tokenizer(self.config.data.text_tokenizer)  # as the engine loads it
         self.image_tokenizer = load_image_tokenizer(self.config.data.image_tokenizer, device=device).eval()
         for p in self.image_tokenizer.parameters():
             p.requires_grad_(False)
         self.vocab = self.config.model.vocab
-        self.chat_template = self._chat_template_of_init() or "mixmodal"
+        # the init_from folder's generation.yaml, read as the engine reads it
+        self.init_settings = read_model_settings(Path(self.config.init_from)) if self.config.init_from else None
+        self.image_preprocessing = self.init_settings.image_preprocessing if self.init_settings else "mixmodal"
+        self.chat_template = self._training_chat_template()
+
+    def _training_chat_template(self) -> str:
+        """The layout of conversations: the init folder's template; without one, "chameleon" for a tokenizer
+        whose role slots are never sampled (a converted Chameleon has no role tokens), else "mixmodal"."""
+        never = set(self.text_tokenizer.never_sample)
+        roles_unused = self.vocab.user in never
+        template = self.init_settings.chat_template if self.init_settings else None
+        if template == "mixmodal" and roles_unused:
+            raise ConfigError(f"init_from={self.config.init_from}: generation.yaml says chat_template: mixmodal, but "
+                              "this tokenizer never samples the role tokens (a converted Chameleon); set "
+                              "chat_template: chameleon there")
+        return template or ("chameleon" if roles_unused else "mixmodal")
 
     def architecture(self) -> dict:
-        return {k: v for k, v in to_dict(self.config.model).items() if k not in NOT_ARCHITECTURE}
+        arch = {k: v for k, v in to_dict(self.config.model).items() if k not in NOT_ARCHITECTURE}
+        if self.config.lora is not None:  # the adapters are weights of the checkpoints too
+            arch["lora"] = to_dict(self.config.lora)
+        return arch
 
     def build_models(self) -> dict[str, torch.nn.Module]:
         model = FusionModel(self.config.model)
         if self.config.init_from:  # fine-tuning: the pretrained weights (a resume then loads its checkpoint over them)
             folder = Path(self.config.init_from)
-            state = read_weights(folder / WEIGHTS_FILE, fix="re-copy the model folder init_from names")
+            state = read_model_state(folder)  # a LoRA run's folder: its adapter merged
             check_model_state(model, state, folder / WEIGHTS_FILE)
             for alias, owner in tied_aliases(model).items():
                 state[alias] = state[owner]
             model.load_state_dict(state)
+        if self.config.lora is not None:
+            from mixmodal.model.lora import apply_lora
+
+            apply_lora(model, self.config.lora)  # draws the adapters (seeded): base frozen, adapters trainable
         return {"model": model}
 
     def optimizers(self, models) -> dict[str, OptimizerSpec]:
@@ -427,7 +511,8 @@ class FusionTask(TaskBase):
             return s
 
         encoder = DocumentEncoder(self.text_tokenizer, self.image_tokenizer, self.vocab, self.config.model.image.mode,
-                                  self.device, chat_template=self.chat_template)
+                                  self.device, chat_template=self.chat_template,
+                                  image_preprocessing=self.image_preprocessing)
         augmenter = None
         if self.config.data.retrieval.enabled:
             from mixmodal.retrieval.augment import RetrievalAugmenter
@@ -517,7 +602,9 @@ class FusionTask(TaskBase):
         e = self.config.eval
         engine = Engine(model, self.text_tokenizer, self.image_tokenizer,
                         diffusion=self.config.diffusion if self.latent else None,
-                        max_length=self.config.data.pipeline.seq_len)
+                        max_length=self.config.data.pipeline.seq_len,
+                        image_generation=self.init_settings.image_generation if self.init_settings else True,
+                        image_preprocessing=self.image_preprocessing)
         suite = ShapesEvalConfig(geneval_prompts=e.geneval_prompts, images_per_prompt=e.images_per_prompt,
                                  batch_size=e.batch_size)
         out: dict[str, float] = {}
@@ -530,23 +617,61 @@ class FusionTask(TaskBase):
 
     def save_artifacts(self, models, run_dir: Path) -> None:
         from mixmodal.inference.checkpoint import write_generation_settings
+        from mixmodal.model import lora
         from mixmodal.model.io import save_model_dir
 
         out = Path(run_dir) / MODEL_DIR
-        save_model_dir(models["model"], out)
+        model = models["model"]
+        if self.config.lora is not None:  # the base as it was (init_from's dtype: it never changed) + the adapter
+            self._save_base(model, out)
+            lora.save_adapter(model, self.config.lora, out)
+        else:
+            save_model_dir(model, out)
+            lora.remove_adapter(out)
         _copy_dir(Path(self.config.data.text_tokenizer), out / TEXT_TOKENIZER_DIR)
         _copy_dir(Path(self.config.data.image_tokenizer), out / IMAGE_TOKENIZER_DIR)
-        compute = training_compute(models["model"], self.config, getattr(self, "world", 1))
+        self._carry_files(out)
+        compute = training_compute(model, self.config, getattr(self, "world", 1))
         if hasattr(self, "train_batches"):  # padding positions cost compute too; a tighter packing would save them
             fill = self.train_batches.stats.as_dict().get("fill")
             if fill is not None:
                 compute.update(fill=fill, non_padding_flops=compute["flops"] * fill)
         (out / TRAINING_FILE).write_text(json.dumps(compute, indent=1) + "\n", encoding="utf-8")
         r = self.config.data.retrieval
-        write_generation_settings(out, max_length=self.config.data.pipeline.seq_len,
+        init = getattr(self, "init_settings", None)
+        stated = init.stated if init is not None else frozenset()
+        max_length = self.config.data.pipeline.seq_len
+        if init is not None and init.max_length:  # the positions the pretrained model learned are still learned
+            max_length = max(max_length, init.max_length)
+        write_generation_settings(out, max_length=max_length,
                                   diffusion=self.config.diffusion if self.latent else None,
                                   retrieval={"index": r.index, "encoder": r.encoder, "k": r.k} if r.enabled else None,
-                                  chat_template=self._chat_template())
+                                  chat_template=self._chat_template(),
+                                  image_generation=init.image_generation if "image_generation" in stated else None,
+                                  image_preprocessing=(init.image_preprocessing if "image_preprocessing" in stated
+                                                       else None))
+
+    def _save_base(self, model, out: Path) -> None:
+        from mixmodal.model import lora
+        from mixmodal.model.io import write_model_dir
+        from mixmodal.weights import read_weights
+
+        aliases = tied_aliases(model)
+        state = {k: v.detach() for k, v in model.state_dict().items() if not lora.is_adapter_key(k) and k not in aliases}
+        init = read_weights(Path(self.config.init_from) / WEIGHTS_FILE)  # memory-mapped: only the dtypes are read
+        state = {k: v.to(init[k].dtype) if k in init else v for k, v in state.items()}
+        write_model_dir(model.config, state, out)
+
+    def _carry_files(self, out: Path) -> None:
+        """A converted Chameleon's files: RUN/vocab_map.json (what the text tokenizer was read through) and
+        init_from's hf_config.json (for to-hf-chameleon); absent ones are removed from RUN/model."""
+        sources = {VOCAB_MAP_FILE: Path(self.config.data.text_tokenizer).parent / VOCAB_MAP_FILE,
+                   HF_CONFIG_FILE: Path(self.config.init_from) / HF_CONFIG_FILE if self.config.init_from else None}
+        for name, source in sources.items():
+            if source is not None and source.is_file():
+                shutil.copyfile(source, out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
 
     def _chat_template_of_init(self) -> str | None:
         from mixmodal.inference.checkpoint import read_chat_template
