@@ -68,6 +68,18 @@ def test_a_damaged_weights_file_is_one_line_naming_it(tmp_path, damage, says):
     assert len(result.stderr.strip().splitlines()) == 1 and "model.safetensors" in result.stderr
 
 
+@pytest.mark.parametrize("change, says", [
+    (lambda state: {k: (v.to(torch.int16) if "lm_head" in k else v) for k, v in state.items()}, "holds torch.int16"),
+    (lambda state: {("renamed." + k if "lm_head" in k else k): v for k, v in state.items()}, "missing tensors"),
+])
+def test_a_wrong_dtype_or_renamed_tensor_names_the_tensor(tmp_path, change, says):
+    model = _model()
+    write_model_dir(model.config, change(dict(model.state_dict())), tmp_path)
+    with pytest.raises(ModelDirError, match=says) as e:
+        load_model_dir(tmp_path)
+    assert "lm_head.weight" in str(e.value) and "model.safetensors" in str(e.value)
+
+
 def test_loading_a_bf16_checkpoint_peaks_near_the_weights_bytes(tmp_path):
     """A ~30M-parameter bf16 model folder loaded in bf16: the process's peak memory grows by about the
     file's size, not by an fp32 copy or a second copy (meta-device init, memory-mapped weights)."""

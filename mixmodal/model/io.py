@@ -163,6 +163,8 @@ def check_model_state(model: nn.Module, state: dict[str, torch.Tensor], origin: 
     expected = expected_shapes(model)
     problems = [f"  {name}: the file has shape {tuple(t.shape)}, the config expects {expected[name]}"
                 for name, t in state.items() if name in expected and tuple(t.shape) != expected[name]]
+    problems += [f"  {name}: the file holds {t.dtype}, not floating-point weights"
+                 for name, t in state.items() if name in expected and not t.is_floating_point()]
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
     for label, names in (("missing", missing), ("unexpected", unexpected)):
