@@ -74,6 +74,9 @@ def test_edit_verdicts_separate_the_target_from_the_rest():
     assert score_edit(lost, before, edit) == {"exact": 0.0, "target": 1.0, "kept": 0.0}  # the circle went too
     remove = Edit("remove", circle, None)
     assert score_edit(Scene((star,)), before, remove)["exact"] == 1.0
+    assert score_edit(Scene(()), before, remove)["target"] == 0.0  # an empty picture removed nothing
+    one = Scene((star,))
+    assert score_edit(edit.apply(one), one, edit)["kept"] is None  # nothing else to keep
 
 
 def test_the_suite_runs_from_the_command_line(tmp_path):

@@ -83,11 +83,18 @@ def _exchanges(doc: Document) -> list[tuple[list, list, dict]]:
 # --- scoring one reply ------------------------------------------------------------------------
 
 def score_edit(drawn: Scene, before: Scene, edit: Edit) -> dict[str, float]:
+    """exact: the drawn scene is the edited one; target: the edited object is as asked (a removal counts
+    only when something of the scene is still drawn, so an empty or unrelated picture is no removal);
+    kept: every untouched object is still there (None for a scene of one object: nothing to keep)."""
     after = edit.apply(before)
     untouched = [o for o in before.objects if o != edit.before]
-    target = (edit.after in drawn.objects) if edit.after is not None else (edit.before not in drawn.objects)
+    kept = [o in drawn.objects for o in untouched]
+    if edit.after is not None:
+        target = edit.after in drawn.objects
+    else:
+        target = edit.before not in drawn.objects and any(kept)
     return {"exact": float(drawn == after), "target": float(target),
-            "kept": float(all(o in drawn.objects for o in untouched))}
+            "kept": float(all(kept)) if untouched else None}
 
 
 def score_reply(exchange: dict, reply: Document, scenes: list[Scene]) -> dict[str, float]:
@@ -195,7 +202,8 @@ def _generate(engine, prompts: list[Document], gen, seeds: list[int]) -> list:
 
 
 def _mean(rows: list[dict], key: str = "correct") -> float:
-    return float(np.mean([r[key] for r in rows])) if rows else float("nan")
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def summarise(rows: list[dict]) -> dict[str, Any]:
