@@ -18,12 +18,34 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 KINDS = {"data": ShapesConfig, "tokenizer": TextTokenizerConfig}
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A model folder for presets that fine-tune one (`init_from:`; the real one is a recipe's run)."""
+    from mixmodal.data.sources import ShapesSource
+    from mixmodal.tokenizers.text import TextTokenizer
+    from tiny import save_engine_folder, tiny_engine
+
+    out = {}
+    texts = [t for doc in ShapesSource(ShapesConfig(resolution=32), num=50) for t in doc.texts]
+    for mode in ("tokens", "latents"):
+        out[mode] = tmp_path_factory.mktemp(mode) / "model"
+        save_engine_folder(tiny_engine(mode, TextTokenizer.train(iter(texts), TextTokenizerConfig(vocab_size=280))),
+                           out[mode])
+    return out
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_preset_resolves(path):
+def test_preset_resolves(path, pretrained):
     if path.parent.relative_to(CONFIGS).as_posix() == "tokenizers/models":  # `kind: vq|vae` + fields
         build_image_tokenizer_config(path)
         return
-    if "task" in (yaml.safe_load(path.read_text()) or {}):  # a run config for `mixmodal train`
+    data = yaml.safe_load(path.read_text()) or {}
+    if "task" in data:  # a run config for `mixmodal train`
+        if data.get("init_from"):  # its architecture comes from the folder; a tiny one of the same image mode
+            mode = "latents" if "latents" in data["init_from"] else "tokens"
+            config = load_run_config(path, [f"init_from={pretrained[mode]}"])
+            assert config.model.image.mode == mode and config.init_from
+            return
         load_run_config(path)
         return
     cls = DemoConfig if path.name == "demo.yaml" else KINDS[path.parent.name]
