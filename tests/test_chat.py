@@ -27,7 +27,7 @@ from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, diffu
 from mixmodal.train.fusion import noise_images
 from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
 from mixmodal.vocab import Vocab
-from tiny import tiny_engine
+from tiny import prefills, tiny_engine
 
 CHAT = ShapesConfig(resolution=32, tasks=["chat"], max_objects=2, chat_turns=3, story_length=2)
 
@@ -177,7 +177,7 @@ def test_chat_dropout_trains_the_streams_instruct_guidance_feeds(text_tokenizer,
         prompt = Document(doc.parts[:n_user], {"turns": [["user", n_user]]})
         config = GenerationConfig(mode="image", max_new_tokens=engine.per_image + 2,
                                   guidance=GuidanceConfig(scale=3.0, image_scale=1.5))
-        cond, image_only, uncond = _prefills(engine, [prompt], config)
+        cond, image_only, uncond = [ids for ids, _ in prefills(engine, [prompt], config)]
         row = batch["input_ids"][0].tolist()
         p = engine.per_image  # the stream's prompt, then exactly one image, then the end
         match = [s for s in (image_only, uncond) if row[:len(s)] == s and row[len(s)] == vocab.boi
@@ -191,24 +191,6 @@ def test_chat_dropout_trains_the_streams_instruct_guidance_feeds(text_tokenizer,
             assert batch["image_loss"].tolist()[-1] is True
         assert vocab.user not in row and vocab.assistant not in row  # role tokens go with the text
     assert kept == {True, False}  # both the unconditional and the image-only stream are trained
-
-
-def _prefills(engine, prompts, config) -> list[list[int]]:
-    seen = []
-    forward = engine.model.forward
-
-    def spy(ids, positions=None, **kwargs):
-        if not seen:
-            lengths = (kwargs["logits_index"][:, 0] + 1).tolist()
-            seen.extend(ids[r, :n].tolist() for r, n in enumerate(lengths))
-        return forward(ids, positions=positions, **kwargs)
-
-    engine.model.forward = spy
-    try:
-        engine.generate(prompts, config)
-    finally:
-        engine.model.forward = forward
-    return seen
 
 
 def test_latent_sft_feeds_user_images_clean_and_weighs_them_zero():
@@ -237,30 +219,13 @@ def test_a_conversation_prompt_is_the_prefix_of_its_training_row(text_tokenizer)
     batch = _batch(engine, [doc])
     first_user = doc.metadata["turns"][0][1]
     prompt = Document(doc.parts[:first_user], {"turns": [["user", first_user]]})
-    seen = []
-    forward = engine.model.forward
-
-    def spy(ids, positions=None, **kwargs):
-        if not seen:
-            seen.append(ids[0, :kwargs["logits_index"][0, 0] + 1].tolist())
-        return forward(ids, positions=positions, **kwargs)
-
-    engine.model.forward = spy
-    try:
-        engine.generate([prompt], GenerationConfig(mode="text", max_new_tokens=2))
-    finally:
-        engine.model.forward = forward
-    n = len(seen[0])
-    assert seen[0][-1] == engine.vocab.assistant
-    assert seen[0] == batch["input_ids"][0, :n].tolist()
+    config = GenerationConfig(mode="text", max_new_tokens=2)
+    (ids, _), = prefills(engine, [prompt], config)
+    assert ids[-1] == engine.vocab.assistant
+    assert ids == batch["input_ids"][0, :len(ids)].tolist()
     engine.chat_template = None  # a base model: the conversation's parts, laid out plainly
-    seen.clear()
-    engine.model.forward = spy
-    try:
-        engine.generate([prompt], GenerationConfig(mode="text", max_new_tokens=2))
-    finally:
-        engine.model.forward = forward
-    assert not {engine.vocab.user, engine.vocab.assistant, engine.vocab.end_of_turn} & set(seen[0])
+    (plain, _), = prefills(engine, [prompt], config)
+    assert not {engine.vocab.user, engine.vocab.assistant, engine.vocab.end_of_turn} & set(plain)
 
 
 def test_the_chameleon_template_has_no_role_tokens():

@@ -19,6 +19,7 @@ from mixmodal.eval import feature_net as fn
 from mixmodal.eval import inception
 from mixmodal.eval.fid import FeatureExtractor, FeatureStats, compute_fid, frechet_distance
 from mixmodal.eval.inception import FIDInceptionV3, InceptionError, load_inception
+from mixmodal.weights import file_sha256
 
 
 # ---------------------------------------------------------------- the Frechet distance
@@ -229,7 +230,7 @@ def test_load_inception_reproduces_the_module(inception_file, monkeypatch):
     with torch.no_grad():
         expected = model(images)  # (2, 2048)
     assert expected.std() > 1e-2  # the random network is not dead
-    monkeypatch.setattr(inception, "WEIGHTS_SHA256", inception._file_sha256(path))  # pretend it is pytorch-fid's
+    monkeypatch.setattr(inception, "WEIGHTS_SHA256", file_sha256(path))  # pretend it is pytorch-fid's
     extractor = load_inception(path)
     assert (extractor.name, extractor.comparable, extractor.dim) == ("inception-v3 (pytorch-fid weights)", True, 2048)
     assert isinstance(extractor, FeatureExtractor)

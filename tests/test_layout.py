@@ -18,7 +18,7 @@ from mixmodal.inference.config import GuidanceConfig
 from mixmodal.inference.engine import Engine
 from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
 from mixmodal.vocab import Vocab
-from tiny import tiny_engine
+from tiny import prefills, tiny_engine
 
 SHAPES = ShapesConfig(resolution=32, tasks=["caption", "vqa"], max_objects=2)
 
@@ -36,25 +36,6 @@ def _rows(engine: Engine, docs: list[Document], training: bool = True, **pipelin
     return next(iter(batches)), batches
 
 
-def _prefills(engine: Engine, prompts: list, config: GenerationConfig) -> list[tuple[list[int], list[int]]]:
-    """(ids, positions) of every row of the engine's first forward (the prompt prefill)."""
-    seen = []
-    model_forward = engine.model.forward
-
-    def spy(ids, positions=None, **kwargs):
-        if not seen:  # rows are padded to the longest block; logits_index is each row's last id
-            lengths = (kwargs["logits_index"][:, 0] + 1).tolist()
-            seen.extend((ids[r, :n].tolist(), positions[r, :n].tolist()) for r, n in enumerate(lengths))
-        return model_forward(ids, positions=positions, **kwargs)
-
-    engine.model.forward = spy
-    try:
-        engine.generate(prompts, config)
-    finally:
-        engine.model.forward = model_forward
-    return seen
-
-
 @pytest.mark.parametrize("mode", ["tokens", "latents"])
 def test_a_prompt_is_the_prefix_of_its_documents_training_layout(text_tokenizer, mode):
     engine = tiny_engine(mode, text_tokenizer)
@@ -63,7 +44,7 @@ def test_a_prompt_is_the_prefix_of_its_documents_training_layout(text_tokenizer,
         doc.metadata["keep_order"] = True
     batch, _ = _rows(engine, caption_first[:1])
     text = Document(caption_first[0].parts[:1])
-    (ids, positions), = _prefills(engine, [text], GenerationConfig(mode="image", max_new_tokens=engine.per_image + 2))
+    (ids, positions), = prefills(engine, [text], GenerationConfig(mode="image", max_new_tokens=engine.per_image + 2))
     n = len(ids)
     assert ids == batch["input_ids"][0, :n].tolist()
     assert positions == batch["positions"][0, :n].tolist() == list(range(n))
@@ -71,7 +52,7 @@ def test_a_prompt_is_the_prefix_of_its_documents_training_layout(text_tokenizer,
     # an image prompt (captioning): <bos> <boi> IMAGE <eoi>, as the image-first training row begins
     image_first = Document(caption_first[1].parts[::-1], {"keep_order": True})
     batch, _ = _rows(engine, [image_first])
-    (ids, positions), = _prefills(engine, [Document(image_first.parts[:1])], GenerationConfig(mode="text", max_new_tokens=2))
+    (ids, positions), = prefills(engine, [Document(image_first.parts[:1])], GenerationConfig(mode="text", max_new_tokens=2))
     n = len(ids)
     assert n == engine.per_image + 3
     assert ids == batch["input_ids"][0, :n].tolist() and positions == batch["positions"][0, :n].tolist()
@@ -87,7 +68,7 @@ def test_conditioning_dropout_trains_the_unconditional_stream_generation_feeds(t
     vocab = engine.vocab
     config = GenerationConfig(mode="image", max_new_tokens=engine.per_image + 2,
                               guidance=GuidanceConfig(scale=3.0, uncond=uncond))
-    cond, (uncond_ids, uncond_positions) = _prefills(engine, [Document(doc.parts[:1])], config)
+    cond, (uncond_ids, uncond_positions) = prefills(engine, [Document(doc.parts[:1])], config)
     # the unconditional stream's prompt, then the image it is guided towards: exactly the dropped row
     n = len(uncond_ids)
     assert uncond_ids == ([vocab.bos] if uncond == "empty" else [vocab.bos, vocab.mask(0)])

@@ -42,3 +42,23 @@ def save_engine_folder(engine: Engine, out, **generation) -> None:
     save_image_tokenizer(engine.image_tokenizer, out / "image_tokenizer")
     diffusion = DiffusionConfig() if engine.mode == "latents" else None
     write_generation_settings(out, max_length=generation.pop("max_length", 512), diffusion=diffusion, **generation)
+
+
+def prefills(engine: Engine, prompts: list, config) -> list[tuple[list[int], list[int]]]:
+    """(ids, positions) of every row of the engine's first forward (the prompt prefill): what each
+    prompt and guidance stream was laid out as."""
+    seen = []
+    model_forward = engine.model.forward
+
+    def spy(ids, positions=None, **kwargs):
+        if not seen:  # rows are padded to the longest block; logits_index is each row's last id
+            lengths = (kwargs["logits_index"][:, 0] + 1).tolist()
+            seen.extend((ids[r, :n].tolist(), positions[r, :n].tolist()) for r, n in enumerate(lengths))
+        return model_forward(ids, positions=positions, **kwargs)
+
+    engine.model.forward = spy
+    try:
+        engine.generate(prompts, config)
+    finally:
+        engine.model.forward = model_forward
+    return seen

@@ -22,7 +22,6 @@ still loads, as a feature network whose FIDs are marked not comparable.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixmodal.eval.fid import check_images
+from mixmodal.weights import file_sha256
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
@@ -244,14 +244,6 @@ class InceptionFeatures:
             return self.model(images.to(device, torch.float32))  # (B, 2048)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _first(names, count: int = 5) -> str:
     names = sorted(names)
     more = f", ... ({len(names)} in all)" if len(names) > count else ""
@@ -301,7 +293,7 @@ def load_inception(path: str | Path, device: str | torch.device = "cpu") -> Ince
                              f"{str(err).splitlines()[0] if str(err) else ''}). {FIX}") from None
     model = FIDInceptionV3()
     model.load_state_dict(_check_state_dict(state, path, model), strict=True)
-    sha256 = _file_sha256(path)
+    sha256 = file_sha256(path)
     if sha256 != WEIGHTS_SHA256:
         warnings.warn(f"{path} has the FID Inception's layout but not pytorch-fid's weights (sha256 {sha256[:12]}, "
                       f"expected {WEIGHTS_SHA256[:12]}); its FIDs are marked not comparable to published ones",

@@ -71,37 +71,42 @@ def read_retrieval_settings(model_dir: str | Path) -> dict | None:
     return (load_yaml(path) or {}).get("retrieval") if path.is_file() else None
 
 
-def read_image_generation(model_dir: Path) -> bool:
-    """generation.yaml's image_generation: whether the model may start images (default true)."""
-    path = model_dir / GENERATION_FILE
-    value = (load_yaml(path) or {}).get("image_generation", True) if path.is_file() else True
-    if not isinstance(value, bool):
-        raise CheckpointError(f"{path}: image_generation must be true or false, got {value!r}")
+def _setting(path: Path, data: dict, key: str, default, allowed: tuple, hint: str):
+    """generation.yaml's `key` (the default when absent), checked against `allowed`."""
+    value = data.get(key, default)
+    if not any(type(value) is type(a) and value == a for a in allowed):  # typed: 1 is not true
+        raise CheckpointError(f"{path}: {key} must be {hint}; got {value!r}")
     return value
 
 
-def read_image_preprocessing(model_dir: Path) -> str:
-    """generation.yaml's image_preprocessing: how images become tokenizer input and pixels come back
-    (tokenizers/pixels.py PIXEL_CONVENTIONS; default mixmodal's)."""
+def _generation_yaml(model_dir: Path) -> tuple[Path, dict]:
+    path = Path(model_dir) / GENERATION_FILE
+    return path, (load_yaml(path) or {}) if path.is_file() else {}
+
+
+def _image_generation(path: Path, data: dict) -> bool:
+    """Whether the model may start images (default true; false for a base Chameleon)."""
+    return _setting(path, data, "image_generation", True, (True, False), "true or false")
+
+
+def _image_preprocessing(path: Path, data: dict) -> str:
+    """How images become tokenizer input and pixels come back (tokenizers/pixels.py; default mixmodal's)."""
     from mixmodal.tokenizers.pixels import PIXEL_CONVENTIONS
 
-    path = model_dir / GENERATION_FILE
-    value = (load_yaml(path) or {}).get("image_preprocessing", "mixmodal") if path.is_file() else "mixmodal"
-    if value not in PIXEL_CONVENTIONS:
-        raise CheckpointError(f"{path}: image_preprocessing must be one of {', '.join(PIXEL_CONVENTIONS)} (or "
-                              f"absent: mixmodal); got {value!r}")
-    return value
+    return _setting(path, data, "image_preprocessing", "mixmodal", tuple(PIXEL_CONVENTIONS),
+                    f"one of {', '.join(PIXEL_CONVENTIONS)} (or absent: mixmodal)")
+
+
+def _chat_template(path: Path, data: dict) -> str | None:
+    """The conversation template (data/chat.py): None for a model never tuned on conversations."""
+    from mixmodal.data.chat import TEMPLATES
+
+    return _setting(path, data, "chat_template", None, (None, *TEMPLATES), f"one of {', '.join(TEMPLATES)} (or absent)")
 
 
 def read_chat_template(model_dir: Path) -> str | None:
     """generation.yaml's chat_template (data/chat.py): None for a model never tuned on conversations."""
-    from mixmodal.data.chat import TEMPLATES
-
-    path = model_dir / GENERATION_FILE
-    value = (load_yaml(path) or {}).get("chat_template") if path.is_file() else None
-    if value is not None and value not in TEMPLATES:
-        raise CheckpointError(f"{path}: chat_template must be one of {', '.join(TEMPLATES)} (or absent); got {value!r}")
-    return value
+    return _chat_template(*_generation_yaml(model_dir))
 
 
 def read_generation_settings(model_dir: Path) -> tuple[int | None, DiffusionConfig | None]:
@@ -132,11 +137,10 @@ class ModelSettings:
 def read_model_settings(model_dir: str | Path) -> ModelSettings:
     """Every generation setting of a model folder, read and checked in one place (engine and training)."""
     folder = Path(model_dir)
-    path = folder / GENERATION_FILE
-    stated = frozenset((load_yaml(path) or {}).keys()) if path.is_file() else frozenset()
+    path, data = _generation_yaml(folder)
     max_length, diffusion = read_generation_settings(folder)
-    return ModelSettings(max_length, diffusion, read_image_generation(folder), read_chat_template(folder),
-                         read_image_preprocessing(folder), stated)
+    return ModelSettings(max_length, diffusion, _image_generation(path, data), _chat_template(path, data),
+                         _image_preprocessing(path, data), frozenset(data))
 
 
 def load_text_tokenizer(text_dir: str | Path):
@@ -213,5 +217,5 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
 
 __all__ = ["CheckpointError", "GENERATION_FILE", "ModelSettings", "load_checkpoint", "load_text_tokenizer", "model_folder",
            "read_generation_settings", "read_model_settings",
-           "read_chat_template", "read_image_generation", "read_image_preprocessing", "read_retrieval_settings",
+           "read_chat_template", "read_retrieval_settings",
            "write_generation_settings"]

@@ -22,7 +22,6 @@ safetensors, the rest through weights_only loading or JSON.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -38,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mixmodal.train import faults
+from mixmodal.weights import file_sha256
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
 WEIGHTS = "model.safetensors"
@@ -250,17 +250,9 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     """folder/manifest.json: {file: {size, sha256}} of every file in `folder`, written last."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
 
@@ -283,7 +275,7 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
             problems.append(f"{name} is missing")
         elif f.stat().st_size != want["size"]:
             problems.append(f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}")
-        elif _sha256(f) != want["sha256"]:
+        elif file_sha256(f) != want["sha256"]:
             problems.append(f"{name} does not match its SHA-256 in the manifest")
     return problems
 
