@@ -112,6 +112,24 @@ def test_partial_captions_are_true_of_their_scene_and_of_its_render():
     assert seen == set(CATEGORIES)
 
 
+def test_exact_counts_name_each_shape_as_often_as_the_scene_holds_it():
+    from collections import Counter
+
+    config = ShapesConfig(resolution=32, tasks=["caption"], partial_captions=1.0, exact_counts=True)
+    loose = ShapesConfig(resolution=32, tasks=["caption"], partial_captions=1.0)
+    inexact = {True: 0, False: 0}
+    for exact, world in ((True, config), (False, loose)):
+        for i in range(300):
+            doc = shapes_document(world, "train", i)
+            prompt, scene = Prompt.from_dict(doc.metadata["prompt"]), doc.metadata["scenes"][0]
+            counts = Counter(o["shape"] for o in scene["objects"])
+            inexact[exact] += any(counts[r.shape] != r.count for r in prompt.include)
+    assert inexact[True] == 0 and inexact[False] > 20  # "a diamond" of three diamonds, without the knob
+    for i in range(60):  # and every exact caption is still true of its scene
+        doc = shapes_document(config, "train", i)
+        assert judge(Prompt.from_dict(doc.metadata["prompt"]), scene_things(Scene.from_dict(doc.metadata["scenes"][0])))[0]
+
+
 def test_the_world_mixes_partial_captions_at_the_ratio_and_keeps_their_order():
     config = ShapesConfig(resolution=32, tasks=["caption"], partial_captions=0.3)
     docs = [shapes_document(config, "train", i) for i in range(200)]

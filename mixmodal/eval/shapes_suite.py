@@ -114,7 +114,8 @@ def image_generation_config(engine, settings: dict):
 
     cdk = bool(settings.get("cdk")) and engine.mode == "tokens"
     return GenerationConfig(mode="image", max_images=1, max_new_tokens=engine.per_image + 2,
-                            guidance=GuidanceConfig(scale=1.0 if cdk else settings["cfg"]),
+                            guidance=GuidanceConfig(scale=1.0 if cdk else settings["cfg"],
+                                                    interval=settings.get("guidance_interval")),
                             contrastive=ContrastiveConfig() if cdk else None,
                             diffusion_steps=settings["diffusion_steps"],
                             image=SamplingParams(temperature=settings["image_temperature"], top_k=settings["image_top_k"],

@@ -63,8 +63,18 @@ class GuidanceConfig:
     image_scale: float | None = None  # set: three streams (editing)
     uncond: Literal["empty", "mask"] = "empty"
     text: bool = False  # guide text tokens as well as images
+    # latent mode: guide only while lo < t <= hi (t = 1 is noise, 0 clean), elsewhere take the
+    # conditional prediction (guidance interval, Kynkaanniemi et al. 2024); None = every step
+    interval: list[float] | None = None
 
     def __post_init__(self) -> None:
+        if self.interval is not None:
+            lo_hi = list(self.interval)
+            if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lo_hi) \
+                    or not 0.0 <= lo_hi[0] < lo_hi[1] <= 1.0:
+                raise ValueError(f"guidance.interval must be [lo, hi] with 0 <= lo < hi <= 1 (times, 1 = noise), "
+                                 f"got {self.interval!r}")
+            self.interval = [float(v) for v in lo_hi]
         if self.uncond not in ("empty", "mask"):
             raise ValueError(f"guidance.uncond must be 'empty' or 'mask', got {self.uncond!r}")
         for name in ("scale", "image_scale"):

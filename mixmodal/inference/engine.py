@@ -236,6 +236,9 @@ class Engine:
             raise PromptError("guidance.uncond=mask feeds <mask:0>, which this model never learned (a converted "
                               "Chameleon: the slot holds an unused <reservedNNNNN>, vocab_map.json); use "
                               "guidance.uncond=empty, whose unconditional stream <bos> <boi> is Meta's <s> <racm3:break>")
+        if config.guidance.interval is not None and self.mode != "latents":
+            raise PromptError("guidance.interval applies to denoising times (latent mode); this model writes image "
+                              "tokens: leave it unset")
         room = min(config.max_new_tokens, (self.max_length or length + config.max_new_tokens) - length)
         if config.mode == "image" and room < self.per_image + 2:
             raise PromptError(f"mode=image needs {self.per_image + 2} positions for one image (<boi>, "
@@ -410,8 +413,9 @@ class Engine:
     def _denoise(self, seq: _Sequence, streams: list[torch.Tensor]) -> Iterator[Event]:
         config = seq.config
         g = config.guidance
-        prediction = guide(streams, g.scale, g.image_scale)
         t, t_prev = self._time(seq, seq.step), self._time(seq, seq.step + 1)
+        guided = g.interval is None or g.interval[0] < t <= g.interval[1]
+        prediction = guide(streams, g.scale, g.image_scale) if guided else streams[0]
         x = seq.x
         sampler = self._sampler(config)
         if sampler == "ddpm":

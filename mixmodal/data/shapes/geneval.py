@@ -206,26 +206,34 @@ def score_image(image, prompt: Prompt) -> dict:
 
 # --- prompts true of a scene: training text ------------------------------------------------------
 
-def partial_caption(scene: Scene, rng: np.random.Generator, category: str | None = None) -> Prompt | None:
+def partial_caption(scene: Scene, rng: np.random.Generator, category: str | None = None,
+                    exact: bool = False) -> Prompt | None:
     """A GenEval-form prompt that is true of `scene` (judge(prompt, scene_things(scene)) holds), of
-    `category` or of a random one the scene allows; None when the scene allows none of them."""
+    `category` or of a random one the scene allows; None when the scene allows none of them.
+    exact: the prompt names each of its shapes as many times as the scene holds it ("a star": one
+    star; counting prompts always do)."""
     categories = [category] if category else [CATEGORIES[i] for i in rng.permutation(len(CATEGORIES))]
     prefix = PREFIXES[rng.integers(len(PREFIXES))]
     for cat in categories:
-        include = _describe(scene, cat, rng)
+        include = _describe(scene, cat, rng, exact)
         if include is not None:
             return build(cat, include, prefix)
     return None
 
 
-def _describe(scene: Scene, category: str, rng: np.random.Generator) -> list[Requirement] | None:
+def _describe(scene: Scene, category: str, rng: np.random.Generator,
+              exact: bool = False) -> list[Requirement] | None:
     objects = list(scene.objects)
     order = [objects[i] for i in rng.permutation(len(objects))]
+    counts = {s: sum(o.shape == s for o in objects) for s in SHAPES}
+    if exact:  # only shapes the scene holds once may be named as "a <shape>"
+        order = [o for o in order if counts[o.shape] == 1] if category != "counting" else order
     if category in ("single_object", "colors"):
+        if not order:
+            return None
         o = order[0]
         return [Requirement(o.shape, colour=o.colour if category == "colors" else None)]
     if category == "counting":
-        counts = {s: sum(o.shape == s for o in objects) for s in SHAPES}
         many = [s for s in SHAPES if counts[s] >= 2]
         if not many:
             return None

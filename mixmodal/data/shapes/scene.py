@@ -175,6 +175,11 @@ class ShapesConfig:
     # Share of scenes drawn with one shape repeated 2-4 times (colours and sizes still random), so
     # "three stars" is seen: uniform scenes hold 3+ of a shape in only ~3% of draws.
     repeat_shapes: float = 0.0
+    # Partial captions name each of their shapes exactly as often as the scene holds it: "a star"
+    # only of a scene with one star, "a star and a circle" of one star and one circle (English's
+    # reading, and GenEval's for counting). Without it "a diamond" also captions a scene of three
+    # diamonds, so p(caption | image) grows with every extra diamond and guidance draws more.
+    exact_counts: bool = False
     seed: int = 0  # seeds the train stream; the held-out splits never depend on it
 
     def __post_init__(self) -> None:
