@@ -564,8 +564,10 @@ def cmd_index_query(args: argparse.Namespace, overrides: list[str]) -> int:
     from mixmodal.data.bad_input import BadInputLog
     from mixmodal.data.images import decode_image
     from mixmodal.documents import Document, Image, Text
-    from mixmodal.retrieval.bank import MemoryBank, document_key, embed_documents_checked, modality
+    from mixmodal.retrieval.bank import MemoryBank
+    from mixmodal.retrieval.embed import embed_documents_checked
     from mixmodal.retrieval.select import SelectionConfig, select
+    from mixmodal.retrieval.store import document_key, modality
 
     _no_overrides("index query", overrides)
     bank = MemoryBank.open(args.index)

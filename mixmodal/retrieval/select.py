@@ -24,7 +24,9 @@ from typing import Sequence
 import numpy as np
 
 from mixmodal.documents import Document
-from mixmodal.retrieval.bank import MemoryBank, document_key, embed_documents_checked
+from mixmodal.retrieval.bank import MemoryBank
+from mixmodal.retrieval.embed import embed_documents_checked
+from mixmodal.retrieval.store import document_key
 
 
 @dataclass
