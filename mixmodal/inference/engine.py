@@ -36,8 +36,8 @@ from mixmodal.inference.events import (End, Event, GenerationResult, ImageDone, 
                                         TextDelta)
 from mixmodal.inference.logits import contrastive_scores, guide, guided_scores, repetition_penalty, sample
 from mixmodal.inference.prompt import PromptError, PromptLike, encode_prompt, prompt_ids, stream_segments, to_document
-from mixmodal.objectives.diffusion import (DDPMSchedule, DiffusionConfig, FlowSchedule, build_schedule, ddim_step,
-                                           ddpm_step, flow_step, sampling_times)
+from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule
+from mixmodal.objectives.samplers import Sampler, make_sampler
 from mixmodal.tokenizers.pixels import pixel_convention
 from mixmodal.vocab import NUM_MASK_SENTINELS
 
@@ -68,6 +68,7 @@ class _Sequence:
     phase: str = "text"
     codes: list[int] = field(default_factory=list)
     x: torch.Tensor | None = None  # latent mode: current noisy latents
+    sampler: Sampler | None = None  # latent mode: how the image is denoised (objectives/samplers.py)
     times: torch.Tensor | None = None  # latent mode: the sampler's time grid, from noise to 0
     step: int = 0
     emitted: str = ""  # text of the current run already streamed
@@ -245,7 +246,9 @@ class Engine:
                               f"{self.per_image} image positions, <eoi>); max_new_tokens={config.max_new_tokens} and "
                               f"the context ({self.max_length}) leave {room}: raise max_new_tokens")
         rows = list(range(len(variants)))
-        return _Sequence(i, config, generator, rows, list(blocks[0].ids), 0, blocks)  # length: on commit
+        sampler = make_sampler(config.sampler, self.schedule) if self.schedule is not None else None
+        return _Sequence(i, config, generator, rows, list(blocks[0].ids), 0, blocks,  # length: on commit
+                         sampler=sampler)
 
     def _context(self, docs: Sequence[Document]) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
         """Retrieved documents as the training pipeline lays them out: `<bos> doc <eos>` each."""
@@ -359,7 +362,7 @@ class Engine:
             if self.mode == "latents":
                 c, g = self.model.config.image.latent_channels, self.model.config.image.grid_size
                 seq.x = torch.randn((c, g, g), generator=seq.generator, dtype=torch.float32)
-                seq.times, seq.step = self._grid(config.diffusion_steps), 0
+                seq.times, seq.step = seq.sampler.times(config.diffusion_steps), 0
                 self._feed(seq, [token] + [v.pad] * self.per_image, commit=1, latent=(1, seq.x, self._time(seq, 0)),
                            denoise=True)
             else:
@@ -417,13 +420,7 @@ class Engine:
         guided = g.interval is None or g.interval[0] < t <= g.interval[1]
         prediction = guide(streams, g.scale, g.image_scale) if guided else streams[0]
         x = seq.x
-        sampler = self._sampler(config)
-        if sampler == "ddpm":
-            x = ddpm_step(self.schedule, x[None], prediction[None], t, t_prev, seq.generator)[0]
-        elif sampler == "flow":
-            x = flow_step(x[None], prediction[None], t, t_prev)[0]
-        else:
-            x = ddim_step(self.schedule, x[None], prediction[None], t, t_prev)[0]
+        x = seq.sampler.step(x[None], prediction[None], t, t_prev, seq.generator)[0]
         seq.x, seq.step = x, seq.step + 1
         steps = len(seq.times) - 1
         if config.preview_every and seq.step % config.preview_every == 0 and seq.step < steps:
@@ -496,27 +493,8 @@ class Engine:
 
     # --- timing and decoding ----------------------------------------------------------------
 
-    def _sampler(self, config: GenerationConfig) -> str:
-        if config.sampler == "auto":
-            return "flow" if isinstance(self.schedule, FlowSchedule) else "ddim"
-        if config.sampler == "ddpm" and not isinstance(self.schedule, DDPMSchedule):
-            raise ValueError("sampler=ddpm needs a model trained with diffusion.kind=ddpm; use flow or ddim")
-        if config.sampler == "flow" and not isinstance(self.schedule, FlowSchedule):
-            raise ValueError("sampler=flow needs a model trained with diffusion.kind=flow; use ddim or ddpm")
-        return config.sampler
-
     def _time(self, seq: _Sequence, step: int) -> float:
         return float(seq.times[step])
-
-    def _grid(self, steps: int) -> torch.Tensor:
-        """Times from noise to 0. A DDPM schedule whose last step is (almost) pure noise (the cosine one:
-        alpha_bar(1) = 2e-9) leaves that step out: there an epsilon prediction says nothing about x0, and
-        the first DDIM step would multiply its error by sqrt(alpha_bar(t_1) / alpha_bar(1)) (~600 at 50
-        steps), giving noise. The grid is then the trailing grid of steps + 1 points without its first,
-        so sampling starts from pure noise at alpha_bar ~1e-3 (diffusers' "leading" spacing does the same)."""
-        if isinstance(self.schedule, DDPMSchedule) and float(self.schedule.alpha_bar(1.0)) < 1e-4:
-            return sampling_times(self.schedule, min(steps + 1, self.schedule.num_timesteps))[1:]
-        return sampling_times(self.schedule, steps)
 
     @torch.no_grad()
     def _decode_codes(self, codes: torch.Tensor):
