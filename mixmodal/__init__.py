@@ -1,12 +1,12 @@
 """mixmodal: mixed-modal early-fusion models (CM3Leon, Chameleon, Transfusion)."""
 
-from mixmodal.documents import Document, Image, Text
-
 __version__ = "0.1.0"
 __all__ = ["Document", "Image", "Text", "generate", "load_image_tokenizer", "load_model", "__version__"]
 
-# Heavy modules (torch) load on first use, so `import mixmodal` stays cheap.
-_LAZY = {"load_image_tokenizer": "mixmodal.tokenizers.image", "load_model": "mixmodal.model.io",
+# Modules load on first use, so `import mixmodal` (and `mixmodal --help`) stays cheap: torch for the
+# functions, PIL for the document types.
+_LAZY = {"Document": "mixmodal.documents", "Image": "mixmodal.documents", "Text": "mixmodal.documents",
+         "load_image_tokenizer": "mixmodal.tokenizers.image", "load_model": "mixmodal.model.io",
          "generate": "mixmodal.inference.generate"}
 
 

@@ -182,6 +182,32 @@ def _save_images(items: list, key: str, folder: Path) -> list[str | None]:
     return names
 
 
+def headline(metrics: dict) -> dict:
+    """The numbers a reader looks for first (what `mixmodal eval` prints): GenEval-form accuracy per
+    prompt set and category, text -> image oracle accuracy / FID / CLIP score per split, captioning,
+    VQA, text perplexity, training FLOPs."""
+    out: dict = {}
+    for which, m in metrics.get("geneval", {}).items():
+        out[f"geneval_{which}_overall"] = round(m["overall"], 4)
+        for category, c in m["categories"].items():
+            out[f"geneval_{which}_{category}"] = round(c["accuracy"], 4)
+    for split, m in metrics.get("text_to_image", {}).items():
+        out[f"t2i_{split}_overall"] = round(m["overall"], 4)
+        if "fid" in m:
+            out[f"t2i_{split}_fid"] = round(m["fid"]["fid"], 3)
+        if "clip_score" in m:
+            out[f"t2i_{split}_clip_score"] = round(m["clip_score"]["clip_score"], 3)
+    if "captioning" in metrics:
+        out["caption_cider"] = round(metrics["captioning"]["cider"], 4)
+        out["caption_bleu4"] = round(metrics["captioning"]["bleu4"], 4)
+    if "vqa" in metrics:
+        out["vqa_accuracy"] = round(metrics["vqa"]["accuracy"], 4)
+    if "text" in metrics:
+        out["text_perplexity"] = round(metrics["text"]["perplexity"], 4)
+    out["training_flops"] = metrics.get("training", {}).get("flops")
+    return out
+
+
 def write_report(out: Path, metrics: dict, artifacts: dict) -> dict[str, Path]:
     out = Path(out)
     figures = out / "figures"
@@ -357,4 +383,5 @@ def _html(metrics: dict, paths: dict, out: Path, artifacts: dict, caption_files:
     return "\n".join(parts)
 
 
-__all__ = ["attribute_figure", "describe_sampling", "geneval_figure", "geneval_grid", "sample_grid", "write_report"]
+__all__ = ["attribute_figure", "describe_sampling", "geneval_figure", "geneval_grid", "headline", "sample_grid",
+           "write_report"]

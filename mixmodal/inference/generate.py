@@ -26,6 +26,7 @@ import torch
 
 from mixmodal.config import build_config, to_dict
 from mixmodal.documents import Document, Text
+from mixmodal.flags import GENERATION_FLAGS, flag_overrides
 from mixmodal.inference.config import GenerationConfig
 from mixmodal.inference.events import End, Event, GenerationResult
 from mixmodal.inference.output import GenerationFiles, save_generation
@@ -41,35 +42,28 @@ class Generated:
     seconds: float
 
 
-def generation_config(*, mode: str | None = None, cfg: float | None = None, image_cfg: float | None = None,
-                      steps: int | None = None, max_new_tokens: int | None = None, max_images: int | None = None,
-                      temperature: float | None = None, overrides: Sequence[str] = ()) -> GenerationConfig:
-    """Defaults <- the named arguments <- `key=value` overrides (e.g. `image.top_k=100`)."""
-    flags = []
-    for key, value in (("mode", mode), ("guidance.scale", cfg), ("guidance.image_scale", image_cfg),
-                       ("diffusion_steps", steps), ("max_new_tokens", max_new_tokens), ("max_images", max_images),
-                       ("text.temperature", temperature), ("image.temperature", temperature)):
-        if value is not None:
-            flags.append(f"{key}={value}")
+def generation_config(*, overrides: Sequence[str] = (), **options) -> GenerationConfig:
+    """Defaults <- the options (keywords of GENERATION_FLAGS, mixmodal/flags.py: mode, cfg, image_cfg,
+    steps, max_new_tokens, max_images, temperature; None = not given) <- `key=value` overrides
+    (e.g. `image.top_k=100`)."""
+    flags = flag_overrides(GENERATION_FLAGS, options, "generation_config")
     return build_config(GenerationConfig, None, [*flags, *overrides])
 
 
 def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *, images: Sequence[str | os.PathLike] = (),
-             mode: str | None = None, cfg: float | None = None, image_cfg: float | None = None, seed: int = 0,
-             num: int = 1, steps: int | None = None, max_new_tokens: int | None = None, max_images: int | None = None,
-             temperature: float | None = None, overrides: Sequence[str] = (), out: str | os.PathLike | None = None,
+             seed: int = 0, num: int = 1, overrides: Sequence[str] = (), out: str | os.PathLike | None = None,
              device: str = "cpu", dtype: str = "fp32", on_event: Callable[[Event], None] | None = None,
              retrieve: int = 0, index: str | os.PathLike | None = None, encoder: str | os.PathLike | None = None,
-             best_of: int = 1, rerank: str = "clip",
-             ) -> Generated:
+             best_of: int = 1, rerank: str = "clip", **options) -> Generated:
     """Generate `num` samples of each prompt; document i (prompts outer) draws from seed + i
-    (with best_of=n, its candidates from (seed + i) * n + j). Saved under `out` if given."""
+    (with best_of=n, its candidates from (seed + i) * n + j). Saved under `out` if given.
+    `options` set the generation config as `mixmodal generate`'s flags do (GENERATION_FLAGS:
+    mode, cfg, image_cfg, steps, max_new_tokens, max_images, temperature); `overrides` go on top."""
     from mixmodal.inference.checkpoint import load_checkpoint
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = generation_config(mode=mode, cfg=cfg, image_cfg=image_cfg, steps=steps, max_new_tokens=max_new_tokens,
-                               max_images=max_images, temperature=temperature, overrides=overrides)
+    config = build_config(GenerationConfig, None, [*flag_overrides(GENERATION_FLAGS, options, "generate"), *overrides])
     prompt_images = [load_prompt_image(p) for p in images]  # unreadable files fail before the model loads
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
     if num < 1:

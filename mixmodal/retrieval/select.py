@@ -98,6 +98,22 @@ def select(
     return chosen_per_query
 
 
+def nearest(bank: MemoryBank, embedder, query: Document, k: int, *, rules: bool = False) -> list[tuple[int, float]]:
+    """The documents of `bank` nearest to one query document, best first, as (store id, cosine) pairs
+    (what `mixmodal index query` prints): the k nearest by inner product, or with `rules` at most k
+    chosen by CM3Leon's selection (never self, near-copies and near-duplicates skipped, multimodal
+    first; SelectionConfig's defaults)."""
+    embedding = embed_documents_checked(embedder, [query], dim=bank.dim)  # (1, D)
+    if rules:
+        ids = select(bank, embedding, SelectionConfig(k=k), [document_key(query)])[0]
+        scores = (bank.embeddings(ids) @ embedding[0]).tolist() if ids else []
+    else:
+        found_scores, found_ids = bank.search(embedding, k)
+        ids = [int(i) for i in found_ids[0] if i >= 0]
+        scores = found_scores[0][: len(ids)].tolist()
+    return list(zip(ids, scores))
+
+
 class Retriever:
     """A bank, its encoder and the selection rules: documents in, retrieved store ids out."""
 
@@ -141,4 +157,4 @@ class Retriever:
         return [self.bank.documents(ids) for ids in self.retrieve(docs, **kwargs)]
 
 
-__all__ = ["Retriever", "SelectionConfig", "select"]
+__all__ = ["Retriever", "SelectionConfig", "nearest", "select"]

@@ -46,6 +46,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_rank() -> int:
+    """torchrun's RANK for this process, read from the environment (0 when not started by torchrun).
+    Unlike rank(), it holds before the process group exists and after it is gone (when a run has
+    ended), e.g. for the command line to print its summary once, from rank 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
 _created_from_env = False  # the current group was made by init_from_env (so by this library)
 
 # Ranks' seeds lie this far apart, so that rank r's stream for one purpose (seed + offset)
@@ -158,5 +165,5 @@ def broadcast_module_state(module: torch.nn.Module) -> None:
 
 __all__ = [
     "all_reduce_mean", "all_true", "barrier", "broadcast_module_state", "created_from_env", "destroy", "gather_objects",
-    "init_from_env", "is_initialized", "is_main", "local_rank", "rank", "rank_seed", "world_size",
+    "init_from_env", "is_initialized", "is_main", "launched_rank", "local_rank", "rank", "rank_seed", "world_size",
 ]
