@@ -12,6 +12,7 @@ from mixmodal.data.sources import ShapesSource
 from mixmodal.documents import Document, Text
 from mixmodal.inference import (ContrastiveConfig, End, Engine, GenerationConfig, GuidanceConfig, ImageDone,
                                 ImagePreview, ImageStarted, SamplingParams, TextDelta)
+from mixmodal.inference.detokenize import IncrementalDetokenizer
 from mixmodal.inference.engine import RunningBatch
 from mixmodal.inference.logits import contrastive_scores, guided_scores, masked_log_softmax, sample
 from mixmodal.inference.prompt import PromptError, encode_prompt, prompt_ids
@@ -76,7 +77,7 @@ def _image_after(engine: Engine, n: int) -> None:
 
     def only_boi(seq):
         mask = allowed(seq)
-        run = seq.parts[-1][1] if seq.parts and seq.parts[-1][0] == "text" else []
+        run = seq.parts[-1].ids if seq.parts and isinstance(seq.parts[-1], IncrementalDetokenizer) else []
         if len(run) >= n and mask[engine.vocab.boi]:
             mask = torch.zeros_like(mask)
             mask[engine.vocab.boi] = True
@@ -171,6 +172,27 @@ def test_latent_guidance_moves_every_channel(text_tokenizer):
     guided = engine.generate(PROMPT, cfg, seed=5)[0]
     diff = (base.images[0] - guided.images[0]).abs().flatten(1).amax(1)  # per channel
     assert diff.shape == (4,) and (diff > 1e-3).all(), diff
+
+
+def test_a_guidance_interval_guides_only_the_steps_inside_it(text_tokenizer):
+    engine = _engine("latents", text_tokenizer, kind="flow")
+
+    def image(guidance):
+        config = GenerationConfig(mode="image", max_new_tokens=40, diffusion_steps=4, guidance=guidance)
+        return engine.generate(PROMPT, config, seed=5)[0].images[0].float()
+
+    plain, guided = image(GuidanceConfig()), image(GuidanceConfig(scale=4.0))
+    # flow times 1, 0.75, 0.5, 0.25: an interval holding all of them guides every step
+    torch.testing.assert_close(image(GuidanceConfig(scale=4.0, interval=[0.0, 1.0])), guided, atol=1e-5, rtol=0)
+    # one holding none of them (t <= 0.2) takes the conditional prediction throughout
+    torch.testing.assert_close(image(GuidanceConfig(scale=4.0, interval=[0.0, 0.2])), plain, atol=1e-4, rtol=1e-4)
+    partly = image(GuidanceConfig(scale=4.0, interval=[0.6, 1.0]))  # the first two steps only
+    assert (partly - plain).abs().max() > 1e-3 and (partly - guided).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"guidance.interval must be \[lo, hi\]"):
+        GuidanceConfig(scale=4.0, interval=[0.8, 0.2])
+    with pytest.raises(PromptError, match="guidance.interval applies to denoising times"):
+        _engine("tokens", text_tokenizer).generate(PROMPT, GenerationConfig(
+            mode="image", max_new_tokens=40, guidance=GuidanceConfig(scale=4.0, interval=[0.0, 1.0])))
 
 
 def test_token_guidance_changes_the_codes_and_mask_uncond_differs_from_empty(text_tokenizer):

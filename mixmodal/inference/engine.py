@@ -32,6 +32,7 @@ from mixmodal.documents import Document, Image, Text
 from mixmodal.inference.cache import KVCache
 from mixmodal.inference.checkpoint import GENERATION_FILE
 from mixmodal.inference.config import GenerationConfig
+from mixmodal.inference.detokenize import IncrementalDetokenizer
 from mixmodal.inference.events import (End, Event, GenerationResult, ImageDone, ImagePreview, ImageStarted,
                                         TextDelta)
 from mixmodal.inference.logits import contrastive_scores, guide, guided_scores, repetition_penalty, sample
@@ -54,6 +55,13 @@ class _Block:
 
 
 @dataclass
+class GeneratedImage:
+    """An image part of the output: its pixels (None when the engine does not decode images)."""
+
+    pil: object | None
+
+
+@dataclass
 class _Sequence:
     index: int
     config: GenerationConfig
@@ -63,7 +71,7 @@ class _Sequence:
     length: int  # committed positions of the cond row
     blocks: list[_Block]  # next step's block per row
     generated: list[int] = field(default_factory=list)
-    parts: list = field(default_factory=list)  # ["text", ids] runs and ["image", content]
+    parts: list[IncrementalDetokenizer | GeneratedImage] = field(default_factory=list)  # in reading order
     images: list[torch.Tensor] = field(default_factory=list)
     phase: str = "text"
     codes: list[int] = field(default_factory=list)
@@ -71,8 +79,6 @@ class _Sequence:
     sampler: Sampler | None = None  # latent mode: how the image is denoised (objectives/samplers.py)
     times: torch.Tensor | None = None  # latent mode: the sampler's time grid, from noise to 0
     step: int = 0
-    emitted: str = ""  # text of the current run already streamed
-    offsets: tuple[int, int] = (0, 0)  # incremental detokenizer: window start, ids already read
     finish: str = ""
     text_tokens: int = 0
     error: str = ""  # why it ended with finish "error" (RunningBatch(isolate_errors=True))
@@ -369,19 +375,12 @@ class Engine:
                 self._feed(seq, [token])
             return
         # an ordinary text id
-        if not seq.parts or seq.parts[-1][0] != "text":
-            seq.parts.append(["text", []])
-            seq.emitted, seq.offsets = "", (0, 0)
-        run = seq.parts[-1][1]
-        run.append(token)
+        if not seq.parts or not isinstance(seq.parts[-1], IncrementalDetokenizer):
+            seq.parts.append(IncrementalDetokenizer(self.text_tokenizer))
+        run = seq.parts[-1]
         seq.text_tokens += 1
-        delta = self._detokenize(seq, run)
-        stop = next((s for s in config.stop if s and s in seq.emitted), None) if delta else None
-        if stop is not None:
-            cut = seq.emitted.index(stop)
-            delta = delta[:max(0, cut - (len(seq.emitted) - len(delta)))]
-            seq.emitted = seq.emitted[:cut]
-            seq.parts[-1].append(seq.emitted)  # the run's text, cut at the stop string
+        delta, stopped = run.stop_at(config.stop, run.add(token))
+        if stopped:
             seq.finish = "stop"
         if delta:
             yield TextDelta(seq.index, delta)
@@ -393,25 +392,10 @@ class Engine:
 
     def _flush(self, seq: _Sequence) -> Iterator[Event]:
         """A text run ends: stream what the incremental decoder still held back (an unfinished character)."""
-        if seq.parts and seq.parts[-1][0] == "text" and len(seq.parts[-1]) == 2:
-            rest = self.text_tokenizer.decode(seq.parts[-1][1])[len(seq.emitted):]
+        if seq.parts and isinstance(seq.parts[-1], IncrementalDetokenizer):
+            rest = seq.parts[-1].flush()
             if rest:
-                seq.emitted += rest
                 yield TextDelta(seq.index, rest)
-
-    def _detokenize(self, seq: _Sequence, run: list[int]) -> str:
-        """The text the newest id adds, decoding a short window (vLLM's incremental detokenizer): the
-        window's text before and after the id differ by the delta, unless the id ends inside a UTF-8
-        character (the decoder shows U+FFFD), in which case the delta waits for the next id."""
-        start, read = seq.offsets
-        before = self.text_tokenizer.decode(run[start:read])
-        after = self.text_tokenizer.decode(run[start:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        seq.offsets = (read, len(run))
-        delta = after[len(before):]
-        seq.emitted += delta
-        return delta
 
     def _denoise(self, seq: _Sequence, streams: list[torch.Tensor]) -> Iterator[Event]:
         config = seq.config
@@ -436,7 +420,7 @@ class Engine:
         if self.decode_images:
             pil = self._decode_latents(content[None])[0] if self.mode == "latents" else self._decode_codes(content[None])[0]
         seq.images.append(content)
-        seq.parts.append(["image", pil])
+        seq.parts.append(GeneratedImage(pil))
         seq.phase = "text"
         yield ImageDone(seq.index, len(seq.images) - 1, pil, content)
 
@@ -510,12 +494,11 @@ class Engine:
     def _result(self, seq: _Sequence) -> GenerationResult:
         parts = []
         for part in seq.parts:
-            if part[0] == "text":
-                text = part[2] if len(part) > 2 else self.text_tokenizer.decode(part[1])
-                if text:
-                    parts.append(Text(text))
-            elif part[1] is not None:
-                parts.append(Image(part[1], origin="generated"))
+            if isinstance(part, IncrementalDetokenizer):
+                if part.text:
+                    parts.append(Text(part.text))
+            elif part.pil is not None:
+                parts.append(Image(part.pil, origin="generated"))
         meta = {"finish_reason": seq.finish, "mode": seq.config.mode, "new_positions": len(seq.generated),
                 "images": len(seq.images), **({"error": seq.error} if seq.error else {})}
         return GenerationResult(seq.index, Document(parts, meta), list(seq.generated), list(seq.images), seq.finish)
