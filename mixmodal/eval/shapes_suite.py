@@ -34,6 +34,23 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
+from mixmodal.data.shapes import (CaptionParseError, Scene, ShapesConfig, caption, parse_caption, render, sample_scene,
+                                   score, score_scenes, shapes_document)
+from mixmodal.data.shapes.geneval import CATEGORIES, GENEVAL_PROMPTS, categories_of, score_image
+from mixmodal.data.shapes.geneval import prompt_set as make_prompts
+from mixmodal.data.sources.shapes_source import ShapesSource
+from mixmodal.eval.clip_score import clip_score
+from mixmodal.eval.feature_net import default_feature_net, load_feature_net
+from mixmodal.eval.fid import feature_stats, frechet_distance
+from mixmodal.eval.report import describe_sampling, write_report
+from mixmodal.eval.text_metrics import bleu, cider_d, tokenize, vqa_accuracy
+from mixmodal.inference.checkpoint import model_folder
+from mixmodal.inference.config import ContrastiveConfig, GenerationConfig, GuidanceConfig, SamplingParams
+from mixmodal.inference.engine import Engine
+from mixmodal.retrieval.encoder import DocumentEmbedder
+from mixmodal.tokenizers.pixels import images_to_tensor
+
 SPLITS = ("heldout", "heldout-combos")
 ATTRIBUTES = ("count", "colour", "shape", "size", "position", "background", "overall")
 
@@ -110,7 +127,6 @@ def sampling(config: ShapesEvalConfig, mode: str) -> dict:
 
 
 def image_generation_config(engine, settings: dict):
-    from mixmodal.inference.config import ContrastiveConfig, GenerationConfig, GuidanceConfig, SamplingParams
 
     cdk = bool(settings.get("cdk")) and engine.mode == "tokens"
     return GenerationConfig(mode="image", max_images=1, max_new_tokens=engine.per_image + 2,
@@ -129,14 +145,12 @@ class EvalError(ValueError):
 # --- the prompt sets: pure functions of (split, index) ------------------------------------------
 
 def _world(config: ShapesEvalConfig, resolution: int, task: str):
-    from mixmodal.data.shapes import ShapesConfig
 
     return ShapesConfig(resolution=resolution, min_objects=config.min_objects, max_objects=config.max_objects,
                         tasks=[task])
 
 
 def documents(config: ShapesEvalConfig, resolution: int, task: str, split: str, n: int) -> list:
-    from mixmodal.data.shapes import shapes_document
 
     world = _world(config, resolution, task)
     return [shapes_document(world, split, i) for i in range(n)]
@@ -144,7 +158,6 @@ def documents(config: ShapesEvalConfig, resolution: int, task: str, split: str, 
 
 def references(scene, index: int, k: int, seed: int = 0) -> list[str]:
     """k distinct captions of one scene from the caption grammar (COCO has 5 per image)."""
-    from mixmodal.data.shapes import caption
 
     out: list[str] = []
     for attempt in range(20 * k):
@@ -189,7 +202,6 @@ def _mean_scores(rows: list[dict]) -> dict[str, float]:
 
 
 def text_to_image(engine, config: ShapesEvalConfig, resolution: int, split: str, progress) -> tuple[dict, list]:
-    from mixmodal.data.shapes import Scene, score
 
     docs = documents(config, resolution, "caption", split, config.num_prompts)
     prompts = [d.metadata["caption"] for d in docs]
@@ -216,7 +228,6 @@ def geneval(engine, config: ShapesEvalConfig, prompt_set: str, progress, setting
     """GenEval-form accuracy on one prompt set (heldout, heldout-combos or validation): per
     category the fraction of images that meet their prompt, and overall = their mean.
     Image j of prompt i of a category is drawn with seed `config.seed + 1000 * i + j`."""
-    from mixmodal.data.shapes.geneval import GENEVAL_PROMPTS, categories_of, prompt_set as make_prompts, score_image
 
     settings = settings or sampling(config, engine.mode)
     gen = image_generation_config(engine, settings)
@@ -246,9 +257,6 @@ def geneval(engine, config: ShapesEvalConfig, prompt_set: str, progress, setting
 
 
 def captioning(engine, config: ShapesEvalConfig, resolution: int, progress) -> tuple[dict, list, dict]:
-    from mixmodal.data.shapes import CaptionParseError, Scene, parse_caption, score_scenes
-    from mixmodal.eval.text_metrics import bleu, cider_d
-    from mixmodal.inference.config import GenerationConfig, SamplingParams
 
     docs = documents(config, resolution, "caption", "heldout", config.num_captions)
     gen = GenerationConfig(mode="text", max_images=0, max_new_tokens=64, text=SamplingParams(temperature=0.0))
@@ -276,7 +284,6 @@ def captioning(engine, config: ShapesEvalConfig, resolution: int, progress) -> t
 
 
 def _parsable(text: str) -> bool:
-    from mixmodal.data.shapes import CaptionParseError, parse_caption
 
     try:
         parse_caption(text)
@@ -286,8 +293,6 @@ def _parsable(text: str) -> bool:
 
 
 def vqa(engine, config: ShapesEvalConfig, resolution: int, progress) -> tuple[dict, list]:
-    from mixmodal.eval.text_metrics import vqa_accuracy
-    from mixmodal.inference.config import GenerationConfig, SamplingParams
 
     docs = documents(config, resolution, "vqa", "heldout", config.num_vqa)
     prompts = [[f"Question: {d.metadata['question']}", d.images[0], "Answer:"] for d in docs]
@@ -306,8 +311,6 @@ def vqa(engine, config: ShapesEvalConfig, resolution: int, progress) -> tuple[di
 def perplexity(engine, config: ShapesEvalConfig, resolution: int, progress) -> dict:
     """Mean next-token cross-entropy over the text tokens of held-out caption and VQA documents,
     packed as in training (captions before their images, no CM3), images clean (latent mode: t = 0)."""
-    from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
-    from mixmodal.data.sources.shapes_source import ShapesSource
 
     model = engine.model
     world = _world(config, resolution, "caption")
@@ -337,7 +340,6 @@ def perplexity(engine, config: ShapesEvalConfig, resolution: int, progress) -> d
 
 
 def _image_batches(images: list, resolution: int, batch: int = 64):
-    from mixmodal.tokenizers.pixels import images_to_tensor
 
     for start in range(0, len(images), batch):
         yield (images_to_tensor(images[start:start + batch], resolution) + 1) / 2  # [-1, 1] -> [0, 1]
@@ -345,7 +347,6 @@ def _image_batches(images: list, resolution: int, batch: int = 64):
 
 def fid_reference(config: ShapesEvalConfig, resolution: int, split: str, n: int, offset: int) -> list:
     """Renders of n scenes of a split from index `offset` on (not the prompts' own scenes)."""
-    from mixmodal.data.shapes import ShapesConfig, render, sample_scene
 
     world = ShapesConfig(resolution=resolution, min_objects=config.min_objects, max_objects=config.max_objects)
     return [render(sample_scene(world, split, offset + i), resolution) for i in range(n)]
@@ -358,7 +359,6 @@ def fid(extractor, generated: list, config: ShapesEvalConfig, resolution: int, s
     """FID of the generated images against renders of num_fid_real other scenes of the split, and
     its floor: the FID of as many renders of yet other scenes of the split as there are generated
     images, against the same reference set (what a perfect generator scores with this few samples)."""
-    from mixmodal.eval.fid import feature_stats, frechet_distance
 
     real = fid_reference(config, resolution, split, config.num_fid_real, REAL_OFFSET)
     real_stats = feature_stats(extractor, _image_batches(real, resolution), "real")
@@ -380,9 +380,6 @@ def evaluate(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig |
              device: str = "cpu", progress: Callable[[str], None] = print) -> dict:
     """Run the shapes suite on a model folder (or its run directory); write OUT/metrics.json,
     OUT/report.md, OUT/report.html and their figures; return the metrics."""
-    from mixmodal.eval.report import write_report
-    from mixmodal.inference.checkpoint import model_folder
-    from mixmodal.inference.engine import Engine
 
     config = config or ShapesEvalConfig()
     out = Path(out)
@@ -438,9 +435,6 @@ def sweep(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig | No
     """GenEval-form accuracy on the validation prompts (disjoint from the test prompts) for each
     sampling setting of `grid` (default: SWEEP_GRID of the model's mode); writes OUT/sweep.json
     and OUT/sweep.md and returns {"rows": [...], "best": {...}}."""
-    from mixmodal.eval.report import describe_sampling
-    from mixmodal.inference.checkpoint import model_folder
-    from mixmodal.inference.engine import Engine
 
     config = config or ShapesEvalConfig(**SWEEP_PRESET)
     out = Path(out)
@@ -467,8 +461,6 @@ def sweep(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig | No
 
 
 def _write_sweep_report(out: Path, result: dict) -> None:
-    from mixmodal.data.shapes.geneval import CATEGORIES
-    from mixmodal.eval.report import describe_sampling
 
     mode = result["image_mode"]
     lines = [f"# Sampling sweep: `{result['checkpoint']}` ({mode})", "",
@@ -497,7 +489,6 @@ def _feature_extractor(inception: str | None, feature_net: str | None, resolutio
         from mixmodal.eval.inception import load_inception
 
         return load_inception(inception)
-    from mixmodal.eval.feature_net import default_feature_net, load_feature_net
 
     if feature_net:
         return load_feature_net(feature_net)
@@ -505,8 +496,6 @@ def _feature_extractor(inception: str | None, feature_net: str | None, resolutio
 
 
 def _clip_scores(encoder: str, samples: list, device: str) -> dict:
-    from mixmodal.eval.clip_score import clip_score
-    from mixmodal.retrieval.encoder import DocumentEmbedder
 
     embedder = DocumentEmbedder.from_pretrained(encoder, device=device)
     pairs = [(s["image"], s["prompt"]) for s in samples if s["image"] is not None]
@@ -523,7 +512,6 @@ def _coco_cross_check(raw: dict, ours: dict) -> dict:
         from pycocoevalcap.cider.cider import Cider
     except ImportError:
         return {"status": "pycocoevalcap not installed (pip install pycocoevalcap)"}
-    from mixmodal.eval.text_metrics import tokenize
 
     gts = {i: [" ".join(tokenize(r)) for r in refs] for i, refs in enumerate(raw["references"])}
     res = {i: [" ".join(tokenize(c))] for i, c in enumerate(raw["candidates"])}
