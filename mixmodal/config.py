@@ -54,15 +54,19 @@ def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # a binary file, or one damaged on disk
+        raise ConfigError(f"{path} is not UTF-8 text (an undecodable byte at offset {e.start}): it is not a "
+                          "config file, or it is damaged") from None
     try:
         size = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
         if size > MAX_YAML_VALUES:
             raise ConfigError(f"{path} expands to {size:,} values through its anchors and aliases (more than "
                               f"{MAX_YAML_VALUES:,}): a config is never that large; remove the nested aliases")
         data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # one line: PyYAML's message spans several
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

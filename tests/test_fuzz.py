@@ -1,6 +1,7 @@
 """The fuzz corpus (issue 22): random and adversarial configs, generation settings, document records,
-images and prompts through the public API. The rule: a clear error (ConfigError / ValueError /
-MalformedRecord / a counted skip) or a result, never another exception, never a hang."""
+images, prompts and WebDataset shards through the public API. The rule: a clear error (ConfigError /
+ValueError / MalformedRecord / a counted skip) or a result, never another exception, never a hang.
+Damaged model, tokenizer, encoder and bank folders are tests/test_corruption.py's."""
 
 from __future__ import annotations
 
@@ -258,3 +259,163 @@ def test_a_damaged_image_tokenizer_or_source_folder_is_one_line(tmp_path, damage
     (tmp_path / "hf" / "model.safetensors").write_bytes(weights.read_bytes())
     with pytest.raises(ConversionError, match="re-download or re-save"):
         read_hf_state(tmp_path / "hf", "ChameleonForConditionalGeneration")
+
+
+# --- WebDataset shards: cut anywhere, empty, not a tar, bad members ----------------------------------------
+
+def _wds_docs(n: int = 5) -> list:
+    from mixmodal.documents import Document, Image, Text
+
+    rng = np.random.default_rng(0)
+    image = lambda: Image(PIL.Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)))  # noqa: E731
+    return [Document([image(), Text(f"caption {i}")], id=f"d{i}") if i % 2  # LAION layout
+            else Document([Text(f"story {i}"), image(), Text("then"), image()], id=f"d{i}")  # multi-part layout
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def wds_shard(tmp_path_factory):
+    from mixmodal.data.sources.wds import write_webdataset
+
+    import tarfile
+
+    (shard,) = write_webdataset(_wds_docs(), tmp_path_factory.mktemp("wds"), shard_size=100)
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+    members_end = last.offset_data + -(-last.size // 512) * 512  # then zero blocks to the end
+    return shard.read_bytes(), members_end
+
+
+def _read_shard(path, strict: bool = False):
+    from mixmodal.data.sources import open_source
+
+    source = open_source(f"wds:{path}", strict=strict)
+    return [d.id for d in source], dict(source.log.skipped), source.summary()
+
+
+def _assert_whole_prefix_or_counted(path, complete: bool) -> None:
+    ids, skipped, summary = _read_shard(path)
+    assert ids == [f"d{i}" for i in range(len(ids))]  # whole samples, in order: never a partial one
+    if complete:
+        assert len(ids) == 5 and not skipped
+    else:
+        assert skipped == {"bad-shard": 1} and str(path) in summary  # a cut shard is always counted
+    try:
+        assert _read_shard(path, strict=True)[0] == ids
+    except BadInputError as e:
+        assert str(path) in str(e) and "bad-shard" in str(e) and "re-download or re-write" in str(e)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_a_shard_cut_anywhere_gives_whole_samples_and_a_counted_skip(wds_shard, tmp_path, data):
+    """A download cut short ends at any byte: inside a member, inside or at a header, in the end blocks."""
+    shard, members_end = wds_shard
+    cut = data.draw(st.one_of(st.integers(0, len(shard)), st.integers(0, len(shard) // 512).map(lambda b: 512 * b)))
+    path = tmp_path / "shard.tar"
+    path.write_bytes(shard[:cut])
+    # whole only when cut inside the end blocks, on a block boundary (nothing of the archive is lost)
+    _assert_whole_prefix_or_counted(path, complete=cut == len(shard) or (cut % 512 == 0 and cut > members_end))
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_a_compressed_shard_cut_anywhere_is_counted_not_silently_short(wds_shard, tmp_path, data):
+    import gzip
+
+    packed = gzip.compress(wds_shard[0], mtime=0)
+    cut = data.draw(st.integers(0, len(packed)))
+    path = tmp_path / "shard.tar.gz"
+    path.write_bytes(packed[:cut])
+    _assert_whole_prefix_or_counted(path, complete=cut == len(packed))
+
+
+def _tar(path, members: list[tuple[str, bytes]]):
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def _png() -> bytes:
+    return _encoded(PIL.Image.new("RGB", (8, 8), "blue"), "PNG")
+
+
+def _laion(key: str) -> list[tuple[str, bytes]]:
+    return [(f"{key}.png", _png()), (f"{key}.txt", b"a blue square")]
+
+
+WDS_CASES = {  # members around a good "a" and "c": (members of the middle, {reason: count}, ids that come through)
+    "bad json": ([("b.png", _png()), ("b.txt", b"x"), ("b.json", b"{not json")], {"malformed-json": 1}, ["a", "c"]),
+    "json not an object": ([("b.json", b"[1, 2]"), ("b.png", _png()), ("b.txt", b"x")], {"bad-schema": 1}, ["a", "c"]),
+    "deep json": ([("b.json", b"[" * 100000)], {"malformed-json": 1}, ["a", "c"]),
+    "missing image": ([("b.txt", b"a caption")], {"missing-field": 1}, ["a", "c"]),
+    "missing caption": ([("b.png", _png())], {"missing-field": 1}, ["a", "c"]),
+    "corrupt png": ([("b.png", _png()[:40]), ("b.txt", b"x")], {"corrupt-image": 1}, ["a", "c"]),
+    "not an image": ([("b.png", b"GIF89a but not really"), ("b.txt", b"x")], {"corrupt-image": 1}, ["a", "c"]),
+    "multi-part member missing": ([("b.json", json.dumps({"parts": [{"type": "image", "member": "0.png"}]}).encode())],
+                                  {"missing-field": 1}, ["a", "c"]),
+    "multi-part member escapes": ([("b.json", json.dumps({"parts": [{"type": "image", "member": "../../x.png"}]})
+                                    .encode())], {"missing-field": 1}, ["a", "c"]),
+    "unexpected extensions": ([("b.exe", b"MZ"), ("b.png", _png()), ("b.txt", b"x"), ("b.tar", b"nested"),
+                               ("noext", b"z"), (".hidden", b"h")], {}, ["a", "b", "c"]),
+    "only unexpected members": ([("b.weird.ext", b"?"), ("b.exe", b"MZ")], {"missing-field": 1}, ["a", "c"]),
+    "upper-case extensions": ([("b.PNG", _png()), ("b.TXT", b"x")], {}, ["a", "b", "c"]),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", list(WDS_CASES))
+def test_a_bad_member_is_one_counted_skip_or_a_strict_error(tmp_path, case):
+    middle, reasons, ids = WDS_CASES[case]
+    path = _tar(tmp_path / "s.tar", _laion("a") + middle + _laion("c"))
+    got, skipped, summary = _read_shard(path)
+    assert (got, skipped) == (ids, reasons)
+    if reasons:
+        assert f"{path}:b" in summary
+        with pytest.raises(BadInputError, match=f"{path}:b.*: {next(iter(reasons))}: "):
+            _read_shard(path, strict=True)
+    else:
+        assert _read_shard(path, strict=True)[0] == ids
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("content", [b"", b"this is not a tar file\n" * 100, b"\x1f\x8b\x08\x00 not gzip" * 20,
+                                     b"\0" * 100, b"BZh9 not bzip2"], ids=["empty", "text", "bad-gzip", "zeros", "bad-bz2"])
+def test_a_shard_that_is_not_a_tar_is_one_counted_skip(tmp_path, content):
+    path = tmp_path / "s.tar"
+    path.write_bytes(content)
+    ids, skipped, summary = _read_shard(path)
+    assert ids == [] and skipped == {"bad-shard": 1} and str(path) in summary
+    with pytest.raises(BadInputError, match="bad-shard: .*re-download or re-write the shard"):
+        _read_shard(path, strict=True)
+
+
+MEMBER_NAMES = ["a.png", "a.txt", "a.json", "b.jpg", "b.txt", "c.0.png", "c.json", "d", ".e", "f.exe", "g.PNG",
+                "g.TXT", "dir/h.png", "dir/h.txt", "i.webp", "i.txt"]
+PAYLOADS = [b"", b"caption", b"caf\xe9", b"{not json", b'{"id": 5}', b"[]",
+            json.dumps({"parts": [{"type": "text", "text": "hi"}, {"type": "image", "member": "0.png"}]}).encode(),
+            json.dumps({"parts": [{"type": "image", "member": "png"}]}).encode(), b"\x89PNG\r\n\x1a\n cut"]
+
+
+@pytest.mark.timeout(120)
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(MEMBER_NAMES), st.one_of(st.sampled_from(PAYLOADS), st.just(None))),
+                max_size=10))
+def test_random_members_are_documents_or_counted_skips(members):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = _tar(f"{folder}/s.tar", [(n, _png() if p is None else p) for n, p in members])
+        ids, skipped, _ = _read_shard(path)
+        assert all(isinstance(i, str) for i in ids)
+        try:
+            _read_shard(path, strict=True)
+        except BadInputError as e:
+            assert str(path) in str(e) and skipped

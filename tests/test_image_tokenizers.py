@@ -181,7 +181,7 @@ def test_save_load_round_trip(tmp_path, make):
     if isinstance(model, VQTokenizer):
         model.train()(images())  # touch the buffers so they are not at their init values
     save_image_tokenizer(model, tmp_path / "tok")
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.yaml", "manifest.json", "model.safetensors"]
     loaded = mixmodal.load_image_tokenizer(tmp_path / "tok")
     assert type(loaded) is type(model) and not loaded.training and loaded.config == model.config
     model.eval()
@@ -204,6 +204,9 @@ def test_mismatched_checkpoint_names_the_tensor_and_shapes(tmp_path):
     config["codebook_size"] = 16
     config["attention"] = False
     (tmp_path / "tok" / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"config.yaml (has \d+ bytes, the manifest says|does not match its SHA-256)"):
+        load_image_tokenizer(tmp_path / "tok")  # the edit is caught by manifest.json first
+    (tmp_path / "tok" / "manifest.json").unlink()  # a folder without one: the tensors are checked against the config
     with pytest.raises(ValueError) as e:
         load_image_tokenizer(tmp_path / "tok")
     message = str(e.value)
@@ -217,6 +220,9 @@ def test_missing_files_say_what_to_run(tmp_path):
         load_image_tokenizer(tmp_path / "nothing")
     save_image_tokenizer(tiny_vae(), tmp_path / "tok")
     (tmp_path / "tok" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"model.safetensors is missing \(.*manifest.json\).*re-copy"):
+        load_image_tokenizer(tmp_path / "tok")  # manifest.json lists it
+    (tmp_path / "tok" / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"model.safetensors is missing.*mixmodal train"):
         load_image_tokenizer(tmp_path / "tok")
 

@@ -154,8 +154,12 @@ def load_text_tokenizer(text_dir: str | Path):
     text_dir = Path(text_dir)
     if (text_dir.parent / VOCAB_MAP_FILE).is_file():
         return ChameleonTokenizer.load(text_dir.parent, text_dir / TOKENIZER_FILE)
+    from mixmodal.weights import ManifestError
+
     try:
         return TextTokenizer.load(text_dir)
+    except ManifestError:
+        raise
     except ValueError:
         file = text_dir / TOKENIZER_FILE if text_dir.is_dir() else text_dir
         if file.is_file() and "<racm3:break>" in file.read_text(encoding="utf-8", errors="replace"):
@@ -187,27 +191,32 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dty
     `require_image_tokenizer` makes that an error naming the missing folder."""
     from mixmodal.inference.engine import Engine
     from mixmodal.interop.hf_chameleon import VOCAB_MAP_FILE
-    from mixmodal.model.io import load_model_dir
+    from mixmodal.model.io import FIX, load_model_dir
     from mixmodal.tokenizers.image import load_image_tokenizer
+    from mixmodal.weights import ManifestError, checked_folder
 
     folder = model_folder(path)
     text_dir, image_dir = folder / TEXT_TOKENIZER_DIR, folder / IMAGE_TOKENIZER_DIR
-    if not (folder / VOCAB_MAP_FILE).is_file() and not text_dir.is_dir():
-        raise CheckpointError(f"{folder} has no {TEXT_TOKENIZER_DIR}/ folder: copy the text tokenizer the model was "
-                              f"trained with (its tokenizer.json) into {text_dir}")
-    try:
-        text_tokenizer = load_text_tokenizer(text_dir)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    image_tokenizer = None
-    if image_dir.is_dir():
-        image_tokenizer = load_image_tokenizer(image_dir, device)
-    elif require_image_tokenizer:
-        raise CheckpointError(f"{folder} has no {IMAGE_TOKENIZER_DIR}/ folder, so its images cannot be turned into "
-                              f"pixels: copy the image tokenizer the model was trained with into {image_dir} "
-                              "(or generate with --mode text)")
-    settings = read_model_settings(folder)
-    model = load_model_dir(folder, device, dtype=dtype)  # bf16: the weights stay bf16, never an fp32 copy
+    # manifest.json (weights.py) covers the tokenizers inside the folder too: checked once, here
+    with checked_folder(folder, FIX):
+        if not (folder / VOCAB_MAP_FILE).is_file() and not text_dir.is_dir():
+            raise CheckpointError(f"{folder} has no {TEXT_TOKENIZER_DIR}/ folder: copy the text tokenizer the model "
+                                  f"was trained with (its tokenizer.json) into {text_dir}")
+        try:
+            text_tokenizer = load_text_tokenizer(text_dir)
+        except ManifestError:
+            raise
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        image_tokenizer = None
+        if image_dir.is_dir():
+            image_tokenizer = load_image_tokenizer(image_dir, device)
+        elif require_image_tokenizer:
+            raise CheckpointError(f"{folder} has no {IMAGE_TOKENIZER_DIR}/ folder, so its images cannot be turned "
+                                  f"into pixels: copy the image tokenizer the model was trained with into {image_dir} "
+                                  "(or generate with --mode text)")
+        settings = read_model_settings(folder)
+        model = load_model_dir(folder, device, dtype=dtype, verify=False)  # bf16: stays bf16, never an fp32 copy
     engine = Engine(model, text_tokenizer, image_tokenizer, diffusion=settings.diffusion,
                     max_length=settings.max_length, dtype=dtype, image_generation=settings.image_generation,
                     chat_template=settings.chat_template, image_preprocessing=settings.image_preprocessing)

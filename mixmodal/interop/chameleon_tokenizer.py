@@ -92,7 +92,9 @@ def _read(path: Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception on bad JSON
-        raise ValueError(f"{path} is not a valid tokenizers JSON file: {e}") from None
+        raise ValueError(f"{path} is not a valid tokenizers JSON file ({' '.join(str(e).split())}): it is truncated or "
+                         "not a tokenizer; copy it again from the transformers folder (tokenizer.json, or Meta's "
+                         "text_tokenizer.json)") from None
 
 
 def _check_specials(vocab_map, origin: str) -> None:

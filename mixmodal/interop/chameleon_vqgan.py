@@ -35,6 +35,7 @@ import yaml
 
 from mixmodal.interop.common import ConversionError, finish_conversion, read_safetensors
 from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
+from mixmodal.weights import refresh_manifest
 
 TAMING_NORM_GROUPS = 32  # taming's Normalize() and transformers' Chameleon blocks hard-code 32 groups
 _RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
@@ -251,8 +252,20 @@ def convert_chameleon_vqgan(src: str | os.PathLike, out: str | os.PathLike,
             notes.append("transformers' ChameleonVQVAE has no decoder: the tokenizer encodes only "
                          "(convert Meta's vqgan.ckpt to decode)")
     mapped = taming_to_mixmodal(state, len(vq_config.channel_multipliers))
-    notes += _check_fits_model(vq_config, mapped, Path(out))
-    return finish_conversion(VQTokenizer(vq_config), mapped, src, out), notes
+    attach = _check_fits_model(vq_config, mapped, Path(out))
+    notes += attach
+    given = f"{src} --config {config_path}" if config_path else f"{src}"
+    tokenizer = finish_conversion(VQTokenizer(vq_config), mapped, src, out,
+                                  remake=f"re-run `mixmodal convert chameleon-vqgan {given} {out}`")
+    if _is_converted_model(Path(out).parent):  # the model folder's manifest lists its image_tokenizer/ files
+        refresh_manifest(Path(out).parent, Path(out).name)
+    return tokenizer, notes
+
+
+def _is_converted_model(folder: Path) -> bool:
+    from mixmodal.model.io import CONFIG_FILE
+
+    return (folder / "vocab_map.json").is_file() and (folder / CONFIG_FILE).is_file()
 
 
 # --- attaching to a converted Chameleon ---------------------------------------------------
@@ -285,7 +298,7 @@ def _check_fits_model(vq_config: VQConfig, mapped: dict[str, torch.Tensor], out:
     from mixmodal.tokenizers.image import load_image_tokenizer
 
     model_dir = out.parent
-    if not (model_dir / "vocab_map.json").is_file() or not (model_dir / CONFIG_FILE).is_file():
+    if not _is_converted_model(model_dir):
         return []
     try:
         image = read_model_config(model_dir).image

@@ -71,9 +71,11 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(str(e)) from None
 
 
-def finish_conversion(model, state: dict[str, torch.Tensor], origin: str | os.PathLike, out: str | os.PathLike):
+def finish_conversion(model, state: dict[str, torch.Tensor], origin: str | os.PathLike, out: str | os.PathLike,
+                      remake: str | None = None):
     """Load `state` into `model` (every tensor accounted for, buffers kept at their
-    initial values), write the tokenizer directory and return it loaded back from disk."""
+    initial values), write the tokenizer directory (its manifest's `remake`: the command that
+    converts it again) and return it loaded back from disk."""
     full = dict(state)
     for name, buffer in model.named_buffers():  # bookkeeping buffers (dead-code counters) start fresh
         full.setdefault(name, buffer)
@@ -83,5 +85,5 @@ def finish_conversion(model, state: dict[str, torch.Tensor], origin: str | os.Pa
         raise ConversionError(str(e).replace("(were config.yaml and model.safetensors written by different runs?)",
                                              "(is the source config the one these weights were trained with?)")) from None
     model.load_state_dict(full)
-    save_image_tokenizer(model, out)
+    save_image_tokenizer(model, out, remake=remake)
     return load_image_tokenizer(Path(out))

@@ -97,4 +97,5 @@ def convert_diffusers_vae(src: str | os.PathLike, out: str | os.PathLike) -> tup
                      "scaling_factor/shift_factor); set them with fit_latent_scaling if needed")
     state = rename_diffusers_state(read_safetensors(weights))
     model = VAETokenizer(config)
-    return finish_conversion(model, state, weights, out), notes
+    return finish_conversion(model, state, weights, out,
+                             remake=f"re-run `mixmodal convert diffusers-vae {folder} {out}`"), notes

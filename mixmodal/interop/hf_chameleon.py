@@ -5,7 +5,7 @@
                                        -> OUT/config.yaml, model.safetensors, vocab_map.json,
                                           hf_config.json, generation.yaml, text_tokenizer/
                                           (the source's tokenizer), image_tokenizer/ (when SRC
-                                          holds the VQGAN)
+                                          holds the VQGAN), and last manifest.json (weights.py)
     convert_to_hf_chameleon(SRC, OUT)  a mixmodal token-mode model directory
                                        -> OUT/config.json + model.safetensors (+ tokenizer.json),
                                           which `ChameleonForConditionalGeneration.from_pretrained(OUT)` loads
@@ -70,6 +70,7 @@ from mixmodal.model.io import (CONFIG_FILE, WEIGHTS_FILE, ModelDirError, check_m
                                read_model_state, write_model_dir)
 from mixmodal.model.transformer import TransformerConfig
 from mixmodal.vocab import NUM_SPECIAL, SPECIAL_TOKENS, Vocab
+from mixmodal.weights import write_manifest
 
 VOCAB_MAP_FILE = "vocab_map.json"
 HF_CONFIG_FILE = "hf_config.json"  # the source's config.json, kept so the inverse writes the same fields back
@@ -158,23 +159,28 @@ class VocabMap:
 
     @classmethod
     def read(cls, path: Path) -> "VocabMap":
+        fix = "re-run `mixmodal convert hf-chameleon SRC OUT`, or copy the converted folder again"
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{path}: cannot read the vocabulary map: {e}") from None
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+            raise ConversionError(f"{path}: cannot read the vocabulary map ({' '.join(str(e).split())}): it is "
+                                  f"truncated or damaged; {fix}") from None
         if not isinstance(data, dict) or data.get("format") != VOCAB_MAP_FORMAT:
-            raise ConversionError(f"{path}: not a mixmodal vocabulary map (expected \"format\": \"{VOCAB_MAP_FORMAT}\")")
+            raise ConversionError(f"{path}: not a mixmodal vocabulary map (expected \"format\": \"{VOCAB_MAP_FORMAT}\"); "
+                                  f"{fix}")
         ours = data.get("hf_to_mixmodal")
         text_size, num_codes = data.get("text_size"), data.get("num_image_codes")
         if not isinstance(ours, list) or not isinstance(text_size, int) or not isinstance(num_codes, int) \
+                or not all(isinstance(i, int) for i in ours) \
                 or sorted(ours) != list(range(len(ours))) or len(ours) != text_size + num_codes:
-            raise ConversionError(f"{path}: hf_to_mixmodal must be a permutation of 0..text_size + num_image_codes - 1")
+            raise ConversionError(f"{path}: hf_to_mixmodal must be a permutation of 0..text_size + num_image_codes - 1; "
+                                  f"{fix}")
         specials, never = data.get("special_tokens"), data.get("never_sample", [])
         if specials is not None and (not isinstance(specials, dict) or list(specials) != list(SPECIAL_TOKENS)):
             raise ConversionError(f"{path}: special_tokens must map each of mixmodal's special tokens, in order "
                                   f"({', '.join(SPECIAL_TOKENS)}), to a Chameleon name; reconvert the checkpoint")
         if not isinstance(never, list) or not all(isinstance(i, int) and 0 <= i < text_size for i in never):
-            raise ConversionError(f"{path}: never_sample must be a list of text ids below text_size={text_size}")
+            raise ConversionError(f"{path}: never_sample must be a list of text ids below text_size={text_size}; {fix}")
         return cls(tuple(ours), text_size, num_codes, specials, tuple(never))
 
 
@@ -382,7 +388,8 @@ def _check(config: ModelConfig, state: dict[str, torch.Tensor], origin: str) -> 
     with torch.device("meta"):  # names and shapes only: nothing is allocated
         model = FusionModel(config)
     try:
-        check_model_state(model, state, origin)
+        check_model_state(model, state, origin, hint="are the config and these weights one checkpoint? re-download "
+                                                     "or re-save the source folder")
     except ModelDirError as e:
         raise ConversionError(str(e)) from None
 
@@ -427,7 +434,8 @@ def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike, *, imag
     ours = hf_state_to_mixmodal(state, vocab_map)
     _check(config, ours, f"{src} (weights)")
     notes = []
-    write_model_dir(config, ours, out, metadata={"source": "transformers ChameleonForConditionalGeneration"})
+    write_model_dir(config, ours, out, metadata={"source": "transformers ChameleonForConditionalGeneration"},
+                    manifest=False)  # written last, below, once the folder is complete
     (out / VOCAB_MAP_FILE).write_text(json.dumps(vocab_map.to_dict()), encoding="utf-8")
     (out / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
     vocab = vocab_map.vocab
@@ -439,6 +447,7 @@ def convert_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike, *, imag
     notes.extend(_convert_vqgan(hf_config, vq_state, src, out / IMAGE_TOKENIZER_DIR, vocab_map.num_image_codes,
                                 meta_vqgan))
     notes.extend(_write_text_side(out, vocab_map, layout, names_from, source_tokenizer, hf_config, image_generation))
+    write_manifest(out, remake=f"re-run `mixmodal convert hf-chameleon {src} {out}` (with the options used before)")
     return config, notes
 
 
@@ -531,7 +540,8 @@ def _convert_vqgan(hf_config: dict, vq_state: dict, src: Path, out: Path, num_im
     if meta_vqgan is not None:
         vq_config, taming, ckpt = meta_vqgan
         finish_conversion(VQTokenizer(vq_config), taming_to_mixmodal(taming, len(vq_config.channel_multipliers)),
-                          ckpt, out)
+                          ckpt, out, remake=f"re-run `mixmodal convert hf-chameleon {src} {out.parent}` (with "
+                                            "the options used before)")
         same = " (its encoder equals the folder's model.vqmodel)" if vq_state else ""
         return [f"the VQGAN of {ckpt} went to {out}: encoder and decoder{same}, so generated images decode"]
     if not vq_state:
@@ -540,7 +550,8 @@ def _convert_vqgan(hf_config: dict, vq_state: dict, src: Path, out: Path, num_im
     try:
         vq_config = vq_config_from_transformers(hf_config, str(src / "config.json"), encoder_only=True)
         mapped = taming_to_mixmodal({k: v.float() for k, v in vq_state.items()}, len(vq_config.channel_multipliers))
-        finish_conversion(VQTokenizer(vq_config), mapped, src, out)
+        finish_conversion(VQTokenizer(vq_config), mapped, src, out,
+                          remake=f"re-run `mixmodal convert hf-chameleon {src} {out.parent}`")
     except ConversionError as e:
         return [f"the VQGAN was not converted ({e}); no {IMAGE_TOKENIZER_DIR}/ was written"]
     notes = [f"the VQGAN went to {out} (encoder only: transformers ships no decoder; prompt images encode, generated "

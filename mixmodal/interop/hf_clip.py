@@ -222,7 +222,7 @@ def convert_hf_clip(src: str | os.PathLike, out: str | os.PathLike) -> tuple[Doc
                               "the converted encoder needs the fast tokenizer's tokenizer.json; save it with the "
                               "model: CLIPTokenizerFast.from_pretrained(...).save_pretrained(SRC)")
     try:
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path, fix="re-download or re-save the source folder")
     except EncoderError as e:
         raise ConversionError(str(e)) from None
     notes: list[str] = []
@@ -234,12 +234,14 @@ def convert_hf_clip(src: str | os.PathLike, out: str | os.PathLike) -> tuple[Doc
     state = hf_state_to_mixmodal(read_hf_state(src, "CLIPModel"), notes)
     try:
         with torch.device("meta"):  # names and shapes only: nothing is allocated
-            check_encoder_state(DualEncoder(encoder_config), state, f"{src} (weights)")
+            check_encoder_state(DualEncoder(encoder_config), state, f"{src} (weights)",
+                                hint="are config.json and these weights one checkpoint? re-download or re-save the "
+                                     "source folder")
     except EncoderError as e:
         raise ConversionError(str(e).replace("(config.yaml)", "(config.json)")) from None
     model = DualEncoder(encoder_config)
     model.load_state_dict(state)
-    save_dual_encoder(model, tokenizer, out)
+    save_dual_encoder(model, tokenizer, out, remake=f"re-run `mixmodal convert hf-clip {src} {out}`")
     notes.append("transformers' CLIPProcessor resizes the short side and centre-crops; DocumentEmbedder.embed_images "
                  f"centre-crops, then resizes to {encoder_config.vision.image_size} px (bicubic)")
     return DocumentEmbedder.from_pretrained(out), notes

@@ -279,6 +279,7 @@ def merge_lora_folder(src: str | os.PathLike, out: str | os.PathLike) -> tuple[P
     model.safetensors with the adapter merged (the base's dtype), every other file and folder copied
     (tokenizers, generation.yaml, vocab_map.json, hf_config.json, ...), no adapter files."""
     from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, read_model_config, read_model_state, write_model_dir
+    from mixmodal.weights import write_manifest
 
     folder = Path(src)
     if not (folder / WEIGHTS_FILE).is_file() and (folder / "model" / WEIGHTS_FILE).is_file():
@@ -293,12 +294,14 @@ def merge_lora_folder(src: str | os.PathLike, out: str | os.PathLike) -> tuple[P
     target = Path(out)
     if target.resolve() == folder.resolve():
         raise ValueError(f"merge-lora: OUT ({out}) is the source folder; give a new folder")
-    state = read_model_state(folder)  # merged
+    state = read_model_state(folder)  # merged (the folder's manifest checked first)
+    # the source's manifest.json is copied too and stays until the last line: a merge cut short fails it
     shutil.copytree(folder, target, dirs_exist_ok=True,
                     ignore=lambda d, names: [n for n in names if Path(d).resolve() == folder.resolve()
                                              and n in (WEIGHTS_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE)])
     remove_adapter(target)
-    write_model_dir(read_model_config(folder), state, target)
+    write_model_dir(read_model_config(folder), state, target, manifest=False)
+    write_manifest(target, remake=f"re-run `mixmodal convert merge-lora {src} {out}`")
     return target, read[0]
 
 

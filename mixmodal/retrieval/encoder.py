@@ -4,7 +4,8 @@
                        module names and arithmetic follow transformers' CLIPModel, so a
                        converted CLIP (interop/hf_clip.py) is a pure renaming of its tensors
     contrastive_loss   CLIP's symmetric InfoNCE over a batch of (text, image) pairs
-    save_dual_encoder  DIR/config.yaml + model.safetensors + tokenizer.json, atomically
+    save_dual_encoder  DIR/config.yaml + model.safetensors + tokenizer.json + manifest.json (their
+                       sizes and SHA-256s, weights.py), atomically; from_pretrained checks them
     DocumentEmbedder   a saved encoder on a device: texts, images and documents -> float32
                        L2-normalised numpy rows (what the memory bank stores and searches)
 
@@ -53,6 +54,8 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 ENCODER_DIR = "encoder"  # a training run's saved encoder: RUN/encoder
+ENCODER_FIX = ("copy the encoder folder again (RUN/encoder of the dual-encoder run, or re-run `mixmodal convert "
+               "hf-clip SRC OUT`)")
 ACTIVATIONS = ("gelu", "quick_gelu")
 POOLINGS = ("eos", "argmax")
 
@@ -356,7 +359,7 @@ def tokenize_texts(tokenizer: "tokenizers.Tokenizer", texts: Sequence[str], conf
     return input_ids, attention_mask
 
 
-def load_tokenizer(path: str | os.PathLike) -> "tokenizers.Tokenizer":
+def load_tokenizer(path: str | os.PathLike, fix: str = ENCODER_FIX) -> "tokenizers.Tokenizer":
     """A tokenizer.json as a `tokenizers.Tokenizer` set up for tokenize_texts: no truncation or
     padding of its own, and text that spells a special token gets ordinary tokens for it."""
     from tokenizers import Tokenizer
@@ -364,7 +367,8 @@ def load_tokenizer(path: str | os.PathLike) -> "tokenizers.Tokenizer":
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception on bad JSON
-        raise EncoderError(f"{path} is not a valid tokenizers JSON file: {e}") from None
+        raise EncoderError(f"{path} is not a valid tokenizers JSON file ({' '.join(str(e).split())}): it is truncated "
+                           f"or not a tokenizer; {fix}") from None
     tokenizer.no_truncation()
     tokenizer.no_padding()
     tokenizer.encode_special_tokens = True
@@ -373,10 +377,14 @@ def load_tokenizer(path: str | os.PathLike) -> "tokenizers.Tokenizer":
 
 # --- on disk ---------------------------------------------------------------------------------
 
-def save_dual_encoder(model: DualEncoder, tokenizer: "tokenizers.Tokenizer", out: str | os.PathLike) -> Path:
-    """Write out/config.yaml, out/model.safetensors and out/tokenizer.json. Atomic: everything
-    goes to a temporary sibling directory that then replaces `out`."""
+def save_dual_encoder(model: DualEncoder, tokenizer: "tokenizers.Tokenizer", out: str | os.PathLike, *,
+                      remake: str | None = None) -> Path:
+    """Write out/config.yaml, out/model.safetensors, out/tokenizer.json and last out/manifest.json (`remake`:
+    how to write the folder again, for a loader's error). Atomic: everything goes to a temporary sibling
+    directory that then replaces `out`."""
     from safetensors.torch import save_file
+
+    from mixmodal.weights import write_manifest
 
     out = Path(out)
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
@@ -388,6 +396,7 @@ def save_dual_encoder(model: DualEncoder, tokenizer: "tokenizers.Tokenizer", out
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     save_config(to_dict(model.config), tmp, CONFIG_FILE)
     tokenizer.save(str(tmp / TOKENIZER_FILE))
+    write_manifest(tmp, remake=remake)
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)
@@ -396,12 +405,14 @@ def save_dual_encoder(model: DualEncoder, tokenizer: "tokenizers.Tokenizer", out
     return out
 
 
-def check_encoder_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str | os.PathLike) -> None:
-    """Raise EncoderError listing every missing, unexpected and wrongly shaped tensor."""
+def check_encoder_state(model: nn.Module, state: dict[str, torch.Tensor], origin: str | os.PathLike,
+                        hint: str = f"were {CONFIG_FILE} and the weights saved from different models? {ENCODER_FIX}"
+                        ) -> None:
+    """Raise EncoderError listing every missing, unexpected and wrongly shaped tensor (one line ending with `hint`)."""
     from mixmodal.model.io import ModelDirError, check_model_state
 
     try:
-        check_model_state(model, state, origin)
+        check_model_state(model, state, origin, hint=hint)
     except ModelDirError as e:
         raise EncoderError(str(e)) from None
 
@@ -410,7 +421,8 @@ def read_encoder_config(path: Path) -> DualEncoderConfig:
     try:
         return build_config(DualEncoderConfig, load_yaml(path))
     except (ConfigError, ValueError) as e:
-        raise EncoderError(f"{path}: not a dual-encoder config: {e}") from None
+        said = str(e) if str(path) in str(e) else f"{path}: not a dual-encoder config: {e}"
+        raise EncoderError(f"{said}; {ENCODER_FIX}") from None
 
 
 def find_encoder_dir(path: str | os.PathLike) -> Path:
@@ -455,23 +467,35 @@ class DocumentEmbedder:
         """Load a saved encoder directory, or a dual-encoder run directory (its encoder/)."""
         from safetensors.torch import load as load_safetensors
 
+        from mixmodal.weights import ManifestError, checked_folder, read_manifest
+
         folder = find_encoder_dir(path)
-        config = read_encoder_config(folder / CONFIG_FILE)
-        data = (folder / WEIGHTS_FILE).read_bytes()
-        try:
-            state = load_safetensors(data)
-        except Exception as e:  # safetensors raises its own error types on a torn file
-            raise EncoderError(f"{folder / WEIGHTS_FILE}: cannot read it as safetensors: {e}") from None
-        tokenizer = load_tokenizer(folder / TOKENIZER_FILE)
-        size = tokenizer.get_vocab_size(with_added_tokens=True)
-        if size > config.text.vocab_size:
-            raise EncoderError(f"{folder / TOKENIZER_FILE} has {size} ids but {folder / CONFIG_FILE} says "
-                               f"text.vocab_size={config.text.vocab_size}: were they saved from different models?")
-        with torch.device("meta"):
-            check_encoder_state(DualEncoder(config), state, folder / WEIGHTS_FILE)
-        model = DualEncoder(config)
-        model.load_state_dict(state)
-        return cls(model.to(device), tokenizer, folder, hashlib.sha256(data).hexdigest())
+        with checked_folder(folder, ENCODER_FIX):  # sizes, and hashes of the small files (weights.py)
+            config = read_encoder_config(folder / CONFIG_FILE)
+            data = (folder / WEIGHTS_FILE).read_bytes()
+            fingerprint = hashlib.sha256(data).hexdigest()
+            listed = ((read_manifest(folder) or {}).get("files") or {}).get(WEIGHTS_FILE)
+            if listed is not None and listed["sha256"] != fingerprint:  # hashed anyway: the full check is free
+                raise ManifestError(f"{folder / WEIGHTS_FILE} does not match its SHA-256 in {folder}/manifest.json: "
+                                    f"the folder is damaged or changed since it was written; {ENCODER_FIX}")
+            if not data:
+                raise EncoderError(f"{folder / WEIGHTS_FILE} is empty (0 bytes): the save was cut short; {ENCODER_FIX}")
+            try:
+                state = load_safetensors(data)
+            except Exception as e:  # safetensors raises its own error types on a torn file
+                raise EncoderError(f"{folder / WEIGHTS_FILE}: cannot read it as safetensors ({len(data)} bytes; {e}): it "
+                                   f"is truncated or not weights; {ENCODER_FIX}") from None
+            tokenizer = load_tokenizer(folder / TOKENIZER_FILE)
+            size = tokenizer.get_vocab_size(with_added_tokens=True)
+            if size > config.text.vocab_size:
+                raise EncoderError(f"{folder / TOKENIZER_FILE} has {size} ids but {folder / CONFIG_FILE} says "
+                                   f"text.vocab_size={config.text.vocab_size}: were they saved from different models? "
+                                   f"{ENCODER_FIX}")
+            with torch.device("meta"):
+                check_encoder_state(DualEncoder(config), state, folder / WEIGHTS_FILE)
+            model = DualEncoder(config)
+            model.load_state_dict(state)
+        return cls(model.to(device), tokenizer, folder, fingerprint)
 
     def __repr__(self) -> str:
         return f"DocumentEmbedder({self.path}, dim={self.dim}, fingerprint={self.fingerprint[:12]})"

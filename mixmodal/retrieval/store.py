@@ -236,7 +236,7 @@ class DocumentStore:
 def load_npy(file: Path, rebuild: str) -> np.ndarray:
     try:
         return np.load(file, mmap_mode="r")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
         raise BankError(f"{file} cannot be read ({e}); {rebuild}") from None
 
 
@@ -261,8 +261,8 @@ def load_store(path: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
         if size > end:
             fix = (f"truncate {store} to {end} bytes (`truncate -s {end} {store}`) to drop the unfinished add, "
                    f"or {rebuild}")
-        raise BankError(f"{path / 'index.faiss'} has {count} vectors but {path / 'store'} has {lines} documents "
-                        f"({size} bytes; store/offsets.npy ends at {end}): {DISAGREE}; {fix}")
+        raise BankError(f"{path / 'index.faiss'} has {count} vectors but the store has {lines} documents ({store}: "
+                        f"{size} bytes; store/offsets.npy ends at {end}): {DISAGREE}; {fix}")
     return keys, offsets
 
 

@@ -2,6 +2,7 @@
 
     config.yaml        kind: vq | vae, then the fields of VQConfig / VAEConfig
     model.safetensors  the state dict (safetensors: loading never runs code)
+    manifest.json      their sizes and SHA-256s, written last (weights.py; checked at every load)
 
 The same `kind` + fields mapping is the format of the model presets in
 configs/tokenizers/models/, so `build_image_tokenizer_config(preset, overrides)` reads
@@ -51,11 +52,14 @@ def image_tokenizer_config_dict(config: ImageTokenizerConfig) -> dict:
     return {"kind": kind, **to_dict(config)}
 
 
-def save_image_tokenizer(model: ImageTokenizer, out_dir: str | os.PathLike) -> Path:
-    """Write `config.yaml` and `model.safetensors` into `out_dir`; each file is written to a
-    temporary name and renamed, weights first, so a crash leaves the old pair or a new
-    weights file that load_image_tokenizer rejects by name, never a torn file."""
+def save_image_tokenizer(model: ImageTokenizer, out_dir: str | os.PathLike, *, remake: str | None = None) -> Path:
+    """Write `config.yaml` and `model.safetensors` into `out_dir`, then manifest.json (their sizes and
+    SHA-256s; `remake`: how to write the folder again, for the loader's error). Each file is written to a
+    temporary name and renamed, weights first, so a crash leaves the old pair or a new weights file that
+    load_image_tokenizer rejects by name (an earlier manifest no longer fits it), never a torn file."""
     from safetensors.torch import save_file
+
+    from mixmodal.weights import write_manifest
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,45 +68,58 @@ def save_image_tokenizer(model: ImageTokenizer, out_dir: str | os.PathLike) -> P
     save_file(state, str(tmp), metadata={"format": "pt", "kind": model.kind})
     os.replace(tmp, out / WEIGHTS_FILE)
     save_config(image_tokenizer_config_dict(model.config), out, CONFIG_FILE)
+    write_manifest(out, [CONFIG_FILE, WEIGHTS_FILE], remake=remake)
     return out
 
 
 def load_image_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> ImageTokenizer:
-    """Load a tokenizer directory written by `save_image_tokenizer` (or `mixmodal convert`), in eval mode."""
-    from mixmodal.weights import read_weights
+    """Load a tokenizer directory written by `save_image_tokenizer` (or `mixmodal convert`), in eval mode.
+    Its manifest.json, when it has one, is checked first (weights.py's rule)."""
+    from mixmodal.weights import checked_folder, read_weights
 
     folder = Path(path)
     hint = ("train one with `mixmodal train` (configs/tokenizers/) or convert one with "
             "`mixmodal convert diffusers-vae|chameleon-vqgan SRC OUT`")
     if not folder.is_dir():
         raise FileNotFoundError(f"image tokenizer {folder} is not a directory; {hint}")
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} is missing: an image tokenizer directory holds "
-                                    f"{CONFIG_FILE} and {WEIGHTS_FILE}; {hint}")
-    config = build_image_tokenizer_config(folder / CONFIG_FILE)
-    model = build_image_tokenizer(config)
-    state = read_weights(folder / WEIGHTS_FILE, fix=f"re-save or re-copy the tokenizer; {hint}")
-    check_state_dict(model, state, folder / WEIGHTS_FILE)
-    model.load_state_dict(state)
+    fix = f"re-save or re-copy the tokenizer folder; {hint}"
+    with checked_folder(folder, "re-save or re-copy the tokenizer folder"):
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name} is missing: an image tokenizer directory holds "
+                                        f"{CONFIG_FILE} and {WEIGHTS_FILE}; {hint}")
+        try:
+            config = build_image_tokenizer_config(folder / CONFIG_FILE)
+        except ConfigError as e:
+            raise ConfigError(f"{e}; {fix}" if str(folder / CONFIG_FILE) in str(e)
+                              else f"{folder / CONFIG_FILE}: {e}; {fix}") from None
+        model = build_image_tokenizer(config)
+        state = read_weights(folder / WEIGHTS_FILE, fix=fix)
+        try:
+            check_state_dict(model, state, folder / WEIGHTS_FILE)
+        except ValueError as e:
+            raise ValueError(f"{e}; re-save or re-copy the tokenizer folder") from None
+        model.load_state_dict(state)
     return model.to(device).eval()
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], origin: str | os.PathLike) -> None:
-    """Raise ValueError listing every missing, unexpected and wrongly shaped tensor."""
+    """Raise ValueError listing every missing, unexpected, wrongly shaped and wrongly typed tensor (one line)."""
     expected = model.state_dict()
     problems = []
     for name, tensor in state.items():
         if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
-            problems.append(f"  {name}: checkpoint has shape {tuple(tensor.shape)}, "
+            problems.append(f"{name}: checkpoint has shape {tuple(tensor.shape)}, "
                             f"the config expects {tuple(expected[name].shape)}")
+        elif name in expected and tensor.is_floating_point() != expected[name].is_floating_point():
+            problems.append(f"{name}: checkpoint holds {tensor.dtype}, the model {expected[name].dtype}")
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing:
-        problems.append(f"  missing tensors ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
     if unexpected:
-        problems.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}"
+        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}"
                         + (" ..." if len(unexpected) > 20 else ""))
-    if problems:
-        raise ValueError(f"{origin} does not match its config ({type(model).__name__}):\n" + "\n".join(problems)
-                         + f"\n(were {CONFIG_FILE} and {WEIGHTS_FILE} written by different runs?)")
+    if problems:  # one line: the CLI prints it as the whole error
+        raise ValueError(f"{origin} does not match its config ({type(model).__name__}): " + "; ".join(problems)
+                         + f" (were {CONFIG_FILE} and {WEIGHTS_FILE} written by different runs?)")

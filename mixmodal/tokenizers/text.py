@@ -98,6 +98,10 @@ class TextTokenizer:
 
     # --- io ----------------------------------------------------------------------------
     def save(self, out_dir: str | os.PathLike) -> Path:
+        """out_dir/tokenizer.json, tokenizer_config.json and last manifest.json (weights.py: sizes and SHA-256s,
+        which `load` checks)."""
+        from mixmodal.weights import write_manifest
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / TOKENIZER_FILE
@@ -117,11 +121,15 @@ class TextTokenizer:
                 indent=2,
             )
         )
+        write_manifest(out, [TOKENIZER_FILE, "tokenizer_config.json"])
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TextTokenizer":
-        """Load from a folder holding tokenizer.json, or from the file itself."""
+        """Load from a folder holding tokenizer.json, or from the file itself; the folder's manifest.json, when
+        it has one, is checked first (weights.py)."""
+        from mixmodal.weights import checked_folder
+
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
@@ -129,10 +137,13 @@ class TextTokenizer:
             raise FileNotFoundError(
                 f"no {TOKENIZER_FILE} at {path}; train one with `mixmodal tokenizer train SOURCE --out DIR`"
             )
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # the library raises a bare Exception on bad JSON
-            raise ValueError(f"{path} is not a valid tokenizers JSON file: {e}") from None
+        fix = "copy the tokenizer folder again, or train one with `mixmodal tokenizer train SOURCE --out DIR`"
+        with checked_folder(path.parent, fix, only=[path.name]):
+            try:
+                tokenizer = Tokenizer.from_file(str(path))
+            except Exception as e:  # the library raises a bare Exception on bad JSON
+                raise ValueError(f"{path} is not a valid tokenizers JSON file ({' '.join(str(e).split())}): it is "
+                                 f"truncated or not a tokenizer; {fix}") from None
         return cls(tokenizer, origin=str(path))
 
     # --- use ---------------------------------------------------------------------------

@@ -36,15 +36,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mixmodal import weights
 from mixmodal.train import faults
-from mixmodal.weights import file_sha256
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 STATE = "trainer_state.json"
-MANIFEST = "manifest.json"
+MANIFEST = weights.MANIFEST
 
 
 class CheckpointError(RuntimeError):
@@ -251,33 +251,27 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_manifest(folder: Path) -> None:
-    """folder/manifest.json: {file: {size, sha256}} of every file in `folder`, written last."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
+    """folder/manifest.json: {file: {size, sha256}} of every file in `folder`, written last (weights.py's,
+    the one every folder mixmodal writes ends with)."""
+    weights.write_manifest(folder)
+
+
+def artifact_remake(run_dir: str | os.PathLike) -> str:
+    """What an artifact's manifest says to do when the folder is damaged (RUN/model, RUN/tokenizer, RUN/encoder)."""
+    return (f"write it again from the run's last checkpoint: `mixmodal train CONFIG --out {run_dir} --resume` (a "
+            "finished run only redoes its final eval and artifacts)")
 
 
 def verify_checkpoint(path: str | os.PathLike) -> list[str]:
-    """What is wrong with a checkpoint directory against its manifest ([] when intact). A
-    checkpoint written before manifests existed is checked for its files only."""
+    """What is wrong with a checkpoint directory against its manifest ([] when intact), every file hashed.
+    A checkpoint written before manifests existed is checked for its files only."""
     path = Path(path)
-    manifest = path / MANIFEST
-    if not manifest.is_file():
+    if not (path / MANIFEST).is_file():
         return [f"{name} is missing" for name in (WEIGHTS, OPTIMIZER, RNG, STATE) if not (path / name).is_file()]
     try:
-        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError, TypeError):
+        return [f"{name} {what}" for name, what in weights.manifest_problems(path)]
+    except weights.ManifestError:
         return [f"{MANIFEST} is not readable JSON with a files table"]
-    problems = []
-    for name, want in files.items():
-        f = path / name
-        if not f.is_file():
-            problems.append(f"{name} is missing")
-        elif f.stat().st_size != want["size"]:
-            problems.append(f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}")
-        elif file_sha256(f) != want["sha256"]:
-            problems.append(f"{name} does not match its SHA-256 in the manifest")
-    return problems
 
 
 def latest_intact_checkpoint(run_dir: str | os.PathLike, warn=print, quarantine: bool = True) -> Path | None:

@@ -346,7 +346,10 @@ class DualEncoderTask(TaskBase):
         return metrics
 
     def save_artifacts(self, models, run_dir: Path) -> None:
-        save_dual_encoder(models["encoder"], self.tokenizer, Path(run_dir) / ENCODER_DIR)
+        from mixmodal.train.checkpoint import artifact_remake
+
+        save_dual_encoder(models["encoder"], self.tokenizer, Path(run_dir) / ENCODER_DIR,
+                          remake=artifact_remake(run_dir))
 
 
 __all__ = ["CONFIG", "DualEncoderDataConfig", "DualEncoderTask", "DualEncoderTrainConfig", "PairBatches",

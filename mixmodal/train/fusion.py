@@ -619,14 +619,17 @@ class FusionTask(TaskBase):
         from mixmodal.inference.checkpoint import write_generation_settings
         from mixmodal.model import lora
         from mixmodal.model.io import save_model_dir
+        from mixmodal.train.checkpoint import artifact_remake
+        from mixmodal.weights import write_manifest
 
         out = Path(run_dir) / MODEL_DIR
         model = models["model"]
+        # An earlier RUN/model's manifest stays until the last line, so a crash in between leaves a folder that fails it
         if self.config.lora is not None:  # the base as it was (init_from's dtype: it never changed) + the adapter
             self._save_base(model, out)
             lora.save_adapter(model, self.config.lora, out)
         else:
-            save_model_dir(model, out)
+            save_model_dir(model, out, manifest=False)
             lora.remove_adapter(out)
         _copy_dir(Path(self.config.data.text_tokenizer), out / TEXT_TOKENIZER_DIR)
         _copy_dir(Path(self.config.data.image_tokenizer), out / IMAGE_TOKENIZER_DIR)
@@ -650,6 +653,7 @@ class FusionTask(TaskBase):
                                   image_generation=init.image_generation if "image_generation" in stated else None,
                                   image_preprocessing=(init.image_preprocessing if "image_preprocessing" in stated
                                                        else None))
+        write_manifest(out, remake=artifact_remake(run_dir))  # last: every file above, sizes and SHA-256s
 
     def _save_base(self, model, out: Path) -> None:
         from mixmodal.model import lora
@@ -660,7 +664,7 @@ class FusionTask(TaskBase):
         state = {k: v.detach() for k, v in model.state_dict().items() if not lora.is_adapter_key(k) and k not in aliases}
         init = read_weights(Path(self.config.init_from) / WEIGHTS_FILE)  # memory-mapped: only the dtypes are read
         state = {k: v.to(init[k].dtype) if k in init else v for k, v in state.items()}
-        write_model_dir(model.config, state, out)
+        write_model_dir(model.config, state, out, manifest=False)
 
     def _carry_files(self, out: Path) -> None:
         """A converted Chameleon's files: RUN/vocab_map.json (what the text tokenizer was read through) and

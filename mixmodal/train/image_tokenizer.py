@@ -225,12 +225,13 @@ class ImageTokenizerTask(TaskBase):
 
     def save_artifacts(self, models, run_dir: Path) -> None:
         from mixmodal.tokenizers.image import save_image_tokenizer
+        from mixmodal.train.checkpoint import artifact_remake
 
         model = models["tokenizer"].eval()
         if self.kind == "vae":  # Stable Diffusion's recipe: 1 / std of latents of training images
             images, _ = eval_images(self.config.data.source, self.resolution, self.config.eval.num_images)
             fit_latent_scaling(model, (c.to(self.device) for c in images.split(self.config.eval.batch_size)))
-        save_image_tokenizer(model, run_dir / "tokenizer")
+        save_image_tokenizer(model, run_dir / "tokenizer", remake=artifact_remake(run_dir))
 
 
 @torch.no_grad()

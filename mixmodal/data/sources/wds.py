@@ -7,7 +7,9 @@
 
 Tars are read with webdataset's own iterators (`url_opener`, `tar_file_expander`,
 `group_by_keys`) one shard at a time, with a handler that records a broken shard in the
-BadInputLog and moves on to the next one.
+BadInputLog and moves on to the next one. A shard cut short is always such a broken shard,
+never a quietly shorter one: a local tar must end in whole blocks with its end-of-archive
+block, and a .tar.gz / .bz2 / .xz is decompressed by a reader that raises at a cut stream.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class WebDatasetSource(Source):
             errors.append(error)
             return False
 
-        files = tar_file_expander(url_opener([{"url": url}], handler=stop_shard), handler=stop_shard)
+        opened = _strict_decompression(url_opener([{"url": url}], handler=stop_shard))
+        files = tar_file_expander(opened, handler=stop_shard)
         pending = None  # hold one sample back: only after a clean end is the last one whole
         num_read = 0
         for sample in group_by_keys(files, handler=stop_shard):
@@ -96,18 +99,18 @@ class WebDatasetSource(Source):
                 yield pending
                 num_read += 1
             pending = sample
-        if not errors:
+        # Python's tarfile ends quietly on a file cut at (or inside) a member header: a local shard must
+        # also end as a tar does, else its last sample may be missing members (and later ones are gone).
+        problem = (f"tar cannot be read ({_describe_tar_error(errors[0])})" if errors
+                   else _cut_short(url) if _is_local(url) else None)
+        if problem is None:
             if pending is not None:
                 yield pending
             return
         if report_errors:
             dropped = f"; its last sample {pending['__key__']!r} was dropped as possibly incomplete" if pending else ""
-            self.log.skip(
-                url,
-                BAD_SHARD,
-                f"tar cannot be read ({_describe_tar_error(errors[0])}) after {num_read} sample(s){dropped}; "
-                "re-download or re-write the shard",
-            )
+            self.log.skip(url, BAD_SHARD, f"{problem} after {num_read} sample(s){dropped}; "
+                                          "re-download or re-write the shard")
 
     def _sample_to_document(self, sample: dict) -> Document | None:
         key = sample["__key__"]
@@ -341,6 +344,46 @@ def _member_names(sample: dict) -> list[str]:
 
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
+
+
+def _strict_decompression(sources: Iterator[dict]) -> Iterator[dict]:
+    """Compressed shards (.tar.gz, .tar.bz2, .tar.xz) decompressed by Python's file readers, which raise
+    EOFError on a stream cut short; tarfile's own stream mode would end there quietly, a short shard."""
+    import bz2
+    import gzip
+    import lzma
+
+    for source in sources:
+        stream = source["stream"]
+        head = stream.peek(6)[:6] if hasattr(stream, "peek") else b""
+        if head.startswith(_COMPRESSED[0]):
+            source["stream"] = gzip.GzipFile(fileobj=stream, mode="rb")
+        elif head.startswith(_COMPRESSED[1]):
+            source["stream"] = bz2.BZ2File(stream)
+        elif head.startswith(_COMPRESSED[2]):
+            source["stream"] = lzma.LZMAFile(stream)
+        yield source
+
+
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: their readers check their own ends
+
+
+def _cut_short(path: str) -> str | None:
+    """Why the local uncompressed tar at `path` looks cut short (not whole 512-byte blocks, or no zero
+    end-of-archive block last), or None."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if f.read(6).startswith(_COMPRESSED):
+                return None
+            if size % 512:
+                return f"tar ends inside a block ({size} bytes, not whole 512-byte tar blocks: cut short?)"
+            f.seek(max(size - 512, 0))
+            if f.read(512).strip(b"\0"):
+                return f"tar ends without its end-of-archive block ({size} bytes: cut short?)"
+    except OSError:
+        return None
+    return None
 
 
 def _describe_tar_error(error: Exception) -> str:
