@@ -8,6 +8,9 @@ together exactly the batches one process draws with grad_accumulation N * a, and
 runs must end with the same weights up to float rounding (the gradient sums are ordered
 differently). `nan_batches` poisons chosen batches; `noise` and `dropout` draw from the
 task's per-rank generator and the global RNG, which a resume must restore on every rank.
+`model=fusion` trains a tiny early-fusion transformer (mixmodal's FusionModel, token mode)
+on random id sequences instead of the MLP: transformer blocks for `trainer.parallel`
+(tests/test_parallelize.py).
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ class DDPToyConfig:
     nan_batches: list[int] = field(default_factory=list)  # global batch numbers whose loss is NaN
     find_unused_parameters: bool = False  # DDP's: the trainer must handle skipped steps either way
     bypass_wrapper: bool = False  # call models["net"].module: gradients are then not averaged (a bug to catch)
+    model: str = "mlp"  # mlp | fusion (a FusionModel of `layers` blocks, next-token loss on random ids)
+    tie_embeddings: bool = False  # fusion: lm_head shares embed_tokens' weight
+    seq_len: int = 12  # fusion: ids per row
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         steps=6, batch_size=8, lr=3e-2, warmup_steps=1, weight_decay=0.1, precision="fp32", device="cpu",
         log_every=1, save_every=2, keep_last=0, progress=False))
@@ -52,17 +58,32 @@ class MLP(nn.Module):
         return self.body(x).squeeze(-1)
 
 
+def fusion_config(config: DDPToyConfig):
+    from mixmodal.model.fusion import ImageConfig, ModelConfig
+    from mixmodal.model.transformer import TransformerConfig
+    from mixmodal.vocab import NUM_SPECIAL
+
+    return ModelConfig(
+        text_vocab_size=NUM_SPECIAL + 40, image=ImageConfig(mode="tokens", num_codes=16, grid_size=2),
+        transformer=TransformerConfig(dim=config.width, num_layers=2, num_heads=2, dropout=config.dropout),
+        tie_embeddings=config.tie_embeddings)
+
+
 class GlobalBatches:
     """This rank's micro-batches: numbers rank, rank + world_size, ... of the global sequence."""
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, batch_size: int, seq_len: int = 0, vocab_size: int = 0) -> None:
         self.batch_size, self.rank, self.world_size = batch_size, distributed.rank(), distributed.world_size()
+        self.seq_len, self.vocab_size = seq_len, vocab_size  # ids of a fusion model, else regression features
         self.count = 0
 
     def __next__(self) -> dict:
         number = self.count * self.world_size + self.rank
         self.count += 1
         g = torch.Generator().manual_seed(1000 + number)
+        if self.seq_len:
+            return {"ids": torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len), generator=g),
+                    "number": number}
         x = torch.randn(self.batch_size, NUM_FEATURES, generator=g)
         return {"x": x, "y": torch.sin(x.sum(-1)), "number": number}
 
@@ -85,21 +106,35 @@ class DDPToyTask(TaskBase):
         self.noise = torch.Generator().manual_seed(distributed.rank_seed(self.config.trainer.seed + 1))
 
     def architecture(self) -> dict:
+        if self.config.model == "fusion":
+            return {"width": self.config.width, "model": "fusion", "tie_embeddings": self.config.tie_embeddings}
         return {"width": self.config.width}
 
     def build_models(self) -> dict:
+        if self.config.model == "fusion":
+            from mixmodal.model.fusion import FusionModel
+
+            return {"net": FusionModel(fusion_config(self.config))}
         return {"net": MLP(self.config.width, self.config.dropout)}
 
     def optimizers(self, models) -> dict:
         return {"net": OptimizerSpec(models["net"])}
 
     def data_iterator(self) -> GlobalBatches:
+        if self.config.model == "fusion":
+            return GlobalBatches(self.config.trainer.batch_size, self.config.seq_len,
+                                 fusion_config(self.config).vocab.size)
         return GlobalBatches(self.config.trainer.batch_size)
 
     def generators(self) -> dict:
         return {"noise": self.noise}
 
     def train_step(self, models, batch, step) -> dict:
+        if self.config.model == "fusion":
+            ids = batch["ids"]
+            logits = models["net"](ids[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+            return {"loss": loss * float("nan") if batch["number"] in self.config.nan_batches else loss}
         x = batch["x"]
         if self.config.noise:
             x = x + self.config.noise * torch.randn(x.shape, generator=self.noise)
@@ -110,7 +145,9 @@ class DDPToyTask(TaskBase):
         return {"loss": loss}
 
     def evaluate(self, models, step, run_dir) -> dict:
-        return {"rank": distributed.rank(), "weight_norm": float(models["net"].body[0].weight.norm())}
+        net = models["net"]
+        first = net.embed_tokens.weight if self.config.model == "fusion" else net.body[0].weight
+        return {"rank": distributed.rank(), "weight_norm": float(first.norm())}
 
     def save_artifacts(self, models, run_dir) -> None:
         (Path(run_dir) / f"artifact_rank{distributed.rank()}.txt").write_text("written\n")
@@ -142,10 +179,11 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(4321 + int(rank))  # a stray state the trainer must not depend on
     trainer = Trainer(task, config.trainer, run_dir)
     result = trainer.fit()
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()  # of this rank's weights (its shards under trainer.parallel.dp=fsdp)
     for model_name, model in sorted(trainer.models.items()):
         for key, value in sorted(model.state_dict().items()):
-            digest.update(f"{model_name}.{key}".encode() + value.cpu().numpy().tobytes())
+            value = value.to_local() if hasattr(value, "to_local") else value
+            digest.update(f"{model_name}.{key}".encode() + value.detach().cpu().numpy().tobytes())
     report = {"checkpoint_writes": written, "result": result, "process_group_left": distributed.is_initialized(),
               "state_hash": digest.hexdigest()}
     out = run_dir / "ranks" / f"rank{rank}.json"

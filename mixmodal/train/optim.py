@@ -83,8 +83,25 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, multiplier: float) -> fl
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip to `max_norm` (<= 0: no clipping) and return the total norm before clipping
-    (a 0-dim tensor, possibly inf/nan: the caller decides whether to skip the step)."""
+    (a 0-dim tensor, possibly inf/nan: the caller decides whether to skip the step).
+
+    Sharded gradients (FSDP2's DTensors, train/parallelize.py) are clipped by the norm over
+    all shards, as torchtitan does: every rank must call this then, in the same order."""
     grads = [p for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else math.inf, foreach=True)
+    max_norm = max_norm if max_norm > 0 else math.inf
+    if not _sharded(grads):
+        return torch.nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+    total = torch.nn.utils.get_total_norm([p.grad for p in grads], 2.0, False, True)
+    total = total.full_tensor()  # the norm's partial sums reduced over the ranks
+    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+    return total
+
+
+def _sharded(params: list[nn.Parameter]) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed
+        return False
+    return any(isinstance(p.grad, DTensor) for p in params)

@@ -11,10 +11,11 @@ implements `Task`; `Trainer(task, config, run_dir).fit()` does the rest:
 With trainer.ema_decay > 0 an average of the weights (train/ema.py) follows the updates;
 evals and the saved model use it, checkpoints carry it for an exact resume.
 
-Models are plain single-device modules; data parallelism is applied here, from outside:
-under torchrun (see distributed.py) each process wraps the models its optimizers train in
-DistributedDataParallel, reads its own shard of the data and draws its own random
-streams; rank 0 alone logs, evaluates and writes files. Step numbers: `train_step`
+Models are plain single-device modules; parallelism is applied from outside, once, in the
+set-up (parallelize.py, `trainer.parallel`): activation checkpointing and torch.compile per
+transformer block, and under torchrun (see distributed.py) DistributedDataParallel or FSDP2
+over the models the optimizers train. Each process reads its own shard of the data and
+draws its own random streams; rank 0 alone logs, evaluates and writes files. Step numbers: `train_step`
 receives the 0-based index of the update being made; records and checkpoints are
 labelled with the number of updates completed.
 """
@@ -27,8 +28,8 @@ import json
 import math
 import random
 import time
-from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -41,6 +42,7 @@ from mixmodal.train import distributed
 from mixmodal.train.ema import EMA, EMA_FILE
 from mixmodal.train.metrics import MetricsLogger, Progress, jsonable
 from mixmodal.train.optim import build_adamw, clip_gradients, lr_multiplier, set_learning_rate
+from mixmodal.train.parallelize import ParallelConfig, parallelize
 
 
 @dataclass
@@ -66,6 +68,7 @@ class TrainerConfig:
     num_workers: int = 0  # data-loading worker processes
     resume: bool = False  # continue from RUN/checkpoints' latest (`--resume`)
     progress: bool = True  # tqdm bar on stderr
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # dp, activation checkpointing, compile
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accumulation", "log_every"):
@@ -80,6 +83,9 @@ class TrainerConfig:
             raise ValueError(f"trainer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"trainer.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.parallel.dp == "fsdp" and self.ema_decay:
+            raise ValueError("trainer.ema_decay > 0 is not supported with trainer.parallel.dp=fsdp yet (the average "
+                             "would be sharded too); set trainer.ema_decay=0 or trainer.parallel.dp=ddp")
 
 
 @dataclass
@@ -116,10 +122,12 @@ class Task(Protocol):
     every rank alike before `build_models` (equal initial weights), then reseeds the
     global streams per rank. A task's own generators must differ per rank too: seed them
     with `distributed.rank_seed(seed + offset)` (seed + offset on a single process), or
-    every rank draws the same noise. `train_step` receives the models wrapped in
-    DistributedDataParallel and must call them (`models[name](...)`), since gradients are
-    averaged over ranks only through the wrapper's forward; `.module` is the model
-    itself. evaluate, save_artifacts and checkpoints get the models themselves."""
+    every rank draws the same noise. `train_step` receives the models as parallelize.py
+    made them and must call them (`models[name](...)`): under DDP (trainer.parallel.dp=ddp)
+    a wrapper whose forward averages gradients over ranks, with the model as `.module`;
+    under FSDP2 (fsdp) the model itself, its parameters sharded in place (no `.module`; its
+    forward gathers them). evaluate, save_artifacts and checkpoints get plain models with
+    their full weights (under fsdp, rank 0's unsharded copies)."""
 
     config: Any  # the run config (a dataclass): hashed and saved into every checkpoint
 
@@ -141,14 +149,15 @@ class TaskBase:
     progress_keys: tuple[str, ...] | None = None  # losses shown on the progress bar (None: the first few)
     # Data parallelism (torchrun): a reason this task cannot run on several processes, or None.
     ddp_unsupported: str | None = None
-    # DDP's find_unused_parameters: needed when some trainable parameter gets no gradient in a step.
+    # Some trainable parameter may get no gradient in a step: DDP's find_unused_parameters (and
+    # under FSDP2, zero gradients reduce-scattered for the unused parameters).
     ddp_find_unused_parameters: bool = False
 
     def locally_updated_modules(self, models: dict[str, nn.Module]) -> list[nn.Module]:
         """Submodules whose forward pass edits their own weights or buffers from the local
         batch, outside autograd (a VQ codebook's EMA and dead-code restarts). Under data
         parallelism the ranks would drift apart; after every update the trainer copies rank
-        0's state of these modules to every rank."""
+        0's state of these modules to every rank (DDP; trainer.parallel.dp=fsdp refuses them)."""
         return []
 
     def setup(self, device: torch.device) -> None:
@@ -277,6 +286,10 @@ class Trainer:
         if self.world_size > 1:  # dropout and other global draws must differ per rank
             seed_everything(distributed.rank_seed(cfg.seed))
         self.specs = self.task.optimizers(self.models)
+        # AC, compile, DDP / FSDP2 (parallelize.py); before the optimizers: FSDP2 shards the parameters
+        self.parallel = parallelize(self.models, self.specs, cfg.parallel, task=self.task, device=self.device,
+                                    autocast_dtype=self.autocast_dtype, world_size=self.world_size)
+        self.train_models = self.parallel.train_models
         self.optimizers = {
             name: build_adamw(spec.module, spec.lr if spec.lr is not None else cfg.lr,
                               spec.weight_decay if spec.weight_decay is not None else cfg.weight_decay,
@@ -285,7 +298,6 @@ class Trainer:
         }
         self.params = {name: [p for g in opt.param_groups for p in g["params"]] for name, opt in self.optimizers.items()}
         self.ema = EMA(self.models, cfg.ema_decay) if cfg.ema_decay else None
-        self.train_models = self._wrap_data_parallel()
         self.data = self.task.data_iterator()
         self.logger = MetricsLogger(self.run_dir, enabled=self.main)
         latest = ckpt.latest_checkpoint(self.run_dir)
@@ -298,35 +310,6 @@ class Trainer:
             self._resume(ckpt.read_checkpoint(intact))
         elif cfg.resume and self.main:
             print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
-
-    def _wrap_data_parallel(self) -> dict[str, nn.Module]:
-        """The models train_step sees: with several processes, every model an optimizer
-        trains wrapped in DistributedDataParallel (which averages its gradients over ranks
-        during backward); otherwise the models themselves."""
-        self.synced_modules: list[nn.Module] = []
-        if self.world_size == 1:
-            return self.models
-        reason = getattr(self.task, "ddp_unsupported", None)
-        if reason:
-            raise TrainingError(f"this task cannot train on {self.world_size} processes: {reason}")
-        names = {id(m): name for name, m in self.models.items()}
-        trained = set()
-        for opt_name, spec in self.specs.items():
-            if id(spec.module) not in names:
-                raise TrainingError(
-                    f"optimizer {opt_name!r} trains a module that is not one of the task's models "
-                    f"({', '.join(self.models)}); data parallelism wraps whole models, so return that module "
-                    "from build_models under its own name")
-            trained.add(names[id(spec.module)])
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        find_unused = bool(getattr(self.task, "ddp_find_unused_parameters", False))
-        wrapped = {
-            name: nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
-            if name in trained and any(p.requires_grad for p in model.parameters()) else model
-            for name, model in self.models.items()
-        }
-        self.synced_modules = list(getattr(self.task, "locally_updated_modules", lambda models: [])(self.models))
-        return wrapped
 
     def _resume(self, checkpoint: ckpt.Checkpoint) -> None:
         saved, now = checkpoint.state.get("architecture"), jsonable(self.task.architecture())
@@ -348,7 +331,7 @@ class Trainer:
         changed = [c for c in changed if not c.startswith("trainer.resume")]
         if changed and self.main:
             print(f"resuming {checkpoint.path.name} with a changed config:\n  " + "\n  ".join(changed))
-        rng = ckpt.load_checkpoint(checkpoint, self.models, self.optimizers)
+        rng = ckpt.load_checkpoint(checkpoint, *self.parallel.loading_state(self.optimizers))  # fsdp: sharded
         if self.ema is not None:
             self.ema.load(checkpoint.path / EMA_FILE)
         data = checkpoint.state["data"]
@@ -377,15 +360,16 @@ class Trainer:
         totals: dict[str, float] = {}
         active: list[str] | None = None
         finite = True
-        parallel = self.world_size > 1
+        several = self.world_size > 1
         for i in range(cfg.grad_accumulation):
             batch = to_device(next(self.data), self.device)
-            if not finite and not parallel:
+            if not finite and not several:
                 continue  # draw the batch anyway: step k always sees the same data
             # With several processes every rank runs every forward and backward, finite or not:
-            # DDP's forward and last backward talk to the other ranks, which would wait forever
-            # for a rank that skipped them. All but the last micro-batch keep gradients local.
-            with self._gradient_sync(i == cfg.grad_accumulation - 1):
+            # DDP's forward and last backward (FSDP2's forward and every backward) talk to the
+            # other ranks, which would wait forever for a rank that skipped them. Under DDP all
+            # but the last micro-batch keep gradients local.
+            with self.parallel.gradient_sync(i == cfg.grad_accumulation - 1):
                 with self._autocast():
                     losses = self.task.train_step(self.train_models, batch, step)
                 names = [n for n, spec in self.specs.items() if spec.loss in losses]
@@ -397,23 +381,24 @@ class Trainer:
                     totals[key] = totals.get(key, 0.0) + float(value) / cfg.grad_accumulation
                 objectives = [losses[self.specs[n].loss] for n in names]
                 finite = finite and all(math.isfinite(float(o.detach())) for o in objectives)
-                if not finite and not parallel:
+                if not finite and not several:
                     continue
                 for j, (name, objective) in enumerate(zip(names, objectives)):
                     # inputs=: each loss fills only its own optimizer's grads (a generator's
                     # adversarial loss must not leave gradients in the discriminator).
                     (objective.float() / cfg.grad_accumulation).backward(
-                        inputs=self.params[name], retain_graph=j < len(objectives) - 1)
+                        inputs=self.parallel.backward_inputs(self.params[name]), retain_graph=j < len(objectives) - 1)
         active = active or []
-        grad_norms = {name: float(clip_gradients(self.params[name], cfg.grad_clip)) for name in active} if finite else {}
+        # (sharded gradients' norms are collectives: under fsdp every rank computes them, finite or not)
+        clip = finite or self.parallel.fsdp
+        grad_norms = {name: float(clip_gradients(self.params[name], cfg.grad_clip)) for name in active} if clip else {}
         finite = finite and all(math.isfinite(v) for v in grad_norms.values())
-        if parallel:  # a non-finite loss on any rank skips the update on all: no rank steps alone
+        if several:  # a non-finite loss on any rank skips the update on all: no rank steps alone
             finite = distributed.all_true(finite)
         if finite:
             for name in active:
                 self.optimizers[name].step()
-            for module in self.synced_modules:
-                distributed.broadcast_module_state(module)
+            self.parallel.after_update()
             if self.ema is not None:
                 self.ema.update()
         else:
@@ -421,51 +406,28 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
         return {"finite": finite, "losses": totals, "lr": lrs, "grad_norm": grad_norms}
 
-    def _check_replicas_agree(self) -> None:
-        """With several processes, fail if the ranks' copies of a trained model differ. They
-        stay bitwise equal when every gradient goes through DDP; a train_step that calls
-        `.module` or another method of a wrapped model trains each rank on its own batch only."""
-        if self.world_size == 1:
-            return
-        mine = {name: sum(float(p.detach().double().sum()) for p in model.module.parameters())
-                for name, model in self.train_models.items() if isinstance(model, nn.parallel.DistributedDataParallel)}
-        differ = sorted(name for name in mine if len({sums[name] for sums in distributed.gather_objects(mine)}) > 1)
-        if differ:
-            raise TrainingError(
-                f"step {self.step}: the ranks' copies of {', '.join(differ)} have drifted apart. Their gradients "
-                "are averaged only through the DistributedDataParallel wrapper's forward: train_step must call "
-                "models[name](...) itself, not models[name].module or another method of it; weights a forward "
-                "pass edits in place must be listed by Task.locally_updated_modules")
-
-    def _gradient_sync(self, sync: bool):
-        """DDP's no_sync on every wrapped model unless `sync`: gradients of the micro-batches
-        before the last one are accumulated locally and averaged once, in the last backward."""
-        stack = ExitStack()
-        if not sync:
-            for model in self.train_models.values():
-                if isinstance(model, nn.parallel.DistributedDataParallel):
-                    stack.enter_context(model.no_sync())
-        return stack
-
     # -- eval, checkpoints --
 
     def evaluate(self) -> dict[str, Any]:
         """task.evaluate in eval mode, without gradients, leaving every random stream as it was.
 
         In fp32 even when training uses bf16 autocast: the figures describe the saved
-        (fp32) weights, not the training-time arithmetic. Rank 0 only (other ranks get {}):
-        they go on and wait for it at their next collective."""
+        (fp32) weights, not the training-time arithmetic; with the blocks' plain forward (no
+        activation checkpointing or compiled graph). Rank 0 only (other ranks get {}): they
+        go on and wait for it at their next collective. Call it on every rank: under
+        trainer.parallel.dp=fsdp all take part in gathering the weights first."""
+        models = self.parallel.full_models()
         if not self.main:
             return {}
         generators = self.task.generators()
         saved = ckpt.rng_state(generators)
-        for m in self.models.values():
+        for m in models.values():
             m.eval()
         try:
-            with torch.no_grad(), self._averaged():
-                metrics = dict(self.task.evaluate(self.models, self.step, self.run_dir))
+            with torch.no_grad(), self._averaged(), self.parallel.plain(), self.parallel.on_device(self.device):
+                metrics = dict(self.task.evaluate(models, self.step, self.run_dir))
         finally:
-            for m in self.models.values():
+            for m in models.values():
                 m.train()
             ckpt.set_rng_state(saved, generators)
         self.logger.log(self.step, "eval", metrics=metrics)
@@ -478,13 +440,15 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint (called on every rank). With several processes the data
-        positions and random streams of all ranks are gathered, rank 0 writes, and every
-        rank waits until the checkpoint is complete."""
+        positions and random streams of all ranks are gathered (under fsdp the full weights
+        and optimizer states too), rank 0 writes, and every rank waits until the checkpoint
+        is complete."""
         from mixmodal.config import to_yaml
 
         data, rng = self.data.state_dict(), ckpt.rng_state(self.task.generators())
         if self.world_size > 1:
             data, rng = distributed.gather_objects(data), {"ranks": distributed.gather_objects(rng)}
+        models, optimizers = self.parallel.checkpoint_state(self.optimizers)
         path = ckpt.checkpoint_dir(self.run_dir, self.step)
         if self.main:
             state = {
@@ -498,7 +462,7 @@ class Trainer:
                 "nonfinite_steps": self.nonfinite_steps,
             }
             path = ckpt.save_checkpoint(
-                self.run_dir, self.step, self.models, self.optimizers, state, rng,
+                self.run_dir, self.step, models, optimizers, state, rng,
                 to_yaml(self.task.config) if self.task.config is not None else None, self.config.keep_last,
                 extra={EMA_FILE: self.ema.save} if self.ema is not None else None)
         distributed.barrier()
@@ -520,6 +484,8 @@ class Trainer:
                 # alive: gloo's worker threads otherwise outlive the group and may abort the
                 # process at exit ("terminate called without an active exception").
                 self.train_models = getattr(self, "models", {})
+                if hasattr(self, "parallel"):
+                    self.parallel.close()
                 gc.collect()
                 distributed.destroy()
 
@@ -554,7 +520,7 @@ class Trainer:
                                     * self.world_size / seconds,
                                     steps_per_s=window_steps / seconds)
                     window, counts, window_steps, window_start = {}, {}, 0, time.perf_counter()
-                    self._check_replicas_agree()
+                    self.parallel.check_replicas_agree(self.step)
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     final = self.evaluate()
                 # No periodic checkpoint inside a non-finite streak: the one before it is the one to resume.
@@ -563,13 +529,14 @@ class Trainer:
         finally:
             progress.close()
         result = None
+        if final is None:
+            final = self.evaluate()  # every rank: under fsdp all take part in gathering the weights
+        models = self.parallel.full_models()  # (gathered once per update)
         if self.main:
-            if final is None:
-                final = self.evaluate()
             result = {"step": self.step, **final}
             (self.run_dir / "eval.json").write_text(json.dumps(jsonable(result), indent=1) + "\n", encoding="utf-8")
-            with self._averaged():
-                self.task.save_artifacts(self.models, self.run_dir)
+            with self._averaged(), self.parallel.plain(), self.parallel.on_device(self.device):
+                self.task.save_artifacts(models, self.run_dir)
         return distributed.gather_objects(result)[0]  # also makes every rank wait for rank 0's files
 
     def _nonfinite(self, result: dict, progress: Progress) -> None:
