@@ -226,8 +226,8 @@ def _describe(scene: Scene, category: str, rng: np.random.Generator,
     objects = list(scene.objects)
     order = [objects[i] for i in rng.permutation(len(objects))]
     counts = {s: sum(o.shape == s for o in objects) for s in SHAPES}
-    if exact:  # only shapes the scene holds once may be named as "a <shape>"
-        order = [o for o in order if counts[o.shape] == 1] if category != "counting" else order
+    if exact and category != "counting":  # only shapes the scene holds once may be named as "a <shape>"
+        order = [o for o in order if counts[o.shape] == 1]
     if category in ("single_object", "colors"):
         if not order:
             return None
