@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-full test test-slow test-all test-browser browser install bench clean
+.PHONY: demo demo-full test test-slow test-all test-browser browser install bench bench-gpu clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generate.py
+
+# one CUDA GPU, < 10 minutes: tests -m gpu + train/decode benchmarks (MFU) -> benchmarks/results/gpu.json; one line without a GPU
+bench-gpu: $(STAMP)
+	@$(BIN)/python benchmarks/gpu.py --check
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -90,6 +90,12 @@ class GlobalBatches:
     def state_dict(self) -> dict:
         return {"rank": self.rank, "count": self.count}
 
+    def resharded_state(self, states: list[dict], rank: int, world_size: int) -> dict:
+        """A run of len(states) processes continued on world_size: the strided layout's rule."""
+        from mixmodal.train.sharded import strided_resume
+
+        return {"rank": rank, "count": strided_resume([s["count"] for s in states], rank, world_size)[0]}
+
     def load_state_dict(self, state: dict) -> None:
         if state["rank"] != self.rank:
             raise AssertionError(f"rank {self.rank} was given rank {state['rank']}'s data state")

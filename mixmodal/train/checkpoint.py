@@ -9,6 +9,9 @@
 
 A run of several processes (torchrun) keeps one data-iterator state and one RNG state per
 rank: trainer_state.json's "data" is a list indexed by rank, rng.pt is {"ranks": [...]}.
+A run with trainer.parallel.dp=fsdp writes the sharded format instead (sharded.py: every rank's
+shards of the weights and optimizer states in place of model.safetensors and optimizer.pt), with
+the same trainer files, manifest and rename (`temporary_checkpoint`, `finish_checkpoint`).
 
         manifest.json         every other file's size and SHA-256, written last
 
@@ -22,6 +25,7 @@ safetensors, the rest through weights_only loading or JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -156,6 +160,36 @@ def _to_tuples(value):
     return tuple(_to_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+# --- configs ------------------------------------------------------------------------
+
+def config_hash(config: Any) -> str:
+    return hashlib.sha256(json.dumps(plain_config(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plain_config(config: Any) -> Any:
+    """A run config (a dataclass) as JSON-able data: trainer_state.json's "config"."""
+    from mixmodal.config import to_dict
+    from mixmodal.train.metrics import jsonable
+
+    return jsonable(to_dict(config)) if config is not None else None
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def config_differences(old: Any, new: Any) -> list[str]:
+    """"key: old -> new" for every dotted key whose value differs between two plain configs."""
+    a, b = _flatten(old or {}), _flatten(new or {})
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
 # --- whole checkpoints ------------------------------------------------------------------
 
 @dataclass
@@ -182,6 +216,19 @@ def save_checkpoint(
     """Write checkpoint `step` atomically (temporary directory, then rename) and prune
     all but the newest `keep_last` (0 keeps all). `extra` maps a file name to a function
     that writes it (given its path), e.g. the weight average."""
+    tmp = temporary_checkpoint(run_dir, step)
+    try:
+        save_weights(models, tmp / WEIGHTS)
+        faults.point("checkpoint:weights")
+        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / OPTIMIZER)
+        faults.point("checkpoint:optimizer")
+    except OSError as e:
+        raise _write_failed(run_dir, step, tmp, e) from None
+    return finish_checkpoint(run_dir, step, tmp, trainer_state, rng, config_yaml, keep_last, extra)
+
+
+def temporary_checkpoint(run_dir: str | os.PathLike, step: int) -> Path:
+    """A new, empty hidden directory beside where checkpoint `step` goes, to write it into."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     try:
@@ -189,10 +236,26 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_weights(models, tmp / WEIGHTS)
-        faults.point("checkpoint:weights")
-        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / OPTIMIZER)
-        faults.point("checkpoint:optimizer")
+    except OSError as e:
+        raise _write_failed(run_dir, step, tmp, e) from None
+    return tmp
+
+
+def finish_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    tmp: Path,
+    trainer_state: dict[str, Any],
+    rng: dict[str, Any],
+    config_yaml: str | None = None,
+    keep_last: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Complete a checkpoint whose weights are in `tmp`: the random state, trainer_state.json,
+    config.yaml and `extra`, then the manifest of every file, then the rename into place
+    (the checkpoint exists from that moment on), then pruning."""
+    final = checkpoint_dir(run_dir, step)
+    try:
         torch.save(rng, tmp / RNG)
         (tmp / STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=1, allow_nan=False),
                                  encoding="utf-8")
@@ -206,16 +269,22 @@ def save_checkpoint(
         _rename_into_place(tmp, final)
         faults.point("checkpoint:renamed")
     except OSError as e:  # a full disk, a read-only or vanished folder: the earlier checkpoints stay as they were
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final.name} in {final.parent} ({e.strerror or e}): "
-                              f"{_last_words(run_dir)}") from None
+        raise _write_failed(run_dir, step, tmp, e) from None
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def _last_words(run_dir: str | os.PathLike) -> str:
+def _write_failed(run_dir: str | os.PathLike, step: int, tmp: Path, e: OSError) -> CheckpointError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    final = checkpoint_dir(run_dir, step)
+    return CheckpointError(f"cannot write checkpoint {final.name} in {final.parent} ({e.strerror or e}): "
+                           f"{last_words(run_dir)}")
+
+
+def last_words(run_dir: str | os.PathLike) -> str:
+    """What a failed checkpoint write leaves, and what to do: the end of its error message."""
     latest = latest_checkpoint(run_dir)
     where = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint was written yet"
     return (f"{where}; free space on that disk or make it writable (or copy the run elsewhere), then continue "

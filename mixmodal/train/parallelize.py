@@ -6,13 +6,15 @@ The models stay single-device code and the training loop stays one loop: `parall
 changes the task's models in place (AC, compile, FSDP2) or wraps them (DDP) and returns a
 `Parallel`, through which the trainer does the few things that differ between the data-
 parallel schemes: gradient sync during accumulation, copying locally updated modules,
-the replica drift check, full weights for evaluation, and full state for checkpoints.
+the replica drift check, full weights for evaluation, and loading full-format checkpoints.
 
 `trainer.parallel` (ParallelConfig):
 
 - `dp: ddp | fsdp` (default ddp). Only under torchrun with more than one process; a single
-  process trains the plain models either way. `ddp`: every model an optimizer trains is
-  wrapped in DistributedDataParallel (the trainer's behaviour before this module, bitwise).
+  process trains the plain models either way (but fsdp shards, trivially, in a process group
+  of one that the caller made: FSDP2 on one device, as the GPU tests run it). `ddp`: every
+  model an optimizer trains is wrapped in DistributedDataParallel (the trainer's behaviour
+  before this module, bitwise).
   `fsdp`: FSDP2 (`fully_shard`) on every transformer block, then on the model's root, so
   parameters, gradients and optimizer states are sharded over the ranks; with bf16
   precision the blocks compute in bf16 and gradients are reduced in fp32
@@ -35,13 +37,13 @@ The patches are instance attributes (`block.forward`), so state-dict keys do not
 checkpoints and RUN/model read the same with any of these settings, and evaluation and
 saved artifacts run the plain forward (`Parallel.plain`).
 
-Checkpoints keep their format: with fsdp every rank takes part in gathering full weights
-(torch.distributed.checkpoint's get_model_state_dict, full_state_dict and cpu_offload) and
-full optimizer states, which rank 0 writes exactly as a single process writes them; a resume
-shards them back (set_model_state_dict; optimizer states sliced like their parameters). So
-a run continues on the same number of processes with either `dp`, and `dp` may change on
-resume. Evaluation under fsdp runs on rank 0 on an unsharded copy of each sharded model
-(kept on the CPU between evals) loaded with the gathered weights.
+Checkpoints: with fsdp (on any number of processes) every rank writes its own shards with
+torch.distributed.checkpoint (sharded.py), which a run on another number of processes reads back
+resharded; otherwise rank 0 writes the full format. A full-format checkpoint resumed under fsdp
+is sharded into the models (`loading_state`: set_model_state_dict; optimizer states sliced like
+their parameters), so `dp` may change on resume. Evaluation under fsdp runs on rank 0 on an
+unsharded copy of each sharded model (kept on the CPU between evals) loaded with the gathered
+weights.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def apply_compile(blocks: list[nn.Module]) -> None:
 class Parallel:
     """The task's models as training sees them, and what differs per data-parallel scheme.
 
-    The collectives (`full_models`, `checkpoint_state`, `loading_state` under fsdp,
+    The collectives (`full_models`, `loading_state` under fsdp,
     `after_update`, `check_replicas_agree`) must be called by every rank in the same order."""
 
     def __init__(self, config: ParallelConfig, models: dict[str, nn.Module], world_size: int) -> None:
@@ -248,15 +250,6 @@ class Parallel:
 
     # -- checkpoints --
 
-    def checkpoint_state(self, optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict, dict]:
-        """(models, optimizers) for checkpoint.save_checkpoint, whose state_dict() is the full,
-        unsharded state in the single-process format (rank 0's; every rank must call it)."""
-        if not self.fsdp:
-            return self.models, optimizers
-        models = {name: _StateView(_full_model_state(model) if name in self.sharded else model.state_dict())
-                  for name, model in self.models.items()}
-        return models, {name: _StateView(_full_optimizer_state(opt)) for name, opt in optimizers.items()}
-
     def loading_state(self, optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict, dict]:
         """(models, optimizers) for checkpoint.load_checkpoint: full states read from a
         checkpoint are sharded into the models and optimizers (every rank must call it)."""
@@ -300,35 +293,6 @@ def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if first != key and first in state and key in state:
                 state[key] = state[first]
     return state
-
-
-def _full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state_dict() with every sharded state tensor gathered whole (every
-    rank gathers; rank 0 gets them on the CPU): the format of a single process's optimizer."""
-    from torch.distributed.tensor import DTensor
-
-    local = optimizer.state_dict()
-    main = distributed.is_main()
-    state: dict[int, dict[str, Any]] = {}
-    for index in sorted(local["state"]):
-        entry = {}
-        for key in sorted(local["state"][index]):
-            value = local["state"][index][key]
-            if isinstance(value, DTensor):
-                value = value.full_tensor()
-            entry[key] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
-        state[index] = entry
-    return {"state": state, "param_groups": local["param_groups"]} if main else {}
-
-
-class _StateView:
-    """Something whose state_dict() is a given dict (what checkpoint.save_checkpoint reads)."""
-
-    def __init__(self, state: dict) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
 
 
 class _ShardingLoader:
@@ -398,16 +362,17 @@ def parallelize(
 ) -> Parallel:
     """Apply `config` to the models the optimizers (`specs`: name -> OptimizerSpec) train
     and that have trainable parameters; others are left alone: AC, compile, then DDP /
-    FSDP2 when `world_size` > 1. In place, except DDP's wrappers (Parallel.train_models).
-    Call it after the models are on `device` and before building the optimizers (FSDP2
+    FSDP2 when `world_size` > 1 (FSDP2 also in a process group of one). In place, except
+    DDP's wrappers (Parallel.train_models). Call it after the models are on `device` and before building the optimizers (FSDP2
     replaces the parameters by sharded ones)."""
     parallel = Parallel(config, models, world_size)
     if world_size > 1:
         reason = getattr(task, "ddp_unsupported", None)
         if reason:
             raise _error(f"this task cannot train on {world_size} processes: {reason}")
-    trained = _trained_models(models, specs, whole=world_size > 1)
     fsdp = config.dp == "fsdp"
+    shard = fsdp and (world_size > 1 or distributed.is_initialized())  # (a group of one: FSDP2 on one device)
+    trained = _trained_models(models, specs, whole=world_size > 1 or shard)
     if fsdp and len(specs) > 1:
         raise _error(f"trainer.parallel.dp=fsdp trains tasks of one optimizer, and this one has {len(specs)} "
                      f"({', '.join(specs)}): a loss's backward must reach only its own optimizer's parameters, "
@@ -425,7 +390,7 @@ def parallelize(
         if scalars:
             raise _error(f"trainer.parallel.dp=fsdp cannot shard model {name!r}: FSDP2 refuses 0-dim parameters "
                          f"({', '.join(scalars)}); set trainer.parallel.dp=ddp")
-    if fsdp and world_size > 1 and distributed.is_main():  # before any patch: plain copies, on the CPU
+    if shard and distributed.is_main():  # before any patch: plain copies, on the CPU
         parallel.replicas = {name: copy.deepcopy(models[name]).to("cpu") for name in trained}
     for name in trained if ac != "none" or config.compile else ():
         if ac != "none":
@@ -433,7 +398,7 @@ def parallelize(
         if config.compile:
             apply_compile(blocks[name])
         parallel._patched += [(block, None) for block in blocks[name]]
-    if world_size == 1:
+    if world_size == 1 and not shard:
         return parallel
     find_unused = bool(getattr(task, "ddp_find_unused_parameters", False))
     if fsdp:
