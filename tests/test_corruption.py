@@ -438,3 +438,186 @@ def test_merge_lora_and_training_artifacts_end_with_a_manifest(model_folder, tmp
     assert "merge-lora" in listed["remake"]
     weights.verify_folder(merged)
     load_model_dir(merged)
+
+
+# --- `mixmodal verify PATH`: every manifest under PATH, every file hashed whatever its size -----------------
+
+@pytest.fixture(scope="module")
+def verify_tree(tmp_path_factory, model_folder, bank_folder, text_tokenizer):
+    """A run folder (RUN/model + two checkpoints), a memory bank and a text tokenizer, side by side."""
+    from mixmodal.train import checkpoint as ckpt
+
+    root = tmp_path_factory.mktemp("verify")
+    shutil.copytree(model_folder, root / "run" / "model")
+    net = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(net.parameters())
+    for step in (2, 4):
+        net(torch.ones(1, 4)).sum().backward()
+        optimizer.step()
+        ckpt.save_checkpoint(root / "run", step, {"net": net}, {"net": optimizer}, {"data": {}}, ckpt.rng_state())
+    shutil.copytree(bank_folder, root / "index")
+    text_tokenizer.save(root / "tok")
+    return root
+
+
+VERIFY_FOLDERS = ["index", "run/checkpoints/step_000002", "run/checkpoints/step_000004", "run/model", "tok"]
+
+
+def _verify(root: Path, capsys) -> tuple[int, dict[str, str]]:
+    code = main(["verify", str(root)])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err and not captured.err, captured.err
+    lines = captured.out.strip().splitlines()
+    by_folder = {}
+    for line in lines[:-1]:
+        status, _, rest = line.partition(" ")
+        folder = rest.strip().split(": ", 1)[0]
+        by_folder[str(Path(folder).relative_to(root))] = line
+        assert status in ("ok", "DAMAGED", "note"), line
+    return code, by_folder
+
+
+def test_verify_an_intact_tree_is_one_ok_line_per_folder(verify_tree, capsys):
+    code, lines = _verify(verify_tree, capsys)
+    assert code == 0
+    for folder in VERIFY_FOLDERS:
+        assert lines[folder].startswith("ok "), lines
+    assert "hashed" in lines["run/model"] and "every document reads back" in lines["index"]
+    assert main(["verify", str(verify_tree / "run" / "model")]) == 0  # a single folder too
+    capsys.readouterr()
+
+
+VERIFY_CASES = [  # (file, damage, what the line must also say: the fix)
+    ("run/model/model.safetensors", "truncated", "--resume"),
+    ("run/model/model.safetensors", "flipped-byte", "does not match its SHA-256"),  # same size: hashed in full
+    ("run/model/manifest.json", "not-json", "is not readable"),
+    ("run/checkpoints/step_000004/optimizer.pt", "truncated", "resume from the previous checkpoint"),
+    ("run/checkpoints/step_000002/model.safetensors", "empty", "no earlier checkpoint"),
+    ("tok/tokenizer.json", "truncated", "copy the folder again"),
+    ("index/store/documents.jsonl", "truncated", "index build"),
+    ("index/embeddings.npy", "empty", "index build"),
+]
+
+
+@pytest.mark.parametrize("name, damage, says", VERIFY_CASES, ids=[f"{n}-{d}" for n, d, _ in VERIFY_CASES])
+def test_verify_a_damaged_file_is_exit_1_and_a_line_naming_it(verify_tree, tmp_path, capsys, monkeypatch, name,
+                                                              damage, says):
+    monkeypatch.setattr(weights, "HASH_AT_LOAD", 0)  # as for large weights: loading hashes none of them
+    root = _copy(verify_tree, tmp_path)
+    DAMAGE[damage](root / name)
+    code, lines = _verify(root, capsys)
+    assert code == 1
+    folder = next(f for f in VERIFY_FOLDERS if name.startswith(f + "/"))
+    damaged = [f for f, line in lines.items() if line.startswith("DAMAGED")]
+    assert damaged == [folder], lines
+    line = lines[folder]
+    if damage != "not-json":
+        assert str(root / name) in line, line
+    assert says in line, line
+    if "previous checkpoint" in says:
+        assert str(root / "run/checkpoints/step_000002") in line
+    assert all(lines[f].startswith("ok ") for f in VERIFY_FOLDERS if f != folder)
+
+
+def test_verify_an_interrupted_add_is_ok_with_a_note_and_nothing_is_a_failure(verify_tree, tmp_path, capsys):
+    root = _copy(verify_tree, tmp_path)
+    with open(root / "index" / "store" / "documents.jsonl", "ab") as f:
+        f.write(b'{"parts": [{"type": "text", "te')  # a killed `index add`, before its commit
+    code, lines = _verify(root, capsys)
+    assert code == 0 and "interrupted before its commit" in lines["index"] and lines["index"].startswith("ok ")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["verify", str(empty)]) == 1
+    assert "nothing verified" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such file or folder" in capsys.readouterr().err
+
+
+# --- a memory bank on a full or read-only disk: `mixmodal index add` is one line, the bank as it was ------------
+
+BANK_FILES = ["bank.json", "index.faiss", "embeddings.npy", "keys.npy", "store/documents.jsonl", "store/offsets.npy"]
+
+
+@pytest.mark.parametrize("errno_name, where", [("ENOSPC", "new-file"), ("ENOSPC", "store"), ("EROFS", "lock"),
+                                               ("ENOSPC", "faiss")])
+def test_index_add_on_a_full_or_read_only_disk_is_one_line_and_the_bank_as_it_was(bank_folder, tmp_path, capsys,
+                                                                                 monkeypatch, errno_name, where):
+    import errno
+    import os
+
+    from mixmodal.documents import write_jsonl
+    from mixmodal.retrieval import bank as bank_module
+    from mixmodal.retrieval import index as index_module
+    from mixmodal.retrieval import store as store_module
+    from mixmodal.retrieval.bank import MemoryBank
+    from test_memory_bank import HashEmbedder, make_docs
+
+    folder = _copy(bank_folder, tmp_path)
+    before = {name: (folder / name).read_bytes() for name in BANK_FILES}
+    (tmp_path / "more").mkdir()
+    write_jsonl(make_docs(6, seed=7, start=100), tmp_path / "more" / "documents.jsonl")
+    monkeypatch.setattr(bank_module, "load_document_embedder", lambda path, device="cpu": HashEmbedder(path))
+    code = getattr(errno, errno_name)
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(folder / "keys.npy.add-tmp"))
+
+    if where == "new-file":  # the disk fills up while the new keys.npy is written
+        monkeypatch.setattr(bank_module, "save_npy", fail)
+    elif where == "store":  # ... while documents are appended to the store (two went in)
+        real, calls = store_module.StoreWriter._write_document, []
+
+        def write_two(self, *args):
+            calls.append(1)
+            if len(calls) > 2:
+                fail()
+            return real(self, *args)
+
+        monkeypatch.setattr(store_module.StoreWriter, "_write_document", write_two)
+    elif where == "lock":  # a read-only folder: not even the lock file can be made
+        real_open = os.open
+        monkeypatch.setattr(bank_module.os, "open", lambda p, *a, **k: fail() if str(p).endswith("write.lock")
+                            else real_open(p, *a, **k))
+    else:  # FAISS's own write fails (it raises RuntimeError, not OSError)
+        def faiss_fails(index, file):
+            raise RuntimeError("Error in faiss::FileIOWriter: fwrite failed (No space left on device)")
+
+        monkeypatch.setattr(index_module.faiss_module(), "write_index", faiss_fails)
+    argv = ["index", "add", str(folder), str(tmp_path / "more"), "--quiet"]
+    says = "is its disk full or read-only" if where == "faiss" else os.strerror(code)
+    refuse_cli(argv, capsys, str(folder), says, "run")
+    assert {name: (folder / name).read_bytes() for name in BANK_FILES} == before  # the old bank, byte for byte
+    assert not list(folder.glob("*tmp")) and not list((folder / "store").glob("*tmp"))
+    monkeypatch.undo()
+    monkeypatch.setattr(bank_module, "load_document_embedder", lambda path, device="cpu": HashEmbedder(path))
+    assert main(argv) == 0 and "added 6 documents" in capsys.readouterr().out  # space again: the add goes through
+    assert len(MemoryBank.open(folder)) == 18
+
+
+def test_a_build_stopped_while_replacing_a_bank_leaves_one_to_use(bank_folder, tmp_path, monkeypatch):
+    """`index build` over an existing bank swaps the folders in one step (RENAME_EXCHANGE); where the OS cannot,
+    a build stopped between its two renames leaves the old bank aside: opening says where, the next build
+    puts it back before replacing it, and nothing is left beside the bank."""
+    from mixmodal.retrieval import bank as bank_module
+    from mixmodal.retrieval.bank import BankError, MemoryBank
+    from test_memory_bank import HashEmbedder, make_docs
+
+    folder = _copy(bank_folder, tmp_path, "index")
+    build = lambda n: MemoryBank.build(make_docs(n, seed=5), HashEmbedder(tmp_path / "enc"), folder,  # noqa: E731
+                                       progress=False)
+    assert len(build(5)) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # swapped, old removed
+    real_replace = bank_module.os.replace
+
+    def killed_between(src, dst):
+        real_replace(src, dst)
+        if Path(src) == folder:
+            raise KeyboardInterrupt  # as if killed here: the old bank moved aside, the new one not yet in place
+
+    monkeypatch.setattr(bank_module, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(bank_module.os, "replace", killed_between)
+    with pytest.raises(KeyboardInterrupt):
+        build(7)
+    monkeypatch.setattr(bank_module.os, "replace", real_replace)
+    message = refuse(lambda: MemoryBank.open(folder), tmp_path, "put it back with `mv ", str(folder), error=BankError)
+    assert f"{folder.name}.old-" in message
+    assert len(build(3)) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["index"]

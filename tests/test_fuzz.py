@@ -367,6 +367,14 @@ WDS_CASES = {  # members around a good "a" and "c": (members of the middle, {rea
                                ("noext", b"z"), (".hidden", b"h")], {}, ["a", "b", "c"]),
     "only unexpected members": ([("b.weird.ext", b"?"), ("b.exe", b"MZ")], {"missing-field": 1}, ["a", "c"]),
     "upper-case extensions": ([("b.PNG", _png()), ("b.TXT", b"x")], {}, ["a", "b", "c"]),
+    # two members with the same key and extension: ambiguous, so the sample is skipped, not the rest of the shard
+    "duplicate member": ([("b.png", _png()), ("b.txt", b"x"), ("b.txt", b"y")], {"bad-schema": 1}, ["a", "c"]),
+    "duplicate member by case": ([("b.png", _png()), ("b.PNG", _png()), ("b.txt", b"x")], {"bad-schema": 1},
+                                 ["a", "c"]),
+    "duplicate json of a multi-part sample": ([("b.json", json.dumps({"parts": [{"type": "text", "text": "one"}]})
+                                                .encode()), ("b.json", b'{"parts": []}')], {"bad-schema": 1}, ["a", "c"]),
+    "members named like the sample's fields": ([("b.__key__", b"x"), ("b.__url__", b"y"), ("b.png", _png()),
+                                               ("b.txt", b"x")], {}, ["a", "b", "c"]),
 }
 
 

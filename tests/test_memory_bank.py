@@ -248,13 +248,24 @@ def test_refuses_store_shorter_than_index(small_bank):
     assert "disagree" in message and "mixmodal index build" in message
 
 
-def test_refuses_store_with_an_unfinished_add(small_bank):
+def test_an_add_cut_before_its_commit_reads_as_the_old_bank(small_bank):
+    """What a killed `index add` leaves before its commit (the store's tail, temporaries) is not the bank:
+    readers skip it without writing, and the next add rolls it back before its own."""
     store = small_bank / "store" / "documents.jsonl"
     size = store.stat().st_size
     with open(store, "ab") as f:
         f.write(b'{"parts": [{"type": "text", "text": "half"}]}\n')
-    with pytest.raises(BankError, match=rf"store has 13 documents.*truncate -s {size}"):
-        MemoryBank.open(small_bank)
+    (small_bank / "keys.npy.add-tmp").write_bytes(b"half-written")
+    bank = MemoryBank.open(small_bank)
+    assert len(bank) == 12 and "interrupted before its commit" in bank.pending
+    assert store.stat().st_size > size and (small_bank / "keys.npy.add-tmp").exists()  # opening writes nothing
+    assert bank.add(make_docs(2, start=12), HashEmbedder(small_bank.parent / "enc_a")) == 2
+    assert len(bank) == 14 and bank.pending is None and not (small_bank / "keys.npy.add-tmp").exists()
+    assert_same_document(MemoryBank.open(small_bank).document(12), make_docs(2, start=12)[0])
+    # the same add again (as after a kill past its commit): nothing is added twice
+    again = make_docs(2, start=12) + make_docs(1, seed=3, start=15)
+    assert bank.add(again, HashEmbedder(small_bank.parent / "enc_a")) == 1
+    assert len(bank) == 15 and bank.last_ingest.skipped_present == 2
 
 
 def test_refuses_counts_that_disagree(small_bank):
@@ -415,24 +426,26 @@ def test_real_encoder_builds_a_bank_and_retrieves(tmp_path):
         MemoryBank.open(tmp_path / "index").load_embedder()
 
 
-def test_add_interrupted_while_replacing_files_is_refused_on_open(tmp_path, monkeypatch):
+def test_add_interrupted_while_replacing_files_is_finished(tmp_path, monkeypatch):
+    """A failure after the commit point (commit.json written) moves the rest into place: the new bank."""
     bank = build(tmp_path, make_docs(12))
     real_replace, calls = bank_module.os.replace, []
 
     def replace_then_crash(src, dst):
         calls.append(dst)
-        if len(calls) == 3:
+        if str(dst).endswith("embeddings.npy"):  # the first file the commit moves into place
             raise OSError("disk full")
         real_replace(src, dst)
 
     monkeypatch.setattr(bank_module.os, "replace", replace_then_crash)
     with pytest.raises(OSError, match="disk full"):
-        bank.add(make_docs(4, start=12), HashEmbedder(tmp_path / "enc_a"))
+        bank.add(make_docs(4, seed=3, start=12), HashEmbedder(tmp_path / "enc_a"))
     monkeypatch.setattr(bank_module.os, "replace", real_replace)
-    with pytest.raises(BankError, match="disagree"):
-        MemoryBank.open(tmp_path / "index")
-    with pytest.raises(BankError, match="a failed add left"):
-        bank.search(np.zeros((1, 32), np.float32), 1)
+    reopened = MemoryBank.open(tmp_path / "index")  # read through commit.json: the new files not yet moved
+    assert len(reopened) == 16 and "commit" in reopened.pending and (tmp_path / "index" / "commit.json").exists()
+    assert len(bank) == 16 and bank.search(bank.embeddings([13]), 1)[1][0, 0] == 13
+    assert reopened.add(make_docs(1, start=16), HashEmbedder(tmp_path / "enc_a")) == 1  # finishes it first
+    assert len(MemoryBank.open(tmp_path / "index")) == 17 and not (tmp_path / "index" / "commit.json").exists()
 
 
 def test_pickles_by_reopening(tmp_path):

@@ -437,6 +437,19 @@ def test_a_metrics_line_torn_by_a_crash_is_dropped_and_the_step_redone(tmp_path)
         read_metrics(tmp_path)
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh_in_the_same_folder(tmp_path, capsys):
+    crashed = toy_config(steps=4, save_every=10, log_every=1)
+    crashed.crash_at = 2
+    with pytest.raises(Crash):
+        fit(crashed, tmp_path)
+    assert not ckpt.list_checkpoints(tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "kind": "tra')  # and its last line torn by the kill
+    fit(toy_config(steps=4, save_every=10, log_every=1), tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path, "train")] == [1, 2, 3, 4]  # once each, nothing torn
+    assert "held the records of an attempt that wrote no checkpoint" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_kill_9_soak_resumes_bitwise(tmp_path):
     """benchmarks/soak.py, short: a tiny run killed from outside and inside checkpoint writes, resumed

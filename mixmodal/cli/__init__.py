@@ -1,7 +1,7 @@
 """`mixmodal VERB [SUBVERB] POSITIONAL --options key=value...`
 
-One module per verb (data, tokenizer, train, generate, chat, serve, plot, image, eval, convert,
-index); each holds its handlers `cmd_*(args, overrides) -> int` and a `register(verbs)` that adds
+One module per verb (data, tokenizer, train, export, generate, chat, serve, plot, image, eval, convert,
+index, verify); each holds its handlers `cmd_*(args, overrides) -> int` and a `register(verbs)` that adds
 its parser(s) beside them. Trailing `key=value` arguments are dotlist overrides of the verb's
 typed config (see mixmodal/config.py). Handlers import torch and the heavy modules they need
 themselves, so `mixmodal --help` stays fast.
@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 from mixmodal import __version__
 
 # The verbs, in the order `mixmodal --help` lists them; each is the module mixmodal.cli.NAME.
-VERBS = ("data", "tokenizer", "train", "generate", "chat", "serve", "plot", "image", "eval", "convert", "index")
+VERBS = ("data", "tokenizer", "train", "export", "generate", "chat", "serve", "plot", "image", "eval", "convert",
+         "index", "verify")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,11 +16,23 @@ This module holds bank.json, `open`'s check and the build / add / reindex transa
 all the files; keys.npy and the store are store.py's, index.faiss is index.py's, and the
 embedder's boundary checks are embed.py's.
 
-Consistency is what `open` checks: every file counts N rows, and the store file ends where
-offsets.npy says. `build` writes a sibling temporary folder and renames it into place;
-`add` appends to the store, then replaces the other files one by one, bank.json last, so an
-interrupted add leaves counts that disagree (refused by `open`) rather than a bank that is
-silently wrong. An add interrupted before that point (while encoding) is rolled back.
+Consistency is what `open` checks: every file counts N rows, and the store file reaches where
+offsets.npy ends. A bank is always the old one or the new one, whenever a writer is killed
+(benchmarks/soak.py kills `index add` with SIGKILL at random moments and at each step below):
+
+  - `build` writes a sibling temporary folder and swaps it into place in one rename
+    (renameat2 RENAME_EXCHANGE where the OS has it; else two renames, and a bank found moved
+    aside is named in the error);
+  - `add` and `reindex` take INDEX/write.lock (one writer at a time), append to the store,
+    write every other changed file under a new name (NAME.add-tmp), then write commit.json
+    listing them: that rename is the commit point. Then each file is moved into place, and
+    commit.json removed. A reader that finds commit.json reads the new files (moved or not);
+    one that does not reads the old ones and ignores the store's bytes past offsets.npy's end.
+    The next writer finishes a committed write (moves the rest into place) or rolls back one
+    that was not (cuts the store's tail, removes the temporaries), before its own.
+
+A full disk or a read-only folder stops an add with one line; nothing is added and the bank
+stays as it was.
 
 Embeddings are normalised, so inner product is cosine similarity (CM3Leon §2.1 retrieves
 by maximum inner product over mean-of-modalities CLIP embeddings).
@@ -28,13 +40,16 @@ by maximum inner product over mean-of-modalities CLIP embeddings).
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -45,9 +60,15 @@ from mixmodal.retrieval.index import (KINDS, add_rows, apply_search_params, buil
                                       search_index, write_index)
 from mixmodal.retrieval.store import (DocumentStore, IngestStats, StoreWriter, assemble_embeddings, document_key,
                                       load_npy, load_store, save_npy)
+from mixmodal.train import faults
 
 FORMAT = 1
 _FILES = ("bank.json", "index.faiss", "embeddings.npy", "keys.npy", "store/documents.jsonl", "store/offsets.npy")
+_REPLACED = ("embeddings.npy", "keys.npy", "store/offsets.npy", "index.faiss", "bank.json")  # by an add, in order
+JOURNAL = "commit.json"  # an add's or a reindex's commit point: the files whose new versions replace them
+NEW = ".add-tmp"  # FILE.add-tmp: FILE's new version, written before the commit
+LOCK = "write.lock"  # flock-ed by the one process writing to the bank (add, reindex)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 class MemoryBank:
@@ -55,8 +76,9 @@ class MemoryBank:
     fingerprint. Build with `MemoryBank.build`, open (checked) with `MemoryBank.open`."""
 
     def __init__(self, path: Path, meta: dict, index, embeddings: np.ndarray, keys: np.ndarray,
-                 offsets: np.ndarray) -> None:
+                 offsets: np.ndarray, pending: str | None = None) -> None:
         self.path = path
+        self.pending = pending  # an interrupted write the next writer will finish or roll back (read around)
         self._meta = meta
         self._index = index
         self._embeddings = embeddings  # memory-mapped
@@ -92,11 +114,12 @@ class MemoryBank:
         check_kind(kind)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _tidy_siblings(out)
         _check_out_dir(out, overwrite)
         dim = embedder_dim(embedder)
         out.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         try:
             (tmp / "store").mkdir()
             writer = StoreWriter(tmp, start_row=0, start_offset=0, dim=dim)
@@ -125,6 +148,8 @@ class MemoryBank:
                 "index_params": {k: v for k, v in params.items() if k != "kind"},
             }
             _write_json(tmp / "bank.json", meta)
+            _sync(tmp, [tmp / name for name in _FILES])
+            faults.point("index:build")
             _move_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -136,30 +161,36 @@ class MemoryBank:
 
     def add(self, docs: Iterable[Document], embedder, *, batch_size: int = 256, source: str = "",
             progress: bool = False) -> int:
-        """Append documents without rebuilding (index.add; store, embeddings and keys appended).
-        Refuses an encoder other than the bank's. Returns the number added."""
+        """Append documents without rebuilding (index.add; store, embeddings and keys appended), as one
+        transaction (the module docstring): killed anywhere, the bank is the old one or the new one.
+        Documents whose content is already in the bank (the same document_key) are skipped and counted
+        (`last_ingest.skipped_present`), so running an add again after it was killed, committed or not,
+        ends with the same bank. Refuses an encoder other than the bank's. Returns the number added."""
         self.check_embedder(embedder)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        with self._writing("add to"):
+            return self._add(docs, embedder, batch_size, source, progress)
+
+    def _add(self, docs: Iterable[Document], embedder, batch_size: int, source: str, progress: bool) -> int:
         on_disk = _read_meta(self.path)
         if on_disk.get("count") != len(self):
             raise BankError(f"{self.path}/bank.json counts {on_disk.get('count')} documents but this bank was opened "
                             f"with {len(self)}: another process changed it; open it again before adding")
         started = time.perf_counter()
         writer = StoreWriter(self.path, start_row=len(self), start_offset=self._store.end, dim=self.dim)
-        committing = False
-        tmp_files: list[Path] = [writer.raw_path]
+        new = {name: self.path / f"{name}{NEW}" for name in _REPLACED}
+        committed = False
         try:
-            stats = writer.write(_progress(docs, progress, "add"), embedder, batch_size)
+            known = np.sort(np.asarray(self._store.key_rows["key"]))  # re-running an add adds nothing twice
+            stats = writer.write(_progress(docs, progress, "add"), embedder, batch_size, known=known)
+            del known
             if stats.added == 0:
                 writer.raw_path.unlink(missing_ok=True)
                 stats.seconds = time.perf_counter() - started
                 self.last_ingest = stats
                 return 0
             count = len(self) + stats.added
-            new = {name: self.path / f"{name}.add-tmp" for name in ("embeddings.npy", "keys.npy", "store/offsets.npy",
-                                                                     "index.faiss", "bank.json")}
-            tmp_files += list(new.values())
             embeddings = assemble_embeddings(self._embeddings, writer.raw_path, new["embeddings.npy"], self.dim)
             save_npy(new["keys.npy"], np.concatenate([np.asarray(self._store.key_rows), writer.keys()]))
             save_npy(new["store/offsets.npy"], np.concatenate([np.asarray(self._store.offsets[:-1]), writer.offsets()]))
@@ -173,36 +204,69 @@ class MemoryBank:
             meta["sources"] = list(meta.get("sources", [])) + ([source] if source else [])
             meta["updated"] = _now()
             _write_json(new["bank.json"], meta)
-            committing = True  # from here on a crash leaves counts that disagree; open() refuses them
-            for name, tmp_path in new.items():
-                os.replace(tmp_path, self.path / name)
+            _sync(self.path, [*new.values(), self.path / "store" / "documents.jsonl"])
+            faults.point("index:prepared")
+            _commit(self.path, list(new))  # the commit point: from here on the bank is the new one
+            committed = True
+            _finish_commit(self.path)
             writer.raw_path.unlink(missing_ok=True)
-        except BaseException:
-            for p in tmp_files:
-                p.unlink(missing_ok=True)
-            if not committing:  # nothing but the store's tail has changed: cut it off again
-                writer.truncate()
+        except BaseException as e:
+            if committed:  # a failure while moving files into place: finish it (the next writer would)
+                try:
+                    _finish_commit(self.path)
+                except OSError:
+                    pass
+            else:  # nothing but the store's tail and temporaries have changed: remove them
+                for p in (writer.raw_path, *new.values()):
+                    _unlink(p)
+                try:
+                    writer.truncate()
+                except OSError:
+                    pass  # a read-only folder: the tail stays, ignored by readers, cut by the next writer
             try:
                 self._reload()
-            except BankError as e:  # interrupted while replacing files: this bank is unusable until rebuilt
-                self._broken = str(e)
+            except BankError as reload_error:  # cannot happen by the transaction's design; named if it does
+                self._broken = str(reload_error)
+            if _disk_error(e, self.path):
+                state = "the add is committed" if committed else "nothing was added: the bank is as it was"
+                raise BankError(f"cannot write to {self.path} ({_why(e)}): {state}; free "
+                                "space on that disk or make the folder writable, then run `mixmodal index add` "
+                                "again") from None
             raise
         self._reload()
         stats.seconds = time.perf_counter() - started
         self.last_ingest = stats
         return stats.added
 
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """This process as the bank's one writer (INDEX/write.lock), an interrupted write finished or rolled back
+        first; a folder that cannot be written is one line."""
+        try:
+            with _write_lock(self.path):
+                if _recover(self.path):
+                    self._reload()
+                yield
+        except OSError as e:
+            if not _disk_error(e, self.path):
+                raise
+            raise BankError(f"cannot {what} {self.path} ({_why(e)}): nothing was "
+                            "changed; free space on that disk or make the folder writable, then run it again") from None
+
     def reindex(self, kind: str, *, nlist: int | None = None) -> list[str]:
-        """Rebuild index.faiss as another kind from embeddings.npy (no re-encoding). Returns notes."""
+        """Rebuild index.faiss as another kind from embeddings.npy (no re-encoding), committed with bank.json as
+        one transaction. Returns notes."""
         check_kind(kind)
-        index, params, notes = build_index(self._embeddings, kind, nlist)
-        tmp = self.path / "index.faiss.reindex-tmp"
-        write_index(index, tmp)
-        meta = _read_meta(self.path)
-        meta["kind"] = params.pop("kind")
-        meta["index_params"] = params
-        os.replace(tmp, self.path / "index.faiss")
-        _write_json(self.path / "bank.json", meta)
+        with self._writing("reindex"):
+            index, params, notes = build_index(self._embeddings, kind, nlist)
+            write_index(index, self.path / f"index.faiss{NEW}")
+            meta = _read_meta(self.path)
+            meta["kind"] = params.pop("kind")
+            meta["index_params"] = params
+            _write_json(self.path / f"bank.json{NEW}", meta)
+            _sync(self.path, [self.path / f"index.faiss{NEW}", self.path / f"bank.json{NEW}"])
+            _commit(self.path, ["index.faiss", "bank.json"])
+            _finish_commit(self.path)
         self._reload()
         return notes
 
@@ -225,8 +289,9 @@ class MemoryBank:
         self.__init__(state["path"], *_load(state["path"]))
 
     def _reload(self) -> None:
-        self._meta, self._index, self._embeddings, keys, offsets = _load(self.path)
+        self._meta, self._index, self._embeddings, keys, offsets, self.pending = _load(self.path)
         self._store = DocumentStore(self.path, keys, offsets)  # an empty cache
+        self._broken = None
         apply_search_params(self._index, self.kind, self._meta.get("index_params", {}))
 
     def check_embedder(self, embedder) -> None:
@@ -333,30 +398,201 @@ class MemoryBank:
 # --- files -----------------------------------------------------------------------------------
 
 def _load(path: Path):
-    """(meta, index, embeddings, keys, offsets) of the bank at `path`, all checked to agree."""
+    """(meta, index, embeddings, keys, offsets, pending) of the bank at `path`, all checked to agree.
+    A write being committed by another process can move a file between finding and opening it: tried
+    again then."""
+    for attempt in range(3):
+        try:
+            return _load_once(path)
+        except FileNotFoundError as e:
+            if attempt == 2:
+                raise BankError(f"{e.filename or path}: a file of {path} vanished while it was read: another process "
+                                "keeps writing to it; try again when it has finished") from None
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _load_once(path: Path):
     rebuild = rebuild_hint(path)
     if not path.is_dir():
-        raise BankError(f"{path}: no such index folder; build one with {build_hint(path)}")
-    meta = _read_meta(path)
+        raise BankError(f"{path}: no such index folder; {_moved_aside(path) or 'build one with ' + build_hint(path)}")
+    files, committing = _resolve(path)
+    meta = _read_meta(path, files["bank.json"])
     for name in _FILES:
-        if not (path / name).is_file():
+        if not files[name].is_file():
             raise BankError(f"{path / name} is missing: {path} is not a complete memory bank (an interrupted build, "
                             f"or files moved?); {rebuild}")
     count, dim = meta["count"], meta["dim"]
-    index = load_index(path, count, dim)
-    embeddings = load_npy(path / "embeddings.npy", rebuild)
+    index = load_index(path, count, dim, files["index.faiss"])
+    embeddings = load_npy(files["embeddings.npy"], rebuild)
     if embeddings.dtype != np.float32 or embeddings.shape != (count, dim):
-        raise BankError(f"{path / 'embeddings.npy'} is {embeddings.dtype} {embeddings.shape} but "
+        raise BankError(f"{files['embeddings.npy']} is {embeddings.dtype} {embeddings.shape} but "
                         f"{path / 'index.faiss'} has {count} vectors of dim {dim}: {DISAGREE}; {rebuild}")
-    keys, offsets = load_store(path, count)
-    return meta, index, embeddings, keys, offsets
+    keys, offsets, tail = load_store(path, count, files["keys.npy"], files["store/offsets.npy"])
+    pending = None
+    if committing:
+        pending = (f"an add's commit ({path / JOURNAL}) is not finished (a writer is moving files into place, or was "
+                   "killed doing so): read as the new bank; the next `mixmodal index add` finishes it")
+    elif tail or _temporaries(path):
+        pending = (f"an add was interrupted before its commit: {tail} bytes after the last document of "
+                   f"{path / 'store' / 'documents.jsonl'} and {len(_temporaries(path))} temporary file(s) are not "
+                   "part of the bank (or a writer is still at work); the next `mixmodal index add` removes them")
+    return meta, index, embeddings, keys, offsets, pending
 
 
-def _read_meta(path: Path) -> dict:
-    file = path / "bank.json"
+# --- the write transaction (the module docstring) ------------------------------------------------
+
+def _journal(path: Path) -> list[str] | None:
+    """The files commit.json lists (None when there is none)."""
+    file = path / JOURNAL
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise BankError(f"{file} cannot be read ({e}): the record of an add's commit is damaged; {rebuild_hint(path)}"
+                        ) from None
+    names = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not names or not all(n in _FILES for n in names):
+        raise BankError(f"{file} is not a commit record (a files list of the bank's files): the folder was damaged; "
+                        f"{rebuild_hint(path)}")
+    return names
+
+
+def _resolve(path: Path) -> tuple[dict[str, Path], bool]:
+    """Where each of the bank's files is read from: its own name, or, while a committed write is moved into
+    place (commit.json is there), its new version not yet moved. And whether one is."""
+    files = {name: path / name for name in _FILES}
+    names = _journal(path)
+    for name in names or ():
+        new = path / f"{name}{NEW}"
+        if new.is_file():
+            files[name] = new
+    return files, names is not None
+
+
+def _commit(path: Path, names: list[str]) -> None:
+    """Write commit.json (atomically): from now on the new versions of `names` are the bank."""
+    _write_json(path / JOURNAL, {"files": names})
+    _sync(path, [path / JOURNAL])
+    faults.point("index:committed")
+
+
+def _finish_commit(path: Path) -> bool:
+    """Move the new versions commit.json lists into place (those still there), then remove it. Whether there
+    was one. Safe to repeat: a file already moved is not there any more."""
+    names = _journal(path)
+    if names is None:
+        return False
+    for name in names:
+        new = path / f"{name}{NEW}"
+        if new.is_file():
+            os.replace(new, path / name)
+            faults.point("index:replaced")
+    _sync(path, [])
+    (path / JOURNAL).unlink()
+    return True
+
+
+def _temporaries(path: Path) -> list[Path]:
+    """Leftovers of a write that did not commit: new versions, the raw embeddings, half-written JSON."""
+    return [p for folder in (path, path / "store") for p in (folder.glob("*tmp") if folder.is_dir() else ())
+            if p.is_file()]
+
+
+def _recover(path: Path) -> bool:
+    """Under the write lock: finish a committed write, or roll back one that was not (temporaries removed, the
+    store's tail cut at offsets.npy's end). Whether there was anything to do."""
+    done = _finish_commit(path)
+    for p in _temporaries(path):
+        _unlink(p)
+        done = True
+    store = path / "store" / "documents.jsonl"
+    try:
+        offsets = np.load(path / "store" / "offsets.npy", mmap_mode="r")
+        count = _read_meta(path)["count"]
+        end, size = int(offsets[-1]), store.stat().st_size
+    except (OSError, ValueError, IndexError, EOFError, BankError):
+        return done  # damaged: open() names it
+    if size > end and offsets.shape == (count + 1,):  # (files that disagree otherwise: not an add's tail; refused)
+        with open(store, "r+b") as f:
+            f.truncate(end)
+        done = True
+    return done
+
+
+@contextmanager
+def _write_lock(path: Path) -> Iterator[None]:
+    """INDEX/write.lock held exclusively (released by the OS however this process ends); BankError when
+    another process holds it. No locking where fcntl is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    if not path.is_dir():
+        raise BankError(f"{path}: no such index folder; build one with {build_hint(path)}")
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BankError(f"another process is writing to {path} (it holds {path / LOCK}: an `index add` or a "
+                            "reindex); wait for it to finish, then run this again") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _sync(folder: Path, files: Iterable[Path]) -> None:
+    """Flush `files` and `folder`'s entries to disk (against power loss; a SIGKILL needs none of it). Best
+    effort: not every OS or file system allows it."""
+    for file in files:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _disk_error(e: BaseException, path: Path) -> bool:
+    """A write into the bank folder refused by its disk (full, read-only, not ours): one line, not a traceback."""
+    if not isinstance(e, OSError) or e.errno not in DISK_FULL:
+        return False
+    where = e.filename
+    return where is None or (isinstance(where, (str, os.PathLike))
+                             and os.path.abspath(where).startswith(os.path.abspath(path)))
+
+
+def _why(e: OSError) -> str:
+    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+
+
+def _unlink(p: Path) -> None:
+    try:
+        p.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _read_meta(path: Path, file: Path | None = None) -> dict:
+    file = path / "bank.json" if file is None else file
     if not file.is_file():
         hint = "" if any(path.iterdir()) else " (the folder is empty)"
-        raise BankError(f"{file} is missing{hint}: {path} is not a memory bank; build one with {build_hint(path)}")
+        raise BankError(f"{path / 'bank.json'} is missing{hint}: {path} is not a memory bank; build one with "
+                        f"{build_hint(path)}")
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -378,8 +614,8 @@ def read_bank_json(path: str | os.PathLike) -> dict:
     """bank.json of the bank at `path` (checked for its fields only; `MemoryBank.open` checks the rest)."""
     path = Path(path)
     if not path.is_dir():
-        raise BankError(f"{path}: no such index folder; build one with {build_hint(path)}")
-    return _read_meta(path)
+        raise BankError(f"{path}: no such index folder; {_moved_aside(path) or 'build one with ' + build_hint(path)}")
+    return _read_meta(path, _resolve(path)[0]["bank.json"])
 
 
 def _write_json(file: Path, data: dict) -> None:
@@ -397,14 +633,81 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` to `out`; an old `out` is moved aside first and removed last."""
-    old = None
-    if out.exists():
+    """Put the finished `tmp` at `out`: one atomic swap with an old `out` where the OS can (the old one, then
+    under tmp's name, is removed after), else the old one moved aside first and removed last."""
+    if not out.exists():
+        os.replace(tmp, out)
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
         old = out.with_name(f"{out.name}.old-{os.getpid()}-{time.time_ns()}")
         os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
+        os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
+    _sync(out.parent, [])
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 with RENAME_EXCHANGE); False where the OS, its C library
+    or the file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _siblings(out: Path) -> list[tuple[Path, int | None]]:
+    """Folders a build of `out` left beside it (NAME.tmp-PID-*, NAME.old-PID-*) with the pid that wrote them."""
+    found = []
+    for p in out.parent.glob(f"{glob.escape(out.name)}.[to][ml][pd]-*") if out.parent.is_dir() else ():
+        kind, _, rest = p.name[len(out.name) + 1:].partition("-")
+        if kind in ("tmp", "old") and p.is_dir():
+            pid = rest.split("-")[0]
+            found.append((p, int(pid) if pid.isdigit() else None))
+    return found
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process
+    return True
+
+
+def _moved_aside(out: Path) -> str | None:
+    """The fix when `out` is missing because a build stopped between its two renames (no RENAME_EXCHANGE)."""
+    old = [p for p, _ in _siblings(out) if p.name.startswith(f"{out.name}.old-") and (p / "bank.json").is_file()]
+    if not old:
+        return None
+    return (f"a build replacing it was stopped after moving the old bank aside: put it back with `mv {old[0]} "
+            f"{out}`, or build again")
+
+
+def _tidy_siblings(out: Path) -> None:
+    """Before a build: a bank a stopped build moved aside goes back to `out` (the build then replaces it as
+    usual); what stopped builds left beside `out` is removed (not a running build's folder)."""
+    for p, pid in _siblings(out):
+        if _alive(pid) and pid != os.getpid():
+            continue
+        if p.name.startswith(f"{out.name}.old-") and not out.exists() and (p / "bank.json").is_file():
+            os.replace(p, out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _progress(docs: Iterable[Document], enabled: bool, desc: str) -> Iterable[Document]:

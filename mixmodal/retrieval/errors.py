@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-DISAGREE = "the index and its store disagree (an interrupted `index add`?)"
+DISAGREE = "the index and its store disagree (files damaged, or copied from different versions of the bank)"
 
 
 class BankError(ValueError):

@@ -93,7 +93,12 @@ def add_rows(index, embeddings: np.ndarray, start: int, stop: int) -> None:
 
 
 def write_index(index, file: Path) -> None:
-    faiss_module().write_index(index, str(file))
+    try:
+        faiss_module().write_index(index, str(file))
+    except RuntimeError as e:  # FAISS's own error for a failed fwrite: a full or read-only disk
+        raise BankError(f"cannot write {file} (FAISS: {str(e).strip().splitlines()[-1]}): is its disk full or "
+                        "read-only? Nothing was changed; free space or make the folder writable, then run it again"
+                        ) from None
 
 
 def apply_search_params(index, kind: str, params: dict) -> None:
@@ -104,20 +109,22 @@ def apply_search_params(index, kind: str, params: dict) -> None:
         index.hnsw.efSearch = int(params.get("ef_search", HNSW_EF_SEARCH))
 
 
-def load_index(path: Path, count: int, dim: int):
-    """path/index.faiss, checked to hold `count` vectors of `dim` (bank.json's)."""
+def load_index(path: Path, count: int, dim: int, file: Path | None = None):
+    """path/index.faiss (or `file`: the new one of an add being committed), checked to hold `count`
+    vectors of `dim` (bank.json's)."""
     rebuild = rebuild_hint(path)
     faiss = faiss_module()
+    file = path / "index.faiss" if file is None else file
+    if not file.is_file():  # FAISS would name neither the file nor the fix
+        raise FileNotFoundError(f"{file} is missing")
     try:
-        index = faiss.read_index(str(path / "index.faiss"))
+        index = faiss.read_index(str(file))
     except RuntimeError as e:
-        raise BankError(f"{path / 'index.faiss'} cannot be read by FAISS ({str(e).strip().splitlines()[-1]}); "
-                        f"{rebuild}") from None
+        raise BankError(f"{file} cannot be read by FAISS ({str(e).strip().splitlines()[-1]}); {rebuild}") from None
     if index.d != dim:
-        raise BankError(f"{path / 'index.faiss'} holds {index.d}-dim vectors but {path / 'bank.json'} says dim {dim}: "
-                        f"{rebuild}")
+        raise BankError(f"{file} holds {index.d}-dim vectors but {path / 'bank.json'} says dim {dim}: {rebuild}")
     if index.ntotal != count:
-        raise BankError(f"{path / 'index.faiss'} has {index.ntotal} vectors but {path / 'bank.json'} counts {count} "
+        raise BankError(f"{file} has {index.ntotal} vectors but {path / 'bank.json'} counts {count} "
                         f"documents: {DISAGREE}; {rebuild}")
     return index
 

@@ -8,7 +8,8 @@
 StoreWriter appends rows (records, PNGs, keys, offsets) and their embeddings to a raw file
 that assemble_embeddings turns into INDEX/embeddings.npy; DocumentStore reads row i back
 by seeking to offsets[i] (recent rows cached); load_store checks that keys.npy, offsets.npy
-and documents.jsonl agree on the count.
+and documents.jsonl agree on the count. Bytes of documents.jsonl after offsets.npy's end are
+an add that never committed: not part of the bank (bank.py's transaction).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mixmodal.data.images import decode_image
 from mixmodal.documents import Document, MalformedRecord, Text, document_to_record, record_to_document
 from mixmodal.retrieval.embed import embed_documents_checked
 from mixmodal.retrieval.errors import DISAGREE, BankError, rebuild_hint
+from mixmodal.train import faults
 
 ROWS_PER_IMAGE_FOLDER = 1000  # store/images/00012/00012345_0.png: no folder of a million files
 CACHE_SIZE = 256  # documents kept decoded by `document`
@@ -59,6 +61,7 @@ class IngestStats:
 
     added: int = 0
     skipped_empty: int = 0  # documents with neither an image nor non-blank text
+    skipped_present: int = 0  # (add) documents whose content is already in the bank
     modalities: dict = field(default_factory=lambda: {"text+image": 0, "text": 0, "image": 0})
     seconds: float = 0.0
 
@@ -79,7 +82,10 @@ class StoreWriter:
         self._offsets: list[int] = []
         self._keys: list[tuple[bytes, bool, bool]] = []
 
-    def write(self, docs: Iterable[Document], embedder, batch_size: int) -> IngestStats:
+    def write(self, docs: Iterable[Document], embedder, batch_size: int, known: np.ndarray | None = None
+              ) -> IngestStats:
+        """Append `docs` but empty ones and (given `known`, the sorted content keys already stored) those
+        whose content is already there, all counted."""
         stats = IngestStats()
         with open(self.store / "documents.jsonl", "ab") as f, open(self.raw_path, "wb") as raw:
             if f.tell() != self.position:
@@ -88,15 +94,23 @@ class StoreWriter:
             for batch in _batches(docs, batch_size):
                 kept = [d for d in batch if not d.is_empty()]
                 stats.skipped_empty += len(batch) - len(kept)
+                keys = [document_key(d).encode("ascii") for d in kept]
+                if known is not None and len(known) and keys:
+                    wanted = np.array(keys, dtype=known.dtype)
+                    present = known[np.minimum(np.searchsorted(known, wanted), len(known) - 1)] == wanted
+                    stats.skipped_present += int(present.sum())
+                    kept = [d for d, p in zip(kept, present) if not p]
+                    keys = [k for k, p in zip(keys, present) if not p]
                 if not kept:
                     continue
                 embedded = embed_documents_checked(embedder, kept, dim=self.dim, batch_size=batch_size)
                 raw.write(embedded.tobytes())
-                for doc in kept:
-                    self._write_document(f, doc, stats)
+                for doc, key in zip(kept, keys):
+                    self._write_document(f, doc, stats, key)
+                faults.point("index:store")  # the soak: killed with a batch appended, nothing committed
         return stats
 
-    def _write_document(self, f, doc: Document, stats: IngestStats) -> None:
+    def _write_document(self, f, doc: Document, stats: IngestStats, key: bytes) -> None:
         image_dir = None
         if doc.num_images:
             image_dir = self.store / "images" / f"{self.row // ROWS_PER_IMAGE_FOLDER:05d}"
@@ -108,7 +122,7 @@ class StoreWriter:
         self.position += len(line)
         has_text = any(t.strip() for t in doc.texts)
         has_image = doc.num_images > 0
-        self._keys.append((document_key(doc).encode("ascii"), has_text, has_image))
+        self._keys.append((key, has_text, has_image))
         stats.modalities[modality(has_text, has_image)] += 1
         stats.added += 1
         self.row += 1
@@ -240,30 +254,32 @@ def load_npy(file: Path, rebuild: str) -> np.ndarray:
         raise BankError(f"{file} cannot be read ({e}); {rebuild}") from None
 
 
-def load_store(path: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, offsets) of the bank at `path` (memory-mapped), checked to count `count` rows,
-    and documents.jsonl checked to end where offsets.npy says."""
+def load_store(path: Path, count: int, keys_file: Path | None = None,
+               offsets_file: Path | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(keys, offsets, tail) of the bank at `path` (memory-mapped), checked to count `count` rows, and
+    documents.jsonl checked to reach where offsets.npy ends. `tail`: bytes after that end, what an
+    add interrupted before its commit appended (bank.py: not part of the bank; the next writer cuts
+    them off). `keys_file` / `offsets_file`: the new ones of an add being committed."""
     rebuild = rebuild_hint(path)
-    keys = load_npy(path / "keys.npy", rebuild)
+    keys_file = path / "keys.npy" if keys_file is None else keys_file
+    offsets_file = path / "store" / "offsets.npy" if offsets_file is None else offsets_file
+    keys = load_npy(keys_file, rebuild)
     if keys.dtype != KEY_DTYPE or keys.shape != (count,):
-        raise BankError(f"{path / 'keys.npy'} holds {keys.shape[0] if keys.ndim else 0} rows of {keys.dtype}, but "
+        raise BankError(f"{keys_file} holds {keys.shape[0] if keys.ndim else 0} rows of {keys.dtype}, but "
                         f"{path / 'index.faiss'} has {count} vectors: {DISAGREE}; {rebuild}")
-    offsets = load_npy(path / "store" / "offsets.npy", rebuild)
+    offsets = load_npy(offsets_file, rebuild)
     if offsets.dtype != np.int64 or offsets.shape != (count + 1,):
-        raise BankError(f"{path / 'store' / 'offsets.npy'} has {len(offsets) - 1} rows but {path / 'index.faiss'} has "
+        raise BankError(f"{offsets_file} has {len(offsets) - 1} rows but {path / 'index.faiss'} has "
                         f"{count} vectors: {DISAGREE}; {rebuild}")
     store = path / "store" / "documents.jsonl"
     size, end = store.stat().st_size, int(offsets[-1])
-    if size != end:
+    if size < end:
         with open(store, "rb") as f:
             lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-        fix = rebuild
-        if size > end:
-            fix = (f"truncate {store} to {end} bytes (`truncate -s {end} {store}`) to drop the unfinished add, "
-                   f"or {rebuild}")
         raise BankError(f"{path / 'index.faiss'} has {count} vectors but the store has {lines} documents ({store}: "
-                        f"{size} bytes; store/offsets.npy ends at {end}): {DISAGREE}; {fix}")
-    return keys, offsets
+                        f"{size} bytes; store/offsets.npy ends at {end}): the store disagrees with the index, it was cut short; "
+                        f"{rebuild}")
+    return keys, offsets, size - end
 
 
 __all__ = ["KEY_DTYPE", "DocumentStore", "IngestStats", "StoreWriter", "assemble_embeddings", "document_key",

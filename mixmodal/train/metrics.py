@@ -72,6 +72,13 @@ class MetricsLogger:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
         os.replace(tmp, self.path)
 
+    def discard(self) -> bool:
+        """Remove the file (a run starting from step 0 redoes everything in it); True if there was one."""
+        if not self.enabled or not self.path.is_file():
+            return False
+        self.path.unlink()
+        return True
+
     def log(self, step: int, kind: str, **fields: Any) -> dict:
         now = time.time()
         record = {"step": step, "time": round(now, 3), "elapsed": round(now - self.started, 3), "kind": kind,

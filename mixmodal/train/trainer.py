@@ -23,7 +23,6 @@ labelled with the number of updates completed.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 import random
@@ -38,7 +37,9 @@ import torch
 from torch import nn
 
 from mixmodal.train import checkpoint as ckpt
-from mixmodal.train import distributed
+from mixmodal.train import distributed, sharded
+from mixmodal.train.checkpoint import config_differences, config_hash
+from mixmodal.train.checkpoint import plain_config as _plain
 from mixmodal.train.ema import EMA, EMA_FILE
 from mixmodal.train.metrics import MetricsLogger, Progress, jsonable
 from mixmodal.train.optim import build_adamw, clip_gradients, lr_multiplier, set_learning_rate
@@ -108,7 +109,9 @@ class DataIterator(Protocol):
     Under torchrun every process builds its own (after the process group is up) and must
     yield its own rank's shard: the task reads `distributed.rank()` / `world_size()` in
     `data_iterator()` (ImageBatches and the Sources do it themselves). Each rank's state is
-    saved, and restored into the same rank."""
+    saved, and restored into the same rank. A run resumed on another number of processes (from a
+    sharded checkpoint, sharded.py) calls `resharded_state(states, rank, world_size)` instead, if the
+    iterator has it: this rank's state from every saved rank's."""
 
     def __next__(self) -> Any: ...
     def state_dict(self) -> dict: ...  # JSON-serialisable
@@ -126,8 +129,8 @@ class Task(Protocol):
     made them and must call them (`models[name](...)`): under DDP (trainer.parallel.dp=ddp)
     a wrapper whose forward averages gradients over ranks, with the model as `.module`;
     under FSDP2 (fsdp) the model itself, its parameters sharded in place (no `.module`; its
-    forward gathers them). evaluate, save_artifacts and checkpoints get plain models with
-    their full weights (under fsdp, rank 0's unsharded copies)."""
+    forward gathers them). evaluate and save_artifacts get plain models with their full
+    weights (under fsdp, rank 0's unsharded copies); under fsdp checkpoints are sharded."""
 
     config: Any  # the run config (a dataclass): hashed and saved into every checkpoint
 
@@ -226,31 +229,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def config_hash(config: Any) -> str:
-    return hashlib.sha256(json.dumps(_plain(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _plain(config: Any) -> Any:
-    from mixmodal.config import to_dict
-
-    return jsonable(to_dict(config)) if config is not None else None
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def config_differences(old: Any, new: Any) -> list[str]:
-    a, b = _flatten(old or {}), _flatten(new or {})
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(a.keys() | b.keys())
-            if a.get(k, "<absent>") != b.get(k, "<absent>")]
-
-
 # --- the loop ------------------------------------------------------------------------------
 
 class Trainer:
@@ -308,8 +286,11 @@ class Trainer:
             intact = ckpt.latest_intact_checkpoint(self.run_dir, warn=print if self.main else lambda _: None,
                                                    quarantine=self.main)
             self._resume(ckpt.read_checkpoint(intact))
-        elif cfg.resume and self.main:
-            print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
+        else:  # from step 0: what an earlier attempt killed before its first checkpoint logged is redone
+            if self.logger.discard() and self.main:
+                print(f"{self.logger.path} held the records of an attempt that wrote no checkpoint; starting it afresh")
+            if cfg.resume and self.main:
+                print(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
 
     def _resume(self, checkpoint: ckpt.Checkpoint) -> None:
         saved, now = checkpoint.state.get("architecture"), jsonable(self.task.architecture())
@@ -319,30 +300,37 @@ class Trainer:
                 f"cannot resume from {checkpoint.path}: the model architecture in the config differs from the "
                 f"checkpoint's, so its weights would not fit:\n  {diff}\nresume with the run's own config "
                 f"({checkpoint.path / 'config.yaml'}) or start a new run with another --out")
-        saved_world_size = int(checkpoint.state.get("world_size", 1))
-        if saved_world_size != self.world_size:
+        saved_world_size, dcp = int(checkpoint.state.get("world_size", 1)), sharded.is_sharded(checkpoint)
+        if saved_world_size != self.world_size and not dcp:  # (a sharded checkpoint reshards: sharded.py)
             raise ckpt.CheckpointError(
                 f"cannot resume from {checkpoint.path} on {self.world_size} process(es): it was written by a run "
-                f"of {saved_world_size}, and each process's data position and random streams are saved apart, "
-                f"so a different number of processes cannot continue it exactly. Resume with "
+                f"of {saved_world_size} in the full format (trainer.parallel.dp=fsdp writes sharded checkpoints, "
+                "which can). Resume with "
                 f"{'torchrun --nproc_per_node ' + str(saved_world_size) if saved_world_size > 1 else 'one process'}"
                 ", or start a new run with another --out")
         changed = config_differences(checkpoint.state.get("config"), _plain(self.task.config))
         changed = [c for c in changed if not c.startswith("trainer.resume")]
         if changed and self.main:
             print(f"resuming {checkpoint.path.name} with a changed config:\n  " + "\n  ".join(changed))
-        rng = ckpt.load_checkpoint(checkpoint, *self.parallel.loading_state(self.optimizers))  # fsdp: sharded
+        if dcp:  # every rank reads its own slices; data positions and random streams resharded if need be
+            rngs = sharded.load_checkpoint(checkpoint, self.models, self._optimized())
+            batch = self.config.batch_size * self.config.grad_accumulation * self.world_size
+            data, rng = sharded.resume_state(checkpoint, self.data, rngs, self.rank, self.world_size, batch,
+                                             print if self.main else lambda _: None)
+        else:
+            rng = ckpt.load_checkpoint(checkpoint, *self.parallel.loading_state(self.optimizers))  # fsdp: sharded
+            data = checkpoint.state["data"]
+            if self.world_size > 1:  # one entry per rank
+                data, rng = data[self.rank], rng["ranks"][self.rank]
         if self.ema is not None:
             self.ema.load(checkpoint.path / EMA_FILE)
-        data = checkpoint.state["data"]
-        if self.world_size > 1:  # one entry per rank
-            data, rng = data[self.rank], rng["ranks"][self.rank]
         self.data.load_state_dict(data)
         self.step = checkpoint.step
         self.eval_history = checkpoint.state.get("eval_history", [])
         self.nonfinite_steps = checkpoint.state.get("nonfinite_steps", 0)
         self.logger.truncate_after(self.step)
-        ckpt.set_rng_state(rng, self.task.generators())  # last: nothing after it draws random numbers
+        if rng is not None:  # (None: a rank a resharded run adds keeps the fresh streams it was seeded with)
+            ckpt.set_rng_state(rng, self.task.generators())  # last: nothing after it draws random numbers
 
     # -- one update --
 
@@ -438,33 +426,33 @@ class Trainer:
         """The weight average in the models (trainer.ema_decay > 0), else nothing changes."""
         return self.ema.swapped_in() if self.ema is not None else nullcontext()
 
+    def _optimized(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        return {name: (self.specs[name].module, opt) for name, opt in self.optimizers.items()}
+
     def save(self) -> Path:
-        """Write a checkpoint (called on every rank). With several processes the data
-        positions and random streams of all ranks are gathered (under fsdp the full weights
-        and optimizer states too), rank 0 writes, and every rank waits until the checkpoint
-        is complete."""
+        """Write a checkpoint (called on every rank). With several processes the data positions
+        and random streams of all ranks are gathered and rank 0 writes; under trainer.parallel.dp=fsdp
+        a sharded checkpoint (sharded.py: every rank writes its own shards, on any number of
+        processes). Every rank waits until the checkpoint is complete."""
         from mixmodal.config import to_yaml
 
+        dcp = self.config.parallel.dp == "fsdp"
         data, rng = self.data.state_dict(), ckpt.rng_state(self.task.generators())
-        if self.world_size > 1:
+        if self.world_size > 1 or dcp:  # a list, one entry per rank
             data, rng = distributed.gather_objects(data), {"ranks": distributed.gather_objects(rng)}
-        models, optimizers = self.parallel.checkpoint_state(self.optimizers)
+        state = {"step": self.step, "world_size": self.world_size, "data": data,
+                 "config_hash": config_hash(self.task.config), "config": _plain(self.task.config),
+                 "architecture": jsonable(self.task.architecture()), "eval_history": self.eval_history,
+                 "nonfinite_steps": self.nonfinite_steps}
+        yaml = to_yaml(self.task.config) if self.task.config is not None else None
         path = ckpt.checkpoint_dir(self.run_dir, self.step)
-        if self.main:
-            state = {
-                "step": self.step,
-                "world_size": self.world_size,
-                "data": data,  # with several processes: a list, one state per rank
-                "config_hash": config_hash(self.task.config),
-                "config": _plain(self.task.config),
-                "architecture": jsonable(self.task.architecture()),
-                "eval_history": self.eval_history,
-                "nonfinite_steps": self.nonfinite_steps,
-            }
-            path = ckpt.save_checkpoint(
-                self.run_dir, self.step, models, optimizers, state, rng,
-                to_yaml(self.task.config) if self.task.config is not None else None, self.config.keep_last,
-                extra={EMA_FILE: self.ema.save} if self.ema is not None else None)
+        if dcp:
+            path = sharded.save_checkpoint(self.run_dir, self.step, self.models, self._optimized(), state, rng, yaml,
+                                           self.config.keep_last)
+        elif self.main:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, self.models, self.optimizers, state, rng, yaml,
+                                        self.config.keep_last,
+                                        extra={EMA_FILE: self.ema.save} if self.ema is not None else None)
         distributed.barrier()
         return path
 

@@ -5,9 +5,11 @@
         schema, image parts naming members ({"type": "image", "member": "0.png"} is
         stored as KEY.0.png), so one interleaved document is one sample.
 
-Tars are read with webdataset's own iterators (`url_opener`, `tar_file_expander`,
-`group_by_keys`) one shard at a time, with a handler that records a broken shard in the
-BadInputLog and moves on to the next one. A shard cut short is always such a broken shard,
+Tars are read with webdataset's own iterators (`url_opener`, `tar_file_expander`) one shard
+at a time, members grouped into samples as webdataset's `group_by_keys` does (`_group_by_keys`:
+but a sample with two members of the same key and extension is skipped and counted, not the
+rest of the shard), with a handler that records a broken shard in the BadInputLog and moves
+on to the next one. A shard cut short is always such a broken shard,
 never a quietly shorter one: a local tar must end in whole blocks with its end-of-archive
 block, and a .tar.gz / .bz2 / .xz is decompressed by a reader that raises at a cut stream.
 """
@@ -78,8 +80,8 @@ class WebDatasetSource(Source):
                     yield doc
 
     def _samples(self, url: str, report_errors: bool) -> Iterator[dict]:
-        """The samples of one shard, grouped by key by webdataset's own iterators."""
-        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+        """The samples of one shard, read by webdataset's own iterators, grouped by key."""
+        from webdataset.tariterators import tar_file_expander, url_opener
 
         errors: list[Exception] = []
 
@@ -94,7 +96,7 @@ class WebDatasetSource(Source):
         files = tar_file_expander(opened, handler=stop_shard)
         pending = None  # hold one sample back: only after a clean end is the last one whole
         num_read = 0
-        for sample in group_by_keys(files, handler=stop_shard):
+        for sample in _group_by_keys(files, handler=stop_shard):
             if pending is not None:
                 yield pending
                 num_read += 1
@@ -115,6 +117,12 @@ class WebDatasetSource(Source):
     def _sample_to_document(self, sample: dict) -> Document | None:
         key = sample["__key__"]
         where = f"{sample['__url__']}:{key}"
+        if "__duplicates__" in sample:
+            names = sample["__duplicates__"]
+            self.log.skip(where, BAD_SCHEMA, f"{len(names)} member(s) repeat a name of the sample ({', '.join(names[:3])}"
+                                             f"{', ...' if len(names) > 3 else ''}): which one is meant is ambiguous; "
+                                             "re-write the shard with one member per key and extension")
+            return None
         record = None
         if "json" in sample:
             record = self._parse_json_member(sample["json"], f"{where}.json")
@@ -223,6 +231,43 @@ class WebDatasetSource(Source):
         if doc.id is None:
             doc.id = sample["__key__"]
         return doc
+
+
+def _group_by_keys(files: Iterator[dict], handler) -> Iterator[dict]:
+    """webdataset's `group_by_keys` (members with the same key, in a row, are one sample), except that a member
+    repeating a key and extension already in the sample (two `b.txt`, or `b.png` and `b.PNG`) marks that sample
+    `__duplicates__`, to be skipped and counted, where webdataset raises and the rest of the shard is lost."""
+    from webdataset.tariterators import base_plus_ext, valid_sample
+
+    current = None
+    for member in files:
+        try:
+            if member == {}:
+                if valid_sample(current):
+                    yield current
+                current = None
+                continue
+            name = member["fname"]
+            prefix, suffix = base_plus_ext(name)
+            if prefix is None:
+                continue
+            suffix = suffix.lower()
+            if suffix.startswith("__"):  # would clash with the sample's own fields (__key__, __url__, ...)
+                continue
+            if current is None or prefix != current["__key__"]:
+                if valid_sample(current):
+                    yield current
+                current = {"__key__": prefix, "__url__": member["__url__"]}
+            if suffix in current:
+                current.setdefault("__duplicates__", []).append(name)
+            else:
+                current[suffix] = member["data"]
+        except Exception as error:  # noqa: BLE001 - what webdataset's own grouping hands its handler
+            error.args = error.args + (member.get("stream") if isinstance(member, dict) else None,)
+            if not handler(error):
+                break
+    if valid_sample(current):
+        yield current
 
 
 def expand_shard_urls(urls: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
