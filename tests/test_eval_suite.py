@@ -233,3 +233,18 @@ def test_caption_gain_reads_both_streams_of_the_same_documents(checkpoint):
     assert masked["ce_c"] == pytest.approx(empty["ce_c"], abs=1e-6)  # the captioned stream is the same
     assert masked["ce_u"] != pytest.approx(empty["ce_u"], abs=1e-6)  # the unconditional one is not
     assert empty["ce_u"] != pytest.approx(empty["ce_c"], abs=1e-6)  # the caption is in the input
+
+
+def test_the_guidance_interval_is_an_eval_setting_and_reported():
+    from types import SimpleNamespace
+
+    from mixmodal.eval.report import describe_sampling
+    from mixmodal.eval.shapes_suite import ShapesEvalConfig, image_generation_config, sampling
+
+    assert sampling(ShapesEvalConfig(), "latents")["guidance_interval"] is None  # the default: guide every step
+    settings = sampling(ShapesEvalConfig(guidance_interval=[0.3, 1.0]), "latents")
+    assert settings["guidance_interval"] == [0.3, 1.0]
+    gen = image_generation_config(SimpleNamespace(mode="latents", per_image=36), settings)
+    assert gen.guidance.interval == [0.3, 1.0] and gen.guidance.scale == 7.5
+    assert describe_sampling(settings, "latents") == "cfg 7.5 for 0.3 < t <= 1.0, 25 denoising steps"
+    assert describe_sampling(sampling(ShapesEvalConfig(), "latents"), "latents") == "cfg 7.5, 25 denoising steps"

@@ -71,11 +71,11 @@ def cmd_image_encode(args: argparse.Namespace, overrides: list[str]) -> int:
     pixels = images_to_tensor(pil_images, resolution)  # (N, 3, R, R) in [-1, 1]
     with torch.no_grad():
         out = torch.cat([tokenizer.encode(batch) for batch in pixels.split(args.batch_size)])
-    array = out.numpy().astype(np.int32 if tokenizer.kind == "vq" else np.float32)
+    array = out.numpy().astype(np.int32 if tokenizer.discrete else np.float32)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, array)
-    what = "codes" if tokenizer.kind == "vq" else "latents (unscaled)"
+    what = "codes" if tokenizer.discrete else "latents (unscaled)"
     print(f"encoded {len(pil_images)} image(s) -> {what} {list(array.shape)} {array.dtype} -> {path}")
     return 0
 
@@ -90,12 +90,12 @@ def cmd_image_decode(args: argparse.Namespace, overrides: list[str]) -> int:
     no_overrides("image decode", overrides)
     tokenizer = load_image_tokenizer(args.tokenizer)
     array = np.load(args.array, allow_pickle=False)  # never unpickle a user file
-    if tokenizer.kind == "vq" and (array.ndim != 3 or array.dtype.kind not in "iu"):
-        raise ValueError(f"{args.array}: a VQ tokenizer decodes integer codes [N, h, w]; got {array.dtype} {list(array.shape)}")
-    if tokenizer.kind == "vae" and (array.ndim != 4 or array.dtype.kind != "f"):
-        raise ValueError(f"{args.array}: a VAE tokenizer decodes float latents [N, C, h, w] (unscaled); "
+    if tokenizer.discrete and (array.ndim != 3 or array.dtype.kind not in "iu"):
+        raise ValueError(f"{args.array}: a {tokenizer.kind} tokenizer decodes integer codes [N, h, w]; got {array.dtype} {list(array.shape)}")
+    if not tokenizer.discrete and (array.ndim != 4 or array.dtype.kind != "f"):
+        raise ValueError(f"{args.array}: a {tokenizer.kind} tokenizer decodes float latents [N, C, h, w] (unscaled); "
                          f"got {array.dtype} {list(array.shape)}")
-    values = torch.from_numpy(array.astype(np.int64 if tokenizer.kind == "vq" else np.float32))
+    values = torch.from_numpy(array.astype(np.int64 if tokenizer.discrete else np.float32))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index = 0

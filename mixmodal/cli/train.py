@@ -52,6 +52,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if launched_rank() != 0:  # under torchrun: one summary, from rank 0
         return 0
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
-    print(f"trained {config.task} for {result['step']} steps in {time.perf_counter() - started:.0f}s -> {out}\n"
-          f"final eval: {shown}")
+    done = ("computed " + config.task if "fit_seconds" in result  # a closed-form fit: no steps
+            else f"trained {config.task} for {result['step']} steps")
+    print(f"{done} in {time.perf_counter() - started:.0f}s -> {out}\nfinal eval: {shown}")
     return 0

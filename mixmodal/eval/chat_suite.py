@@ -224,8 +224,8 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
 def evaluate_chat(checkpoint: str | Path, out: str | Path, config: ChatEvalConfig | None = None, *,
                   device: str = "cpu", progress: Callable[[str], None] = print) -> dict:
     """Run the shapes-chat suite; write OUT/metrics.json and OUT/report.md; return the metrics."""
-    from mixmodal.inference.checkpoint import model_folder
     from mixmodal.inference.engine import Engine
+    from mixmodal.model.bundle import model_folder
 
     config = config or ChatEvalConfig()
     out = Path(out)

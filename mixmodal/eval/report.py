@@ -157,7 +157,9 @@ def geneval_grid(samples: dict, path: Path, columns: int = 6, command: str = "")
 def describe_sampling(settings: dict, mode: str) -> str:
     """One line for a text -> image sampling setting (eval reports and sweep tables)."""
     if mode == "latents":
-        return f"cfg {settings['cfg']}, {settings['diffusion_steps']} denoising steps"
+        interval = settings.get("guidance_interval")
+        return (f"cfg {settings['cfg']}" + (f" for {interval[0]} < t <= {interval[1]}" if interval else "")
+                + f", {settings['diffusion_steps']} denoising steps")
     if settings.get("cdk"):
         return f"CD-K, image temperature {settings['image_temperature']}"
     return (f"cfg {settings['cfg']}, image temperature {settings['image_temperature']}, "

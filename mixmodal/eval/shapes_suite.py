@@ -45,9 +45,9 @@ from mixmodal.eval.feature_net import default_feature_net, load_feature_net
 from mixmodal.eval.fid import feature_stats, frechet_distance
 from mixmodal.eval.report import describe_sampling, write_report
 from mixmodal.eval.text_metrics import bleu, cider_d, tokenize, vqa_accuracy
-from mixmodal.inference.checkpoint import model_folder
 from mixmodal.inference.config import ContrastiveConfig, GenerationConfig, GuidanceConfig, SamplingParams
 from mixmodal.inference.engine import Engine
+from mixmodal.model.bundle import TRAINING_FILE, Bundle, model_folder
 from mixmodal.retrieval.encoder import DocumentEmbedder
 from mixmodal.tokenizers.pixels import images_to_tensor
 
@@ -77,6 +77,7 @@ class ShapesEvalConfig:
     image_top_k: int | None = None  # token mode; 0 = off
     image_top_p: float | None = None  # token mode
     cdk: bool | None = None  # token mode: contrastive decoding (CD-K, CM3Leon's alpha 0.5, k 5) instead of CFG
+    guidance_interval: list[float] | None = None  # latent mode: guide only for lo < t <= hi (docs/generation.md)
     batch_size: int = 32  # prompts generated together
     seed: int = 0
     samples: int = 16  # images per split in the report's sample grids
@@ -103,13 +104,13 @@ SAMPLING_DEFAULTS = {
     # 2026-12-02 sweep (docs/eval.md): CFG >= 5 all within 0.03 of the best (0.240, CFG 5 greedy); CFG 7.5
     # at temperature 0.7 (0.234) keeps the 4 images of a prompt independent, which greedy does not
     "tokens": {"cfg": 7.5, "image_temperature": 0.7, "image_top_k": 0, "image_top_p": 1.0, "cdk": False,
-               "diffusion_steps": 50},
+               "diffusion_steps": 50, "guidance_interval": None},
     # 2026-12-02 sweep: CFG 7.5 with 25 DDIM steps the best (0.240); 50 steps no better at any scale
     "latents": {"cfg": 7.5, "image_temperature": 1.0, "image_top_k": 0, "image_top_p": 1.0, "cdk": False,
-                "diffusion_steps": 25},
+                "diffusion_steps": 25, "guidance_interval": None},
 }
 SWEEP_PRESET = {"geneval_prompts": 16, "images_per_prompt": 2}  # the sweep's prompt counts unless told otherwise
-SAMPLING_FIELDS = ("cfg", "image_temperature", "image_top_k", "image_top_p", "cdk", "diffusion_steps")
+SAMPLING_FIELDS = ("cfg", "image_temperature", "image_top_k", "image_top_p", "cdk", "diffusion_steps", "guidance_interval")
 # The sweep's grid per image mode (docs/eval.md): guidance scale x how codes are drawn / how many
 # denoising steps.
 SWEEP_GRID = {
@@ -173,7 +174,7 @@ def references(scene, index: int, k: int, seed: int = 0) -> list[str]:
 
 def training_compute(model_dir: Path) -> dict:
     """model/training.json (written by `mixmodal train`), else a note saying why it is unknown."""
-    path = model_dir / "training.json"
+    path = model_dir / TRAINING_FILE
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     return {"flops": None, "note": f"{path} not found: the model was trained before mixmodal recorded its compute, "
@@ -254,6 +255,19 @@ def geneval(engine, config: ShapesEvalConfig, prompt_set: str, progress, setting
     metrics["overall"] = float(np.mean(accuracies)) if accuracies else float("nan")
     metrics["sampling"] = settings
     return metrics, samples
+
+
+def geneval_scores(bundle: Bundle, config: ShapesEvalConfig, prompt_sets: list[str]) -> dict[str, float]:
+    """GenEval-form accuracy of a model in memory (training's eval.geneval_*, train/fusion.py), flat:
+    geneval_SET_overall and geneval_SET_CATEGORY for each prompt set, without images kept."""
+    engine = Engine.from_bundle(bundle)
+    out: dict[str, float] = {}
+    for prompt_set in prompt_sets:
+        metrics, _ = geneval(engine, config, prompt_set, lambda message: None, keep_images=False)
+        key = "geneval_" + prompt_set.replace("-", "_")
+        out[f"{key}_overall"] = metrics["overall"]
+        out.update({f"{key}_{c}": m["accuracy"] for c, m in metrics["categories"].items()})
+    return out
 
 
 def captioning(engine, config: ShapesEvalConfig, resolution: int, progress) -> tuple[dict, list, dict]:

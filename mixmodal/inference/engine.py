@@ -30,15 +30,16 @@ import torch
 
 from mixmodal.documents import Document, Image, Text
 from mixmodal.inference.cache import KVCache
-from mixmodal.inference.checkpoint import GENERATION_FILE
 from mixmodal.inference.config import GenerationConfig
 from mixmodal.inference.detokenize import IncrementalDetokenizer
 from mixmodal.inference.events import (End, Event, GenerationResult, ImageDone, ImagePreview, ImageStarted,
                                         TextDelta)
 from mixmodal.inference.logits import contrastive_scores, guide, guided_scores, repetition_penalty, sample
 from mixmodal.inference.prompt import PromptError, PromptLike, encode_prompt, prompt_ids, stream_segments, to_document
+from mixmodal.model.bundle import GENERATION_FILE, IMAGE_TOKENIZER_DIR, Bundle, load_bundle
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule
 from mixmodal.objectives.samplers import Sampler, make_sampler
+from mixmodal.tokenizers.image import tokenizer_device
 from mixmodal.tokenizers.pixels import pixel_convention
 from mixmodal.vocab import NUM_MASK_SENTINELS
 
@@ -144,11 +145,22 @@ class Engine:
     # --- loading ----------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "Engine":
-        from mixmodal.inference.checkpoint import load_checkpoint
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                        *, require_image_tokenizer: bool = True) -> "Engine":
+        """The engine of a run or model folder (model/bundle.py `load_bundle`). Without image_tokenizer/ it can only
+        write text; `require_image_tokenizer` makes that an error naming the missing folder."""
+        return cls.from_bundle(load_bundle(path, device=device, dtype=dtype,
+                                           require_image_tokenizer=require_image_tokenizer))
 
-        return load_checkpoint(path, device=device, dtype=dtype)
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> "Engine":
+        """The engine of a Bundle: its model, tokenizers and generation settings (`checkpoint`: its folder)."""
+        engine = cls(bundle.model, bundle.text_tokenizer, bundle.image_tokenizer, diffusion=bundle.diffusion,
+                     max_length=bundle.max_length, dtype=bundle.dtype, image_generation=bundle.image_generation,
+                     chat_template=bundle.chat_template, image_preprocessing=bundle.image_preprocessing)
+        if bundle.folder is not None:
+            engine.checkpoint = str(bundle.folder)
+        return engine
 
     # --- public API -------------------------------------------------------------------------
 
@@ -231,7 +243,7 @@ class Engine:
             raise PromptError(f"mode={config.mode} writes images, but the checkpoint has no image tokenizer to turn "
                               "them into pixels; copy it into MODEL/image_tokenizer or use mode=text")
         if config.mode != "text" and self.image_generation and self.decode_images and not self._can_decode:
-            folder = Path(getattr(self, "checkpoint", "MODEL")) / "image_tokenizer"
+            folder = Path(getattr(self, "checkpoint", "MODEL")) / IMAGE_TOKENIZER_DIR
             raise PromptError(f"mode={config.mode} writes images, but {folder} is encoder only (encoder_only: true: "
                               "transformers' Chameleon ships no VQGAN decoder), so generated codes cannot become "
                               f"pixels. Add the decoder from Meta's vqgan.ckpt (with its vqgan.yaml; Anole ships both "
@@ -482,13 +494,13 @@ class Engine:
 
     @torch.no_grad()
     def _decode_codes(self, codes: torch.Tensor):
-        device = next(self.image_tokenizer.parameters()).device
+        device = tokenizer_device(self.image_tokenizer)
         return self._pixels.to_images(self.image_tokenizer.decode(codes.to(device)))
 
     @torch.no_grad()
     def _decode_latents(self, latents: torch.Tensor):
         tok = self.image_tokenizer
-        device = next(tok.parameters()).device
+        device = tokenizer_device(tok)
         return self._pixels.to_images(tok.decode(tok.unscale_latents(latents.to(device))))
 
     def _result(self, seq: _Sequence) -> GenerationResult:

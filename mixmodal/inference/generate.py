@@ -59,7 +59,7 @@ def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *,
     (with best_of=n, its candidates from (seed + i) * n + j). Saved under `out` if given.
     `options` set the generation config as `mixmodal generate`'s flags do (GENERATION_FLAGS:
     mode, cfg, image_cfg, steps, max_new_tokens, max_images, temperature); `overrides` go on top."""
-    from mixmodal.inference.checkpoint import load_checkpoint
+    from mixmodal.inference.engine import Engine
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -72,8 +72,8 @@ def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *,
         raise ValueError(f"best_of must be >= 1, got {best_of}")
     if rerank not in ("clip", "oracle"):
         raise ValueError(f"rerank must be clip or oracle, got {rerank!r}")
-    engine = load_checkpoint(checkpoint, device=device, dtype=DTYPES[dtype],
-                             require_image_tokenizer=config.mode != "text" or bool(prompt_images))
+    engine = Engine.from_pretrained(checkpoint, device=device, dtype=DTYPES[dtype],
+                                    require_image_tokenizer=config.mode != "text" or bool(prompt_images))
     prompts = [Document([*prompt_images, *([Text(t)] if t else [])]) for t in texts for _ in range(num)]
     seeds = [seed + i for i in range(len(prompts))]  # document i (prompts outer, samples inner): seed + i
     retriever = open_retriever(checkpoint, index, encoder, retrieve, device) if retrieve > 0 else None
@@ -109,14 +109,14 @@ def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *,
 
 def open_retriever(checkpoint, index, encoder, k: int, device: str = "cpu"):
     """The memory bank for `retrieve=k`: `index`, else the one the model was trained with."""
-    from mixmodal.inference.checkpoint import CheckpointError, read_retrieval_settings
+    from mixmodal.model.bundle import BundleError, read_retrieval_settings
     from mixmodal.retrieval.select import Retriever, SelectionConfig
 
     trained = read_retrieval_settings(checkpoint) or {}
     index = index or trained.get("index")
     if not index:
-        raise CheckpointError(f"retrieve={k} needs a memory bank: pass --index INDEX (`mixmodal index build`); "
-                              f"{checkpoint} was not trained with retrieval, so it names none")
+        raise BundleError(f"retrieve={k} needs a memory bank: pass --index INDEX (`mixmodal index build`); "
+                          f"{checkpoint} was not trained with retrieval, so it names none")
     return Retriever.open(index, SelectionConfig(k=k, query_dropout=0.0), encoder=encoder or trained.get("encoder") or None,
                           device=device)
 
@@ -130,7 +130,7 @@ def _scorer(rerank: str, checkpoint, encoder, index, retriever, device: str):
     if retriever is not None and encoder is None:
         embedder = retriever.embedder
     else:
-        from mixmodal.inference.checkpoint import CheckpointError, read_retrieval_settings
+        from mixmodal.model.bundle import BundleError, read_retrieval_settings
         from mixmodal.retrieval.encoder import DocumentEmbedder
 
         trained = read_retrieval_settings(checkpoint) or {}
@@ -140,8 +140,8 @@ def _scorer(rerank: str, checkpoint, encoder, index, retriever, device: str):
 
             path = MemoryBank.open(index or trained["index"]).encoder_path
         if not path:
-            raise CheckpointError("rerank=clip needs a dual encoder: pass --encoder DIR (`mixmodal train "
-                                  "configs/retrieval/dual-encoder-shapes-32.yaml`), or --rerank oracle on shapes prompts")
+            raise BundleError("rerank=clip needs a dual encoder: pass --encoder DIR (`mixmodal train "
+                              "configs/retrieval/dual-encoder-shapes-32.yaml`), or --rerank oracle on shapes prompts")
         embedder = DocumentEmbedder.from_pretrained(path, device=device)
     return lambda prompt: clip_scorer(embedder, " ".join(prompt.texts))
 

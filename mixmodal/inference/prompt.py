@@ -32,6 +32,7 @@ from mixmodal.data.layout import encode_document, lay_out, unconditional
 from mixmodal.data.segments import Segment
 from mixmodal.documents import Document, Image, Text
 from mixmodal.inference.config import GuidanceConfig
+from mixmodal.tokenizers.image import tokenizer_device
 from mixmodal.tokenizers.pixels import pixel_convention
 from mixmodal.vocab import Vocab
 
@@ -91,7 +92,7 @@ def encode_prompt(doc: Document, text_tokenizer, image_tokenizer, vocab: Vocab, 
     if pils:
         if image_tokenizer is None:
             raise PromptError("the prompt has images but the checkpoint has no image tokenizer")
-        device = next(image_tokenizer.parameters()).device
+        device = tokenizer_device(image_tokenizer)
         pixels = pixel_convention(image_preprocessing).to_tensor(pils, image_tokenizer.config.resolution).to(device)
         if mode == "tokens":
             contents = list(vocab.image_code_to_id(image_tokenizer.encode(pixels).flatten(1)).cpu())

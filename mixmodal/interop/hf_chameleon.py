@@ -65,6 +65,8 @@ import torch
 from mixmodal.interop.chameleon_tokenizer import (CHAMELEON_SPECIALS, SOURCE_TOKENIZER_FILES, SpecialLayout,
                                                   read_source_tokenizer, special_layout)
 from mixmodal.interop.common import HF_WEIGHTS, ConversionError, read_hf_state, read_json
+from mixmodal.model.bundle import (GENERATION_FILE, HF_CONFIG_FILE, IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR,
+                                   VOCAB_MAP_FILE, write_generation_settings)
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
 from mixmodal.model.io import (CONFIG_FILE, WEIGHTS_FILE, ModelDirError, check_model_state, read_model_config,
                                read_model_state, write_model_dir)
@@ -72,9 +74,6 @@ from mixmodal.model.transformer import TransformerConfig
 from mixmodal.vocab import NUM_SPECIAL, SPECIAL_TOKENS, Vocab
 from mixmodal.weights import write_manifest
 
-VOCAB_MAP_FILE = "vocab_map.json"
-HF_CONFIG_FILE = "hf_config.json"  # the source's config.json, kept so the inverse writes the same fields back
-IMAGE_TOKENIZER_DIR = "image_tokenizer"
 VOCAB_MAP_FORMAT = "mixmodal.vocab_map.v1"
 IMAGE_TOKEN_PREFIX = "IMGIMG"
 _VQ_PREFIX = "model.vqmodel."
@@ -473,7 +472,6 @@ def _source_names(hf_config: dict, source, origin: str) -> tuple[dict[str, int],
 def _write_text_side(out: Path, vocab_map: VocabMap, layout, names_from: str, source, hf_config: dict,
                      image_generation: bool) -> list[str]:
     """OUT/generation.yaml, OUT/text_tokenizer/tokenizer.json (the source's, copied), and what they mean."""
-    from mixmodal.inference.checkpoint import GENERATION_FILE, TEXT_TOKENIZER_DIR, write_generation_settings
     from mixmodal.tokenizers.text import TOKENIZER_FILE
 
     write_generation_settings(out, max_length=hf_config.get("max_position_embeddings"), diffusion=None,
@@ -630,8 +628,6 @@ def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> t
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, str(out / HF_WEIGHTS), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
-    from mixmodal.inference.checkpoint import TEXT_TOKENIZER_DIR
-
     tokenizer = src / TEXT_TOKENIZER_DIR / SOURCE_TOKENIZER_FILES[0]
     if tokenizer.is_file():  # its ids are the written model's (Chameleon's, or mixmodal's kept as they are)
         shutil.copyfile(tokenizer, out / SOURCE_TOKENIZER_FILES[0])

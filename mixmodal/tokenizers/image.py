@@ -1,6 +1,7 @@
 """Image tokenizers on disk: a directory of `config.yaml` + `model.safetensors`.
 
-    config.yaml        kind: vq | vae, then the fields of VQConfig / VAEConfig
+    config.yaml        kind: vq | vae | pca | kmeans, then the fields of its config (VQConfig, VAEConfig,
+                       PCAConfig, KMeansConfig)
     model.safetensors  the state dict (safetensors: loading never runs code)
     manifest.json      their sizes and SHA-256s, written last (weights.py; checked at every load)
 
@@ -18,19 +19,22 @@ from typing import Sequence, Union
 import torch
 
 from mixmodal.config import ConfigError, build_config, load_yaml, save_config, to_dict
+from mixmodal.tokenizers.patch import KMeansConfig, KMeansTokenizer, PCAConfig, PCATokenizer
 from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
 from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
-KINDS = {"vq": (VQConfig, VQTokenizer), "vae": (VAEConfig, VAETokenizer)}
+# trained: vq, vae (train/image_tokenizer.py); computed in closed form: pca, kmeans (tokenizers/patch.py)
+KINDS = {"vq": (VQConfig, VQTokenizer), "vae": (VAEConfig, VAETokenizer),
+         "pca": (PCAConfig, PCATokenizer), "kmeans": (KMeansConfig, KMeansTokenizer)}
 
-ImageTokenizer = Union[VQTokenizer, VAETokenizer]
-ImageTokenizerConfig = Union[VQConfig, VAEConfig]
+ImageTokenizer = Union[VQTokenizer, VAETokenizer, PCATokenizer, KMeansTokenizer]
+ImageTokenizerConfig = Union[VQConfig, VAEConfig, PCAConfig, KMeansConfig]
 
 
 def build_image_tokenizer_config(preset: str | os.PathLike | dict, overrides: Sequence[str] = ()) -> ImageTokenizerConfig:
-    """A `kind: vq|vae` + fields mapping (or YAML file) <- key=value overrides -> VQConfig | VAEConfig."""
+    """A `kind:` + fields mapping (or YAML file) <- key=value overrides -> the kind's config."""
     data = dict(preset) if isinstance(preset, dict) else load_yaml(preset)
     where = "" if isinstance(preset, dict) else f"{preset}: "
     kind = data.pop("kind", None)
@@ -44,7 +48,14 @@ def build_image_tokenizer(config: ImageTokenizerConfig) -> ImageTokenizer:
     for config_cls, model_cls in KINDS.values():
         if type(config) is config_cls:
             return model_cls(config)
-    raise TypeError(f"expected a VQConfig or VAEConfig, got {type(config).__name__}")
+    raise TypeError(f"expected one of {', '.join(c.__name__ for c, _ in KINDS.values())}, got {type(config).__name__}")
+
+
+def tokenizer_device(tokenizer: torch.nn.Module) -> torch.device:
+    """Where a tokenizer's weights live (its parameters, or its buffers: the patch tokenizers have no parameters)."""
+    for tensor in (*tokenizer.parameters(), *tokenizer.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def image_tokenizer_config_dict(config: ImageTokenizerConfig) -> dict:
@@ -72,9 +83,13 @@ def save_image_tokenizer(model: ImageTokenizer, out_dir: str | os.PathLike, *, r
     return out
 
 
-def load_image_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> ImageTokenizer:
+def load_image_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu", *,
+                         verify: bool = True) -> ImageTokenizer:
     """Load a tokenizer directory written by `save_image_tokenizer` (or `mixmodal convert`), in eval mode.
-    Its manifest.json, when it has one, is checked first (weights.py's rule)."""
+    Its manifest.json, when it has one, is checked first (weights.py's rule; `verify=False`: the caller
+    checked a manifest that lists its files, e.g. the model folder's, model/bundle.py)."""
+    from contextlib import nullcontext
+
     from mixmodal.weights import checked_folder, read_weights
 
     folder = Path(path)
@@ -83,7 +98,7 @@ def load_image_tokenizer(path: str | os.PathLike, device: str | torch.device = "
     if not folder.is_dir():
         raise FileNotFoundError(f"image tokenizer {folder} is not a directory; {hint}")
     fix = f"re-save or re-copy the tokenizer folder; {hint}"
-    with checked_folder(folder, "re-save or re-copy the tokenizer folder"):
+    with checked_folder(folder, "re-save or re-copy the tokenizer folder") if verify else nullcontext():
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name} is missing: an image tokenizer directory holds "

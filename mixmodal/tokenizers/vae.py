@@ -82,6 +82,7 @@ class VAETokenizer(TrunkTokenizer):
     """Images (B, 3, R, R) in [-1, 1] <-> latents (B, latent_channels, R/f, R/f)."""
 
     kind = "vae"  # the `kind:` written into config.yaml
+    discrete = False  # codes (tokens mode) or continuous latents (latents mode)
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()

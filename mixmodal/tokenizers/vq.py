@@ -175,6 +175,7 @@ class VQTokenizer(TrunkTokenizer):
     """Images (B, 3, R, R) in [-1, 1] <-> codes (B, R/f, R/f) in [0, codebook_size)."""
 
     kind = "vq"  # the `kind:` written into config.yaml
+    discrete = True  # codes (tokens mode) or continuous latents (latents mode)
 
     def __init__(self, config: VQConfig) -> None:
         super().__init__()

@@ -37,7 +37,7 @@ import torch
 from mixmodal import vocab as V
 from mixmodal.config import ConfigError, relative_to_config, to_dict
 from mixmodal.documents import Document, Image, Text
-from mixmodal.inference.checkpoint import TEXT_TOKENIZER_DIR
+from mixmodal.model.bundle import TEXT_TOKENIZER_DIR
 from mixmodal.retrieval.encoder import (ENCODER_DIR, DualEncoder, DualEncoderConfig, contrastive_loss,
                                         load_tokenizer, save_dual_encoder, tokenize_texts)
 from mixmodal.train import distributed

@@ -28,7 +28,7 @@ tokenizers): `mixmodal.load_model(RUN/model)` reads it.
 Fine-tuning (`init_from: RUN` or a model folder, e.g. SFT on conversations, data/chat.py): the
 model starts from that folder's weights; its architecture and, unless given, both tokenizers
 come from the folder (a `model:` key that contradicts it fails before training). The folder is
-read as the engine reads it (inference/checkpoint.py `load_text_tokenizer`, `read_model_settings`),
+read as the engine reads it (model/bundle.py `load_text_tokenizer`, `read_model_settings`),
 so a converted Chameleon (`mixmodal convert hf-chameleon`) fine-tunes with its own tokenizer
 (vocab_map.json, copied to RUN/ beside RUN/text_tokenizer), its images prepared by its
 `image_preprocessing` and encoded by its VQGAN, its conversations in its `chat_template`; features
@@ -60,8 +60,9 @@ import torch
 
 from mixmodal.config import ConfigError, load_yaml, merge, relative_to_config, to_dict
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
-from mixmodal.inference.checkpoint import IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR
-from mixmodal.interop.hf_chameleon import HF_CONFIG_FILE, VOCAB_MAP_FILE
+from mixmodal.model.bundle import (HF_CONFIG_FILE, IMAGE_TOKENIZER_DIR, MODEL_DIR, TEXT_TOKENIZER_DIR, TRAINING_FILE,
+                                   VOCAB_MAP_FILE, Bundle, load_text_tokenizer, read_chat_template, read_model_settings,
+                                   write_generation_settings)
 from mixmodal.model.fusion import FusionModel, ModelConfig
 from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, check_model_state, read_model_state, tied_aliases
 from mixmodal.model.lora import LoRAConfig
@@ -71,7 +72,6 @@ from mixmodal.retrieval.augment import RetrievalConfig
 from mixmodal.train import distributed
 from mixmodal.train.trainer import OptimizerSpec, TaskBase, TrainerConfig
 
-MODEL_DIR = "model"
 NOT_ARCHITECTURE = {"attention_backend"}
 
 
@@ -267,7 +267,7 @@ def prepare_text_tokenizer(config, run: Path) -> Path:
 
 def _carry_vocab_map(given_text: Path | None, run: Path) -> None:
     """RUN/vocab_map.json: the map beside the given text tokenizer (a converted Chameleon's), so that
-    RUN/text_tokenizer is read as the engine reads the folder's (inference/checkpoint.load_text_tokenizer)."""
+    RUN/text_tokenizer is read as the engine reads the folder's (model/bundle.load_text_tokenizer)."""
     target = run / VOCAB_MAP_FILE
     if given_text is None or given_text.resolve() == (run / TEXT_TOKENIZER_DIR).resolve():
         return  # trained here, or already in the run (a resume): RUN/ holds what the run started with
@@ -321,14 +321,13 @@ def _take(iterable, n: int):
 
 def fill_model_config(config: FusionTrainConfig) -> None:
     """Fill the model fields that the tokenizers determine; refuse contradictions by key."""
-    from mixmodal.inference.checkpoint import load_text_tokenizer
     from mixmodal.tokenizers.image import load_image_tokenizer
-    from mixmodal.tokenizers.vq import VQConfig
 
     m, d = config.model, config.data
     text = load_text_tokenizer(d.text_tokenizer)
     image = load_image_tokenizer(d.image_tokenizer)
-    kind = "vq" if isinstance(image.config, VQConfig) else "vae"
+    names = {"vq": "a VQ tokenizer", "vae": "a KL-VAE", "pca": "a PCA patch tokenizer", "kmeans": "a k-means patch tokenizer"}
+    where = f"data.image_tokenizer={d.image_tokenizer} is {names.get(image.kind, image.kind)}"
 
     def fill(key: str, obj, field_name: str, value: int) -> None:
         given = getattr(obj, field_name)
@@ -338,16 +337,14 @@ def fill_model_config(config: FusionTrainConfig) -> None:
 
     fill("model.text_vocab_size", m, "text_vocab_size", text.vocab_size)
     if m.image.mode == "tokens":
-        if kind != "vq":
-            raise ConfigError(f"model.image.mode=tokens needs a VQ image tokenizer, but data.image_tokenizer="
-                              f"{d.image_tokenizer} is a KL-VAE (continuous latents); use model.image.mode=latents "
-                              "or a VQ tokenizer")
+        if not image.discrete:
+            raise ConfigError(f"model.image.mode=tokens needs a discrete image tokenizer (vq, kmeans), but {where} "
+                              "(continuous latents); use model.image.mode=latents or a VQ tokenizer")
         fill("model.image.num_codes", m.image, "num_codes", image.num_codes)
     else:
-        if kind != "vae":
-            raise ConfigError(f"model.image.mode=latents needs a KL-VAE image tokenizer, but data.image_tokenizer="
-                              f"{d.image_tokenizer} is a VQ tokenizer (discrete codes); use model.image.mode=tokens "
-                              "or a VAE tokenizer")
+        if image.discrete:
+            raise ConfigError(f"model.image.mode=latents needs a continuous image tokenizer (vae, pca), but {where} "
+                              "(discrete codes); use model.image.mode=tokens or a VAE tokenizer")
         fill("model.image.latent_channels", m.image, "latent_channels", image.latent_channels)
     fill("model.image.grid_size", m.image, "grid_size", image.grid_size)
     if m.image.mode == "latents" and m.image.grid_size % m.image.patch_size:
@@ -387,9 +384,6 @@ def check_learnable_ids(config: FusionTrainConfig, text_tokenizer) -> None:
 
 
 # --- the task --------------------------------------------------------------------------------
-
-TRAINING_FILE = "training.json"  # in the model folder: what training cost, for `mixmodal eval` and the study
-
 
 def training_compute(model, config: FusionTrainConfig, world_size: int = 1, steps: int | None = None) -> dict:
     """Training compute from the model's own accounting: every position of every packed row
@@ -444,7 +438,6 @@ class FusionTask(TaskBase):
         self._eval_batches: list[dict] | None = None
 
     def setup(self, device: torch.device) -> None:
-        from mixmodal.inference.checkpoint import load_text_tokenizer, read_model_settings
         from mixmodal.tokenizers.image import load_image_tokenizer
 
         self.device = device
@@ -596,27 +589,18 @@ class FusionTask(TaskBase):
     def geneval(self, model) -> dict[str, float]:
         """GenEval-form accuracy of `model` as it is now (eval.geneval_*): geneval_SET_overall and
         geneval_SET_CATEGORY for each set; the eval suite's prompts, seeds and default sampling."""
-        from mixmodal.eval.shapes_suite import ShapesEvalConfig, geneval
-        from mixmodal.inference.engine import Engine
+        from mixmodal.eval.shapes_suite import ShapesEvalConfig, geneval_scores
 
         e = self.config.eval
-        engine = Engine(model, self.text_tokenizer, self.image_tokenizer,
+        bundle = Bundle(model, self.text_tokenizer, self.image_tokenizer, max_length=self.config.data.pipeline.seq_len,
                         diffusion=self.config.diffusion if self.latent else None,
-                        max_length=self.config.data.pipeline.seq_len,
                         image_generation=self.init_settings.image_generation if self.init_settings else True,
                         image_preprocessing=self.image_preprocessing)
         suite = ShapesEvalConfig(geneval_prompts=e.geneval_prompts, images_per_prompt=e.images_per_prompt,
                                  batch_size=e.batch_size)
-        out: dict[str, float] = {}
-        for prompt_set in e.geneval_sets:
-            metrics, _ = geneval(engine, suite, prompt_set, lambda message: None, keep_images=False)
-            key = "geneval_" + prompt_set.replace("-", "_")
-            out[f"{key}_overall"] = metrics["overall"]
-            out.update({f"{key}_{c}": m["accuracy"] for c, m in metrics["categories"].items()})
-        return out
+        return geneval_scores(bundle, suite, e.geneval_sets)
 
     def save_artifacts(self, models, run_dir: Path) -> None:
-        from mixmodal.inference.checkpoint import write_generation_settings
         from mixmodal.model import lora
         from mixmodal.model.io import save_model_dir
         from mixmodal.train.checkpoint import artifact_remake
@@ -678,8 +662,6 @@ class FusionTask(TaskBase):
                 (out / name).unlink(missing_ok=True)
 
     def _chat_template_of_init(self) -> str | None:
-        from mixmodal.inference.checkpoint import read_chat_template
-
         return read_chat_template(Path(self.config.init_from)) if self.config.init_from else None
 
     def _chat_template(self) -> str | None:

@@ -247,12 +247,16 @@ def reconstruct(model, images: torch.Tensor, batch_size: int = 64, device: str |
             result = model(x)
             counts += torch.bincount(result.codes.flatten().cpu(), minlength=model.num_codes)
             recon = result.reconstruction
+        elif model.discrete:  # a computed codebook (tokenizers/patch.py)
+            codes = model.encode(x)
+            counts += torch.bincount(codes.flatten().cpu(), minlength=model.num_codes)
+            recon = model.decode(codes)
         else:
             posterior = model.encode_distribution(x)
             kl_total += float(posterior.kl().float().sum())
             recon = model.decode(posterior.mean)
         out.append(recon.float().clamp(-1, 1).cpu())
-    stats = stats_from_counts(counts) if model.kind == "vq" else {"kl": kl_total / len(images)}
+    stats = stats_from_counts(counts) if model.discrete else {"kl": kl_total / len(images)}
     return torch.cat(out), stats
 
 

@@ -5,7 +5,8 @@ fields), `resolve(data, base_dir) -> data` (optional: expand references such as 
 model-config path relative to the YAML file), `prepare(config, run_dir, write=True) -> config`
 (optional: put what the run needs into its directory and fill derived config fields;
 rank 0 runs it first under torchrun, the other ranks after it with write=False) and
-`build_task(config) -> Task`.
+`build_task(config) -> Task`; or, for what is computed in closed form with no training loop (the
+patch tokenizers), `fit(config, run_dir) -> dict` instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ TASKS = {
     "image-tokenizer": "mixmodal.train.image_tokenizer",
     "fusion": "mixmodal.train.fusion",
     "dual-encoder": "mixmodal.train.dual_encoder",
+    "patch-tokenizer": "mixmodal.train.patch_tokenizer",
 }
 
 
@@ -48,6 +50,8 @@ def train(config: Any, out: str | os.PathLike) -> dict:
     from mixmodal.train.trainer import Trainer
 
     module = task_module(config.task, "config")
+    if hasattr(module, "fit"):  # computed, not trained: no loop, no checkpoints, one process
+        return module.fit(config, out)
     if hasattr(module, "prepare"):
         distributed.init_from_env("cuda" if config.trainer.device != "cpu" and _cuda() else "cpu")
         if distributed.is_main():

@@ -1,0 +1,257 @@
+"""Patch tokenizers computed in closed form: images <-> one vector or code per p x p patch.
+
+    images (B, 3, R, R) -> p x p patches (B, h, w, 3 p^2), h = R / p
+      pca:    -> whitened projections onto the top `latent_channels` principal components
+               -> latents (B, C, h, w)              (continuous: the Transfusion path)
+      kmeans: -> the nearest of `codebook_size` centroids
+               -> codes (B, h, w)                    (discrete: the Chameleon / CM3Leon path)
+    decoding is the inverse map (the projection back; the centroid's pixels).
+
+Nothing is learned by gradient: `fit(images)` computes the principal components (an eigen-
+decomposition of the patch covariance) or the centroids (FAISS k-means; when the images hold
+no more distinct patches than codes, the codebook is exactly those patches) in seconds. This is
+the oldest kind of image tokenizer (iGPT's k-means colour palette is the 1 x 1 case; PCA patch
+codes predate deep autoencoders), and on real photographs it is far worse than a trained VQ-GAN
+or KL-VAE. It exists because on worlds whose images are made of few distinct patches it is
+exact: at 48 px every 8 x 8 patch of the `shapes` world is a quarter of one grid cell, the
+world holds 385 distinct ones on its black background, and a 4 x 4 PCA with 12 channels or an
+8 x 8 k-means with 512 codes writes every held-out scene back oracle-exact (docs/recipes.md) —
+in seconds instead of the 9-14 minutes a trained tokenizer takes.
+
+Both present the interface of the trained tokenizers (vq.py, vae.py): `kind`, `discrete`,
+`config.resolution`, `grid_size`, `downsampling_factor`, `encode`, `decode`; the PCA also
+`latent_channels`, `encode_distribution` (a point mass), `scale_latents`, `unscale_latents`;
+the k-means `num_codes`. Weights are buffers, saved in safetensors like any tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mixmodal.tokenizers.pixels import check_images
+from mixmodal.tokenizers.vae import DiagonalGaussian
+
+
+@dataclass
+class PatchConfig:
+    resolution: int = 48  # trained image size (square); encode() checks it
+    patch_size: int = 8  # the downsampling factor: one latent / code per patch_size x patch_size pixels
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1 or self.patch_size < 1:
+            raise ValueError(f"resolution and patch_size must be >= 1; got {self.resolution}, {self.patch_size}")
+        if self.resolution % self.patch_size:
+            raise ValueError(f"resolution={self.resolution} is not divisible by patch_size={self.patch_size}; "
+                             f"pick a divisor of {self.resolution}")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.patch_size
+
+    @property
+    def grid_size(self) -> int:
+        return self.resolution // self.patch_size
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.patch_size ** 2
+
+
+@dataclass
+class PCAConfig(PatchConfig):
+    """Continuous latents: whitened principal components of the patches."""
+
+    latent_channels: int = 12
+    scaling_factor: float = 1.0  # scale_latents multiplies by this (the components are already unit-variance)
+    shift_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.latent_channels <= self.patch_dim:
+            raise ValueError(f"latent_channels must lie in [1, {self.patch_dim}] (3 x patch_size^2 pixel values "
+                             f"per patch); got {self.latent_channels}")
+        if not self.scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be > 0, got {self.scaling_factor}")
+
+
+@dataclass
+class KMeansConfig(PatchConfig):
+    """Discrete codes: the nearest of `codebook_size` patch centroids."""
+
+    codebook_size: int = 512
+    iterations: int = 25  # k-means iterations (FAISS), when the patches outnumber the codes
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+
+
+def to_patches(images: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, H/p, W/p, 3 p^2), each patch channel-major (c, y, x)."""
+    B, C, H, W = images.shape
+    return images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, C * p * p)
+
+
+def from_patches(patches: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, h, w, 3 p^2) -> (B, 3, h p, w p): the inverse of to_patches."""
+    B, h, w, _ = patches.shape
+    return patches.reshape(B, h, w, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, h * p, w * p)
+
+
+class _PatchTokenizer(nn.Module):
+    config: PatchConfig
+
+    @property
+    def grid_size(self) -> int:
+        return self.config.grid_size
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.config.patch_size
+
+    def _patches(self, images: torch.Tensor, any_size: bool) -> torch.Tensor:
+        check_images(images, self.config.resolution, self.config.patch_size, any_size=any_size)
+        return to_patches(images.float(), self.config.patch_size)
+
+    def check_fitted(self) -> None:
+        if not bool(self.fitted):
+            raise ValueError(f"this {self.kind} tokenizer has not been fitted: compute it with "
+                             f"`mixmodal train configs/tokenizers/{self.kind}-shapes-48.yaml` (or call .fit(images))")
+
+
+class PCATokenizer(_PatchTokenizer):
+    """Images (B, 3, R, R) in [-1, 1] <-> latents (B, latent_channels, R/p, R/p), unit variance per channel."""
+
+    kind = "pca"
+    discrete = False
+
+    def __init__(self, config: PCAConfig) -> None:
+        super().__init__()
+        self.config = config
+        D, C = config.patch_dim, config.latent_channels
+        self.register_buffer("mean", torch.zeros(D))
+        self.register_buffer("components", torch.zeros(C, D))  # rows: principal directions, largest first
+        self.register_buffer("std", torch.ones(C))  # sqrt of each component's variance (whitening)
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> dict[str, float]:
+        """Principal components of the patches of `images` (N, 3, R, R); returns the share of the
+        patch variance the kept components explain."""
+        X = self._patches(images, any_size=False).reshape(-1, self.config.patch_dim).double()
+        mean = X.mean(0)
+        covariance = (X - mean).T @ (X - mean) / max(len(X) - 1, 1)
+        values, vectors = torch.linalg.eigh(covariance)  # ascending
+        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+        C = self.config.latent_channels
+        signs = torch.sign(vectors[vectors.abs().argmax(0), torch.arange(vectors.shape[1])])  # a fixed sign per vector
+        vectors = vectors * signs
+        self.mean.copy_(mean.float())
+        self.components.copy_(vectors[:, :C].T.float())
+        self.std.copy_(values[:C].sqrt().clamp_min(1e-6).float())
+        self.fitted.fill_(True)
+        return {"explained_variance": float(values[:C].sum() / values.sum().clamp_min(1e-12))}
+
+    def encode_distribution(self, images: torch.Tensor, *, any_size: bool = False) -> DiagonalGaussian:
+        return DiagonalGaussian(self.encode(images, any_size=any_size), None)
+
+    def encode(self, images: torch.Tensor, *, any_size: bool = False) -> torch.Tensor:
+        """(B, 3, R, R) float in [-1, 1] -> latents (B, C, h, w), unscaled (unit variance per channel)."""
+        self.check_fitted()
+        patches = self._patches(images, any_size)
+        latents = (patches - self.mean) @ self.components.T / self.std
+        return latents.permute(0, 3, 1, 2).contiguous()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, C, h, w) -> images (B, 3, h p, w p), unclamped."""
+        if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must have shape (B, {self.latent_channels}, h, w); got {tuple(latents.shape)}")
+        self.check_fitted()
+        patches = (latents.float().permute(0, 2, 3, 1) * self.std) @ self.components + self.mean
+        return from_patches(patches, self.config.patch_size)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - self.config.shift_factor) * self.config.scaling_factor
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.config.scaling_factor + self.config.shift_factor
+
+
+class KMeansTokenizer(_PatchTokenizer):
+    """Images (B, 3, R, R) in [-1, 1] <-> codes (B, R/p, R/p) in [0, codebook_size)."""
+
+    kind = "kmeans"
+    discrete = True
+
+    def __init__(self, config: KMeansConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("codebook", torch.zeros(config.codebook_size, config.patch_dim))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def num_codes(self) -> int:
+        return self.config.codebook_size
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> dict[str, float]:
+        """Centroids of the patches of `images` (N, 3, R, R). When they hold no more distinct patches
+        than codes, the codebook is those patches (most frequent first; the spare codes repeat the
+        first, so encoding never picks them) and the round trip is exact; else FAISS k-means.
+        Returns the number of distinct patches and the mean squared quantisation error."""
+        import faiss
+
+        X = self._patches(images, any_size=False).reshape(-1, self.config.patch_dim)
+        # distinct patches, on the 8-bit grid images are stored on
+        keys = torch.round((X + 1) * 127.5).to(torch.int16)
+        unique, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+        K = self.config.codebook_size
+        if len(unique) <= K:
+            order = counts.argsort(descending=True, stable=True)
+            first = torch.full((len(unique),), len(X)).scatter_reduce(0, inverse, torch.arange(len(X)), "amin")
+            distinct = X[first[order]]
+            codebook = torch.cat([distinct, distinct[:1].expand(K - len(distinct), -1)])
+        else:
+            kmeans = faiss.Kmeans(X.shape[1], K, niter=self.config.iterations, seed=self.config.seed,
+                                  max_points_per_centroid=256, verbose=False)
+            kmeans.train(np.ascontiguousarray(X.numpy(), dtype=np.float32))
+            codebook = torch.from_numpy(kmeans.centroids).float()
+        self.codebook.copy_(codebook)
+        self.fitted.fill_(True)
+        error = ((self.codebook[self._nearest(X)] - X) ** 2).mean()
+        return {"distinct_patches": float(len(unique)), "quantisation_mse": float(error)}
+
+    def _nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        codes = []
+        for chunk in flat.split(4096):  # (n, D) x (K, D) distances without a huge matrix
+            d = (chunk ** 2).sum(1, keepdim=True) - 2 * chunk @ self.codebook.T + (self.codebook ** 2).sum(1)
+            codes.append(d.argmin(1))
+        return torch.cat(codes) if codes else torch.zeros(0, dtype=torch.long)
+
+    def encode(self, images: torch.Tensor, *, any_size: bool = False) -> torch.Tensor:
+        """(B, 3, R, R) float in [-1, 1] -> codes (B, h, w) long."""
+        self.check_fitted()
+        patches = self._patches(images, any_size)
+        B, h, w, D = patches.shape
+        return self._nearest(patches.reshape(-1, D)).reshape(B, h, w)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, h, w) -> images (B, 3, h p, w p)."""
+        if codes.ndim != 3 or codes.is_floating_point() or codes.is_complex():
+            raise ValueError(f"codes must be an integer tensor (B, h, w); got {codes.dtype} {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
+            raise ValueError(f"codes must lie in [0, {self.num_codes}); got [{int(codes.min())}, {int(codes.max())}]")
+        self.check_fitted()
+        return from_patches(self.codebook[codes.long()], self.config.patch_size)
