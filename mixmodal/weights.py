@@ -18,8 +18,8 @@ rule a loader follows (`checked_folder`):
 
 A folder without manifest.json (written before manifests existed, or by hand) loads unchecked; files
 the manifest does not list (added later) are not checked. generation.yaml is never listed: its
-settings are meant to be edited (inference/checkpoint.py). The memory bank keeps its own consistency
-check instead (retrieval/bank.py: `index add` appends in place and bank.json is its commit point).
+settings are meant to be edited (model/bundle.py). The memory bank keeps its own consistency
+check instead (retrieval/transaction.py: `index add` appends in place and commit.json is its commit point).
 """
 
 from __future__ import annotations

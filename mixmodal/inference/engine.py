@@ -16,19 +16,20 @@ guidance stream; they all receive the same generated ids):
 
 Every step is one forward of the model over all live rows: a row's block may be one id,
 a prompt, or an image, padded to the longest block (cache.py). The cache survives every
-modality switch; nothing is re-prefilled. A finished sequence's rows are dropped.
+modality switch; nothing is re-prefilled. A finished sequence's rows are dropped. A sequence's
+state (SequenceState) and the RunningBatch that steps it are batch.py's.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from mixmodal.documents import Document, Image, Text
+from mixmodal.documents import Document
+from mixmodal.inference.batch import Block, GeneratedImage, RunningBatch, SequenceState
 from mixmodal.inference.cache import KVCache
 from mixmodal.inference.config import GenerationConfig
 from mixmodal.inference.detokenize import IncrementalDetokenizer
@@ -38,51 +39,10 @@ from mixmodal.inference.logits import contrastive_scores, guide, guided_scores, 
 from mixmodal.inference.prompt import PromptError, PromptLike, encode_prompt, prompt_ids, stream_segments, to_document
 from mixmodal.model.bundle import GENERATION_FILE, IMAGE_TOKENIZER_DIR, Bundle, load_bundle
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule
-from mixmodal.objectives.samplers import Sampler, make_sampler
+from mixmodal.objectives.samplers import make_sampler
 from mixmodal.tokenizers.image import tokenizer_device
 from mixmodal.tokenizers.pixels import pixel_convention
 from mixmodal.vocab import NUM_MASK_SENTINELS
-
-
-@dataclass
-class _Block:
-    """What one row is fed in one step."""
-
-    ids: list[int]
-    commit: int  # how many of them stay in the cache
-    latent: tuple[int, torch.Tensor, float] | None = None  # (offset in block, latents [C,h,w], time)
-    denoise: bool = False  # the latent is a noisy image to predict (not committed)
-    prompt_images: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # prefill: (offset, clean latents)
-
-
-@dataclass
-class GeneratedImage:
-    """An image part of the output: its pixels (None when the engine does not decode images)."""
-
-    pil: object | None
-
-
-@dataclass
-class _Sequence:
-    index: int
-    config: GenerationConfig
-    generator: torch.Generator
-    rows: list[int]
-    seen: list[int]  # ids of the cond stream (prompt + generated), for the repetition penalty
-    length: int  # committed positions of the cond row
-    blocks: list[_Block]  # next step's block per row
-    generated: list[int] = field(default_factory=list)
-    parts: list[IncrementalDetokenizer | GeneratedImage] = field(default_factory=list)  # in reading order
-    images: list[torch.Tensor] = field(default_factory=list)
-    phase: str = "text"
-    codes: list[int] = field(default_factory=list)
-    x: torch.Tensor | None = None  # latent mode: current noisy latents
-    sampler: Sampler | None = None  # latent mode: how the image is denoised (objectives/samplers.py)
-    times: torch.Tensor | None = None  # latent mode: the sampler's time grid, from noise to 0
-    step: int = 0
-    finish: str = ""
-    text_tokens: int = 0
-    error: str = ""  # why it ended with finish "error" (RunningBatch(isolate_errors=True))
 
 
 class Engine:
@@ -203,12 +163,12 @@ class Engine:
     # --- set-up ---------------------------------------------------------------------------
 
     def _start(self, prompts: list[PromptLike], configs: list[GenerationConfig], gens,
-               contexts: Sequence[Sequence[Document]]) -> list[_Sequence]:
+               contexts: Sequence[Sequence[Document]]) -> list[SequenceState]:
         """Encode and check every prompt (sequence i gets index i) before any is run."""
         return [self._sequence(i, p, c, g, x) for i, (p, c, g, x) in enumerate(zip(prompts, configs, gens, contexts))]
 
     def _sequence(self, i: int, prompt: PromptLike, config: GenerationConfig, generator: torch.Generator,
-                  context: Sequence[Document]) -> _Sequence:
+                  context: Sequence[Document]) -> SequenceState:
         """Sequence i of `prompt`: its guidance streams' prompt blocks, checked against the context.
         Its rows are numbered from 0 until a RunningBatch places it."""
         if config.contrastive is not None and self.mode != "tokens":
@@ -225,7 +185,7 @@ class Engine:
             if v == 0 and prefix:  # the conditional stream reads the retrieved documents first
                 ids = prefix + ids
                 placed = prefix_images + [(len(prefix) + start, x) for start, x in placed]
-            blocks.append(_Block(ids, len(ids), prompt_images=placed) if self.mode == "latents" else _Block(ids, len(ids)))
+            blocks.append(Block(ids, len(ids), prompt_images=placed) if self.mode == "latents" else Block(ids, len(ids)))
         length = len(blocks[0].ids)
         if self.max_length is not None and length >= self.max_length:
             what = f" of which {len(prefix)} are {len(context)} retrieved documents" if prefix else ""
@@ -265,7 +225,7 @@ class Engine:
                               f"the context ({self.max_length}) leave {room}: raise max_new_tokens")
         rows = list(range(len(variants)))
         sampler = make_sampler(config.sampler, self.schedule) if self.schedule is not None else None
-        return _Sequence(i, config, generator, rows, list(blocks[0].ids), 0, blocks,  # length: on commit
+        return SequenceState(i, config, generator, rows, list(blocks[0].ids), 0, blocks,  # length: on commit
                          sampler=sampler)
 
     def _context(self, docs: Sequence[Document]) -> tuple[list[int], list[tuple[int, torch.Tensor]]]:
@@ -283,7 +243,7 @@ class Engine:
 
     # --- one forward over every live row -------------------------------------------------
 
-    def _forward(self, live: list[_Sequence], cache: KVCache):
+    def _forward(self, live: list[SequenceState], cache: KVCache):
         blocks = [b for s in live for b in s.blocks]
         width = max(len(b.ids) for b in blocks)
         rows = len(blocks)
@@ -328,7 +288,7 @@ class Engine:
 
     # --- the state machine ------------------------------------------------------------------
 
-    def _advance(self, seq: _Sequence, output) -> Iterator[Event]:
+    def _advance(self, seq: SequenceState, output) -> Iterator[Event]:
         logits, predictions = output
         config = seq.config
         was = seq.blocks[0]
@@ -402,14 +362,14 @@ class Engine:
                 seq.finish = "length"
                 yield from self._flush(seq)
 
-    def _flush(self, seq: _Sequence) -> Iterator[Event]:
+    def _flush(self, seq: SequenceState) -> Iterator[Event]:
         """A text run ends: stream what the incremental decoder still held back (an unfinished character)."""
         if seq.parts and isinstance(seq.parts[-1], IncrementalDetokenizer):
             rest = seq.parts[-1].flush()
             if rest:
                 yield TextDelta(seq.index, rest)
 
-    def _denoise(self, seq: _Sequence, streams: list[torch.Tensor]) -> Iterator[Event]:
+    def _denoise(self, seq: SequenceState, streams: list[torch.Tensor]) -> Iterator[Event]:
         config = seq.config
         g = config.guidance
         t, t_prev = self._time(seq, seq.step), self._time(seq, seq.step + 1)
@@ -427,7 +387,7 @@ class Engine:
         else:
             self._feed(seq, [self.vocab.pad] * self.per_image, commit=0, latent=(0, x, t_prev), denoise=True)
 
-    def _finish_image(self, seq: _Sequence, content: torch.Tensor) -> Iterator[Event]:
+    def _finish_image(self, seq: SequenceState, content: torch.Tensor) -> Iterator[Event]:
         pil = None
         if self.decode_images:
             pil = self._decode_latents(content[None])[0] if self.mode == "latents" else self._decode_codes(content[None])[0]
@@ -436,15 +396,15 @@ class Engine:
         seq.phase = "text"
         yield ImageDone(seq.index, len(seq.images) - 1, pil, content)
 
-    def _feed(self, seq: _Sequence, ids: list[int], *, commit: int | None = None, latent=None,
+    def _feed(self, seq: SequenceState, ids: list[int], *, commit: int | None = None, latent=None,
               denoise: bool = False) -> None:
         """Next step's block for every stream of `seq`; the committed ids are generated output."""
         commit = len(ids) if commit is None else commit
         seq.generated += ids[:commit]
         seq.seen += ids[:commit]
-        seq.blocks = [_Block(list(ids), commit, latent, denoise) for _ in seq.rows]
+        seq.blocks = [Block(list(ids), commit, latent, denoise) for _ in seq.rows]
 
-    def _room(self, seq: _Sequence, pending: int = 0) -> int:
+    def _room(self, seq: SequenceState, pending: int = 0) -> int:
         """Positions this sequence may still add: its budget, and the context after what is cached
         and the `pending` positions fed but not yet written."""
         budget = seq.config.max_new_tokens - len(seq.generated)
@@ -452,23 +412,23 @@ class Engine:
             budget = min(budget, self.max_length - seq.length - pending)
         return budget
 
-    def _sample(self, seq: _Sequence, scores: torch.Tensor, params) -> int:
+    def _sample(self, seq: SequenceState, scores: torch.Tensor, params) -> int:
         if params.repetition_penalty != 1.0:
             finite = torch.isfinite(scores)
             scores = repetition_penalty(scores, torch.tensor(seq.seen, dtype=torch.long), params.repetition_penalty)
             scores = scores.masked_fill(~finite, float("-inf"))
         return sample(scores, params, seq.generator)
 
-    def _forced(self, seq: _Sequence) -> int | None:
+    def _forced(self, seq: SequenceState) -> int | None:
         # mode=image: the first id is <boi>; _start refused a prompt that leaves no room for one image
         if seq.config.mode == "image" and not seq.images and seq.phase == "text":
             return self.vocab.boi
         return None
 
-    def _image_fits(self, seq: _Sequence) -> bool:
+    def _image_fits(self, seq: SequenceState) -> bool:
         return (self._can_decode or not self.decode_images) and self._room(seq) >= self.per_image + 2
 
-    def _allowed(self, seq: _Sequence) -> torch.Tensor:
+    def _allowed(self, seq: SequenceState) -> torch.Tensor:
         config, v = seq.config, self.vocab
         allowed = self._text_allowed.clone()
         if config.mode == "free":
@@ -489,7 +449,7 @@ class Engine:
 
     # --- timing and decoding ----------------------------------------------------------------
 
-    def _time(self, seq: _Sequence, step: int) -> float:
+    def _time(self, seq: SequenceState, step: int) -> float:
         return float(seq.times[step])
 
     @torch.no_grad()
@@ -502,111 +462,6 @@ class Engine:
         tok = self.image_tokenizer
         device = tokenizer_device(tok)
         return self._pixels.to_images(tok.decode(tok.unscale_latents(latents.to(device))))
-
-    def _result(self, seq: _Sequence) -> GenerationResult:
-        parts = []
-        for part in seq.parts:
-            if isinstance(part, IncrementalDetokenizer):
-                if part.text:
-                    parts.append(Text(part.text))
-            elif part.pil is not None:
-                parts.append(Image(part.pil, origin="generated"))
-        meta = {"finish_reason": seq.finish, "mode": seq.config.mode, "new_positions": len(seq.generated),
-                "images": len(seq.images), **({"error": seq.error} if seq.error else {})}
-        return GenerationResult(seq.index, Document(parts, meta), list(seq.generated), list(seq.images), seq.finish)
-
-
-class RunningBatch:
-    """Continuous batching over one KV cache: sequences join at the next step (`add`, `join`) and
-    leave when they finish or are cancelled; every step is one forward over all live rows, so a
-    new prompt's prefill runs beside the others' decoding. A sequence's guidance streams are rows
-    that join, step and leave together. `Engine.stream` is a RunningBatch that nobody joins later.
-
-        batch = RunningBatch(engine)        # rows of engine.max_length (+ one image block) positions
-        i = batch.add("a photo of a red star", GenerationConfig(mode="image"), seed=0)
-        while batch:
-            for event in batch.step(): ...
-    """
-
-    def __init__(self, engine: Engine, capacity: int | None = None, *, isolate_errors: bool = False) -> None:
-        capacity = capacity or (engine.max_length + engine.per_image + 4 if engine.max_length else None)
-        if not capacity:
-            raise ValueError("a RunningBatch needs a capacity (positions per row): pass capacity= or load the "
-                             "engine with a max_length")
-        self.engine, self.capacity = engine, capacity
-        # isolate_errors (a server): an exception while advancing one sequence ends that sequence with
-        # finish_reason "error" (its End's result.document.metadata["error"] says why); the others go on
-        self.isolate_errors = isolate_errors
-        self.cache = KVCache(engine.model.config.transformer.num_layers, 0, capacity, engine.device)
-        self.live: list[_Sequence] = []
-        self._next_index = 0
-
-    def __len__(self) -> int:
-        return len(self.live)
-
-    @property
-    def rows(self) -> int:
-        return self.cache.rows
-
-    def add(self, prompt: PromptLike, config: GenerationConfig | None = None, *, seed: int = 0,
-            generator: torch.Generator | None = None, context: Sequence[Document] = ()) -> int:
-        """Queue a prompt to start at the next step; returns its sequence index (events carry it).
-        Raises PromptError for a prompt that does not fit, before anything joins."""
-        index = self._next_index
-        generator = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-        self.join([self.engine._sequence(index, prompt, config or GenerationConfig(), generator, context)])
-        return index
-
-    def join(self, sequences: list[_Sequence]) -> None:
-        for seq in sequences:
-            need = len(seq.blocks[0].ids) + seq.config.max_new_tokens
-            if self.engine.max_length is not None:  # generation stops at the context's end
-                need = min(need, self.engine.max_length)
-            need += self.engine.per_image + 4  # a step's block may reach past the committed length
-            if need > self.capacity:
-                raise PromptError(f"prompt {seq.index} needs up to {need} positions (prompt + max_new_tokens); this "
-                                  f"batch's rows hold {self.capacity}: lower max_new_tokens or shorten the prompt")
-        for seq in sequences:
-            first = self.cache.rows
-            self.cache.add_rows(len(seq.rows))
-            seq.rows = list(range(first, first + len(seq.rows)))
-            self.live.append(seq)
-            self._next_index = max(self._next_index, seq.index + 1)
-
-    def cancel(self, index: int) -> bool:
-        """Drop sequence `index` now (a client went away); False if it is not running."""
-        gone = [s for s in self.live if s.index == index]
-        self._drop(gone)
-        return bool(gone)
-
-    @torch.no_grad()
-    def step(self) -> list[Event]:
-        """One forward over every live row; the events it produced, with End for each finished sequence."""
-        if not self.live:
-            return []
-        output = self.engine._forward(self.live, self.cache)
-        events: list[Event] = []
-        for seq in self.live:
-            try:
-                events += self.engine._advance(seq, output)
-            except Exception as e:  # noqa: BLE001 - re-raised unless isolating
-                if not self.isolate_errors:
-                    raise
-                seq.finish, seq.error = "error", f"{type(e).__name__}: {e}"
-        finished = [s for s in self.live if s.finish]
-        events += [End(s.index, self.engine._result(s)) for s in finished]
-        self._drop(finished)
-        return events
-
-    def _drop(self, sequences: list[_Sequence]) -> None:
-        if not sequences:
-            return
-        self.live = [s for s in self.live if all(s is not d for d in sequences)]
-        self.cache.keep(torch.tensor([r for s in self.live for r in s.rows], dtype=torch.long))
-        row = 0
-        for s in self.live:
-            s.rows = list(range(row, row + len(s.rows)))
-            row += len(s.rows)
 
 
 def _is_single_prompt(prompts) -> bool:

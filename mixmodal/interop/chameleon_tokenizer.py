@@ -34,6 +34,7 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from mixmodal import vocab as V
+from mixmodal.interop.vocab_map import VOCAB_MAP_FILE, VocabMap
 from mixmodal.tokenizers.text import checked_text
 
 # mixmodal special token -> Chameleon's name for it (facebookresearch/chameleon, inference/vocab.py)
@@ -136,8 +137,6 @@ class ChameleonTokenizer:
     @classmethod
     def load(cls, model_dir: str | os.PathLike, tokenizer_file: str | os.PathLike) -> "ChameleonTokenizer":
         """The tokenizer of a converted model folder: model_dir/vocab_map.json and `tokenizer_file`."""
-        from mixmodal.interop.hf_chameleon import VOCAB_MAP_FILE, VocabMap
-
         vocab_map = VocabMap.read(Path(model_dir) / VOCAB_MAP_FILE)
         _check_specials(vocab_map, str(Path(model_dir) / VOCAB_MAP_FILE))
         file = Path(tokenizer_file)

@@ -56,25 +56,34 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from mixmodal.config import load_yaml
 from mixmodal.interop.chameleon_tokenizer import (CHAMELEON_SPECIALS, SOURCE_TOKENIZER_FILES, SpecialLayout,
                                                   read_source_tokenizer, special_layout)
-from mixmodal.interop.common import HF_WEIGHTS, ConversionError, read_hf_state, read_json
+from mixmodal.interop.chameleon_vqgan import (TAMING_NORM_GROUPS, first_difference, read_taming_vqgan,
+                                              taming_to_mixmodal, vq_config_from_transformers)
+from mixmodal.interop.common import HF_WEIGHTS, ConversionError, finish_conversion, read_hf_state, read_json
+from mixmodal.interop.vocab_map import VOCAB_MAP_FORMAT, VocabMap
 from mixmodal.model.bundle import (GENERATION_FILE, HF_CONFIG_FILE, IMAGE_TOKENIZER_DIR, TEXT_TOKENIZER_DIR,
                                    VOCAB_MAP_FILE, write_generation_settings)
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
 from mixmodal.model.io import (CONFIG_FILE, WEIGHTS_FILE, ModelDirError, check_model_state, read_model_config,
                                read_model_state, write_model_dir)
+from mixmodal.model.lora import ADAPTER_FILE
 from mixmodal.model.transformer import TransformerConfig
+from mixmodal.tokenizers.image import load_image_tokenizer
+from mixmodal.tokenizers.text import TOKENIZER_FILE
+from mixmodal.tokenizers.vq import VQTokenizer
 from mixmodal.vocab import NUM_SPECIAL, SPECIAL_TOKENS, Vocab
 from mixmodal.weights import write_manifest
 
-VOCAB_MAP_FORMAT = "mixmodal.vocab_map.v1"
 IMAGE_TOKEN_PREFIX = "IMGIMG"
 _VQ_PREFIX = "model.vqmodel."
 _VQ_DEFAULTS = {"resolution": 512, "channel_multiplier": [1, 1, 2, 2, 4]}  # ChameleonVQVAEConfig's defaults
@@ -94,93 +103,6 @@ def image_code_of(name: str) -> int | None:
         return None
     digits = "".join(str(ord(c) - ord("A")) if "A" <= c <= "J" else c for c in name[len(IMAGE_TOKEN_PREFIX):-1])
     return int(digits) if digits.isdigit() else -1
-
-
-@dataclass(frozen=True)
-class VocabMap:
-    """Chameleon id -> mixmodal id. hf_to_mixmodal has one entry per Chameleon id.
-
-    special_tokens (a converted Chameleon whose vocabulary names its special tokens): the
-    Chameleon name in each of mixmodal's special slots, {mixmodal name: Chameleon name}, in
-    slot order; None when the source's names were not found (the model then cannot be
-    driven through mixmodal's special ids). never_sample: mixmodal ids that are not text by
-    Meta's rule (chameleon_tokenizer.py), masked at sampling time."""
-
-    hf_to_mixmodal: tuple[int, ...]
-    text_size: int
-    num_image_codes: int
-    special_tokens: dict[str, str] | None = None
-    never_sample: tuple[int, ...] = ()
-
-    @classmethod
-    def from_image_ids(cls, hf_vocab_size: int, hf_id_of_code: list[int], special_hf_ids: list[int] = ()) -> "VocabMap":
-        """special_hf_ids[k] goes to id k; the other text ids follow in ascending order; code c goes
-        to text_size + c."""
-        image_ids = set(hf_id_of_code)
-        text_size = hf_vocab_size - len(hf_id_of_code)
-        ours = [0] * hf_vocab_size
-        first = set(special_hf_ids)
-        text = [*special_hf_ids, *(j for j in range(hf_vocab_size) if j not in image_ids and j not in first)]
-        for i, hf_id in enumerate(text):
-            ours[hf_id] = i
-        for code, hf_id in enumerate(hf_id_of_code):
-            ours[hf_id] = text_size + code
-        return cls(tuple(ours), text_size, len(hf_id_of_code))
-
-    @property
-    def vocab(self) -> Vocab:
-        return Vocab(self.text_size, self.num_image_codes)
-
-    @property
-    def hf_vocab_size(self) -> int:
-        return len(self.hf_to_mixmodal)
-
-    def index(self) -> torch.Tensor:
-        return torch.tensor(self.hf_to_mixmodal, dtype=torch.long)
-
-    def to_dict(self) -> dict:
-        about = ("hf_to_mixmodal[chameleon_id] = mixmodal_id. Image code c is text_size + c; mixmodal ids from "
-                 "hf_vocab_size up to mixmodal_vocab_size are padding (zero rows). ")
-        if self.special_tokens is None:
-            about += ("Text ids keep their order. mixmodal's own special-token ids do not apply: the source named no "
-                      "special tokens, so this model cannot be driven through mixmodal's special ids.")
-        else:
-            about += ("special_tokens names the Chameleon token in each of mixmodal's special slots (ids 0.."
-                      f"{NUM_SPECIAL - 1}); the other text ids follow in Chameleon's order. never_sample: mixmodal "
-                      "ids that are not text (Meta's rule), never sampled. text_tokenizer/tokenizer.json is "
-                      "Chameleon's tokenizer, driven through this map.")
-        out = {"format": VOCAB_MAP_FORMAT, "about": about, "hf_vocab_size": self.hf_vocab_size,
-               "text_size": self.text_size, "num_image_codes": self.num_image_codes,
-               "mixmodal_vocab_size": self.vocab.size}
-        if self.special_tokens is not None:
-            out.update(special_tokens=dict(self.special_tokens), never_sample=list(self.never_sample))
-        return {**out, "hf_to_mixmodal": list(self.hf_to_mixmodal)}
-
-    @classmethod
-    def read(cls, path: Path) -> "VocabMap":
-        fix = "re-run `mixmodal convert hf-chameleon SRC OUT`, or copy the converted folder again"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-            raise ConversionError(f"{path}: cannot read the vocabulary map ({' '.join(str(e).split())}): it is "
-                                  f"truncated or damaged; {fix}") from None
-        if not isinstance(data, dict) or data.get("format") != VOCAB_MAP_FORMAT:
-            raise ConversionError(f"{path}: not a mixmodal vocabulary map (expected \"format\": \"{VOCAB_MAP_FORMAT}\"); "
-                                  f"{fix}")
-        ours = data.get("hf_to_mixmodal")
-        text_size, num_codes = data.get("text_size"), data.get("num_image_codes")
-        if not isinstance(ours, list) or not isinstance(text_size, int) or not isinstance(num_codes, int) \
-                or not all(isinstance(i, int) for i in ours) \
-                or sorted(ours) != list(range(len(ours))) or len(ours) != text_size + num_codes:
-            raise ConversionError(f"{path}: hf_to_mixmodal must be a permutation of 0..text_size + num_image_codes - 1; "
-                                  f"{fix}")
-        specials, never = data.get("special_tokens"), data.get("never_sample", [])
-        if specials is not None and (not isinstance(specials, dict) or list(specials) != list(SPECIAL_TOKENS)):
-            raise ConversionError(f"{path}: special_tokens must map each of mixmodal's special tokens, in order "
-                                  f"({', '.join(SPECIAL_TOKENS)}), to a Chameleon name; reconvert the checkpoint")
-        if not isinstance(never, list) or not all(isinstance(i, int) and 0 <= i < text_size for i in never):
-            raise ConversionError(f"{path}: never_sample must be a list of text ids below text_size={text_size}; {fix}")
-        return cls(tuple(ours), text_size, num_codes, specials, tuple(never))
 
 
 def vocab_map_from_hf(config: dict, origin: str, specials: SpecialLayout | None = None) -> VocabMap:
@@ -472,8 +394,6 @@ def _source_names(hf_config: dict, source, origin: str) -> tuple[dict[str, int],
 def _write_text_side(out: Path, vocab_map: VocabMap, layout, names_from: str, source, hf_config: dict,
                      image_generation: bool) -> list[str]:
     """OUT/generation.yaml, OUT/text_tokenizer/tokenizer.json (the source's, copied), and what they mean."""
-    from mixmodal.tokenizers.text import TOKENIZER_FILE
-
     write_generation_settings(out, max_length=hf_config.get("max_position_embeddings"), diffusion=None,
                               image_generation=image_generation,
                               chat_template=None if isinstance(layout, str) else "chameleon",
@@ -506,10 +426,6 @@ _ATTACH_HINT = ("to decode generated images, add the decoder from Meta's vqgan.c
 
 def _read_meta_vqgan(hf_config: dict, vq_state: dict, path, config_path, model_config: ModelConfig, src: Path):
     """Meta's vqgan.ckpt, checked against the folder: (VQConfig, taming state, .ckpt path)."""
-    from dataclasses import asdict
-
-    from mixmodal.interop.chameleon_vqgan import first_difference, read_taming_vqgan, vq_config_from_transformers
-
     vq_config, taming, ckpt = read_taming_vqgan(path, config_path)
     image = model_config.image
     if (vq_config.codebook_size, vq_config.grid_size) != (image.num_codes, image.grid_size):
@@ -531,10 +447,6 @@ def _read_meta_vqgan(hf_config: dict, vq_state: dict, path, config_path, model_c
 
 def _convert_vqgan(hf_config: dict, vq_state: dict, src: Path, out: Path, num_image_codes: int,
                    meta_vqgan=None) -> list[str]:
-    from mixmodal.interop.chameleon_vqgan import taming_to_mixmodal, vq_config_from_transformers
-    from mixmodal.interop.common import finish_conversion
-    from mixmodal.tokenizers.vq import VQTokenizer
-
     if meta_vqgan is not None:
         vq_config, taming, ckpt = meta_vqgan
         finish_conversion(VQTokenizer(vq_config), taming_to_mixmodal(taming, len(vq_config.channel_multipliers)),
@@ -568,8 +480,6 @@ def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> t
     and config fields go back to Chameleon's); otherwise ids stay as they are, the padding
     rows are dropped, and a vocabulary_map names the image tokens. Returns the written
     config.json dict and notes for the user."""
-    from safetensors.torch import save_file
-
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise ConversionError(f"{src} is not a directory: pass a mixmodal model directory ({CONFIG_FILE} + {WEIGHTS_FILE})")
@@ -585,8 +495,6 @@ def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> t
         raise ConversionError(f"{src / CONFIG_FILE}: transformer.qk_norm=false; Chameleon always applies QK-norm")
     if config.image.is_bidirectional:
         raise ConversionError(f"{src / CONFIG_FILE}: image.bidirectional=true; Chameleon attends causally inside images")
-    from mixmodal.model.lora import ADAPTER_FILE
-
     try:
         state = read_model_state(src)  # a LoRA run's folder: its adapter merged into the weights
     except ModelDirError as e:
@@ -617,8 +525,6 @@ def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> t
         vq_config, vq_state = _vqgan_to_hf(src / IMAGE_TOKENIZER_DIR, config.image.num_codes)
         hf_config["vq_config"] = vq_config
         hf_state.update({_VQ_PREFIX + k: v for k, v in vq_state.items()})
-        from mixmodal.config import load_yaml
-
         decoder = not load_yaml(src / IMAGE_TOKENIZER_DIR / CONFIG_FILE).get("encoder_only", False)
         notes.append(f"the VQGAN encoder of {src / IMAGE_TOKENIZER_DIR} went to model.vqmodel"
                      + (" (its decoder is not written: transformers' ChameleonVQVAE has none)" if decoder else ""))
@@ -651,11 +557,6 @@ def _vqgan_to_hf(folder: Path, num_image_codes: int) -> tuple[dict, dict[str, to
     """A mixmodal VQ tokenizer directory -> (a ChameleonVQVAEConfig dict, its encoder tensors under
     taming's names). Only what transformers' ChameleonVQVAE can run is accepted: a Euclidean
     codebook and 32-group norms, as `convert chameleon-vqgan` writes them."""
-    import re
-
-    from mixmodal.interop.chameleon_vqgan import TAMING_NORM_GROUPS, taming_to_mixmodal
-    from mixmodal.tokenizers.image import load_image_tokenizer
-
     tokenizer = load_image_tokenizer(folder)
     c = tokenizer.config
     if tokenizer.kind != "vq" or c.codebook != "euclidean" or c.norm_groups != TAMING_NORM_GROUPS:
@@ -688,6 +589,6 @@ def _vqgan_to_hf(folder: Path, num_image_codes: int) -> tuple[dict, dict[str, to
     return vq_config, state
 
 
-__all__ = ["VocabMap", "convert_hf_chameleon", "convert_to_hf_chameleon", "hf_config_from_model_config",
-           "hf_state_to_mixmodal", "image_code_of", "image_token_name", "mixmodal_state_to_hf", "model_config_from_hf",
-           "native_vocab_map", "vocab_map_from_hf"]
+__all__ = ["VOCAB_MAP_FORMAT", "VocabMap", "convert_hf_chameleon", "convert_to_hf_chameleon",
+           "hf_config_from_model_config", "hf_state_to_mixmodal", "image_code_of", "image_token_name",
+           "mixmodal_state_to_hf", "model_config_from_hf", "native_vocab_map", "vocab_map_from_hf"]

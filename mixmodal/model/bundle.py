@@ -48,6 +48,7 @@ import torch
 from mixmodal.config import build_config, load_yaml, save_config, to_dict
 from mixmodal.data.chat import TEMPLATES
 from mixmodal.interop.chameleon_tokenizer import ChameleonTokenizer
+from mixmodal.interop.vocab_map import VOCAB_MAP_FILE
 from mixmodal.model.fusion import FusionModel
 from mixmodal.model.io import CONFIG_FILE, FIX, WEIGHTS_FILE, load_model_dir
 from mixmodal.objectives.diffusion import DiffusionConfig
@@ -64,7 +65,7 @@ GENERATION_FILE = "generation.yaml"
 TEXT_TOKENIZER_DIR = "text_tokenizer"
 IMAGE_TOKENIZER_DIR = "image_tokenizer"
 TRAINING_FILE = "training.json"  # what training cost, for `mixmodal eval` and the study
-VOCAB_MAP_FILE = "vocab_map.json"  # a converted Chameleon: Chameleon id <-> mixmodal id (interop/hf_chameleon.py)
+# VOCAB_MAP_FILE = "vocab_map.json": a converted Chameleon: Chameleon id <-> mixmodal id (interop/vocab_map.py)
 HF_CONFIG_FILE = "hf_config.json"  # the source's config.json, kept so the inverse writes the same fields back
 
 TextTokenizerLike = Union[TextTokenizer, ChameleonTokenizer]

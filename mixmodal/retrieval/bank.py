@@ -12,27 +12,14 @@ An index directory (one writer at a time):
                                  under store/images/, named by row
     INDEX/store/offsets.npy      int64 [N + 1]: byte offset of each line, then the file's size
 
-This module holds bank.json, `open`'s check and the build / add / reindex transactions over
-all the files; keys.npy and the store are store.py's, index.faiss is index.py's, and the
-embedder's boundary checks are embed.py's.
+This module holds bank.json, `open`'s check and the build / add / reindex steps over all the
+files; keys.npy and the store are store.py's, index.faiss is index.py's, the embedder's boundary
+checks are embed.py's, and the write transaction (journal, lock, swap) is transaction.py's.
 
 Consistency is what `open` checks: every file counts N rows, and the store file reaches where
-offsets.npy ends. A bank is always the old one or the new one, whenever a writer is killed
-(benchmarks/soak.py kills `index add` with SIGKILL at random moments and at each step below):
-
-  - `build` writes a sibling temporary folder and swaps it into place in one rename
-    (renameat2 RENAME_EXCHANGE where the OS has it; else two renames, and a bank found moved
-    aside is named in the error);
-  - `add` and `reindex` take INDEX/write.lock (one writer at a time), append to the store,
-    write every other changed file under a new name (NAME.add-tmp), then write commit.json
-    listing them: that rename is the commit point. Then each file is moved into place, and
-    commit.json removed. A reader that finds commit.json reads the new files (moved or not);
-    one that does not reads the old ones and ignores the store's bytes past offsets.npy's end.
-    The next writer finishes a committed write (moves the rest into place) or rolls back one
-    that was not (cuts the store's tail, removes the temporaries), before its own.
-
-A full disk or a read-only folder stops an add with one line; nothing is added and the bank
-stays as it was.
+offsets.npy ends. A bank is always the old one or the new one, whenever a writer is killed: the
+build / add / reindex transaction, its commit journal (commit.json), write lock and folder swap
+are transaction.py's (its docstring tells the steps).
 
 Embeddings are normalised, so inner product is cosine similarity (CM3Leon §2.1 retrieves
 by maximum inner product over mean-of-modalities CLIP embeddings).
@@ -40,8 +27,6 @@ by maximum inner product over mean-of-modalities CLIP embeddings).
 
 from __future__ import annotations
 
-import errno
-import glob
 import json
 import os
 import shutil
@@ -60,15 +45,13 @@ from mixmodal.retrieval.index import (KINDS, add_rows, apply_search_params, buil
                                       search_index, write_index)
 from mixmodal.retrieval.store import (DocumentStore, IngestStats, StoreWriter, assemble_embeddings, document_key,
                                       load_npy, load_store, save_npy)
+from mixmodal.retrieval.transaction import (FILES, JOURNAL, NEW, REPLACED, commit, disk_error, exchange,
+                                            finish_commit, move_into_place, moved_aside, recover, resolve, sync,
+                                            temporaries, tidy_siblings, unlink_quietly, why, write_json, write_lock)
 from mixmodal.train import faults
 
 FORMAT = 1
-_FILES = ("bank.json", "index.faiss", "embeddings.npy", "keys.npy", "store/documents.jsonl", "store/offsets.npy")
-_REPLACED = ("embeddings.npy", "keys.npy", "store/offsets.npy", "index.faiss", "bank.json")  # by an add, in order
-JOURNAL = "commit.json"  # an add's or a reindex's commit point: the files whose new versions replace them
-NEW = ".add-tmp"  # FILE.add-tmp: FILE's new version, written before the commit
-LOCK = "write.lock"  # flock-ed by the one process writing to the bank (add, reindex)
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+_exchange = exchange  # build's folder swap, looked up here when it runs (tests make it fail through this name)
 
 
 class MemoryBank:
@@ -114,7 +97,7 @@ class MemoryBank:
         check_kind(kind)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        _tidy_siblings(out)
+        tidy_siblings(out)
         _check_out_dir(out, overwrite)
         dim = embedder_dim(embedder)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,10 +130,10 @@ class MemoryBank:
                 "skipped_empty": stats.skipped_empty,
                 "index_params": {k: v for k, v in params.items() if k != "kind"},
             }
-            _write_json(tmp / "bank.json", meta)
-            _sync(tmp, [tmp / name for name in _FILES])
+            write_json(tmp / "bank.json", meta)
+            sync(tmp, [tmp / name for name in FILES])
             faults.point("index:build")
-            _move_into_place(tmp, out)
+            move_into_place(tmp, out, _exchange)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -179,7 +162,7 @@ class MemoryBank:
                             f"with {len(self)}: another process changed it; open it again before adding")
         started = time.perf_counter()
         writer = StoreWriter(self.path, start_row=len(self), start_offset=self._store.end, dim=self.dim)
-        new = {name: self.path / f"{name}{NEW}" for name in _REPLACED}
+        new = {name: self.path / f"{name}{NEW}" for name in REPLACED}
         committed = False
         try:
             known = np.sort(np.asarray(self._store.key_rows["key"]))  # re-running an add adds nothing twice
@@ -203,22 +186,22 @@ class MemoryBank:
             meta["skipped_empty"] = meta.get("skipped_empty", 0) + stats.skipped_empty
             meta["sources"] = list(meta.get("sources", [])) + ([source] if source else [])
             meta["updated"] = _now()
-            _write_json(new["bank.json"], meta)
-            _sync(self.path, [*new.values(), self.path / "store" / "documents.jsonl"])
+            write_json(new["bank.json"], meta)
+            sync(self.path, [*new.values(), self.path / "store" / "documents.jsonl"])
             faults.point("index:prepared")
-            _commit(self.path, list(new))  # the commit point: from here on the bank is the new one
+            commit(self.path, list(new))  # the commit point: from here on the bank is the new one
             committed = True
-            _finish_commit(self.path)
+            finish_commit(self.path)
             writer.raw_path.unlink(missing_ok=True)
         except BaseException as e:
             if committed:  # a failure while moving files into place: finish it (the next writer would)
                 try:
-                    _finish_commit(self.path)
+                    finish_commit(self.path)
                 except OSError:
                     pass
             else:  # nothing but the store's tail and temporaries have changed: remove them
                 for p in (writer.raw_path, *new.values()):
-                    _unlink(p)
+                    unlink_quietly(p)
                 try:
                     writer.truncate()
                 except OSError:
@@ -227,9 +210,9 @@ class MemoryBank:
                 self._reload()
             except BankError as reload_error:  # cannot happen by the transaction's design; named if it does
                 self._broken = str(reload_error)
-            if _disk_error(e, self.path):
+            if disk_error(e, self.path):
                 state = "the add is committed" if committed else "nothing was added: the bank is as it was"
-                raise BankError(f"cannot write to {self.path} ({_why(e)}): {state}; free "
+                raise BankError(f"cannot write to {self.path} ({why(e)}): {state}; free "
                                 "space on that disk or make the folder writable, then run `mixmodal index add` "
                                 "again") from None
             raise
@@ -243,14 +226,14 @@ class MemoryBank:
         """This process as the bank's one writer (INDEX/write.lock), an interrupted write finished or rolled back
         first; a folder that cannot be written is one line."""
         try:
-            with _write_lock(self.path):
-                if _recover(self.path):
+            with write_lock(self.path):
+                if recover(self.path, _read_count):
                     self._reload()
                 yield
         except OSError as e:
-            if not _disk_error(e, self.path):
+            if not disk_error(e, self.path):
                 raise
-            raise BankError(f"cannot {what} {self.path} ({_why(e)}): nothing was "
+            raise BankError(f"cannot {what} {self.path} ({why(e)}): nothing was "
                             "changed; free space on that disk or make the folder writable, then run it again") from None
 
     def reindex(self, kind: str, *, nlist: int | None = None) -> list[str]:
@@ -263,10 +246,10 @@ class MemoryBank:
             meta = _read_meta(self.path)
             meta["kind"] = params.pop("kind")
             meta["index_params"] = params
-            _write_json(self.path / f"bank.json{NEW}", meta)
-            _sync(self.path, [self.path / f"index.faiss{NEW}", self.path / f"bank.json{NEW}"])
-            _commit(self.path, ["index.faiss", "bank.json"])
-            _finish_commit(self.path)
+            write_json(self.path / f"bank.json{NEW}", meta)
+            sync(self.path, [self.path / f"index.faiss{NEW}", self.path / f"bank.json{NEW}"])
+            commit(self.path, ["index.faiss", "bank.json"])
+            finish_commit(self.path)
         self._reload()
         return notes
 
@@ -414,10 +397,10 @@ def _load(path: Path):
 def _load_once(path: Path):
     rebuild = rebuild_hint(path)
     if not path.is_dir():
-        raise BankError(f"{path}: no such index folder; {_moved_aside(path) or 'build one with ' + build_hint(path)}")
-    files, committing = _resolve(path)
+        raise BankError(f"{path}: no such index folder; {moved_aside(path) or 'build one with ' + build_hint(path)}")
+    files, committing = resolve(path)
     meta = _read_meta(path, files["bank.json"])
-    for name in _FILES:
+    for name in FILES:
         if not files[name].is_file():
             raise BankError(f"{path / name} is missing: {path} is not a complete memory bank (an interrupted build, "
                             f"or files moved?); {rebuild}")
@@ -432,159 +415,16 @@ def _load_once(path: Path):
     if committing:
         pending = (f"an add's commit ({path / JOURNAL}) is not finished (a writer is moving files into place, or was "
                    "killed doing so): read as the new bank; the next `mixmodal index add` finishes it")
-    elif tail or _temporaries(path):
+    elif tail or temporaries(path):
         pending = (f"an add was interrupted before its commit: {tail} bytes after the last document of "
-                   f"{path / 'store' / 'documents.jsonl'} and {len(_temporaries(path))} temporary file(s) are not "
+                   f"{path / 'store' / 'documents.jsonl'} and {len(temporaries(path))} temporary file(s) are not "
                    "part of the bank (or a writer is still at work); the next `mixmodal index add` removes them")
     return meta, index, embeddings, keys, offsets, pending
 
 
-# --- the write transaction (the module docstring) ------------------------------------------------
 
-def _journal(path: Path) -> list[str] | None:
-    """The files commit.json lists (None when there is none)."""
-    file = path / JOURNAL
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise BankError(f"{file} cannot be read ({e}): the record of an add's commit is damaged; {rebuild_hint(path)}"
-                        ) from None
-    names = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(names, list) or not names or not all(n in _FILES for n in names):
-        raise BankError(f"{file} is not a commit record (a files list of the bank's files): the folder was damaged; "
-                        f"{rebuild_hint(path)}")
-    return names
-
-
-def _resolve(path: Path) -> tuple[dict[str, Path], bool]:
-    """Where each of the bank's files is read from: its own name, or, while a committed write is moved into
-    place (commit.json is there), its new version not yet moved. And whether one is."""
-    files = {name: path / name for name in _FILES}
-    names = _journal(path)
-    for name in names or ():
-        new = path / f"{name}{NEW}"
-        if new.is_file():
-            files[name] = new
-    return files, names is not None
-
-
-def _commit(path: Path, names: list[str]) -> None:
-    """Write commit.json (atomically): from now on the new versions of `names` are the bank."""
-    _write_json(path / JOURNAL, {"files": names})
-    _sync(path, [path / JOURNAL])
-    faults.point("index:committed")
-
-
-def _finish_commit(path: Path) -> bool:
-    """Move the new versions commit.json lists into place (those still there), then remove it. Whether there
-    was one. Safe to repeat: a file already moved is not there any more."""
-    names = _journal(path)
-    if names is None:
-        return False
-    for name in names:
-        new = path / f"{name}{NEW}"
-        if new.is_file():
-            os.replace(new, path / name)
-            faults.point("index:replaced")
-    _sync(path, [])
-    (path / JOURNAL).unlink()
-    return True
-
-
-def _temporaries(path: Path) -> list[Path]:
-    """Leftovers of a write that did not commit: new versions, the raw embeddings, half-written JSON."""
-    return [p for folder in (path, path / "store") for p in (folder.glob("*tmp") if folder.is_dir() else ())
-            if p.is_file()]
-
-
-def _recover(path: Path) -> bool:
-    """Under the write lock: finish a committed write, or roll back one that was not (temporaries removed, the
-    store's tail cut at offsets.npy's end). Whether there was anything to do."""
-    done = _finish_commit(path)
-    for p in _temporaries(path):
-        _unlink(p)
-        done = True
-    store = path / "store" / "documents.jsonl"
-    try:
-        offsets = np.load(path / "store" / "offsets.npy", mmap_mode="r")
-        count = _read_meta(path)["count"]
-        end, size = int(offsets[-1]), store.stat().st_size
-    except (OSError, ValueError, IndexError, EOFError, BankError):
-        return done  # damaged: open() names it
-    if size > end and offsets.shape == (count + 1,):  # (files that disagree otherwise: not an add's tail; refused)
-        with open(store, "r+b") as f:
-            f.truncate(end)
-        done = True
-    return done
-
-
-@contextmanager
-def _write_lock(path: Path) -> Iterator[None]:
-    """INDEX/write.lock held exclusively (released by the OS however this process ends); BankError when
-    another process holds it. No locking where fcntl is missing (Windows)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    if not path.is_dir():
-        raise BankError(f"{path}: no such index folder; build one with {build_hint(path)}")
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BankError(f"another process is writing to {path} (it holds {path / LOCK}: an `index add` or a "
-                            "reindex); wait for it to finish, then run this again") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _sync(folder: Path, files: Iterable[Path]) -> None:
-    """Flush `files` and `folder`'s entries to disk (against power loss; a SIGKILL needs none of it). Best
-    effort: not every OS or file system allows it."""
-    for file in files:
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _disk_error(e: BaseException, path: Path) -> bool:
-    """A write into the bank folder refused by its disk (full, read-only, not ours): one line, not a traceback."""
-    if not isinstance(e, OSError) or e.errno not in DISK_FULL:
-        return False
-    where = e.filename
-    return where is None or (isinstance(where, (str, os.PathLike))
-                             and os.path.abspath(where).startswith(os.path.abspath(path)))
-
-
-def _why(e: OSError) -> str:
-    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-
-
-def _unlink(p: Path) -> None:
-    try:
-        p.unlink(missing_ok=True)
-    except OSError:
-        pass
+def _read_count(path: Path) -> int:
+    return _read_meta(path)["count"]
 
 
 def _read_meta(path: Path, file: Path | None = None) -> dict:
@@ -614,14 +454,9 @@ def read_bank_json(path: str | os.PathLike) -> dict:
     """bank.json of the bank at `path` (checked for its fields only; `MemoryBank.open` checks the rest)."""
     path = Path(path)
     if not path.is_dir():
-        raise BankError(f"{path}: no such index folder; {_moved_aside(path) or 'build one with ' + build_hint(path)}")
-    return _read_meta(path, _resolve(path)[0]["bank.json"])
+        raise BankError(f"{path}: no such index folder; {moved_aside(path) or 'build one with ' + build_hint(path)}")
+    return _read_meta(path, resolve(path)[0]["bank.json"])
 
-
-def _write_json(file: Path, data: dict) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, file)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -631,83 +466,6 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise BankError(f"{out} is a non-empty folder that is not a memory bank; choose another --out, or pass "
                         "overwrite=True (--overwrite) to replace it")
 
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Put the finished `tmp` at `out`: one atomic swap with an old `out` where the OS can (the old one, then
-    under tmp's name, is removed after), else the old one moved aside first and removed last."""
-    if not out.exists():
-        os.replace(tmp, out)
-    elif _exchange(tmp, out):
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        old = out.with_name(f"{out.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    _sync(out.parent, [])
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux renameat2 with RENAME_EXCHANGE); False where the OS, its C library
-    or the file system cannot."""
-    import ctypes
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def _siblings(out: Path) -> list[tuple[Path, int | None]]:
-    """Folders a build of `out` left beside it (NAME.tmp-PID-*, NAME.old-PID-*) with the pid that wrote them."""
-    found = []
-    for p in out.parent.glob(f"{glob.escape(out.name)}.[to][ml][pd]-*") if out.parent.is_dir() else ():
-        kind, _, rest = p.name[len(out.name) + 1:].partition("-")
-        if kind in ("tmp", "old") and p.is_dir():
-            pid = rest.split("-")[0]
-            found.append((p, int(pid) if pid.isdigit() else None))
-    return found
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # someone else's process
-    return True
-
-
-def _moved_aside(out: Path) -> str | None:
-    """The fix when `out` is missing because a build stopped between its two renames (no RENAME_EXCHANGE)."""
-    old = [p for p, _ in _siblings(out) if p.name.startswith(f"{out.name}.old-") and (p / "bank.json").is_file()]
-    if not old:
-        return None
-    return (f"a build replacing it was stopped after moving the old bank aside: put it back with `mv {old[0]} "
-            f"{out}`, or build again")
-
-
-def _tidy_siblings(out: Path) -> None:
-    """Before a build: a bank a stopped build moved aside goes back to `out` (the build then replaces it as
-    usual); what stopped builds left beside `out` is removed (not a running build's folder)."""
-    for p, pid in _siblings(out):
-        if _alive(pid) and pid != os.getpid():
-            continue
-        if p.name.startswith(f"{out.name}.old-") and not out.exists() and (p / "bank.json").is_file():
-            os.replace(p, out)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def _progress(docs: Iterable[Document], enabled: bool, desc: str) -> Iterable[Document]:

@@ -41,7 +41,7 @@ from mixmodal.model.bundle import TEXT_TOKENIZER_DIR
 from mixmodal.retrieval.encoder import (ENCODER_DIR, DualEncoder, DualEncoderConfig, contrastive_loss,
                                         load_tokenizer, save_dual_encoder, tokenize_texts)
 from mixmodal.train import distributed
-from mixmodal.train.fusion import prepare_text_tokenizer
+from mixmodal.train.fusion_prepare import prepare_text_tokenizer
 from mixmodal.train.trainer import OptimizerSpec, TaskBase, TrainerConfig
 
 NOT_ARCHITECTURE = {"logit_scale_init"}

@@ -28,8 +28,8 @@ def point(name: str) -> None:
 
 POINTS = ("checkpoint:weights", "checkpoint:optimizer", "checkpoint:manifest", "checkpoint:renamed",
           "metrics:line",
-          # the memory bank's transaction (retrieval/bank.py): a batch appended to the store; every new file
-          # written, before the commit; commit.json written; each file moved into place; a build's folder
-          # complete, before its swap into place
+          # the memory bank's transaction (retrieval/bank.py, transaction.py): a batch appended to the store;
+          # every new file written, before the commit; commit.json written; each file moved into place; a
+          # build's folder complete, before its swap into place
           "index:store", "index:prepared", "index:committed", "index:replaced", "index:build")
 __all__ = ["POINTS", "point"]
