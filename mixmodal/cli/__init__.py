@@ -48,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args, overrides)
     except (ConfigError, BadInputError, FileNotFoundError, ValueError) as e:
-        print(f"mixmodal {args.verb} {getattr(args, 'subverb', '') or ''}: error: {e}".replace("  ", " "), file=sys.stderr)
+        where = " ".join(w for w in ("mixmodal", args.verb, getattr(args, "subverb", None)) if w)
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 2
 
 
