@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mixmodal.cli.common import no_overrides
+
 
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("export", help="write a run's model folder from one of its checkpoints (sharded ones too)",
@@ -24,9 +26,7 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     from mixmodal.train.checkpoint import CheckpointError
     from mixmodal.train.export import export
 
-    if overrides:
-        print(f"mixmodal export: error: unexpected arguments {' '.join(overrides)}", file=sys.stderr)
-        return 2
+    no_overrides("export", overrides)
     try:
         out = export(args.run, args.step, args.out, force=args.force)
     except CheckpointError as e:

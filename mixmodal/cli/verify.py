@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mixmodal.cli.common import no_overrides
 
-CHECKPOINT = re.compile(r"^step_\d+$")
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -82,7 +80,7 @@ def verify_path(path: str | os.PathLike) -> list[Finding]:
         subfolders[:] = [s for s in subfolders if s not in skipped]
         if "manifest.json" in files:
             findings.append(_manifest(here, intact))
-        elif CHECKPOINT.match(here.name) and here.parent.name == "checkpoints":
+        elif _is_checkpoint(here):
             findings.append(_old_checkpoint(here, intact))
         elif "tokenizer.json" in files or "config.yaml" in files and "model.safetensors" in files:
             findings.append(Finding(here, "note", "no manifest.json (written before manifests, or by hand): not "
@@ -126,7 +124,7 @@ def _old_checkpoint(folder: Path, intact: set[Path]) -> Finding:
 
 def _fix(folder: Path, manifest: dict | None, intact: set[Path]) -> str:
     """What to do about a damaged folder: an earlier checkpoint for a checkpoint, else how to write it again."""
-    if CHECKPOINT.match(folder.name) and folder.parent.name == "checkpoints":
+    if _is_checkpoint(folder):
         run = folder.parent.parent
         earlier = sorted(c for c in intact if c.parent == folder.parent and c.name < folder.name)
         config = run / "config.yaml" if (run / "config.yaml").is_file() else "CONFIG"
@@ -136,6 +134,12 @@ def _fix(folder: Path, manifest: dict | None, intact: set[Path]) -> str:
         return f"no earlier checkpoint of {run} is intact: start the run again (`mixmodal train {config} --out NEW`)"
     remake = (manifest or {}).get("remake")
     return remake or "copy the folder again from where it came from"
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    from mixmodal.train.checkpoint import CHECKPOINT_NAME  # (torch: not at CLI start-up)
+
+    return folder.parent.name == "checkpoints" and CHECKPOINT_NAME.match(folder.name) is not None
 
 
 def _bank(folder: Path) -> Finding:

@@ -30,10 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from mixmodal.tokenizers.pixels import check_images
+from mixmodal.tokenizers.trunk import TrunkTokenizer
 from mixmodal.tokenizers.vae import DiagonalGaussian
+from mixmodal.tokenizers.vq import check_codes
 
 
 @dataclass
@@ -106,16 +107,8 @@ def from_patches(patches: torch.Tensor, p: int) -> torch.Tensor:
     return patches.reshape(B, h, w, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, h * p, w * p)
 
 
-class _PatchTokenizer(nn.Module):
+class _PatchTokenizer(TrunkTokenizer):  # grid_size, downsampling_factor: from the config, as every tokenizer's
     config: PatchConfig
-
-    @property
-    def grid_size(self) -> int:
-        return self.config.grid_size
-
-    @property
-    def downsampling_factor(self) -> int:
-        return self.config.patch_size
 
     def _patches(self, images: torch.Tensor, any_size: bool) -> torch.Tensor:
         check_images(images, self.config.resolution, self.config.patch_size, any_size=any_size)
@@ -249,9 +242,6 @@ class KMeansTokenizer(_PatchTokenizer):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) -> images (B, 3, h p, w p)."""
-        if codes.ndim != 3 or codes.is_floating_point() or codes.is_complex():
-            raise ValueError(f"codes must be an integer tensor (B, h, w); got {codes.dtype} {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
-            raise ValueError(f"codes must lie in [0, {self.num_codes}); got [{int(codes.min())}, {int(codes.max())}]")
+        check_codes(codes, self.num_codes)
         self.check_fitted()
         return from_patches(self.codebook[codes.long()], self.config.patch_size)

@@ -171,6 +171,14 @@ class VectorQuantizer(nn.Module):
         self.steps_since_used[dead] = 0
 
 
+def check_codes(codes: torch.Tensor, num_codes: int) -> None:
+    """Raise ValueError unless `codes` is an integer (B, h, w) tensor of codes in [0, num_codes)."""
+    if codes.ndim != 3 or codes.is_floating_point() or codes.is_complex():
+        raise ValueError(f"codes must be an integer tensor (B, h, w); got {codes.dtype} {tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= num_codes):
+        raise ValueError(f"codes must lie in [0, {num_codes}); got [{int(codes.min())}, {int(codes.max())}]")
+
+
 class VQTokenizer(TrunkTokenizer):
     """Images (B, 3, R, R) in [-1, 1] <-> codes (B, R/f, R/f) in [0, codebook_size)."""
 
@@ -206,10 +214,7 @@ class VQTokenizer(TrunkTokenizer):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, h, w) -> images (B, 3, h*f, w*f), unclamped (clamp to [-1, 1] to display)."""
-        if codes.ndim != 3 or codes.is_floating_point() or codes.is_complex():
-            raise ValueError(f"codes must be an integer tensor (B, h, w); got {codes.dtype} {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
-            raise ValueError(f"codes must lie in [0, {self.num_codes}); got [{int(codes.min())}, {int(codes.max())}]")
+        check_codes(codes, self.num_codes)
         return self.decode_latents(self.quantize.lookup(codes.long()))
 
     def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from mixmodal.tokenizers.patch import KMeansConfig, KMeansTokenizer, PCAConfig, 
 from mixmodal.train.checkpoint import artifact_remake
 from mixmodal.train.image_data import eval_images
 from mixmodal.train.image_tokenizer import ImageEvalConfig, evaluate_reconstructions, save_sample_grid
+from mixmodal.train.metrics import MetricsLogger, jsonable
 
 
 @dataclass
@@ -74,6 +75,8 @@ def fit(config: PatchTokenizerFitConfig, out: str | os.PathLike) -> dict:
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir)
+    logger = MetricsLogger(run_dir)
+    logger.discard()  # a fit done again in the same folder replaces the earlier one's record
     started = time.perf_counter()
     model_config = config.tokenizer.model
     tokenizer = PCATokenizer(model_config) if config.tokenizer.kind == "pca" else KMeansTokenizer(model_config)
@@ -89,11 +92,8 @@ def fit(config: PatchTokenizerFitConfig, out: str | os.PathLike) -> dict:
         if config.eval.num_samples:
             save_sample_grid(images, recons, config.eval.num_samples, run_dir / "samples" / "step_000000.png")
     save_image_tokenizer(tokenizer.eval(), run_dir / "tokenizer", remake=artifact_remake(run_dir))
-    line = {"step": 0, "time": time.time(), "elapsed": round(time.perf_counter() - started, 3), "kind": "eval",
-            "metrics": metrics}
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
+    logger.log(0, "eval", metrics=metrics)  # the trainer's record form (non-finite values as strings)
     tmp = run_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(jsonable(metrics), indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, run_dir / "eval.json")
     return metrics
