@@ -6,15 +6,19 @@ import json
 
 from mixmodal.demo import main
 
+# the computed tokenizers fitted on 100 images instead of 4,000 (the demo passes these to both tokenizer runs)
+FAST_TOKENIZERS = "[data.num_images=100,eval.num_images=8,eval.num_samples=4]"
+
 
 def test_small_demo_runs_and_lists_its_outputs(tmp_path, capsys):
     from mixmodal.eval.feature_net import train_feature_net
 
     features = tmp_path / "features"
-    train_feature_net(32, steps=2, batch_size=4, out=features, num_eval_scenes=8)  # the real one trains for ~30 s
+    train_feature_net(64, steps=2, batch_size=4, out=features, num_eval_scenes=8)  # the real one trains for ~30 s
     out = tmp_path / "demo"
-    code = main(["--out", str(out), "num_train=40", "num_heldout=20", "num_shown=8", "shapes.resolution=32",
-                 "text_tokenizer.vocab_size=400", "image_tokenizer_steps=2", "model_steps=2", "num_prompts=2",
+    code = main(["--out", str(out), "num_train=40", "num_heldout=20", "num_shown=8",
+                 "text_tokenizer.vocab_size=400", f"tokenizer_overrides={FAST_TOKENIZERS}", "model_steps=2", "num_prompts=2",
+                 "geneval_prompts=1",
                  "diffusion_steps=2", "eval_num=2", f"feature_net={features}"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -28,7 +32,9 @@ def test_small_demo_runs_and_lists_its_outputs(tmp_path, capsys):
     assert oracle["heldout"]["images"] >= 20
     assert (out / "report.md").read_text().startswith("# mixmodal demo report")
     assert (out / "runs" / "tokens" / "model" / "model.safetensors").is_file()
-    assert "token model" in (out / "report.md").read_text() and "latent model" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "token model" in report and "latent model" in report and "computed in" in report  # the patch tokenizers
+    assert json.loads((out / "runs" / "vq" / "eval.json").read_text())["fit_images"] == 100  # the overrides reached it
     for model in ("tokens", "latents"):
         assert (out / "generate" / model / "documents.jsonl").read_text().count("\n") == 2
     assert "## Generation" in (out / "report.md").read_text()
@@ -41,6 +47,7 @@ def test_small_demo_runs_and_lists_its_outputs(tmp_path, capsys):
     assert "## Evaluation" in (out / "report.md").read_text()
     assert "GenEval-form overall" in (out / "report.md").read_text()
     # a second `make demo` into the same folder starts its runs afresh instead of refusing
-    assert main(["--out", str(out), "num_train=40", "num_heldout=20", "num_shown=8", "shapes.resolution=32",
-                 "text_tokenizer.vocab_size=400", "image_tokenizer_steps=2", "model_steps=2", "num_prompts=1",
+    assert main(["--out", str(out), "num_train=40", "num_heldout=20", "num_shown=8",
+                 "text_tokenizer.vocab_size=400", f"tokenizer_overrides={FAST_TOKENIZERS}", "model_steps=2", "num_prompts=1",
+                 "geneval_prompts=1",
                  "diffusion_steps=2", "eval_num=1", f"feature_net={features}"]) == 0

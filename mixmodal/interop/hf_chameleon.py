@@ -495,6 +495,10 @@ def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> t
         raise ConversionError(f"{src / CONFIG_FILE}: transformer.qk_norm=false; Chameleon always applies QK-norm")
     if config.image.is_bidirectional:
         raise ConversionError(f"{src / CONFIG_FILE}: image.bidirectional=true; Chameleon attends causally inside images")
+    if config.image.code_embedding != "learned":
+        raise ConversionError(f"{src / CONFIG_FILE}: image.code_embedding={config.image.code_embedding}; Chameleon "
+                              "has one embedding and one lm_head row per code and no shared map of code vectors "
+                              "(train with image.code_embedding=learned to export)")
     try:
         state = read_model_state(src)  # a LoRA run's folder: its adapter merged into the weights
     except ModelDirError as e:

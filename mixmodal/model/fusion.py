@@ -49,8 +49,16 @@ class ImageConfig:
     patchify: Literal["linear", "unet"] = "linear"  # latents: how patches enter and leave the transformer
     unet_channels: int = 64  # latents, unet: channels of the U-Net blocks
     bidirectional: bool | None = None  # attention among one image's positions; None: yes for latents, no for tokens
+    # tokens: how a code enters and leaves the transformer. "learned": its own embedding row and lm_head row,
+    # as Chameleon. "codebook": those rows plus a learned linear map of the code's tokenizer vector (VQ
+    # codebook vector, k-means patch), shared by all codes, so codes that look alike start alike and a code
+    # never seen as a target still scores by what it looks like (docs/recipes.md: held-out combinations)
+    code_embedding: Literal["learned", "codebook"] = "learned"
+    code_features: int = 0  # tokens, codebook: width of a code's tokenizer vector (filled from the image tokenizer)
 
     def __post_init__(self) -> None:
+        if self.code_embedding not in ("learned", "codebook"):
+            raise ValueError(f"image.code_embedding must be 'learned' or 'codebook', got {self.code_embedding!r}")
         if self.mode == "latents" and self.grid_size and self.grid_size % self.patch_size:
             raise ValueError(f"image.patch_size={self.patch_size} does not divide the latent grid "
                              f"({self.grid_size} x {self.grid_size}); pick a divisor of {self.grid_size}")
@@ -225,6 +233,17 @@ class FusionModel(nn.Module):
         nn.init.normal_(self.lm_head.weight, 0.0, t.init_std)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.code_in = self.code_out = None
+        if image.mode == "tokens" and image.code_embedding == "codebook":
+            if not image.code_features or not image.num_codes:
+                raise ValueError("image.code_embedding=codebook needs image.num_codes and image.code_features "
+                                 "(from the image tokenizer)")
+            # normalised tokenizer vectors (set_code_features), saved with the weights
+            self.register_buffer("code_features", torch.zeros(image.num_codes, image.code_features))
+            self.code_in = nn.Linear(image.code_features, t.dim, bias=False)
+            self.code_out = nn.Linear(image.code_features, t.dim, bias=False)
+            nn.init.normal_(self.code_in.weight, 0.0, t.init_std)
+            nn.init.normal_(self.code_out.weight, 0.0, t.init_std)
         if image.mode == "latents":
             if not image.latent_channels or not image.grid_size:
                 raise ValueError("latent mode needs image.latent_channels and image.grid_size (from the VAE tokenizer)")
@@ -239,6 +258,38 @@ class FusionModel(nn.Module):
     @property
     def is_latent(self) -> bool:
         return self.config.image.mode == "latents"
+
+    @torch.no_grad()
+    def set_code_features(self, vectors: torch.Tensor) -> None:
+        """The image tokenizer's code vectors [K, F] (code_embedding=codebook), centred over the codes and
+        scaled to unit length, so the shared maps see every tokenizer's vectors at one scale."""
+        if self.code_in is None:
+            raise ValueError("set_code_features: this model has image.code_embedding=learned")
+        if tuple(vectors.shape) != tuple(self.code_features.shape):
+            raise ValueError(f"code vectors {tuple(vectors.shape)} do not match the model's "
+                             f"{tuple(self.code_features.shape)} (image.num_codes x image.code_features)")
+        v = vectors.float() - vectors.float().mean(0, keepdim=True)
+        self.code_features.copy_(F.normalize(v, dim=1, eps=1e-6))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] ids -> [B, T, D]: the embedding rows, + the shared map of each image code's vector."""
+        x = self.embed_tokens(input_ids)
+        if self.code_in is None:
+            return x
+        codes = input_ids - self.vocab.text_size
+        is_code = (codes >= 0) & (codes < self.vocab.num_image_codes)
+        shared = self.code_in(self.code_features[codes.clamp(0, self.vocab.num_image_codes - 1)])
+        return x + shared * is_code[..., None].to(shared.dtype)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., V] logits: lm_head, + each image code's shared map scored against the state."""
+        logits = self.lm_head(hidden)
+        if self.code_out is None:
+            return logits
+        start = self.vocab.text_size
+        shared = hidden @ self.code_out(self.code_features).to(hidden.dtype).T  # [..., K]
+        return torch.cat([logits[..., :start], logits[..., start:start + shared.shape[-1]] + shared,
+                          logits[..., start + shared.shape[-1]:]], dim=-1)
 
     def image_position_embedding(self) -> torch.Tensor:  # [P, D]
         return (self.image_rows[:, None] + self.image_cols[None, :]).flatten(0, 1)
@@ -264,7 +315,7 @@ class FusionModel(nn.Module):
                              "AttentionMask.build(..., key_document_ids=..., query_offset=...)")
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         skip = temb = None
         if image_latents is not None:
             if not self.is_latent:
@@ -282,9 +333,9 @@ class FusionModel(nn.Module):
             mask = AttentionMask.build(document_ids, image_ids, backend=self.config.attention_backend)
         hidden = self.transformer(x, positions, mask, cache)
         if logits_index is None:
-            logits = self.lm_head(hidden)
+            logits = self.head(hidden)
         else:  # only the rows' positions asked for ([B, K]): the engine needs one per row, not T x V
-            logits = self.lm_head(hidden.gather(1, logits_index[:, :, None].expand(-1, -1, hidden.shape[-1])))
+            logits = self.head(hidden.gather(1, logits_index[:, :, None].expand(-1, -1, hidden.shape[-1])))
         prediction = None
         if image_latents is not None:
             image_hidden = hidden.reshape(b * t, -1)[image_index.reshape(-1)].view(*image_index.shape, -1)

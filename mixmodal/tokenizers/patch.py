@@ -199,6 +199,12 @@ class KMeansTokenizer(_PatchTokenizer):
         return self.config.codebook_size
 
     @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """(K, 3 p^2): each code's patch, pixels in [-1, 1] (a model's image.code_embedding=codebook reads these)."""
+        self.check_fitted()
+        return self.codebook.float().clone()
+
+    @torch.no_grad()
     def fit(self, images: torch.Tensor) -> dict[str, float]:
         """Centroids of the patches of `images` (N, 3, R, R). When they hold no more distinct patches
         than codes, the codebook is those patches (most frequent first; the spare codes repeat the

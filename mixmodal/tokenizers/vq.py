@@ -198,6 +198,12 @@ class VQTokenizer(TrunkTokenizer):
     def num_codes(self) -> int:
         return self.config.codebook_size
 
+    @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """(K, codebook_dim): each code's vector, in the space codes are matched in (a model's
+        image.code_embedding=codebook reads these)."""
+        return self.quantize.codebook_vectors().detach().float().clone()
+
     def encode_latents(self, images: torch.Tensor, *, any_size: bool = False) -> torch.Tensor:
         """Continuous encoder output before quantisation: (B, codebook_dim, h, w)."""
         check_images(images, self.config.resolution, self.downsampling_factor, any_size=any_size)

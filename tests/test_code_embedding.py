@@ -1,0 +1,131 @@
+"""image.code_embedding=codebook: image codes enter and leave the transformer through a shared map of
+their tokenizer vectors, beside their own rows (model/fusion.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
+from mixmodal.model.transformer import TransformerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(code_embedding: str = "codebook", num_codes: int = 8, features: int = 12) -> FusionModel:
+    torch.manual_seed(0)
+    config = ModelConfig(text_vocab_size=300, transformer=TransformerConfig(dim=32, num_layers=1, num_heads=2),
+                         image=ImageConfig(mode="tokens", num_codes=num_codes, grid_size=2,
+                                           code_embedding=code_embedding, code_features=features))
+    return FusionModel(config)
+
+
+def test_codes_that_look_alike_score_alike_and_others_do_not():
+    model = _model()
+    vectors = torch.randn(8, 12)
+    vectors[5] = vectors[3]  # two codes with the same patch
+    model.set_code_features(vectors)
+    codes = model.vocab.image_code_ids
+    with torch.no_grad():  # the codes' own rows equal: only the shared map tells them apart
+        model.embed_tokens.weight[codes.start:codes.stop] = 0.1
+        model.lm_head.weight[codes.start:codes.stop] = -0.2
+    ids = torch.tensor([[1, codes.start + 3, codes.start + 5, codes.start + 4]])
+    x = model.embed(ids)
+    assert torch.equal(x[0, 1], x[0, 2]) and not torch.allclose(x[0, 1], x[0, 3])
+    assert torch.equal(x[0, 0], model.embed_tokens.weight[1])  # text ids: the embedding row only
+    logits = model(ids).logits[0, -1]
+    assert logits[codes.start + 3] == logits[codes.start + 5] and logits[codes.start + 3] != logits[codes.start + 4]
+    plain = model.lm_head(model(ids).hidden_states)[0, -1]
+    assert torch.equal(logits[:codes.start], plain[:codes.start])  # text logits untouched
+    assert logits.shape[-1] == model.vocab.size
+
+
+def test_features_are_centred_unit_vectors_and_saved_with_the_weights():
+    model = _model()
+    model.set_code_features(torch.randn(8, 12) * 5 + 3)
+    f = model.code_features
+    assert torch.allclose(f.norm(dim=1), torch.ones(8), atol=1e-5)
+    assert "code_features" in model.state_dict()  # a saved model carries what it was trained with
+    with pytest.raises(ValueError, match=r"code vectors \(8, 11\) do not match .*\(8, 12\)"):
+        model.set_code_features(torch.randn(8, 11))
+    with pytest.raises(ValueError, match="code_embedding=learned"):
+        _model("learned").set_code_features(torch.randn(8, 12))
+    with pytest.raises(ValueError, match="needs image.num_codes and image.code_features"):
+        _model(features=0)
+    with pytest.raises(ValueError, match="image.code_embedding must be 'learned' or 'codebook'"):
+        ImageConfig(code_embedding="pixels")
+
+
+def test_a_code_never_a_target_moves_with_the_codes_that_look_like_it():
+    """The point of the shared map: after training on code 2, code 7 (never a target, but with a vector
+    near code 2's: a held-out shape-colour pair) ranks above every other non-target code; with learned
+    rows alone it is one of the crowd."""
+    results = {}
+    for kind in ("learned", "codebook"):
+        model = _model(kind)
+        vectors = torch.randn(8, 12)
+        vectors[7] = vectors[2] + 0.05 * torch.randn(12)  # code 7 looks like code 2; 7 is never a target
+        if kind == "codebook":
+            model.set_code_features(vectors)
+        codes = model.vocab.image_code_ids
+        ids = torch.tensor([[1, 2, 3, codes.start + 2]] * 4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(30):
+            loss = torch.nn.functional.cross_entropy(model(ids).logits[:, 2], ids[:, 3])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        logp = torch.log_softmax(model(ids).logits[0, 2], -1)[codes.start:codes.stop]
+        others = logp[[0, 1, 3, 4, 5, 6]]
+        results[kind] = (logp[7] - others.max()).item()  # > 0: code 7 is the runner-up
+    print(results)
+    assert results["learned"] < 0 < results["codebook"]
+
+
+def test_a_run_fills_the_features_from_its_tokenizer_and_the_engine_reloads_them(tmp_path):
+    from mixmodal.data.shapes import ShapesConfig
+    from mixmodal.data.sources import ShapesSource
+    from mixmodal.inference.config import GenerationConfig
+    from mixmodal.inference.engine import Engine
+    from mixmodal.tokenizers.image import load_image_tokenizer
+    from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
+    from mixmodal.train.run import load_run_config, train
+
+    tok = load_run_config(ROOT / "configs/tokenizers/kmeans-shapes-48.yaml",
+                          ["data.num_images=100", "eval.num_images=8", "eval.num_samples=4",
+                           "tokenizer.kmeans.patch_size=16", "tokenizer.kmeans.codebook_size=128"])
+    train(tok, tmp_path / "kmeans")
+    docs = ShapesSource(ShapesConfig(resolution=48), num=200)
+    TextTokenizer.train((t for d in docs for t in d.texts), TextTokenizerConfig(vocab_size=300)).save(tmp_path / "text")
+    config = load_run_config(ROOT / "configs/models/tiny-tokens.yaml",
+                             [f"data.image_tokenizer={tmp_path / 'kmeans' / 'tokenizer'}", f"data.text_tokenizer={tmp_path / 'text'}",
+                              "data.source=shapes:split=train,resolution=48", "data.eval_source=shapes:split=heldout,resolution=48",
+                              "data.pipeline.seq_len=128", "trainer.steps=3", "model.image.code_embedding=codebook"])
+    train(config, tmp_path / "run")
+    engine = Engine.from_pretrained(tmp_path / "run" / "model")
+    assert engine.model.config.image.code_features == 3 * 16 * 16
+    patches = load_image_tokenizer(tmp_path / "kmeans" / "tokenizer").code_vectors()
+    expected = torch.nn.functional.normalize(patches - patches.mean(0), dim=1)
+    assert torch.allclose(engine.model.code_features, expected, atol=1e-6)
+    result = engine.generate("a photo of a red circle", GenerationConfig(mode="image"), seed=0)[0]
+    assert [im.size for im in result.document.images] == [(48, 48)]
+
+
+def test_a_vq_gives_its_codebook_vectors_in_the_space_codes_are_matched_in():
+    from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
+
+    vq = VQTokenizer(VQConfig(codebook_size=16, codebook_dim=8))
+    vectors = vq.code_vectors()
+    assert vectors.shape == (16, 8) and not vectors.requires_grad
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(16), atol=1e-5)  # the l2 codebook: unit vectors
+
+
+def test_export_to_transformers_refuses_a_codebook_model_by_name(tmp_path):
+    from mixmodal.interop.hf_chameleon import ConversionError, convert_to_hf_chameleon
+    from mixmodal.model.io import save_model_dir
+
+    save_model_dir(_model(), tmp_path / "m")
+    with pytest.raises(ConversionError, match="image.code_embedding=codebook; Chameleon has one embedding"):
+        convert_to_hf_chameleon(tmp_path / "m", tmp_path / "hf")
