@@ -241,8 +241,8 @@ def compare(a: Path, b: Path) -> dict:
 def encoder(root: Path, toks: dict) -> Path:
     import torch
 
-    from mixmodal.retrieval.encoder import (DualEncoder, DualEncoderConfig, TextTowerConfig, VisionTowerConfig,
-                                            save_dual_encoder)
+    from mixmodal.retrieval.document_embedder import save_dual_encoder
+    from mixmodal.retrieval.encoder import DualEncoder, DualEncoderConfig, TextTowerConfig, VisionTowerConfig
     from mixmodal.tokenizers.text import TextTokenizer
 
     text = TextTokenizer.load(toks["text"])

@@ -22,7 +22,8 @@ from mixmodal.inference.config import GenerationConfig, SamplingParams
 from mixmodal.inference.engine import Engine
 from mixmodal.inference.prompt import PromptError
 from mixmodal.interop.chameleon_tokenizer import ChameleonTokenizer
-from mixmodal.interop.hf_chameleon import VocabMap, convert_hf_chameleon, convert_to_hf_chameleon, image_token_name
+from mixmodal.interop.hf_chameleon import VocabMap, convert_hf_chameleon, image_token_name
+from mixmodal.interop.hf_chameleon_export import convert_to_hf_chameleon
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

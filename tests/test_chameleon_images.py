@@ -33,7 +33,8 @@ from mixmodal.inference.config import GenerationConfig, GuidanceConfig, Sampling
 from mixmodal.inference.engine import Engine
 from mixmodal.inference.prompt import PromptError, encode_prompt, to_document
 from mixmodal.interop.common import ConversionError
-from mixmodal.interop.hf_chameleon import VocabMap, convert_hf_chameleon, convert_to_hf_chameleon, image_code_of
+from mixmodal.interop.hf_chameleon import VocabMap, convert_hf_chameleon, image_code_of
+from mixmodal.interop.hf_chameleon_export import convert_to_hf_chameleon
 from mixmodal.tokenizers.pixels import images_to_tensor
 from test_chameleon_adapter import chameleon_tokenizer, hf_chameleon, never_sample_by_meta
 from test_interop_chameleon_vqgan import DD, taming_decode, taming_state_dict

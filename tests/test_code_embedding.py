@@ -123,7 +123,8 @@ def test_a_vq_gives_its_codebook_vectors_in_the_space_codes_are_matched_in():
 
 
 def test_export_to_transformers_refuses_a_codebook_model_by_name(tmp_path):
-    from mixmodal.interop.hf_chameleon import ConversionError, convert_to_hf_chameleon
+    from mixmodal.interop.hf_chameleon import ConversionError
+    from mixmodal.interop.hf_chameleon_export import convert_to_hf_chameleon
     from mixmodal.model.io import save_model_dir
 
     save_model_dir(_model(), tmp_path / "m")

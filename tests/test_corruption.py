@@ -132,8 +132,8 @@ def image_tokenizers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def encoder_folder(tmp_path_factory, text_tokenizer):
-    from mixmodal.retrieval.encoder import (DualEncoder, DualEncoderConfig, TextTowerConfig, VisionTowerConfig,
-                                            save_dual_encoder)
+    from mixmodal.retrieval.document_embedder import save_dual_encoder
+    from mixmodal.retrieval.encoder import DualEncoder, DualEncoderConfig, TextTowerConfig, VisionTowerConfig
 
     tower = dict(dim=16, num_layers=1, num_heads=2, mlp_dim=32)
     config = DualEncoderConfig(embed_dim=8, text=TextTowerConfig(vocab_size=text_tokenizer.vocab_size, max_length=32,
@@ -320,7 +320,7 @@ ENCODER_CASES = [
 @pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "no-manifest"])
 @pytest.mark.parametrize("name, damage, says", ENCODER_CASES, ids=[f"{n}-{d}" for n, d, _ in ENCODER_CASES])
 def test_a_damaged_dual_encoder_is_one_line(encoder_folder, tmp_path, manifest, name, damage, says):
-    from mixmodal.retrieval.encoder import DocumentEmbedder
+    from mixmodal.retrieval.document_embedder import DocumentEmbedder
 
     folder = _copy(encoder_folder, tmp_path)
     if not manifest:
@@ -335,7 +335,7 @@ def test_a_damaged_dual_encoder_is_one_line(encoder_folder, tmp_path, manifest, 
 
 
 def test_a_loaded_encoder_agrees_with_its_manifest(encoder_folder):
-    from mixmodal.retrieval.encoder import DocumentEmbedder
+    from mixmodal.retrieval.document_embedder import DocumentEmbedder
 
     listed = json.loads((encoder_folder / MANIFEST).read_text())
     assert set(listed["files"]) == {"config.yaml", "model.safetensors", "tokenizer.json"}

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from mixmodal.data.shapes import ShapesConfig
 from mixmodal.data.sources import ShapesSource
 from mixmodal.documents import Document, Image, Text
-from mixmodal.retrieval.encoder import (DocumentEmbedder, DualEncoder, DualEncoderConfig, EncoderError,
-                                        TextTowerConfig, VisionTowerConfig, contrastive_loss, save_dual_encoder)
+from mixmodal.retrieval.document_embedder import DocumentEmbedder, save_dual_encoder
+from mixmodal.retrieval.encoder import (DualEncoder, DualEncoderConfig, EncoderError, TextTowerConfig,
+                                        VisionTowerConfig, contrastive_loss)
 from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
 from mixmodal.train import checkpoint as ckpt
 from mixmodal.train.dual_encoder import PairBatches, document_pairs, equivalent_pairs, recall_at

@@ -36,7 +36,8 @@ from mixmodal.documents import Document, Image, Text, write_jsonl
 from mixmodal.inference.config import GenerationConfig, SamplingParams
 from mixmodal.inference.engine import Engine
 from mixmodal.interop.chameleon_tokenizer import ChameleonTokenizer
-from mixmodal.interop.hf_chameleon import VocabMap, convert_hf_chameleon, convert_to_hf_chameleon
+from mixmodal.interop.hf_chameleon import VocabMap, convert_hf_chameleon
+from mixmodal.interop.hf_chameleon_export import convert_to_hf_chameleon
 from mixmodal.model.io import load_model_dir
 from mixmodal.model.lora import ADAPTER_CONFIG_FILE, ADAPTER_FILE, LoRALinear, load_unmerged, merge_lora
 from mixmodal.train import checkpoint as ckpt

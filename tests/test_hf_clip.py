@@ -12,7 +12,7 @@ import torch
 from mixmodal.cli import main
 from mixmodal.interop.common import ConversionError
 from mixmodal.interop.hf_clip import OPENAI_CLIP_MEAN, convert_hf_clip
-from mixmodal.retrieval.encoder import DocumentEmbedder
+from mixmodal.retrieval.document_embedder import DocumentEmbedder
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

@@ -11,8 +11,8 @@ import torch
 
 from mixmodal.cli import main
 from mixmodal.interop.common import ConversionError
-from mixmodal.interop.hf_chameleon import (VocabMap, convert_hf_chameleon, convert_to_hf_chameleon, image_code_of,
-                                           image_token_name)
+from mixmodal.interop.hf_chameleon import VocabMap, convert_hf_chameleon, image_code_of, image_token_name
+from mixmodal.interop.hf_chameleon_export import convert_to_hf_chameleon
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
 from mixmodal.model.io import load_model_dir, save_model_dir
 from mixmodal.model.transformer import TransformerConfig

@@ -392,8 +392,8 @@ def save_tiny_encoder(out: Path, seed: int) -> Path:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from mixmodal.retrieval.encoder import (DualEncoder, DualEncoderConfig, TextTowerConfig, VisionTowerConfig,
-                                            save_dual_encoder)
+    from mixmodal.retrieval.document_embedder import save_dual_encoder
+    from mixmodal.retrieval.encoder import DualEncoder, DualEncoderConfig, TextTowerConfig, VisionTowerConfig
 
     names = ["<pad>", "<bos>", "<eos>", "<unk>", *WORDS]
     tokenizer = Tokenizer(models.WordLevel({n: i for i, n in enumerate(names)}, unk_token="<unk>"))
@@ -406,7 +406,7 @@ def save_tiny_encoder(out: Path, seed: int) -> Path:
 
 
 def test_real_encoder_builds_a_bank_and_retrieves(tmp_path):
-    from mixmodal.retrieval.encoder import DocumentEmbedder
+    from mixmodal.retrieval.document_embedder import DocumentEmbedder
     from mixmodal.retrieval.select import Retriever, SelectionConfig
 
     encoder = save_tiny_encoder(tmp_path / "encoder", seed=0)

@@ -217,8 +217,8 @@ def test_retrieval_config_is_checked():
 def bank(tmp_path_factory, text_tokenizer):
     """A memory bank of 40 shapes caption documents under a tiny random dual encoder."""
     from mixmodal.retrieval.bank import MemoryBank
-    from mixmodal.retrieval.encoder import (DocumentEmbedder, DualEncoder, DualEncoderConfig, TextTowerConfig,
-                                            VisionTowerConfig, save_dual_encoder)
+    from mixmodal.retrieval.document_embedder import DocumentEmbedder, save_dual_encoder
+    from mixmodal.retrieval.encoder import DualEncoder, DualEncoderConfig, TextTowerConfig, VisionTowerConfig
 
     root = tmp_path_factory.mktemp("bank")
     tower = dict(dim=16, num_layers=1, num_heads=2, mlp_dim=32)

@@ -143,7 +143,7 @@ def main() -> None:
         timed("bank", lambda: mixmodal("index", "build", f"{SHAPES},split=train,num={args.bank}",
                                        "--encoder", str(encoder), "--out", str(bank)))
 
-    from mixmodal.retrieval.encoder import DocumentEmbedder
+    from mixmodal.retrieval.document_embedder import DocumentEmbedder
 
     embedder = DocumentEmbedder.from_pretrained(encoder)
     results: dict = {"recall": {split: recall(embedder, split, args.recall_pairs) for split in ("heldout", "heldout-combos")}}

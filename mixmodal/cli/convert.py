@@ -120,7 +120,7 @@ def cmd_convert_hf_chameleon(args: argparse.Namespace, overrides: list[str]) -> 
 
 
 def cmd_convert_to_hf_chameleon(args: argparse.Namespace, overrides: list[str]) -> int:
-    from mixmodal.interop.hf_chameleon import convert_to_hf_chameleon
+    from mixmodal.interop.hf_chameleon_export import convert_to_hf_chameleon
 
     no_overrides("convert to-hf-chameleon", overrides)
     hf_config, notes = convert_to_hf_chameleon(args.src, args.out)

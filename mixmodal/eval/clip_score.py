@@ -29,7 +29,7 @@ import numpy as np
 if TYPE_CHECKING:
     import PIL.Image
 
-    from mixmodal.retrieval.encoder import DocumentEmbedder
+    from mixmodal.retrieval.document_embedder import DocumentEmbedder
 
 CLIP_SCORE_WEIGHT = 100.0  # torchmetrics' scale; Hessel et al. use 2.5
 

@@ -52,7 +52,7 @@ from mixmodal.eval.shapes_tasks import (ATTRIBUTES, FLOOR_OFFSET, REAL_OFFSET, S
 from mixmodal.eval.text_metrics import tokenize
 from mixmodal.inference.engine import Engine
 from mixmodal.model.bundle import model_folder
-from mixmodal.retrieval.encoder import DocumentEmbedder
+from mixmodal.retrieval.document_embedder import DocumentEmbedder
 
 
 def evaluate(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig | None = None, *,

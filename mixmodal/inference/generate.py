@@ -131,7 +131,7 @@ def _scorer(rerank: str, checkpoint, encoder, index, retriever, device: str):
         embedder = retriever.embedder
     else:
         from mixmodal.model.bundle import BundleError, read_retrieval_settings
-        from mixmodal.retrieval.encoder import DocumentEmbedder
+        from mixmodal.retrieval.document_embedder import DocumentEmbedder
 
         trained = read_retrieval_settings(checkpoint) or {}
         path = encoder or trained.get("encoder")

@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from mixmodal.interop.common import ConversionError, read_hf_state, read_json
-from mixmodal.retrieval.encoder import (DocumentEmbedder, DualEncoder, DualEncoderConfig, EncoderError,
-                                        TextTowerConfig, VisionTowerConfig, check_encoder_state, load_tokenizer,
-                                        save_dual_encoder)
+from mixmodal.retrieval.document_embedder import DocumentEmbedder, check_encoder_state, save_dual_encoder
+from mixmodal.retrieval.encoder import (DualEncoder, DualEncoderConfig, EncoderError, TextTowerConfig,
+                                        VisionTowerConfig, load_tokenizer)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,6 +1,8 @@
 """Retrieval augmentation (CM3Leon / RA-CM3): a dual encoder, a FAISS memory bank, selection.
 
-    encoder.py   DualEncoder (CLIP-style text and image towers), DocumentEmbedder: documents ->
+    encoder.py   DualEncoder (CLIP-style text and image towers), its loss and tokenization
+    document_embedder.py
+                 the encoder on disk (save_dual_encoder), DocumentEmbedder: documents ->
                  normalised embeddings (the mean of text and image embeddings, CM3Leon §2.1)
     bank.py      MemoryBank: a FAISS inner-product index + a document store + the encoder's
                  fingerprint; build / open (checked) / add / reindex / search; bank.json

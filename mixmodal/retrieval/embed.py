@@ -2,7 +2,7 @@
 is one, and checking what it returns (shape, finite, L2-normalised).
 
 An embedder is anything with `dim`, `path`, `fingerprint` and `embed_documents(docs,
-batch_size, ...)`: a DocumentEmbedder (encoder.py), or a fake in the tests.
+batch_size, ...)`: a DocumentEmbedder (document_embedder.py), or a fake in the tests.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mixmodal.retrieval.errors import BankError
 
 def load_document_embedder(path: str | os.PathLike, device: str = "cpu"):
     """DocumentEmbedder.from_pretrained(path) (one place, so tests can swap in a fake)."""
-    from mixmodal.retrieval.encoder import DocumentEmbedder  # torch only when an encoder is loaded
+    from mixmodal.retrieval.document_embedder import DocumentEmbedder  # torch only when an encoder is loaded
 
     return DocumentEmbedder.from_pretrained(path, device=device)
 
@@ -43,7 +43,7 @@ def embedder_dim(embedder) -> int:
     for name in ("dim", "path", "fingerprint", "embed_documents"):
         if not hasattr(embedder, name):
             raise TypeError(f"the embedder {type(embedder).__name__} has no {name!r}; pass a DocumentEmbedder "
-                            "(mixmodal.retrieval.encoder)")
+                            "(mixmodal.retrieval.document_embedder)")
     return int(embedder.dim)
 
 

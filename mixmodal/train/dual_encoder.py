@@ -38,8 +38,9 @@ from mixmodal import vocab as V
 from mixmodal.config import ConfigError, relative_to_config, to_dict
 from mixmodal.documents import Document, Image, Text
 from mixmodal.model.bundle import TEXT_TOKENIZER_DIR
+from mixmodal.retrieval.document_embedder import save_dual_encoder
 from mixmodal.retrieval.encoder import (ENCODER_DIR, DualEncoder, DualEncoderConfig, contrastive_loss,
-                                        load_tokenizer, save_dual_encoder, tokenize_texts)
+                                        load_tokenizer, tokenize_texts)
 from mixmodal.train import distributed
 from mixmodal.train.fusion_prepare import prepare_text_tokenizer
 from mixmodal.train.trainer import OptimizerSpec, TaskBase, TrainerConfig
