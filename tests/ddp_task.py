@@ -27,7 +27,8 @@ from torch import nn
 
 from mixmodal.train import checkpoint as ckpt
 from mixmodal.train import distributed
-from mixmodal.train.trainer import OptimizerSpec, TaskBase, Trainer, TrainerConfig
+from mixmodal.train.task import OptimizerSpec, TaskBase
+from mixmodal.train.trainer import Trainer, TrainerConfig
 
 NUM_FEATURES = 4
 

@@ -30,7 +30,8 @@ from mixmodal.train import checkpoint as ckpt
 from mixmodal.train import sharded
 from mixmodal.train.metrics import read_metrics
 from mixmodal.train.parallelize import apply_activation_checkpointing, parallelize, transformer_blocks
-from mixmodal.train.trainer import OptimizerSpec, Trainer, TrainingError
+from mixmodal.train.task import OptimizerSpec
+from mixmodal.train.trainer import Trainer, TrainingError
 from test_distributed import torchrun
 from test_fusion_training import TINY, tokenizers  # noqa: F401 (a fixture)
 

@@ -16,7 +16,8 @@ from torch import nn
 from mixmodal.train import checkpoint as ckpt
 from mixmodal.train.metrics import read_metrics
 from mixmodal.train.optim import build_adamw, lr_multiplier, split_decay
-from mixmodal.train.trainer import OptimizerSpec, TaskBase, Trainer, TrainerConfig, TrainingError
+from mixmodal.train.task import OptimizerSpec, TaskBase
+from mixmodal.train.trainer import Trainer, TrainerConfig, TrainingError
 
 
 class Net(nn.Module):

@@ -235,7 +235,7 @@ class PipelineStats:
 
 
 class FusionBatches:
-    """The training iterator (trainer.DataIterator): endless packed batches of one consumer's shard.
+    """The training iterator (task.DataIterator): endless packed batches of one consumer's shard.
 
     `source_factory()` returns a fresh Source (a new pass over the data); a finite source is
     restarted when exhausted (an epoch). `augmenter` (optional): retrieval augmentation,

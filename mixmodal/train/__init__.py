@@ -1,6 +1,7 @@
 """Training: one loop for every task, and the tasks.
 
-    trainer.py          TrainerConfig, the Task protocol, Trainer(task, config, run_dir).fit()
+    trainer.py          TrainerConfig, Trainer(task, config, run_dir).fit()
+    task.py             the Task protocol, TaskBase, OptimizerSpec, DataIterator
     optim.py            AdamW with weight-decay groups, warmup + cosine schedule, clipping
     checkpoint.py       atomic step_NNNNNN/ checkpoints: safetensors weights, optimizer, RNG, trainer state
     metrics.py          RUN/metrics.jsonl and the progress bar

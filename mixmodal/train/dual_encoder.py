@@ -43,7 +43,8 @@ from mixmodal.retrieval.encoder import (ENCODER_DIR, DualEncoder, DualEncoderCon
                                         load_tokenizer, tokenize_texts)
 from mixmodal.train import distributed
 from mixmodal.train.fusion_prepare import prepare_text_tokenizer
-from mixmodal.train.trainer import OptimizerSpec, TaskBase, TrainerConfig
+from mixmodal.train.task import OptimizerSpec, TaskBase
+from mixmodal.train.trainer import TrainerConfig
 
 NOT_ARCHITECTURE = {"logit_scale_init"}
 RECALL_AT = (1, 5, 10)
@@ -148,7 +149,7 @@ class PairStats:
 
 
 class PairBatches:
-    """Batches of (text, image) pairs (a trainer.DataIterator): {"input_ids", "attention_mask"
+    """Batches of (text, image) pairs (a task.DataIterator): {"input_ids", "attention_mask"
     (B, L), "pixels" (B, 3, S, S) in [-1, 1]}.
 
     `source_factory()` returns a fresh Source (one pass); endless: a finite source is read

@@ -58,7 +58,7 @@ from mixmodal.train.fusion_config import (CONFIG, NOT_ARCHITECTURE, FusionDataCo
 from mixmodal.train.fusion_prepare import (check_learnable_ids, check_retrieval, copy_dir, fill_model_config, prepare,
                                            prepare_text_tokenizer)
 from mixmodal.train.image_data import open_image_source
-from mixmodal.train.trainer import OptimizerSpec, TaskBase
+from mixmodal.train.task import OptimizerSpec, TaskBase
 from mixmodal.weights import read_weights, write_manifest
 
 

@@ -39,7 +39,8 @@ from mixmodal.train.patch_gan import (
     hinge_generator_loss,
     last_decoder_weight,
 )
-from mixmodal.train.trainer import OptimizerSpec, TaskBase, TrainerConfig
+from mixmodal.train.task import OptimizerSpec, TaskBase
+from mixmodal.train.trainer import TrainerConfig
 
 # Model-config fields that change training, not the shape of the weights: a resume may change them.
 NOT_ARCHITECTURE = {"beta", "ema_decay", "restart_after", "kl_weight", "scaling_factor", "shift_factor"}
