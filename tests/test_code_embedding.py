@@ -52,9 +52,9 @@ def test_features_are_centred_unit_vectors_and_saved_with_the_weights():
         model.set_code_features(torch.randn(8, 11))
     with pytest.raises(ValueError, match="code_embedding=learned"):
         _model("learned").set_code_features(torch.randn(8, 12))
-    with pytest.raises(ValueError, match="needs image.num_codes and image.code_features"):
+    with pytest.raises(ValueError, match="code_embedding=codebook needs image.num_codes and image.code_features"):
         _model(features=0)
-    with pytest.raises(ValueError, match="image.code_embedding must be 'learned' or 'codebook'"):
+    with pytest.raises(ValueError, match="image.code_embedding must be 'learned', 'codebook' or 'codebook_only'"):
         ImageConfig(code_embedding="pixels")
 
 
@@ -63,11 +63,11 @@ def test_a_code_never_a_target_moves_with_the_codes_that_look_like_it():
     near code 2's: a held-out shape-colour pair) ranks above every other non-target code; with learned
     rows alone it is one of the crowd."""
     results = {}
-    for kind in ("learned", "codebook"):
+    for kind in ("learned", "codebook", "codebook_only"):
         model = _model(kind)
         vectors = torch.randn(8, 12)
         vectors[7] = vectors[2] + 0.05 * torch.randn(12)  # code 7 looks like code 2; 7 is never a target
-        if kind == "codebook":
+        if kind != "learned":
             model.set_code_features(vectors)
         codes = model.vocab.image_code_ids
         ids = torch.tensor([[1, 2, 3, codes.start + 2]] * 4)
@@ -80,8 +80,8 @@ def test_a_code_never_a_target_moves_with_the_codes_that_look_like_it():
         logp = torch.log_softmax(model(ids).logits[0, 2], -1)[codes.start:codes.stop]
         others = logp[[0, 1, 3, 4, 5, 6]]
         results[kind] = (logp[7] - others.max()).item()  # > 0: code 7 is the runner-up
-    print(results)
     assert results["learned"] < 0 < results["codebook"]
+    assert results["codebook_only"] > 0
 
 
 def test_a_run_fills_the_features_from_its_tokenizer_and_the_engine_reloads_them(tmp_path):
@@ -130,3 +130,19 @@ def test_export_to_transformers_refuses_a_codebook_model_by_name(tmp_path):
     save_model_dir(_model(), tmp_path / "m")
     with pytest.raises(ConversionError, match="image.code_embedding=codebook; Chameleon has one embedding"):
         convert_to_hf_chameleon(tmp_path / "m", tmp_path / "hf")
+
+
+def test_codebook_only_ignores_the_codes_own_rows():
+    model = _model("codebook_only")
+    model.set_code_features(torch.randn(8, 12))
+    codes = model.vocab.image_code_ids
+    ids = torch.tensor([[1, codes.start + 3, 5]])
+    before = model(ids).logits
+    with torch.no_grad():  # the image rows of both tables: no effect on anything
+        model.embed_tokens.weight[codes.start:codes.stop] += 1.0
+        model.lm_head.weight[codes.start:codes.stop] += 1.0
+    after = model(ids).logits
+    assert torch.equal(before, after)
+    with torch.no_grad():  # a text row still counts
+        model.embed_tokens.weight[5] += 1.0
+    assert not torch.equal(model(ids).logits[0, 2], after[0, 2])

@@ -52,13 +52,15 @@ class ImageConfig:
     # tokens: how a code enters and leaves the transformer. "learned": its own embedding row and lm_head row,
     # as Chameleon. "codebook": those rows plus a learned linear map of the code's tokenizer vector (VQ
     # codebook vector, k-means patch), shared by all codes, so codes that look alike start alike and a code
-    # never seen as a target still scores by what it looks like (docs/recipes.md: held-out combinations)
-    code_embedding: Literal["learned", "codebook"] = "learned"
+    # never seen as a target still scores by what it looks like. "codebook_only": the shared map alone (the
+    # code's own rows unused), so nothing code-specific can learn that an unseen code is never right
+    code_embedding: Literal["learned", "codebook", "codebook_only"] = "learned"
     code_features: int = 0  # tokens, codebook: width of a code's tokenizer vector (filled from the image tokenizer)
 
     def __post_init__(self) -> None:
-        if self.code_embedding not in ("learned", "codebook"):
-            raise ValueError(f"image.code_embedding must be 'learned' or 'codebook', got {self.code_embedding!r}")
+        if self.code_embedding not in ("learned", "codebook", "codebook_only"):
+            raise ValueError("image.code_embedding must be 'learned', 'codebook' or 'codebook_only', "
+                             f"got {self.code_embedding!r}")
         if self.mode == "latents" and self.grid_size and self.grid_size % self.patch_size:
             raise ValueError(f"image.patch_size={self.patch_size} does not divide the latent grid "
                              f"({self.grid_size} x {self.grid_size}); pick a divisor of {self.grid_size}")
@@ -234,10 +236,11 @@ class FusionModel(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.code_in = self.code_out = None
-        if image.mode == "tokens" and image.code_embedding == "codebook":
+        self.code_rows = image.code_embedding != "codebook_only"  # the codes' own embedding / lm_head rows count
+        if image.mode == "tokens" and image.code_embedding != "learned":
             if not image.code_features or not image.num_codes:
-                raise ValueError("image.code_embedding=codebook needs image.num_codes and image.code_features "
-                                 "(from the image tokenizer)")
+                raise ValueError(f"image.code_embedding={image.code_embedding} needs image.num_codes and "
+                                 "image.code_features (from the image tokenizer)")
             # normalised tokenizer vectors (set_code_features), saved with the weights
             self.register_buffer("code_features", torch.zeros(image.num_codes, image.code_features))
             self.code_in = nn.Linear(image.code_features, t.dim, bias=False)
@@ -279,7 +282,8 @@ class FusionModel(nn.Module):
         codes = input_ids - self.vocab.text_size
         is_code = (codes >= 0) & (codes < self.vocab.num_image_codes)
         shared = self.code_in(self.code_features[codes.clamp(0, self.vocab.num_image_codes - 1)])
-        return x + shared * is_code[..., None].to(shared.dtype)
+        mask = is_code[..., None].to(shared.dtype)
+        return x + shared * mask if self.code_rows else x * (1 - mask) + shared * mask
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., V] logits: lm_head, + each image code's shared map scored against the state."""
@@ -288,8 +292,8 @@ class FusionModel(nn.Module):
             return logits
         start = self.vocab.text_size
         shared = hidden @ self.code_out(self.code_features).to(hidden.dtype).T  # [..., K]
-        return torch.cat([logits[..., :start], logits[..., start:start + shared.shape[-1]] + shared,
-                          logits[..., start + shared.shape[-1]:]], dim=-1)
+        codes = logits[..., start:start + shared.shape[-1]] + shared if self.code_rows else shared
+        return torch.cat([logits[..., :start], codes, logits[..., start + shared.shape[-1]:]], dim=-1)
 
     def image_position_embedding(self) -> torch.Tensor:  # [P, D]
         return (self.image_rows[:, None] + self.image_cols[None, :]).flatten(0, 1)
