@@ -56,6 +56,8 @@ def test_features_are_centred_unit_vectors_and_saved_with_the_weights():
         _model(features=0)
     with pytest.raises(ValueError, match="image.code_embedding must be 'learned', 'codebook' or 'codebook_only'"):
         ImageConfig(code_embedding="pixels")
+    with pytest.raises(ValueError, match="is for image codes .* drop the key"):
+        ImageConfig(mode="latents", code_embedding="codebook")
 
 
 def test_a_code_never_a_target_moves_with_the_codes_that_look_like_it():

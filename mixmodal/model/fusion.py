@@ -61,6 +61,9 @@ class ImageConfig:
         if self.code_embedding not in ("learned", "codebook", "codebook_only"):
             raise ValueError("image.code_embedding must be 'learned', 'codebook' or 'codebook_only', "
                              f"got {self.code_embedding!r}")
+        if self.mode == "latents" and self.code_embedding != "learned":
+            raise ValueError(f"image.code_embedding={self.code_embedding} is for image codes (image.mode=tokens); "
+                             "a latent-mode model has none: drop the key")
         if self.mode == "latents" and self.grid_size and self.grid_size % self.patch_size:
             raise ValueError(f"image.patch_size={self.patch_size} does not divide the latent grid "
                              f"({self.grid_size} x {self.grid_size}); pick a divisor of {self.grid_size}")
