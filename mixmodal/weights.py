@@ -38,6 +38,30 @@ HASH_AT_LOAD = 64 * 2**20  # files up to this size are hashed at every load; lar
 UNLISTED = ("generation.yaml",)  # settings meant to be edited by hand: never in a manifest
 
 
+def sync_to_disk(folder: Path, files: Iterable[Path]) -> None:
+    """Flush `files` and `folder`'s entries to disk (against power loss; a SIGKILL needs none of it). Best
+    effort: not every OS or file system allows it, and a file that cannot be flushed does not stop the rest."""
+    for file in files:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def file_sha256(path: str | Path) -> str:
     """The SHA-256 of a file, read in 4 MiB blocks (checkpoint manifests, the FID Inception weights)."""
     digest = hashlib.sha256()

@@ -46,9 +46,10 @@ from mixmodal.retrieval.index import (KINDS, add_rows, apply_search_params, buil
 from mixmodal.retrieval.store import (DocumentStore, IngestStats, StoreWriter, assemble_embeddings, document_key,
                                       load_npy, load_store, save_npy)
 from mixmodal.retrieval.transaction import (FILES, JOURNAL, NEW, REPLACED, commit, disk_error, exchange,
-                                            finish_commit, move_into_place, moved_aside, recover, resolve, sync,
+                                            finish_commit, move_into_place, moved_aside, recover, resolve,
                                             temporaries, tidy_siblings, unlink_quietly, why, write_json, write_lock)
 from mixmodal.train import faults
+from mixmodal.weights import sync_to_disk
 
 FORMAT = 1
 _exchange = exchange  # build's folder swap, looked up here when it runs (tests make it fail through this name)
@@ -131,7 +132,7 @@ class MemoryBank:
                 "index_params": {k: v for k, v in params.items() if k != "kind"},
             }
             write_json(tmp / "bank.json", meta)
-            sync(tmp, [tmp / name for name in FILES])
+            sync_to_disk(tmp, [tmp / name for name in FILES])
             faults.point("index:build")
             move_into_place(tmp, out, _exchange)
         except BaseException:
@@ -187,7 +188,7 @@ class MemoryBank:
             meta["sources"] = list(meta.get("sources", [])) + ([source] if source else [])
             meta["updated"] = _now()
             write_json(new["bank.json"], meta)
-            sync(self.path, [*new.values(), self.path / "store" / "documents.jsonl"])
+            sync_to_disk(self.path, [*new.values(), self.path / "store" / "documents.jsonl"])
             faults.point("index:prepared")
             commit(self.path, list(new))  # the commit point: from here on the bank is the new one
             committed = True
@@ -247,7 +248,7 @@ class MemoryBank:
             meta["kind"] = params.pop("kind")
             meta["index_params"] = params
             write_json(self.path / f"bank.json{NEW}", meta)
-            sync(self.path, [self.path / f"index.faiss{NEW}", self.path / f"bank.json{NEW}"])
+            sync_to_disk(self.path, [self.path / f"index.faiss{NEW}", self.path / f"bank.json{NEW}"])
             commit(self.path, ["index.faiss", "bank.json"])
             finish_commit(self.path)
         self._reload()

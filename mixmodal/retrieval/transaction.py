@@ -28,12 +28,13 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from mixmodal.retrieval.errors import BankError, build_hint, rebuild_hint
 from mixmodal.train import faults
+from mixmodal.weights import sync_to_disk
 
 FILES = ("bank.json", "index.faiss", "embeddings.npy", "keys.npy", "store/documents.jsonl", "store/offsets.npy")
 REPLACED = ("embeddings.npy", "keys.npy", "store/offsets.npy", "index.faiss", "bank.json")  # by an add, in order
@@ -77,7 +78,7 @@ def resolve(path: Path) -> tuple[dict[str, Path], bool]:
 def commit(path: Path, names: list[str]) -> None:
     """Write commit.json (atomically): from now on the new versions of `names` are the bank."""
     write_json(path / JOURNAL, {"files": names})
-    sync(path, [path / JOURNAL])
+    sync_to_disk(path, [path / JOURNAL])
     faults.point("index:committed")
 
 
@@ -92,7 +93,7 @@ def finish_commit(path: Path) -> bool:
         if new.is_file():
             os.replace(new, path / name)
             faults.point("index:replaced")
-    sync(path, [])
+    sync_to_disk(path, [])
     (path / JOURNAL).unlink()
     return True
 
@@ -148,30 +149,6 @@ def write_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def sync(folder: Path, files: Iterable[Path]) -> None:
-    """Flush `files` and `folder`'s entries to disk (against power loss; a SIGKILL needs none of it). Best
-    effort: not every OS or file system allows it."""
-    for file in files:
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def disk_error(e: BaseException, path: Path) -> bool:
     """A write into the bank folder refused by its disk (full, read-only, not ours): one line, not a traceback."""
     if not isinstance(e, OSError) or e.errno not in DISK_FULL:
@@ -214,7 +191,7 @@ def move_into_place(tmp: Path, out: Path, swap: Callable[[Path, Path], bool] | N
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
-    sync(out.parent, [])
+    sync_to_disk(out.parent, [])
 
 
 def exchange(a: Path, b: Path) -> bool:

@@ -265,7 +265,7 @@ def finish_checkpoint(
             write(tmp / name)
         write_manifest(tmp)
         faults.point("checkpoint:manifest")
-        _fsync_dir(tmp)
+        weights.sync_to_disk(tmp, tmp.iterdir())
         _rename_into_place(tmp, final)
         faults.point("checkpoint:renamed")
     except OSError as e:  # a full disk, a read-only or vanished folder: the earlier checkpoints stay as they were
@@ -301,22 +301,7 @@ def _rename_into_place(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory's files and entries to disk (best effort: not every OS allows it)."""
-    try:
-        for child in path.iterdir() if path.name.startswith(".tmp-") else ():
-            with open(child, "rb+") as f:
-                os.fsync(f.fileno())
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    weights.sync_to_disk(final.parent, [])
 
 
 def write_manifest(folder: Path) -> None:

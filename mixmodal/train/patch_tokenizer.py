@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mixmodal.config import save_config
 from mixmodal.tokenizers.image import save_image_tokenizer
 from mixmodal.tokenizers.patch import KMeansConfig, KMeansTokenizer, PCAConfig, PCATokenizer
 from mixmodal.train.checkpoint import artifact_remake
@@ -70,8 +71,6 @@ CONFIG = PatchTokenizerFitConfig
 
 def fit(config: PatchTokenizerFitConfig, out: str | os.PathLike) -> dict:
     """Compute the tokenizer, score it, write the run folder; returns the eval (with `fit_seconds`)."""
-    from mixmodal.config import save_config
-
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir)
