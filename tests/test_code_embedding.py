@@ -14,11 +14,13 @@ from mixmodal.model.transformer import TransformerConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _model(code_embedding: str = "codebook", num_codes: int = 8, features: int = 12) -> FusionModel:
+def _model(code_embedding: str = "codebook", num_codes: int = 8, features: int = 12,
+           code_map: str = "linear") -> FusionModel:
     torch.manual_seed(0)
     config = ModelConfig(text_vocab_size=300, transformer=TransformerConfig(dim=32, num_layers=1, num_heads=2),
                          image=ImageConfig(mode="tokens", num_codes=num_codes, grid_size=2,
-                                           code_embedding=code_embedding, code_features=features))
+                                           code_embedding=code_embedding, code_features=features,
+                                           code_map=code_map))
     return FusionModel(config)
 
 
@@ -148,3 +150,26 @@ def test_codebook_only_ignores_the_codes_own_rows():
     with torch.no_grad():  # a text row still counts
         model.embed_tokens.weight[5] += 1.0
     assert not torch.equal(model(ids).logits[0, 2], after[0, 2])
+
+
+def test_an_mlp_map_scores_what_a_linear_map_of_the_vectors_cannot():
+    """Codes 0 and 1 have opposite vectors (+e1, -e1) and both are right: a linear map scores them
+    -s and +s, so together they cannot beat the other codes; image.code_map=mlp can rank both first."""
+    mass = {}
+    for code_map in ("linear", "mlp"):
+        model = _model("codebook_only", features=4, code_map=code_map)
+        eye = torch.eye(4)
+        model.set_code_features(torch.stack([eye[0], -eye[0], eye[1], -eye[1], eye[2], -eye[2], eye[3], -eye[3]]))
+        codes = model.vocab.image_code_ids
+        ids = torch.tensor([[1, 2, 3, codes.start + 0], [1, 2, 3, codes.start + 1]] * 2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(150):
+            loss = torch.nn.functional.cross_entropy(model(ids).logits[:, 2], ids[:, 3])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        p = torch.softmax(model(ids).logits[0, 2], -1)[codes.start:codes.stop]
+        mass[code_map] = (p[0] + p[1]).item() / p.sum().item()
+    assert mass["linear"] < 0.35 < 0.9 < mass["mlp"], mass
+    with pytest.raises(ValueError, match="image.code_map must be 'linear' or 'mlp'"):
+        ImageConfig(code_map="conv")

@@ -56,11 +56,16 @@ class ImageConfig:
     # code's own rows unused), so nothing code-specific can learn that an unseen code is never right
     code_embedding: Literal["learned", "codebook", "codebook_only"] = "learned"
     code_features: int = 0  # tokens, codebook: width of a code's tokenizer vector (filled from the image tokenizer)
+    # tokens, codebook*: the shared map. "linear": one matrix; "mlp": Linear-GELU-Linear, which can read
+    # features a linear map of pixels cannot (an object's outline whatever its colour)
+    code_map: Literal["linear", "mlp"] = "linear"
 
     def __post_init__(self) -> None:
         if self.code_embedding not in ("learned", "codebook", "codebook_only"):
             raise ValueError("image.code_embedding must be 'learned', 'codebook' or 'codebook_only', "
                              f"got {self.code_embedding!r}")
+        if self.code_map not in ("linear", "mlp"):
+            raise ValueError(f"image.code_map must be 'linear' or 'mlp', got {self.code_map!r}")
         if self.mode == "latents" and self.code_embedding != "learned":
             raise ValueError(f"image.code_embedding={self.code_embedding} is for image codes (image.mode=tokens); "
                              "a latent-mode model has none: drop the key")
@@ -225,6 +230,20 @@ class UNetPatchOut(nn.Module):
 
 # --- the model --------------------------------------------------------------------------------
 
+def _code_map(image: ImageConfig, t) -> nn.Module:
+    """The shared map of a code's tokenizer vector to the model's width (image.code_map)."""
+    if image.code_map == "linear":
+        layers = [nn.Linear(image.code_features, t.dim, bias=False)]
+    else:
+        layers = [nn.Linear(image.code_features, t.dim), nn.GELU(), nn.Linear(t.dim, t.dim, bias=False)]
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, 0.0, t.init_std)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+
+
 class FusionModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -246,10 +265,8 @@ class FusionModel(nn.Module):
                                  "image.code_features (from the image tokenizer)")
             # normalised tokenizer vectors (set_code_features), saved with the weights
             self.register_buffer("code_features", torch.zeros(image.num_codes, image.code_features))
-            self.code_in = nn.Linear(image.code_features, t.dim, bias=False)
-            self.code_out = nn.Linear(image.code_features, t.dim, bias=False)
-            nn.init.normal_(self.code_in.weight, 0.0, t.init_std)
-            nn.init.normal_(self.code_out.weight, 0.0, t.init_std)
+            self.code_in = _code_map(image, t)
+            self.code_out = _code_map(image, t)
         if image.mode == "latents":
             if not image.latent_channels or not image.grid_size:
                 raise ValueError("latent mode needs image.latent_channels and image.grid_size (from the VAE tokenizer)")
