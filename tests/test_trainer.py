@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mixmodal.train import checkpoint as ckpt
@@ -400,6 +400,24 @@ def test_weight_average_resumes_exactly_and_is_what_eval_sees(tmp_path):
     trained = final_state(tmp_path / "straight")[0]["net.body.weight"]
     assert not torch.equal(trained, average_a["net.body.weight"])
     assert result["weight_norm"] == pytest.approx(float(average_a["net.body.weight"].norm()), rel=1e-6)
+
+
+def test_a_saved_average_reloads_with_its_own_decay(tmp_path):
+    """export reads the average with the decay it was trained with, not the run config's."""
+    from mixmodal.train.ema import EMA
+
+    net = nn.Linear(3, 2)
+    ema = EMA({"net": net}, decay=0.95)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update()
+    ema.save(tmp_path / "ema.safetensors")
+    again = EMA.from_file({"net": nn.Linear(3, 2)}, tmp_path / "ema.safetensors")
+    assert again.decay == 0.95 and again.updates == 1
+    assert torch.equal(again.shadow["net.weight"], ema.shadow["net.weight"])
+    save_file({"net.weight": torch.zeros(2, 3), "net.bias": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="no 'decay' in its metadata"):
+        EMA.from_file({"net": nn.Linear(3, 2)}, tmp_path / "other.safetensors")
 
 
 def test_weight_average_follows_the_updates_with_a_warm_up():

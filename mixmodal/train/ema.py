@@ -61,6 +61,18 @@ class EMA:
         save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path),
                   metadata={"updates": str(self.updates), "decay": repr(self.decay)})
 
+    @classmethod
+    def from_file(cls, models: dict[str, nn.Module], path: Path) -> "EMA":
+        """The average saved at `path` with the decay it was trained with (export, which has no run config's
+        trainer.ema_decay to trust: a run may have been resumed with another)."""
+        with safe_open(str(path), "pt") as f:
+            decay = (f.metadata() or {}).get("decay")
+        if decay is None:
+            raise ValueError(f"{path} has no 'decay' in its metadata: it was not written by mixmodal's EMA.save")
+        average = cls(models, float(decay))
+        average.load(path)
+        return average
+
     def load(self, path: Path) -> None:
         if not path.is_file():
             raise FileNotFoundError(

@@ -64,8 +64,7 @@ def export(run: str | os.PathLike, step: int | None = None, out: str | os.PathLi
     sharded.load_weights(path, models)
     average = None
     if (path / EMA_FILE).is_file():  # the end of training saves the average: so does export
-        average = EMA(models, config.trainer.ema_decay or 0.5)
-        average.load(path / EMA_FILE)
+        average = EMA.from_file(models, path / EMA_FILE)
     staging = out.with_name(f".export-{out.name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
