@@ -165,7 +165,7 @@ def test_bidirectional_image_block_is_order_independent():
 
 # --- the fusion model -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("patchify", ["linear", "unet"])
+@pytest.mark.parametrize("patchify", ["linear", "mlp", "unet"])
 def test_latent_mode_shapes_and_gradients(patchify):
     config = ModelConfig(text_vocab_size=40, transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4),
                          image=ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=2,
@@ -181,6 +181,8 @@ def test_latent_mode_shapes_and_gradients(patchify):
     image_ids[image_index.flatten()] = torch.arange(len(starts)).repeat_interleave(p)
     latents = torch.randn(len(starts), 4, 8, 8)
     times = torch.rand(len(starts))
+    first = model(ids, image_ids=image_ids.view(b, t), image_latents=latents, image_times=times, image_index=image_index)
+    assert torch.equal(first.image_prediction, torch.zeros_like(latents))  # every patchify starts at 0 (DiT)
     # the output projection starts at zero (DiT); move it so the diffusion loss reaches patch_in
     with torch.no_grad():
         for param in model.patch_out.parameters():
@@ -193,6 +195,19 @@ def test_latent_mode_shapes_and_gradients(patchify):
         grads = [p.grad for p in getattr(model, name).parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
     assert model.image_rows.grad.abs().sum() > 0 and model.image_cols.grad.abs().sum() > 0
+
+
+def test_patchify_mlp_is_not_linear_in_the_state_and_names_are_checked():
+    config = ModelConfig(text_vocab_size=40, transformer=TransformerConfig(dim=32, num_layers=1, num_heads=2),
+                         image=ImageConfig(mode="latents", latent_channels=4, grid_size=4, patch_size=1,
+                                           patchify="mlp"))
+    torch.manual_seed(0)
+    out = FusionModel(config).patch_out
+    torch.nn.init.normal_(out.proj[-1].weight, 0.0, 0.1)
+    h = torch.randn(1, 16, 32)
+    assert not torch.allclose(out(-h, None, None), -out(h, None, None), atol=1e-4)  # a linear map would be odd
+    with pytest.raises(ValueError, match="image.patchify must be 'linear', 'mlp' or 'unet'"):
+        ImageConfig(mode="latents", patchify="conv")
 
 
 def test_token_mode_rejects_latents():

@@ -46,7 +46,10 @@ class ImageConfig:
     latent_channels: int = 0  # latents: the VAE's latent channels (filled from the image tokenizer)
     grid_size: int = 0  # side of the code / latent grid of one image (filled from the image tokenizer)
     patch_size: int = 2  # latents: p x p latent pixels per sequence position
-    patchify: Literal["linear", "unet"] = "linear"  # latents: how patches enter and leave the transformer
+    # latents: how patches enter and leave the transformer. "linear": Linear in and out (Transfusion's simple
+    # layer); "mlp": Linear in, Linear-GELU-Linear out (an output that is not linear in the final state: a
+    # shape's mask times a colour); "unet": U-Net down/up blocks (Transfusion's)
+    patchify: Literal["linear", "mlp", "unet"] = "linear"
     unet_channels: int = 64  # latents, unet: channels of the U-Net blocks
     bidirectional: bool | None = None  # attention among one image's positions; None: yes for latents, no for tokens
     # tokens: how a code enters and leaves the transformer. "learned": its own embedding row and lm_head row,
@@ -64,6 +67,8 @@ class ImageConfig:
         if self.code_embedding not in ("learned", "codebook", "codebook_only"):
             raise ValueError("image.code_embedding must be 'learned', 'codebook' or 'codebook_only', "
                              f"got {self.code_embedding!r}")
+        if self.patchify not in ("linear", "mlp", "unet"):
+            raise ValueError(f"image.patchify must be 'linear', 'mlp' or 'unet', got {self.patchify!r}")
         if self.code_map not in ("linear", "mlp"):
             raise ValueError(f"image.code_map must be 'linear' or 'mlp', got {self.code_map!r}")
         if self.mode == "latents" and self.code_embedding != "learned":
@@ -175,12 +180,14 @@ class LinearPatchIn(nn.Module):
 
 
 class LinearPatchOut(nn.Module):
-    def __init__(self, image: ImageConfig, dim: int) -> None:
+    def __init__(self, image: ImageConfig, dim: int, hidden: bool = False) -> None:
         super().__init__()
         self.p, self.channels = image.patch_size, image.latent_channels
         self.proj = nn.Linear(dim, image.latent_channels * self.p ** 2)
         nn.init.zeros_(self.proj.weight)  # the first predictions are 0 (DiT's final layer)
         nn.init.zeros_(self.proj.bias)
+        if hidden:  # patchify=mlp: Linear-GELU before the projection
+            self.proj = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), self.proj)
 
     def forward(self, hidden: torch.Tensor, temb: torch.Tensor, skip) -> torch.Tensor:  # [N, P, D] -> [N, C, h, w]
         return unpatchify(self.proj(hidden), self.p, self.channels)
@@ -274,9 +281,11 @@ class FusionModel(nn.Module):
             self.time_embed = TimestepEmbedding(t.dim)
             self.image_rows = nn.Parameter(torch.randn(side, t.dim) * t.init_std)
             self.image_cols = nn.Parameter(torch.randn(side, t.dim) * t.init_std)
-            patch_in, patch_out = (LinearPatchIn, LinearPatchOut) if image.patchify == "linear" else (UNetPatchIn, UNetPatchOut)
-            self.patch_in = patch_in(image, t.dim)
-            self.patch_out = patch_out(image, t.dim)
+            if image.patchify == "unet":
+                self.patch_in, self.patch_out = UNetPatchIn(image, t.dim), UNetPatchOut(image, t.dim)
+            else:
+                self.patch_in = LinearPatchIn(image, t.dim)
+                self.patch_out = LinearPatchOut(image, t.dim, hidden=image.patchify == "mlp")
 
     @property
     def is_latent(self) -> bool:
