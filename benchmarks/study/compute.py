@@ -5,12 +5,15 @@ Table 5 ablation (causal instead of bidirectional attention inside each image, l
 
     python benchmarks/study/compute.py --out runs/study-32 --budgets 300 600    # 32 px, CPU-sized (~2 h on 2 cores)
     python benchmarks/study/compute.py --out runs/study --res 64              # 64 px (CPU: ~10 h; a GPU: minutes)
+    python benchmarks/study/compute.py --out runs/study-48 --res 48 --budgets 300 600 1200 2400   # the recipe's level
     python benchmarks/study/compute.py --out runs/study --res 64 --budgets 300 600 --arms tokens latents
     python benchmarks/study/compute.py --out runs/study-32 --phase report     # tables and plots only
 
 Arms (configs/study/*-RES.yaml; one run each, step budgets read off it):
-    tokens          VQ codes: 256 per 64 px image, 64 per 32 px image
-    latents         VAE latents: 64 patches (2 x 2) per 64 px image, 64 (1 x 1) per 32 px image
+    tokens          VQ codes: 256 per 64 px image, 64 per 32 px image; 48 px: 9 k-means codes (one per grid
+                    cell) with the recipe's codebook embedding
+    latents         VAE latents: 64 patches (2 x 2) per 64 px image, 64 (1 x 1) per 32 px image; 48 px: 9 PCA
+                    latents (24 channels, one per grid cell), rectified flow
     latents-causal  latents with causal intra-image attention (model.image.bidirectional=false)
 
 Prerequisites are trained when absent: each arm's image tokenizer (data.image_tokenizer =
@@ -45,7 +48,11 @@ ARMS = {  # arm -> (config, with {res} the image resolution, overrides)
     "latents": ("configs/study/latents-{res}.yaml", []),
     "latents-causal": ("configs/study/latents-{res}.yaml", ["model.image.bidirectional=false"]),
 }
-RESOLUTIONS = (32, 64)
+RESOLUTIONS = (32, 48, 64)
+# `mixmodal eval` overrides per resolution unless --eval is given: 100 prompts per task; at 48 px (the
+# recipe's level, issue 16) also the GenEval-form prompts (32 per category and set, one image each)
+EVAL_DEFAULTS = {res: ["num_prompts=100", "num_captions=100", "num_vqa=100", "num_ppl=100"] for res in RESOLUTIONS}
+EVAL_DEFAULTS[48] = EVAL_DEFAULTS[48] + ["geneval_prompts=32", "images_per_prompt=1"]
 DUAL_ENCODER, DUAL_ENCODER_CONFIG = "runs/dual-encoder-32/encoder", "configs/retrieval/dual-encoder-shapes-32.yaml"
 
 
@@ -125,6 +132,9 @@ def evaluate(out: Path, arm: str, eval_overrides: list[str], encoder: str | None
 
 # (key, label, getter, higher is better)
 METRICS = [
+    ("geneval_heldout", "GenEval-form overall (held-out)", lambda m: m["geneval"]["heldout"]["overall"], True),
+    ("geneval_combos", "GenEval-form overall (held-out combinations)",
+     lambda m: m["geneval"]["heldout-combos"]["overall"], True),
     ("t2i_overall", "text->image overall (held-out)", lambda m: m["text_to_image"]["heldout"]["overall"], True),
     ("t2i_combos", "text->image overall (combos)", lambda m: m["text_to_image"]["heldout-combos"]["overall"], True),
     ("t2i_count", "text->image count (held-out)", lambda m: m["text_to_image"]["heldout"]["count"], True),
@@ -286,16 +296,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", nargs="+", type=int, default=[300, 600, 1200], help="training steps per snapshot")
     p.add_argument("--res", type=int, default=32, choices=RESOLUTIONS,
                    help="image resolution: 32 (the CPU-sized study: 64 positions per image both ways; tokenizers "
-                        "runs/{vq,vae}-demo-32) or 64 (256 VQ codes vs 64 latent patches per image; tokenizers "
-                        "runs/{vq,vae}-shapes-64)")
+                        "runs/{vq,vae}-demo-32), 48 (the recipe's level: 9 positions per image both ways, computed "
+                        "tokenizers runs/{kmeans,pca}-shapes-48-f16) or 64 (256 VQ codes vs 64 latent patches per "
+                        "image; tokenizers runs/{vq,vae}-shapes-64)")
     p.add_argument("--phase", choices=["all", "train", "eval", "report"], default="all")
-    p.add_argument("--eval", nargs="*", default=["num_prompts=100", "num_captions=100", "num_vqa=100", "num_ppl=100"],
-                   help="key=value overrides for `mixmodal eval` (default: 100 prompts per task)")
+    p.add_argument("--eval", nargs="*", default=None,
+                   help="key=value overrides for `mixmodal eval` (default: 100 prompts per task; at --res 48 also "
+                        "32 GenEval-form prompts per category and set)")
     p.add_argument("--encoder", default=DUAL_ENCODER,
                    help=f"dual encoder for the CLIP score (the default is trained from {DUAL_ENCODER_CONFIG} "
                         "when absent; '' for none)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every training run")
     args = p.parse_args(argv)
+    if args.eval is None:
+        args.eval = EVAL_DEFAULTS[args.res]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.phase != "report":  # the report lists every command that made its numbers
