@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
 
+from mixmodal import cli
 from mixmodal.config import build_config, save_config
-from mixmodal.data.shapes import ShapesConfig
+from mixmodal.data.shapes import Scene, ShapesConfig, parse_caption, score
 from mixmodal.tokenizers.text import TextTokenizerConfig
 
 
@@ -60,16 +61,14 @@ class DemoConfig:
 
 
 def _run(argv: list[str], capture: bool = False) -> str:
-    from mixmodal.cli import main
-
     print(f"\n$ mixmodal {shlex.join(argv)}", flush=True)
     started = time.perf_counter()
     buffer = StringIO()
     if capture:
         with redirect_stdout(buffer):
-            code = main(argv)
+            code = cli.main(argv)
     else:
-        code = main(argv)
+        code = cli.main(argv)
     if code != 0:
         raise SystemExit(f"demo step failed (exit {code}): mixmodal {shlex.join(argv)}")
     print(f"  ({time.perf_counter() - started:.1f}s)")
@@ -78,8 +77,7 @@ def _run(argv: list[str], capture: bool = False) -> str:
 
 def _oracle_check(data_dir: Path) -> dict:
     """Parse every held-out image back into a scene and score it against its metadata."""
-    from mixmodal.data.shapes import Scene, score
-    from mixmodal.data.sources import open_source
+    from mixmodal.data.sources import open_source  # late: it imports torch; this module does not
 
     totals: dict[str, float] = {}
     n = 0
@@ -93,7 +91,7 @@ def _oracle_check(data_dir: Path) -> dict:
 
 def _heldout_captions(data_dir: Path, n: int) -> list[str]:
     """The first n full-caption documents' texts of a held-out split (prompts the models never saw)."""
-    from mixmodal.data.sources import open_source
+    from mixmodal.data.sources import open_source  # late: it imports torch
 
     out = []
     for doc in open_source(str(data_dir), strict=True):
@@ -106,8 +104,7 @@ def _heldout_captions(data_dir: Path, n: int) -> list[str]:
 
 def _oracle_generated(gen_dir: Path, prompts: list[str]) -> dict:
     """Mean oracle scores of the generated images against their captions' scenes."""
-    from mixmodal.data.shapes import parse_caption, score
-    from mixmodal.data.sources import open_source
+    from mixmodal.data.sources import open_source  # late: it imports torch
 
     totals: dict[str, float] = {}
     docs = list(open_source(str(gen_dir / "documents.jsonl"), strict=True))

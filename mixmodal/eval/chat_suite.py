@@ -38,6 +38,10 @@ from mixmodal.data.shapes.geneval import Prompt, judge, scene_things
 from mixmodal.documents import Document, Text
 from mixmodal.eval.shapes_suite import SAMPLING_DEFAULTS
 from mixmodal.eval.text_metrics import normalize_answer
+from mixmodal.inference.config import GenerationConfig, GuidanceConfig, SamplingParams
+from mixmodal.inference.engine import Engine
+from mixmodal.inference.prompt import PromptError
+from mixmodal.model.bundle import model_folder
 
 SCORED = ("generate", "caption", "vqa", "edit")
 
@@ -122,8 +126,6 @@ def score_reply(exchange: dict, reply: Document, scenes: list[Scene]) -> dict[st
 # --- playing the conversations ----------------------------------------------------------------
 
 def _reply_config(engine, kind: str, settings: dict, image_cfg: float | None = None, story_length: int = 2):
-    from mixmodal.inference.config import GenerationConfig, GuidanceConfig, SamplingParams
-
     if kind in ("generate", "edit", "story"):
         images = story_length if kind == "story" else 1
         return GenerationConfig(mode="interleaved" if kind == "story" else "image", max_images=images,
@@ -187,8 +189,6 @@ def play(engine, docs: list[Document], config: ChatEvalConfig, progress: Callabl
 
 def _generate(engine, prompts: list[Document], gen, seeds: list[int]) -> list:
     """The batch's results; a prompt longer than the model's context gets None (scored wrong), not a crash."""
-    from mixmodal.inference.prompt import PromptError
-
     try:
         return engine.generate(prompts, gen, seed=seeds)
     except PromptError:
@@ -224,9 +224,6 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
 def evaluate_chat(checkpoint: str | Path, out: str | Path, config: ChatEvalConfig | None = None, *,
                   device: str = "cpu", progress: Callable[[str], None] = print) -> dict:
     """Run the shapes-chat suite; write OUT/metrics.json and OUT/report.md; return the metrics."""
-    from mixmodal.inference.engine import Engine
-    from mixmodal.model.bundle import model_folder
-
     config = config or ChatEvalConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

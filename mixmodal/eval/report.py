@@ -97,7 +97,7 @@ def geneval_figure(metrics: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mixmodal.data.shapes.geneval import CATEGORIES
+    from mixmodal.data.shapes.geneval import CATEGORIES  # late: numpy, PIL, scipy; report.py loads on the stdlib
 
     sets = metrics["geneval"]
     fig, ax = plt.subplots(figsize=(7.5, 3.2))
@@ -249,7 +249,7 @@ def _sections(metrics: dict) -> list[tuple[str, list[str], list[list[str]], str]
                 tr.get("note", "FLOPs: the model's own accounting (forward + backward per position, attention "
                                "included), every packed position of every step; the image tokenizer is not counted.")))
     if metrics.get("geneval"):
-        from mixmodal.data.shapes.geneval import CATEGORIES
+        from mixmodal.data.shapes.geneval import CATEGORIES  # late: as in geneval_figure
 
         sets = metrics["geneval"]
         rows = []

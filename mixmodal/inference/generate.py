@@ -28,9 +28,16 @@ from mixmodal.config import build_config, to_dict
 from mixmodal.documents import Document, Text
 from mixmodal.flags import GENERATION_FLAGS, flag_overrides
 from mixmodal.inference.config import GenerationConfig
+from mixmodal.inference.engine import Engine
 from mixmodal.inference.events import End, Event, GenerationResult
 from mixmodal.inference.output import GenerationFiles, save_generation
 from mixmodal.inference.prompt import load_prompt_image
+# best_of renamed: generate() has a best_of argument
+from mixmodal.inference.rerank import best_of as rank_candidates, clip_scorer, shapes_scorer
+from mixmodal.model.bundle import BundleError, read_retrieval_settings
+from mixmodal.retrieval.bank import MemoryBank
+from mixmodal.retrieval.document_embedder import DocumentEmbedder
+from mixmodal.retrieval.select import Retriever, SelectionConfig
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -59,8 +66,6 @@ def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *,
     (with best_of=n, its candidates from (seed + i) * n + j). Saved under `out` if given.
     `options` set the generation config as `mixmodal generate`'s flags do (GENERATION_FLAGS:
     mode, cfg, image_cfg, steps, max_new_tokens, max_images, temperature); `overrides` go on top."""
-    from mixmodal.inference.engine import Engine
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     config = build_config(GenerationConfig, None, [*flag_overrides(GENERATION_FLAGS, options, "generate"), *overrides])
@@ -109,9 +114,6 @@ def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *,
 
 def open_retriever(checkpoint, index, encoder, k: int, device: str = "cpu"):
     """The memory bank for `retrieve=k`: `index`, else the one the model was trained with."""
-    from mixmodal.model.bundle import BundleError, read_retrieval_settings
-    from mixmodal.retrieval.select import Retriever, SelectionConfig
-
     trained = read_retrieval_settings(checkpoint) or {}
     index = index or trained.get("index")
     if not index:
@@ -123,21 +125,14 @@ def open_retriever(checkpoint, index, encoder, k: int, device: str = "cpu"):
 
 def _scorer(rerank: str, checkpoint, encoder, index, retriever, device: str):
     """prompt Document -> (generated Document -> score)."""
-    from mixmodal.inference.rerank import clip_scorer, shapes_scorer
-
     if rerank == "oracle":
         return lambda prompt: shapes_scorer(" ".join(prompt.texts))
     if retriever is not None and encoder is None:
         embedder = retriever.embedder
     else:
-        from mixmodal.model.bundle import BundleError, read_retrieval_settings
-        from mixmodal.retrieval.document_embedder import DocumentEmbedder
-
         trained = read_retrieval_settings(checkpoint) or {}
         path = encoder or trained.get("encoder")
         if not path and (index or trained.get("index")):
-            from mixmodal.retrieval.bank import MemoryBank
-
             path = MemoryBank.open(index or trained["index"]).encoder_path
         if not path:
             raise BundleError("rerank=clip needs a dual encoder: pass --encoder DIR (`mixmodal train "
@@ -147,11 +142,9 @@ def _scorer(rerank: str, checkpoint, encoder, index, retriever, device: str):
 
 
 def _best_of(engine, prompts, config, seeds, context, n: int, scorer_for, on_event) -> list[GenerationResult]:
-    from mixmodal.inference.rerank import best_of
-
     ordered = []
     for k, (prompt, s) in enumerate(zip(prompts, seeds)):
-        ranked = best_of(engine, prompt, config, n, scorer_for(prompt), seed=s * n,
+        ranked = rank_candidates(engine, prompt, config, n, scorer_for(prompt), seed=s * n,
                          context=context[k] if context is not None else None)
         best = ranked[0]
         best.index = k

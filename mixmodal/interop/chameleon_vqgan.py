@@ -34,6 +34,8 @@ import torch
 import yaml
 
 from mixmodal.interop.common import ConversionError, finish_conversion, read_safetensors
+from mixmodal.model.io import CONFIG_FILE, ModelDirError, read_model_config
+from mixmodal.tokenizers.image import load_image_tokenizer
 from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
 from mixmodal.weights import refresh_manifest
 
@@ -263,8 +265,6 @@ def convert_chameleon_vqgan(src: str | os.PathLike, out: str | os.PathLike,
 
 
 def _is_converted_model(folder: Path) -> bool:
-    from mixmodal.model.io import CONFIG_FILE
-
     return (folder / "vocab_map.json").is_file() and (folder / CONFIG_FILE).is_file()
 
 
@@ -294,9 +294,6 @@ def first_difference(reference: dict[str, torch.Tensor], candidate: dict[str, to
 
 def _check_fits_model(vq_config: VQConfig, mapped: dict[str, torch.Tensor], out: Path) -> list[str]:
     """`out` is a converted Chameleon's image_tokenizer/: the VQGAN must be the model's."""
-    from mixmodal.model.io import CONFIG_FILE, ModelDirError, read_model_config
-    from mixmodal.tokenizers.image import load_image_tokenizer
-
     model_dir = out.parent
     if not _is_converted_model(model_dir):
         return []

@@ -58,7 +58,7 @@ class RetrievalConfig:
         return bool(self.index) and self.k > 0
 
     def selection(self):
-        from mixmodal.retrieval.select import SelectionConfig
+        from mixmodal.retrieval.select import SelectionConfig  # late: select brings torch; this module does not
 
         return SelectionConfig(k=self.k, candidates=self.candidates, max_similarity=self.max_similarity,
                                prefer_multimodal=self.prefer_multimodal, query_dropout=self.query_dropout)
@@ -74,7 +74,7 @@ class RetrievalAugmenter:
         self.encoder = encoder  # pipeline.DocumentEncoder: text BPE + the run's image tokenizer
         self.seed, self.rank = seed, rank
         if retriever is None:
-            from mixmodal.retrieval.select import Retriever
+            from mixmodal.retrieval.select import Retriever  # late: as in RetrievalConfig.selection
 
             retriever = Retriever.open(config.index, config.selection(), encoder=config.encoder or None, device=device)
         self.retriever = retriever

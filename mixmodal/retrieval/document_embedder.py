@@ -23,9 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixmodal.config import ConfigError, build_config, load_yaml, save_config, to_dict
+from mixmodal.model.io import ModelDirError, check_model_state
 from mixmodal.retrieval.encoder import (CONFIG_FILE, ENCODER_DIR, ENCODER_FIX, TOKENIZER_FILE, WEIGHTS_FILE,
                                         DualEncoder, DualEncoderConfig, EncoderError, load_tokenizer,
                                         tokenize_texts)
+from mixmodal.tokenizers.pixels import images_to_tensor
+from mixmodal.weights import ManifestError, checked_folder, read_manifest, write_manifest
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -42,8 +45,6 @@ def save_dual_encoder(model: DualEncoder, tokenizer: "tokenizers.Tokenizer", out
     how to write the folder again, for a loader's error). Atomic: everything goes to a temporary sibling
     directory that then replaces `out`."""
     from safetensors.torch import save_file
-
-    from mixmodal.weights import write_manifest
 
     out = Path(out)
     tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
@@ -68,8 +69,6 @@ def check_encoder_state(model: nn.Module, state: dict[str, torch.Tensor], origin
                         hint: str = f"were {CONFIG_FILE} and the weights saved from different models? {ENCODER_FIX}"
                         ) -> None:
     """Raise EncoderError listing every missing, unexpected and wrongly shaped tensor (one line ending with `hint`)."""
-    from mixmodal.model.io import ModelDirError, check_model_state
-
     try:
         check_model_state(model, state, origin, hint=hint)
     except ModelDirError as e:
@@ -126,8 +125,6 @@ class DocumentEmbedder:
         """Load a saved encoder directory, or a dual-encoder run directory (its encoder/)."""
         from safetensors.torch import load as load_safetensors
 
-        from mixmodal.weights import ManifestError, checked_folder, read_manifest
-
         folder = find_encoder_dir(path)
         with checked_folder(folder, ENCODER_FIX):  # sizes, and hashes of the small files (weights.py)
             config = read_encoder_config(folder / CONFIG_FILE)
@@ -177,8 +174,6 @@ class DocumentEmbedder:
     @torch.no_grad()
     def embed_images(self, images: Sequence["PIL.Image.Image"], batch_size: int = 256) -> np.ndarray:
         """float32 (N, dim), L2-normalised; images are centre-cropped and resized to vision.image_size."""
-        from mixmodal.tokenizers.pixels import images_to_tensor
-
         images, size = list(images), self.config.vision.image_size
         out = [F.normalize(self.model.encode_image(images_to_tensor(images[i:i + batch_size], size).to(self.device))
                            .float(), dim=-1).cpu()

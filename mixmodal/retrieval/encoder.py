@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixmodal.tokenizers.pixels import check_images
+
 if TYPE_CHECKING:
     import tokenizers
 
@@ -291,8 +293,6 @@ class DualEncoder(nn.Module):
         """(B, 3, H, W) in [-1, 1] -> (B, E) projected, not normalised. Other sizes than
         vision.image_size are resized (bicubic, antialiased) and clamped to [-1, 1], as an
         8-bit image resized by Pillow would be."""
-        from mixmodal.tokenizers.pixels import check_images
-
         size = self.config.vision.image_size
         check_images(pixels, size, 1, any_size=True)
         if pixels.shape[-2:] != (size, size):

@@ -22,6 +22,7 @@ from mixmodal.config import ConfigError, build_config, load_yaml, save_config, t
 from mixmodal.tokenizers.patch import KMeansConfig, KMeansTokenizer, PCAConfig, PCATokenizer
 from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
 from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
+from mixmodal.weights import checked_folder, read_weights, write_manifest
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -70,8 +71,6 @@ def save_image_tokenizer(model: ImageTokenizer, out_dir: str | os.PathLike, *, r
     load_image_tokenizer rejects by name (an earlier manifest no longer fits it), never a torn file."""
     from safetensors.torch import save_file
 
-    from mixmodal.weights import write_manifest
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -89,8 +88,6 @@ def load_image_tokenizer(path: str | os.PathLike, device: str | torch.device = "
     Its manifest.json, when it has one, is checked first (weights.py's rule; `verify=False`: the caller
     checked a manifest that lists its files, e.g. the model folder's, model/bundle.py)."""
     from contextlib import nullcontext
-
-    from mixmodal.weights import checked_folder, read_weights
 
     folder = Path(path)
     hint = ("train one with `mixmodal train` (configs/tokenizers/) or convert one with "

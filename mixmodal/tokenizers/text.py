@@ -100,7 +100,7 @@ class TextTokenizer:
     def save(self, out_dir: str | os.PathLike) -> Path:
         """out_dir/tokenizer.json, tokenizer_config.json and last manifest.json (weights.py: sizes and SHA-256s,
         which `load` checks)."""
-        from mixmodal.weights import write_manifest
+        from mixmodal.weights import write_manifest  # late: mixmodal.weights imports torch; this module does not
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ class TextTokenizer:
         it has one, is checked first (weights.py; `verify=False`: the caller checked a manifest listing it)."""
         from contextlib import nullcontext
 
-        from mixmodal.weights import checked_folder
+        from mixmodal.weights import checked_folder  # late: as in save
 
         path = Path(path)
         if path.is_dir():

@@ -41,7 +41,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mixmodal import weights
+from mixmodal.config import to_dict
 from mixmodal.train import faults
+from mixmodal.train.metrics import jsonable
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d+)$")
 WEIGHTS = "model.safetensors"
@@ -168,9 +170,6 @@ def config_hash(config: Any) -> str:
 
 def plain_config(config: Any) -> Any:
     """A run config (a dataclass) as JSON-able data: trainer_state.json's "config"."""
-    from mixmodal.config import to_dict
-    from mixmodal.train.metrics import jsonable
-
     return jsonable(to_dict(config)) if config is not None else None
 
 

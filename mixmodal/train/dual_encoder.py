@@ -41,8 +41,12 @@ from mixmodal.model.bundle import TEXT_TOKENIZER_DIR
 from mixmodal.retrieval.document_embedder import save_dual_encoder
 from mixmodal.retrieval.encoder import (ENCODER_DIR, DualEncoder, DualEncoderConfig, contrastive_loss,
                                         load_tokenizer, tokenize_texts)
+from mixmodal.tokenizers.pixels import images_to_tensor
+from mixmodal.tokenizers.text import TextTokenizer
 from mixmodal.train import distributed
+from mixmodal.train.checkpoint import artifact_remake
 from mixmodal.train.fusion_prepare import prepare_text_tokenizer
+from mixmodal.train.image_data import open_image_source
 from mixmodal.train.task import OptimizerSpec, TaskBase
 from mixmodal.train.trainer import TrainerConfig
 
@@ -101,8 +105,6 @@ def prepare(config: DualEncoderTrainConfig, run_dir: str | Path, write: bool = T
 def fill_model_config(config: DualEncoderTrainConfig) -> None:
     """model.text.vocab_size and the pad/bos/eos ids from the tokenizer (mixmodal.vocab's
     ids); contradictions are refused by key."""
-    from mixmodal.tokenizers.text import TextTokenizer
-
     text = config.model.text
     tokenizer = TextTokenizer.load(config.data.text_tokenizer)
     if text.vocab_size and text.vocab_size != tokenizer.vocab_size:
@@ -206,8 +208,6 @@ class PairBatches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        from mixmodal.tokenizers.pixels import images_to_tensor
-
         if self._pairs is None:
             self._pairs = self._iterate(self.next_document, self.next_pair)
         chunk = list(itertools.islice(self._pairs, self.batch_size))
@@ -281,8 +281,6 @@ class DualEncoderTask(TaskBase):
         return {"encoder": OptimizerSpec(models["encoder"])}
 
     def _batches(self, spec: str, batch_size: int, endless: bool, rank: int, world: int) -> PairBatches:
-        from mixmodal.train.image_data import open_image_source
-
         image_size = self.config.model.vision.image_size
 
         def source():
@@ -348,8 +346,6 @@ class DualEncoderTask(TaskBase):
         return metrics
 
     def save_artifacts(self, models, run_dir: Path) -> None:
-        from mixmodal.train.checkpoint import artifact_remake
-
         save_dual_encoder(models["encoder"], self.tokenizer, Path(run_dir) / ENCODER_DIR,
                           remake=artifact_remake(run_dir))
 

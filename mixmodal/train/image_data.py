@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 import torch.utils.data
 
+from mixmodal.data.shapes import render_array, sample_scene
 from mixmodal.data.sources import ShapesSource, open_source
 from mixmodal.tokenizers.pixels import images_to_tensor
 from mixmodal.train import distributed
@@ -50,13 +51,9 @@ class ShapesImages(torch.utils.data.Dataset):
         self.config, self.split, self.num = source.config, source.split, source.num
 
     def scene(self, index: int):
-        from mixmodal.data.shapes import sample_scene
-
         return sample_scene(self.config, self.split, index)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from mixmodal.data.shapes import render_array
-
         pixels = torch.from_numpy(render_array(self.scene(index), self.config.resolution))  # (R, R, 3) uint8
         return pixels.permute(2, 0, 1).float() / 127.5 - 1  # (3, R, R) in [-1, 1]
 

@@ -26,10 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from mixmodal.config import ConfigError, load_yaml, merge, relative_to_config, to_dict
+from mixmodal.data.shapes import Scene, score
 from mixmodal.eval.image_metrics import psnr, ssim
+from mixmodal.tokenizers.image import build_image_tokenizer, save_image_tokenizer
+from mixmodal.tokenizers.pixels import tensor_to_images
 from mixmodal.tokenizers.vae import VAEConfig, fit_latent_scaling
 from mixmodal.tokenizers.vq import VQConfig, stats_from_counts
 from mixmodal.train import distributed
+from mixmodal.train.checkpoint import artifact_remake
 from mixmodal.train.image_data import ImageBatches, eval_images
 from mixmodal.train.patch_gan import (
     GANConfig,
@@ -153,8 +157,6 @@ class ImageTokenizerTask(TaskBase):
         return arch
 
     def build_models(self) -> dict[str, torch.nn.Module]:
-        from mixmodal.tokenizers.image import build_image_tokenizer
-
         # A copy: fitting the VAE's scaling factor writes into the model's config, not the run's.
         models = {"tokenizer": build_image_tokenizer(copy.deepcopy(self.model_config))}
         if self.gan.weight > 0:
@@ -225,9 +227,6 @@ class ImageTokenizerTask(TaskBase):
         return metrics
 
     def save_artifacts(self, models, run_dir: Path) -> None:
-        from mixmodal.tokenizers.image import save_image_tokenizer
-        from mixmodal.train.checkpoint import artifact_remake
-
         model = models["tokenizer"].eval()
         if self.kind == "vae":  # Stable Diffusion's recipe: 1 / std of latents of training images
             images, _ = eval_images(self.config.data.source, self.resolution, self.config.eval.num_images)
@@ -267,9 +266,6 @@ def evaluate_reconstructions(model, images: torch.Tensor, scenes: list | None, b
     `images` ((N, 3, R, R) in [-1, 1]), and, when every image has its shapes scene, the oracle
     on the reconstructions: `oracle_overall` = fraction parsed back to exactly the original
     scene, plus per attribute. Returns (reconstructions, metrics)."""
-    from mixmodal.data.shapes import Scene, score
-    from mixmodal.tokenizers.pixels import tensor_to_images
-
     recons, stats = reconstruct(model, images, batch_size, device)
     a, b = (images + 1) / 2, (recons + 1) / 2  # [0, 1]
     metrics = {"psnr": float(psnr(a, b).mean()), "ssim": float(ssim(a, b).mean()), **stats}
@@ -285,8 +281,6 @@ def evaluate_reconstructions(model, images: torch.Tensor, scenes: list | None, b
 
 def save_sample_grid(images: torch.Tensor, recons: torch.Tensor, num: int, path: Path, columns: int = 4) -> Path:
     """A PNG of `num` (original | reconstruction) pairs, `columns` pairs per row."""
-    from mixmodal.tokenizers.pixels import tensor_to_images
-
     num = min(num, len(images))
     originals, reconstructions = tensor_to_images(images[:num]), tensor_to_images(recons[:num])
     side, gap = images.shape[-1], 2

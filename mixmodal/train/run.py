@@ -46,6 +46,7 @@ def load_run_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> A
 
 def train(config: Any, out: str | os.PathLike) -> dict:
     """Fit `config` (a task's run config) into run directory `out`; return the final eval."""
+    # late: both import torch, which this module does not
     from mixmodal.train import distributed
     from mixmodal.train.trainer import Trainer
 

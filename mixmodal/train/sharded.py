@@ -56,6 +56,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from mixmodal.data.pipeline import FusionBatches
 from mixmodal.train import checkpoint as ckpt
 from mixmodal.train import distributed, faults
 
@@ -228,8 +229,6 @@ def resharded_data(iterator: Any, states: list[dict], rank: int, world_size: int
     own: Callable | None = getattr(iterator, "resharded_state", None)
     if own is not None:
         return own(states, rank, world_size), "the data iterator resharded its position"
-    from mixmodal.data.pipeline import FusionBatches
-
     if isinstance(iterator, FusionBatches):
         return _fusion_batches(states, rank, world_size)
     raise ckpt.CheckpointError(

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mixmodal.config import to_yaml
 from mixmodal.train import checkpoint as ckpt
 from mixmodal.train import distributed, sharded
 from mixmodal.train.checkpoint import config_differences, config_hash
@@ -345,8 +346,6 @@ class Trainer:
         and random streams of all ranks are gathered and rank 0 writes; under trainer.parallel.dp=fsdp
         a sharded checkpoint (sharded.py: every rank writes its own shards, on any number of
         processes). Every rank waits until the checkpoint is complete."""
-        from mixmodal.config import to_yaml
-
         dcp = self.config.parallel.dp == "fsdp"
         data, rng = self.data.state_dict(), ckpt.rng_state(self.task.generators())
         if self.world_size > 1 or dcp:  # a list, one entry per rank

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mixmodal.data.shapes.oracle import detect
 from mixmodal.data.shapes.scene import COLOURS_ORDER, SHAPES, SIZE_FRACTION, Scene
 from mixmodal.data.shapes.splits import HELDOUT_PAIRS
 
@@ -192,8 +193,6 @@ def scene_things(scene: Scene) -> list[Thing]:
 
 def image_things(image) -> list[Thing]:
     """What the oracle sees in an image (unit: pixels)."""
-    from mixmodal.data.shapes.oracle import detect
-
     _, detections = detect(image)
     return [Thing(d.object.shape, d.object.colour, d.centre, d.extent) for d in detections]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from typing import Iterator
 
+from mixmodal.config import ConfigError, from_dict, merge, parse_overrides, to_dict
 from mixmodal.data.sources.base import Source, SourceSpecError
 from mixmodal.documents import Document
 
@@ -48,7 +49,7 @@ class ShapesSource(Source):
         return f"ShapesSource({self.config}, split={self.split!r}, num={self.num}{self._sharding()})"
 
     def _documents(self, consumer: int, num_consumers: int) -> Iterator[Document]:
-        from mixmodal.data.shapes import shapes_document
+        from mixmodal.data.shapes import shapes_document  # imported late: an optional sibling
 
         first = consumer + self._skip * num_consumers
         if self.num is None:
@@ -65,10 +66,8 @@ def shapes_source_from_spec(rest: str, common: dict) -> ShapesSource:
     `split` and `num` select the documents; every other key is a ShapesConfig field,
     parsed and checked by mixmodal.config like a command-line override ("+" separates
     list items, since "," separates the pairs)."""
-    from mixmodal.config import ConfigError, from_dict, merge, parse_overrides, to_dict
-
     try:
-        from mixmodal.data.shapes import ShapesConfig
+        from mixmodal.data.shapes import ShapesConfig  # imported late: an optional sibling
     except ImportError as e:
         raise SourceSpecError(f"the built-in shapes world is not available ({e})") from None
     for unused in ("strict", "max_pixels"):  # generated documents are never bad input
