@@ -173,3 +173,20 @@ def test_an_mlp_map_scores_what_a_linear_map_of_the_vectors_cannot():
     assert mass["linear"] < 0.35 < 0.9 < mass["mlp"], mass
     with pytest.raises(ValueError, match="image.code_map must be 'linear' or 'mlp'"):
         ImageConfig(code_map="conv")
+
+
+def test_code_gain_scales_the_shared_logits_and_is_not_decayed():
+    from mixmodal.train.optim import split_decay
+
+    model = _model("codebook_only", code_map="linear")
+    gained = FusionModel(ModelConfig(text_vocab_size=300, transformer=TransformerConfig(dim=32, num_layers=1, num_heads=2),
+                                     image=ImageConfig(mode="tokens", num_codes=8, grid_size=2, code_features=12,
+                                                       code_embedding="codebook_only", code_gain=True)))
+    gained.load_state_dict({**model.state_dict(), "code_gain": torch.tensor(3.0)})
+    h = torch.randn(2, 32)
+    codes = model.vocab.image_code_ids
+    assert torch.allclose(gained.head(h)[:, codes.start:codes.stop], 3 * model.head(h)[:, codes.start:codes.stop])
+    assert torch.equal(gained.head(h)[:, :codes.start], model.head(h)[:, :codes.start])
+    assert any(p is gained.code_gain for p in split_decay(gained)[1])  # no weight decay on the gain
+    with pytest.raises(ValueError, match="with code_embedding=learned drop them"):
+        ImageConfig(code_gain=True)

@@ -62,6 +62,9 @@ class ImageConfig:
     # tokens, codebook*: the shared map. "linear": one matrix; "mlp": Linear-GELU-Linear, which can read
     # features a linear map of pixels cannot (an object's outline whatever its colour)
     code_map: Literal["linear", "mlp"] = "linear"
+    # tokens, codebook*: a learned scalar (not weight-decayed) on the shared map's logits, so they can sharpen
+    # without the decayed map growing; starts at 1
+    code_gain: bool = False
 
     def __post_init__(self) -> None:
         if self.code_embedding not in ("learned", "codebook", "codebook_only"):
@@ -71,6 +74,9 @@ class ImageConfig:
             raise ValueError(f"image.patchify must be 'linear', 'mlp' or 'unet', got {self.patchify!r}")
         if self.code_map not in ("linear", "mlp"):
             raise ValueError(f"image.code_map must be 'linear' or 'mlp', got {self.code_map!r}")
+        if self.code_embedding == "learned" and (self.code_gain or self.code_map != "linear"):
+            raise ValueError("image.code_gain and image.code_map shape the shared map of image.code_embedding="
+                             "codebook or codebook_only; with code_embedding=learned drop them")
         if self.mode == "latents" and self.code_embedding != "learned":
             raise ValueError(f"image.code_embedding={self.code_embedding} is for image codes (image.mode=tokens); "
                              "a latent-mode model has none: drop the key")
@@ -274,6 +280,8 @@ class FusionModel(nn.Module):
             self.register_buffer("code_features", torch.zeros(image.num_codes, image.code_features))
             self.code_in = _code_map(image, t)
             self.code_out = _code_map(image, t)
+            if image.code_gain:
+                self.code_gain = nn.Parameter(torch.ones(()))
         if image.mode == "latents":
             if not image.latent_channels or not image.grid_size:
                 raise ValueError("latent mode needs image.latent_channels and image.grid_size (from the VAE tokenizer)")
@@ -321,6 +329,8 @@ class FusionModel(nn.Module):
             return logits
         start = self.vocab.text_size
         shared = hidden @ self.code_out(self.code_features).to(hidden.dtype).T  # [..., K]
+        if self.config.image.code_gain:
+            shared = shared * self.code_gain.to(shared.dtype)
         codes = logits[..., start:start + shared.shape[-1]] + shared if self.code_rows else shared
         return torch.cat([logits[..., :start], codes, logits[..., start + shared.shape[-1]:]], dim=-1)
 
