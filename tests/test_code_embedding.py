@@ -56,7 +56,7 @@ def test_features_are_centred_unit_vectors_and_saved_with_the_weights():
         _model("learned").set_code_features(torch.randn(8, 12))
     with pytest.raises(ValueError, match="code_embedding=codebook needs image.num_codes and image.code_features"):
         _model(features=0)
-    with pytest.raises(ValueError, match="image.code_embedding must be 'learned', 'codebook' or 'codebook_only'"):
+    with pytest.raises(ValueError, match="image.code_embedding must be 'learned', 'codebook', 'codebook_only' or 'codebook_out'"):
         ImageConfig(code_embedding="pixels")
     with pytest.raises(ValueError, match="is for image codes .* drop the key"):
         ImageConfig(mode="latents", code_embedding="codebook")
@@ -190,3 +190,17 @@ def test_code_gain_scales_the_shared_logits_and_is_not_decayed():
     assert any(p is gained.code_gain for p in split_decay(gained)[1])  # no weight decay on the gain
     with pytest.raises(ValueError, match="with code_embedding=learned drop them"):
         ImageConfig(code_gain=True)
+
+
+def test_codebook_out_reads_the_rows_on_input_and_scores_by_the_map_alone():
+    model = _model("codebook_out")
+    model.set_code_features(torch.randn(8, 12))
+    codes = model.vocab.image_code_ids
+    ids = torch.tensor([[1, codes.start + 3, 5]])
+    before = model(ids).logits
+    with torch.no_grad():  # the codes' lm_head rows: no effect
+        model.lm_head.weight[codes.start:codes.stop] += 1.0
+    assert torch.equal(model(ids).logits, before)
+    with torch.no_grad():  # their embedding rows: an effect on what follows the code
+        model.embed_tokens.weight[codes.start + 3] += 1.0
+    assert not torch.equal(model(ids).logits[0, 2], before[0, 2])

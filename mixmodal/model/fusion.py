@@ -56,8 +56,9 @@ class ImageConfig:
     # as Chameleon. "codebook": those rows plus a learned linear map of the code's tokenizer vector (VQ
     # codebook vector, k-means patch), shared by all codes, so codes that look alike start alike and a code
     # never seen as a target still scores by what it looks like. "codebook_only": the shared map alone (the
-    # code's own rows unused), so nothing code-specific can learn that an unseen code is never right
-    code_embedding: Literal["learned", "codebook", "codebook_only"] = "learned"
+    # code's own rows unused), so nothing code-specific can learn that an unseen code is never right;
+    # "codebook_out": own rows + the shared map on input, the shared map alone on output (a code's score)
+    code_embedding: Literal["learned", "codebook", "codebook_only", "codebook_out"] = "learned"
     code_features: int = 0  # tokens, codebook: width of a code's tokenizer vector (filled from the image tokenizer)
     # tokens, codebook*: the shared map. "linear": one matrix; "mlp": Linear-GELU-Linear, which can read
     # features a linear map of pixels cannot (an object's outline whatever its colour)
@@ -67,8 +68,8 @@ class ImageConfig:
     code_gain: bool = False
 
     def __post_init__(self) -> None:
-        if self.code_embedding not in ("learned", "codebook", "codebook_only"):
-            raise ValueError("image.code_embedding must be 'learned', 'codebook' or 'codebook_only', "
+        if self.code_embedding not in ("learned", "codebook", "codebook_only", "codebook_out"):
+            raise ValueError("image.code_embedding must be 'learned', 'codebook', 'codebook_only' or 'codebook_out', "
                              f"got {self.code_embedding!r}")
         if self.patchify not in ("linear", "mlp", "unet"):
             raise ValueError(f"image.patchify must be 'linear', 'mlp' or 'unet', got {self.patchify!r}")
@@ -76,7 +77,7 @@ class ImageConfig:
             raise ValueError(f"image.code_map must be 'linear' or 'mlp', got {self.code_map!r}")
         if self.code_embedding == "learned" and (self.code_gain or self.code_map != "linear"):
             raise ValueError("image.code_gain and image.code_map shape the shared map of image.code_embedding="
-                             "codebook or codebook_only; with code_embedding=learned drop them")
+                             "codebook, codebook_only or codebook_out; with code_embedding=learned drop them")
         if self.mode == "latents" and self.code_embedding != "learned":
             raise ValueError(f"image.code_embedding={self.code_embedding} is for image codes (image.mode=tokens); "
                              "a latent-mode model has none: drop the key")
@@ -271,7 +272,9 @@ class FusionModel(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.code_in = self.code_out = None
-        self.code_rows = image.code_embedding != "codebook_only"  # the codes' own embedding / lm_head rows count
+        # the codes' own embedding rows / lm_head rows count
+        self.code_rows_in = image.code_embedding in ("codebook", "codebook_out")
+        self.code_rows_out = image.code_embedding == "codebook"
         if image.mode == "tokens" and image.code_embedding != "learned":
             if not image.code_features or not image.num_codes:
                 raise ValueError(f"image.code_embedding={image.code_embedding} needs image.num_codes and "
@@ -320,7 +323,7 @@ class FusionModel(nn.Module):
         is_code = (codes >= 0) & (codes < self.vocab.num_image_codes)
         shared = self.code_in(self.code_features[codes.clamp(0, self.vocab.num_image_codes - 1)])
         mask = is_code[..., None].to(shared.dtype)
-        return x + shared * mask if self.code_rows else x * (1 - mask) + shared * mask
+        return x + shared * mask if self.code_rows_in else x * (1 - mask) + shared * mask
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., V] logits: lm_head, + each image code's shared map scored against the state."""
@@ -331,7 +334,7 @@ class FusionModel(nn.Module):
         shared = hidden @ self.code_out(self.code_features).to(hidden.dtype).T  # [..., K]
         if self.config.image.code_gain:
             shared = shared * self.code_gain.to(shared.dtype)
-        codes = logits[..., start:start + shared.shape[-1]] + shared if self.code_rows else shared
+        codes = logits[..., start:start + shared.shape[-1]] + shared if self.code_rows_out else shared
         return torch.cat([logits[..., :start], codes, logits[..., start + shared.shape[-1]:]], dim=-1)
 
     def image_position_embedding(self) -> torch.Tensor:  # [P, D]
