@@ -204,3 +204,34 @@ def test_codebook_out_reads_the_rows_on_input_and_scores_by_the_map_alone():
     with torch.no_grad():  # their embedding rows: an effect on what follows the code
         model.embed_tokens.weight[codes.start + 3] += 1.0
     assert not torch.equal(model(ids).logits[0, 2], before[0, 2])
+
+
+def test_factored_code_vectors_share_structure_across_colours_and_colours_across_outlines():
+    from mixmodal.tokenizers.patch import factored_vectors
+    from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
+
+    p = 4
+    ground = -torch.ones(3, p, p)
+    star, circle = torch.zeros(p, p, dtype=torch.bool), torch.zeros(p, p, dtype=torch.bool)
+    star[1:3, :] = True
+    star[:, 1:3] = True
+    circle[1:3, 1:3] = True
+
+    def patch(mask, colour):  # an outline in one colour on a black ground, channel-major as the tokenizer's
+        x = ground.clone()
+        for c in range(3):
+            x[c][mask] = colour[c]
+        return x.flatten()
+
+    red, blue = (1.0, -1.0, -1.0), (-1.0, -1.0, 1.0)
+    v = factored_vectors(torch.stack([patch(star, red), patch(star, blue), patch(circle, red), ground.flatten()]))
+    assert v.shape == (4, 4 * p * p + 6)
+    pixels, structure, colours = v[:, :3 * p * p], v[:, 3 * p * p:4 * p * p], v[:, 4 * p * p:]
+    assert torch.allclose(structure[0], structure[1]) and not torch.allclose(structure[0], structure[2])
+    assert torch.allclose(colours[0], colours[2]) and not torch.allclose(colours[0], colours[1])
+    assert not torch.allclose(pixels[0], pixels[1])  # the patch itself still tells every code apart
+    assert torch.allclose(structure[3], torch.zeros(p * p))  # a uniform patch has no structure
+    with pytest.raises(ValueError, match="image.code_vectors=factored needs a k-means tokenizer"):
+        VQTokenizer(VQConfig(codebook_size=16, codebook_dim=8)).code_vectors("factored")
+    with pytest.raises(ValueError, match="image.code_vectors must be 'tokenizer' or 'factored'"):
+        ImageConfig(code_vectors="edges")

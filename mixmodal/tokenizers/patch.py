@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mixmodal.tokenizers.pixels import check_images
 from mixmodal.tokenizers.trunk import TrunkTokenizer
@@ -99,6 +100,23 @@ def to_patches(images: torch.Tensor, p: int) -> torch.Tensor:
     """(B, 3, H, W) -> (B, H/p, W/p, 3 p^2), each patch channel-major (c, y, x)."""
     B, C, H, W = images.shape
     return images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, C * p * p)
+
+
+CODE_VIEWS = ("tokenizer", "factored")
+
+
+def factored_vectors(patches: torch.Tensor) -> torch.Tensor:
+    """(K, 3 p^2) patches (channel-major) -> (K, 4 p^2 + 6): [the patch; its structure; its colours], each part
+    unit length. Structure: the luminance pattern, centred and scaled to unit length, the same for one outline in
+    any colour on a uniform ground. Colours: each channel's max and min over the patch, the same for any outline
+    in one colour. A linear map of these scores "a red star" as a star term plus a red term, which a linear map
+    of raw pixels cannot (a red star's pixels live in the red channel, a blue star's in the blue)."""
+    k = patches.shape[0]
+    x = patches.float().reshape(k, 3, -1)
+    luminance = x.mean(1)
+    structure = F.normalize(luminance - luminance.mean(1, keepdim=True), dim=1, eps=1e-6)
+    colours = F.normalize(torch.cat([x.amax(2), x.amin(2)], 1), dim=1, eps=1e-6)
+    return torch.cat([F.normalize(patches.float(), dim=1, eps=1e-6), structure, colours], 1)
 
 
 def from_patches(patches: torch.Tensor, p: int) -> torch.Tensor:
@@ -199,10 +217,14 @@ class KMeansTokenizer(_PatchTokenizer):
         return self.config.codebook_size
 
     @torch.no_grad()
-    def code_vectors(self) -> torch.Tensor:
-        """(K, 3 p^2): each code's patch, pixels in [-1, 1] (a model's image.code_embedding=codebook reads these)."""
+    def code_vectors(self, view: str = "tokenizer") -> torch.Tensor:
+        """Each code's vector, which a model's image.code_embedding=codebook* reads. view "tokenizer": (K, 3 p^2),
+        the patch, pixels in [-1, 1]; "factored": (K, 4 p^2 + 6), factored_vectors of the patches."""
         self.check_fitted()
-        return self.codebook.float().clone()
+        if view not in CODE_VIEWS:
+            raise ValueError(f"image.code_vectors must be one of {', '.join(CODE_VIEWS)}, got {view!r}")
+        patches = self.codebook.float().clone()
+        return factored_vectors(patches) if view == "factored" else patches
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor) -> dict[str, float]:

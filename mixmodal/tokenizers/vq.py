@@ -199,9 +199,12 @@ class VQTokenizer(TrunkTokenizer):
         return self.config.codebook_size
 
     @torch.no_grad()
-    def code_vectors(self) -> torch.Tensor:
+    def code_vectors(self, view: str = "tokenizer") -> torch.Tensor:
         """(K, codebook_dim): each code's vector, in the space codes are matched in (a model's
         image.code_embedding=codebook reads these)."""
+        if view != "tokenizer":
+            raise ValueError(f"image.code_vectors={view} needs a k-means tokenizer (its codes are pixel patches); "
+                             "a VQ's codes are its codebook vectors: use image.code_vectors=tokenizer")
         return self.quantize.codebook_vectors().detach().float().clone()
 
     def encode_latents(self, images: torch.Tensor, *, any_size: bool = False) -> torch.Tensor:

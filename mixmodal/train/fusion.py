@@ -149,7 +149,7 @@ class FusionTask(TaskBase):
     def build_models(self) -> dict[str, torch.nn.Module]:
         model = FusionModel(self.config.model)
         if model.code_in is not None:  # the tokenizer's code vectors (init_from / a resume load them over these)
-            model.set_code_features(self.image_tokenizer.code_vectors().cpu())
+            model.set_code_features(self.image_tokenizer.code_vectors(self.config.model.image.code_vectors).cpu())
         if self.config.init_from:  # fine-tuning: the pretrained weights (a resume then loads its checkpoint over them)
             folder = Path(self.config.init_from)
             state = read_model_state(folder)  # a LoRA run's folder: its adapter merged
