@@ -23,7 +23,7 @@ from mixmodal.demo import _run
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = {  # path: (tokenizer config, its run, recipe config, its run)
-    "tokens": ("configs/tokenizers/vq-shapes-48-f8.yaml", "vq-shapes-48-f8", "configs/recipes/tokens-48.yaml",
+    "tokens": ("configs/tokenizers/kmeans-shapes-48-f16.yaml", "kmeans-shapes-48-f16", "configs/recipes/tokens-48.yaml",
                "recipe-tokens"),
     "latents": ("configs/tokenizers/vae-shapes-48.yaml", "vae-shapes-48", "configs/recipes/latents-48.yaml",
                 "recipe-latents"),
