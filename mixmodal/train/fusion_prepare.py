@@ -167,7 +167,8 @@ def fill_model_config(config: FusionTrainConfig) -> None:
                               "(continuous latents); use model.image.mode=latents or a VQ tokenizer")
         fill("model.image.num_codes", m.image, "num_codes", image.num_codes)
         if m.image.code_embedding != "learned":
-            fill("model.image.code_features", m.image, "code_features", int(image.code_vectors(m.image.code_vectors).shape[1]))
+            width = int(image.code_vectors(m.image.code_vectors).shape[1])
+            fill("model.image.code_features", m.image, "code_features", width)
     else:
         if image.discrete:
             raise ConfigError(f"model.image.mode=latents needs a continuous image tokenizer (vae, pca), but {where} "
