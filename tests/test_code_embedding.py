@@ -88,7 +88,8 @@ def test_a_code_never_a_target_moves_with_the_codes_that_look_like_it():
     assert results["codebook_only"] > 0
 
 
-def test_a_run_fills_the_features_from_its_tokenizer_and_the_engine_reloads_them(tmp_path):
+@pytest.mark.parametrize("view", ["tokenizer", "factored"])
+def test_a_run_fills_the_features_from_its_tokenizer_and_the_engine_reloads_them(tmp_path, view):
     from mixmodal.data.shapes import ShapesConfig
     from mixmodal.data.sources import ShapesSource
     from mixmodal.inference.config import GenerationConfig
@@ -106,11 +107,12 @@ def test_a_run_fills_the_features_from_its_tokenizer_and_the_engine_reloads_them
     config = load_run_config(ROOT / "configs/models/tiny-tokens.yaml",
                              [f"data.image_tokenizer={tmp_path / 'kmeans' / 'tokenizer'}", f"data.text_tokenizer={tmp_path / 'text'}",
                               "data.source=shapes:split=train,resolution=48", "data.eval_source=shapes:split=heldout,resolution=48",
-                              "data.pipeline.seq_len=128", "trainer.steps=3", "model.image.code_embedding=codebook"])
+                              "data.pipeline.seq_len=128", "trainer.steps=3", "model.image.code_embedding=codebook",
+                              f"model.image.code_vectors={view}"])
     train(config, tmp_path / "run")
     engine = Engine.from_pretrained(tmp_path / "run" / "model")
-    assert engine.model.config.image.code_features == 3 * 16 * 16
-    patches = load_image_tokenizer(tmp_path / "kmeans" / "tokenizer").code_vectors()
+    assert engine.model.config.image.code_features == (3 * 16 * 16 if view == "tokenizer" else 4 * 16 * 16 + 6)
+    patches = load_image_tokenizer(tmp_path / "kmeans" / "tokenizer").code_vectors(view)
     expected = torch.nn.functional.normalize(patches - patches.mean(0), dim=1)
     assert torch.allclose(engine.model.code_features, expected, atol=1e-6)
     result = engine.generate("a photo of a red circle", GenerationConfig(mode="image"), seed=0)[0]
