@@ -14,13 +14,12 @@ from mixmodal.model.transformer import TransformerConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _model(code_embedding: str = "codebook", num_codes: int = 8, features: int = 12,
-           code_map: str = "linear") -> FusionModel:
+def _model(code_embedding: str = "codebook", num_codes: int = 8, features: int = 12, **image) -> FusionModel:
+    """A one-layer token model; `image`: further ImageConfig keys (code_map, code_gain, ...)."""
     torch.manual_seed(0)
     config = ModelConfig(text_vocab_size=300, transformer=TransformerConfig(dim=32, num_layers=1, num_heads=2),
                          image=ImageConfig(mode="tokens", num_codes=num_codes, grid_size=2,
-                                           code_embedding=code_embedding, code_features=features,
-                                           code_map=code_map))
+                                           code_embedding=code_embedding, code_features=features, **image))
     return FusionModel(config)
 
 
@@ -138,20 +137,30 @@ def test_export_to_transformers_refuses_a_codebook_model_by_name(tmp_path):
         convert_to_hf_chameleon(tmp_path / "m", tmp_path / "hf")
 
 
-def test_codebook_only_ignores_the_codes_own_rows():
-    model = _model("codebook_only")
+@pytest.mark.parametrize("kind, rows_in, rows_out", [("codebook", True, True), ("codebook_only", False, False),
+                                                     ("codebook_out", True, False)])
+def test_which_of_the_codes_own_rows_count(kind, rows_in, rows_out):
+    """codebook: both tables' image rows; codebook_only: neither (the shared map alone); codebook_out: the
+    embedding rows on input, the shared map alone scores a code."""
+    model = _model(kind)
     model.set_code_features(torch.randn(8, 12))
     codes = model.vocab.image_code_ids
     ids = torch.tensor([[1, codes.start + 3, 5]])
     before = model(ids).logits
-    with torch.no_grad():  # the image rows of both tables: no effect on anything
-        model.embed_tokens.weight[codes.start:codes.stop] += 1.0
+    with torch.no_grad():  # the codes' lm_head rows: they move the codes' scores, or nothing
         model.lm_head.weight[codes.start:codes.stop] += 1.0
-    after = model(ids).logits
-    assert torch.equal(before, after)
-    with torch.no_grad():  # a text row still counts
+    after_head = model(ids).logits
+    assert torch.equal(after_head, before) != rows_out
+    with torch.no_grad():  # the code's embedding row: it moves what follows the code, or nothing
+        model.embed_tokens.weight[codes.start + 3] += 1.0
+    after_embed = model(ids).logits
+    if rows_in:
+        assert not torch.equal(after_embed[0, 2], after_head[0, 2])
+    else:
+        assert torch.equal(after_embed, after_head)
+    with torch.no_grad():  # a text row always counts
         model.embed_tokens.weight[5] += 1.0
-    assert not torch.equal(model(ids).logits[0, 2], after[0, 2])
+    assert not torch.equal(model(ids).logits[0, 2], after_embed[0, 2])
 
 
 def test_an_mlp_map_scores_what_a_linear_map_of_the_vectors_cannot():
@@ -180,10 +189,8 @@ def test_an_mlp_map_scores_what_a_linear_map_of_the_vectors_cannot():
 def test_code_gain_scales_the_shared_logits_and_is_not_decayed():
     from mixmodal.train.optim import split_decay
 
-    model = _model("codebook_only", code_map="linear")
-    gained = FusionModel(ModelConfig(text_vocab_size=300, transformer=TransformerConfig(dim=32, num_layers=1, num_heads=2),
-                                     image=ImageConfig(mode="tokens", num_codes=8, grid_size=2, code_features=12,
-                                                       code_embedding="codebook_only", code_gain=True)))
+    model = _model("codebook_only")
+    gained = _model("codebook_only", code_gain=True)
     gained.load_state_dict({**model.state_dict(), "code_gain": torch.tensor(3.0)})
     h = torch.randn(2, 32)
     codes = model.vocab.image_code_ids
@@ -193,19 +200,6 @@ def test_code_gain_scales_the_shared_logits_and_is_not_decayed():
     with pytest.raises(ValueError, match="with code_embedding=learned drop them"):
         ImageConfig(code_gain=True)
 
-
-def test_codebook_out_reads_the_rows_on_input_and_scores_by_the_map_alone():
-    model = _model("codebook_out")
-    model.set_code_features(torch.randn(8, 12))
-    codes = model.vocab.image_code_ids
-    ids = torch.tensor([[1, codes.start + 3, 5]])
-    before = model(ids).logits
-    with torch.no_grad():  # the codes' lm_head rows: no effect
-        model.lm_head.weight[codes.start:codes.stop] += 1.0
-    assert torch.equal(model(ids).logits, before)
-    with torch.no_grad():  # their embedding rows: an effect on what follows the code
-        model.embed_tokens.weight[codes.start + 3] += 1.0
-    assert not torch.equal(model(ids).logits[0, 2], before[0, 2])
 
 
 def test_factored_code_vectors_share_structure_across_colours_and_colours_across_outlines():
