@@ -251,17 +251,19 @@ class UNetPatchOut(nn.Module):
 # --- the model --------------------------------------------------------------------------------
 
 def _code_map(image: ImageConfig, t) -> nn.Module:
-    """The shared map of a code's tokenizer vector to the model's width (image.code_map)."""
+    """The shared map of a code's tokenizer vector to the model's width (image.code_map); _init_code_map
+    initialises it."""
     if image.code_map == "linear":
-        layers = [nn.Linear(image.code_features, t.dim, bias=False)]
-    else:
-        layers = [nn.Linear(image.code_features, t.dim), nn.GELU(), nn.Linear(t.dim, t.dim, bias=False)]
-    for layer in layers:
+        return nn.Linear(image.code_features, t.dim, bias=False)
+    return nn.Sequential(nn.Linear(image.code_features, t.dim), nn.GELU(), nn.Linear(t.dim, t.dim, bias=False))
+
+
+def _init_code_map(module: nn.Module, std: float) -> None:
+    for layer in module.modules():
         if isinstance(layer, nn.Linear):
-            nn.init.normal_(layer.weight, 0.0, t.init_std)
+            nn.init.normal_(layer.weight, 0.0, std)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
-    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
 class FusionModel(nn.Module):
@@ -289,6 +291,8 @@ class FusionModel(nn.Module):
             self.register_buffer("code_features", torch.zeros(image.num_codes, image.code_features))
             self.code_in = _code_map(image, t)
             self.code_out = _code_map(image, t)
+            for code_map in (self.code_in, self.code_out):  # both built, then both drawn: the random order of
+                _init_code_map(code_map, t.init_std)         # the linear maps' first version (same weights)
             if image.code_gain:
                 self.code_gain = nn.Parameter(torch.ones(()))
         if image.mode == "latents":
