@@ -87,13 +87,14 @@ def test_a_code_never_a_target_moves_with_the_codes_that_look_like_it():
     assert results["codebook_only"] > 0
 
 
-@pytest.mark.parametrize("view", ["tokenizer", "factored"])
+@pytest.mark.parametrize("view", ["tokenizer", "factored", "grouped"])
 def test_a_run_fills_the_features_from_its_tokenizer_and_the_engine_reloads_them(tmp_path, view):
     from mixmodal.data.shapes import ShapesConfig
     from mixmodal.data.sources import ShapesSource
     from mixmodal.inference.config import GenerationConfig
     from mixmodal.inference.engine import Engine
     from mixmodal.tokenizers.image import load_image_tokenizer
+    from mixmodal.tokenizers.patch import code_groups
     from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
     from mixmodal.train.run import load_run_config, train
 
@@ -110,8 +111,12 @@ def test_a_run_fills_the_features_from_its_tokenizer_and_the_engine_reloads_them
                               f"model.image.code_vectors={view}"])
     train(config, tmp_path / "run")
     engine = Engine.from_pretrained(tmp_path / "run" / "model")
-    assert engine.model.config.image.code_features == (3 * 16 * 16 if view == "tokenizer" else 4 * 16 * 16 + 6)
-    patches = load_image_tokenizer(tmp_path / "kmeans" / "tokenizer").code_vectors(view)
+    image_tokenizer = load_image_tokenizer(tmp_path / "kmeans" / "tokenizer")
+    structure, colours = code_groups(image_tokenizer.codebook.float())
+    widths = {"tokenizer": 3 * 16 * 16, "factored": 4 * 16 * 16 + 6,
+              "grouped": 3 * 16 * 16 + int(structure.max()) + 1 + int(colours.max()) + 1}
+    assert engine.model.config.image.code_features == widths[view]
+    patches = image_tokenizer.code_vectors(view)
     expected = torch.nn.functional.normalize(patches - patches.mean(0), dim=1)
     assert torch.allclose(engine.model.code_features, expected, atol=1e-6)
     result = engine.generate("a photo of a red circle", GenerationConfig(mode="image"), seed=0)[0]
@@ -229,5 +234,37 @@ def test_factored_code_vectors_share_structure_across_colours_and_colours_across
     assert torch.allclose(structure[3], torch.zeros(p * p))  # a uniform patch has no structure
     with pytest.raises(ValueError, match="image.code_vectors=factored needs a k-means tokenizer"):
         VQTokenizer(VQConfig(codebook_size=16, codebook_dim=8)).code_vectors("factored")
-    with pytest.raises(ValueError, match="image.code_vectors must be 'tokenizer' or 'factored'"):
+    with pytest.raises(ValueError, match="image.code_vectors=grouped needs a k-means tokenizer"):
+        VQTokenizer(VQConfig(codebook_size=16, codebook_dim=8)).code_vectors("grouped")
+    with pytest.raises(ValueError, match="image.code_vectors must be 'tokenizer', 'factored' or 'grouped'"):
         ImageConfig(code_vectors="edges")
+
+
+def test_grouped_code_vectors_give_each_outline_and_each_colour_one_row():
+    from mixmodal.tokenizers.patch import code_groups, grouped_vectors
+
+    p = 4
+    ground = -torch.ones(3, p, p)
+    star, circle = torch.zeros(p, p, dtype=torch.bool), torch.zeros(p, p, dtype=torch.bool)
+    star[1:3, :] = True
+    star[:, 1:3] = True
+    circle[1:3, 1:3] = True
+
+    def patch(mask, colour, edge=0.0):  # edge: an anti-aliased pixel's 8-bit rounding, which differs by colour
+        x = ground.clone()
+        for c in range(3):
+            x[c][mask] = colour[c]
+        x[:, 0, 0] += edge
+        return x.flatten()
+
+    red, blue, green = (1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (-1.0, 1.0, -1.0)
+    patches = torch.stack([patch(star, red), patch(star, blue, 2 / 255), patch(circle, red), ground.flatten(),
+                           patch(circle, green)])
+    structure, colours = code_groups(patches)
+    assert structure.tolist() == [0, 0, 1, 2, 1]  # numbered in code order; the rounding does not split a star
+    assert colours.tolist() == [0, 1, 0, 2, 3]
+    v = grouped_vectors(patches)
+    assert v.shape == (5, 3 * p * p + 3 + 4)
+    assert torch.equal(v[:, 3 * p * p:3 * p * p + 3], torch.nn.functional.one_hot(structure).float())
+    assert torch.equal(v[:, 3 * p * p + 3:], torch.nn.functional.one_hot(colours).float())
+    assert torch.allclose(v[:, :3 * p * p].norm(dim=1), torch.ones(5))

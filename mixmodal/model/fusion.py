@@ -61,8 +61,9 @@ class ImageConfig:
     code_embedding: Literal["learned", "codebook", "codebook_only", "codebook_out"] = "learned"
     code_features: int = 0  # tokens, codebook: width of a code's tokenizer vector (filled from the image tokenizer)
     # tokens, codebook*: which vector of a code the shared map reads. "tokenizer": the tokenizer's own (VQ codebook
-    # vector, k-means patch); "factored" (k-means): the patch + its colour-free structure + its shape-free colours
-    code_vectors: Literal["tokenizer", "factored"] = "tokenizer"
+    # vector, k-means patch); "factored" (k-means): the patch + its colour-free structure + its shape-free colours;
+    # "grouped" (k-means): the patch + a one-hot of its outline + a one-hot of its colours (a free row for each)
+    code_vectors: Literal["tokenizer", "factored", "grouped"] = "tokenizer"
     # tokens, codebook*: the shared map. "linear": one matrix; "mlp": Linear-GELU-Linear, which can read
     # features a linear map of pixels cannot (an object's outline whatever its colour)
     code_map: Literal["linear", "mlp"] = "linear"
@@ -78,8 +79,9 @@ class ImageConfig:
             raise ValueError(f"image.patchify must be 'linear', 'mlp' or 'unet', got {self.patchify!r}")
         if self.code_map not in ("linear", "mlp"):
             raise ValueError(f"image.code_map must be 'linear' or 'mlp', got {self.code_map!r}")
-        if self.code_vectors not in ("tokenizer", "factored"):
-            raise ValueError(f"image.code_vectors must be 'tokenizer' or 'factored', got {self.code_vectors!r}")
+        if self.code_vectors not in ("tokenizer", "factored", "grouped"):
+            raise ValueError("image.code_vectors must be 'tokenizer', 'factored' or 'grouped', "
+                             f"got {self.code_vectors!r}")
         if self.code_embedding == "learned" and (self.code_gain or self.code_map != "linear"
                                                  or self.code_vectors != "tokenizer"):
             raise ValueError("image.code_gain, code_map and code_vectors shape the shared map of image.code_embedding="

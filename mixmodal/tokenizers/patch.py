@@ -102,7 +102,7 @@ def to_patches(images: torch.Tensor, p: int) -> torch.Tensor:
     return images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, H // p, W // p, C * p * p)
 
 
-CODE_VIEWS = ("tokenizer", "factored")
+CODE_VIEWS = ("tokenizer", "factored", "grouped")
 
 
 def factored_vectors(patches: torch.Tensor) -> torch.Tensor:
@@ -117,6 +117,36 @@ def factored_vectors(patches: torch.Tensor) -> torch.Tensor:
     structure = F.normalize(luminance - luminance.mean(1, keepdim=True), dim=1, eps=1e-6)
     colours = F.normalize(torch.cat([x.amax(2), x.amin(2)], 1), dim=1, eps=1e-6)
     return torch.cat([F.normalize(patches.float(), dim=1, eps=1e-6), structure, colours], 1)
+
+
+def code_groups(patches: torch.Tensor, tolerance: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, 3 p^2) patches -> (structure group, colour group) of each code, (K,) each, numbered from 0: codes
+    share a structure group when their factored_vectors structure parts are within `tolerance` (L2; the parts
+    are unit length) of the group's first code (one outline in any colour: anti-aliased edges rounded to 8 bits
+    per channel differ slightly from colour to colour), and a colour group when their colour parts are (any
+    outline in one colour)."""
+    parts = factored_vectors(patches)[:, patches.shape[1]:]
+
+    def group(x: torch.Tensor) -> torch.Tensor:
+        near = torch.cdist(x, x) <= tolerance
+        ids = torch.full((len(x),), -1, dtype=torch.long)
+        for i in range(len(x)):  # greedy, in code order: each code not yet grouped starts a group
+            if ids[i] < 0:
+                ids[near[i] & (ids < 0)] = int(ids.max()) + 1
+        return ids
+
+    return group(parts[:, :-6]), group(parts[:, -6:])
+
+
+def grouped_vectors(patches: torch.Tensor) -> torch.Tensor:
+    """(K, 3 p^2) patches -> (K, 3 p^2 + S + C): [the patch; one-hot of its structure group; one-hot of its colour
+    group] (code_groups; S, C groups), each part unit length. A linear map of the one-hots is a free row per
+    outline plus a free row per colour, so "a red star" scores as star + red as sharply as a code's own row would,
+    and a red star never seen in training still has both of its rows trained (factored_vectors' colour part is 6
+    numbers, too few for a free row per colour)."""
+    structure, colours = code_groups(patches)
+    return torch.cat([F.normalize(patches.float(), dim=1, eps=1e-6),
+                      F.one_hot(structure).float(), F.one_hot(colours).float()], 1)
 
 
 def from_patches(patches: torch.Tensor, p: int) -> torch.Tensor:
@@ -219,12 +249,14 @@ class KMeansTokenizer(_PatchTokenizer):
     @torch.no_grad()
     def code_vectors(self, view: str = "tokenizer") -> torch.Tensor:
         """Each code's vector, which a model's image.code_embedding=codebook* reads. view "tokenizer": (K, 3 p^2),
-        the patch, pixels in [-1, 1]; "factored": (K, 4 p^2 + 6), factored_vectors of the patches."""
+        the patch, pixels in [-1, 1]; "factored": (K, 4 p^2 + 6), factored_vectors of the patches; "grouped":
+        (K, 3 p^2 + S + C), grouped_vectors of the patches."""
         self.check_fitted()
         if view not in CODE_VIEWS:
             raise ValueError(f"image.code_vectors must be one of {', '.join(CODE_VIEWS)}, got {view!r}")
         patches = self.codebook.float().clone()
-        return factored_vectors(patches) if view == "factored" else patches
+        views = {"tokenizer": lambda x: x, "factored": factored_vectors, "grouped": grouped_vectors}
+        return views[view](patches)
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor) -> dict[str, float]:
