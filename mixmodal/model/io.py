@@ -153,7 +153,7 @@ def _read_model_state(folder: Path, merge_adapter: bool) -> dict[str, torch.Tens
     state = read_weights(folder / WEIGHTS_FILE)
     if not merge_adapter:
         return state
-    from mixmodal.model import lora
+    from mixmodal.model import lora  # here, not at the top: lora.py builds on this module (a cycle)
 
     try:
         adapter = lora.read_adapter(folder)

@@ -38,7 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixmodal.config import ConfigError
+from mixmodal.config import ConfigError, build_config, load_yaml
+from mixmodal.model.io import (CONFIG_FILE, WEIGHTS_FILE, load_model_dir, read_model_config, read_model_state,
+                                write_model_dir)
+from mixmodal.model.transformer import Block, TransformerConfig
+from mixmodal.weights import read_weights, write_manifest
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.yaml"
@@ -50,8 +54,6 @@ ADAPTER_KEYS = ("lora_A", "lora_B")
 def projection_names() -> tuple[str, ...]:
     """The names of the nn.Linear layers inside one transformer block, read off a real (tiny) block,
     so the list is the model's: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."""
-    from mixmodal.model.transformer import Block, TransformerConfig
-
     block = Block(TransformerConfig(dim=8, num_layers=1, num_heads=2, ffn_dim=8), 0)
     return tuple(name.rsplit(".", 1)[-1] for name, m in block.named_modules() if isinstance(m, nn.Linear))
 
@@ -204,9 +206,6 @@ def remove_adapter(folder: str | os.PathLike) -> None:
 def read_adapter(folder: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor]] | None:
     """The adapter beside a model folder's weights, or None when it has none. A half adapter (one of
     the two files), a foreign format or tensors that do not pair up fail naming the file."""
-    from mixmodal.config import build_config, load_yaml
-    from mixmodal.weights import read_weights
-
     folder = Path(folder)
     weights, config_path = folder / ADAPTER_FILE, folder / ADAPTER_CONFIG_FILE
     if not weights.is_file() and not config_path.is_file():
@@ -256,8 +255,6 @@ def merge_adapter(state: dict[str, torch.Tensor], config: LoRAConfig, adapter: d
 def load_unmerged(folder: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """A model folder with an adapter as training ran it: the base weights, LoRALinear layers, the
     adapter's tensors (eval mode)."""
-    from mixmodal.model.io import load_model_dir
-
     read = read_adapter(folder)
     if read is None:
         raise ValueError(f"{folder} holds no {ADAPTER_FILE}: it is a plain model folder")
@@ -278,9 +275,6 @@ def merge_lora_folder(src: str | os.PathLike, out: str | os.PathLike) -> tuple[P
     """A model folder (or a run directory: its model/) with an adapter -> `out`, a plain model folder:
     model.safetensors with the adapter merged (the base's dtype), every other file and folder copied
     (tokenizers, generation.yaml, vocab_map.json, hf_config.json, ...), no adapter files."""
-    from mixmodal.model.io import CONFIG_FILE, WEIGHTS_FILE, read_model_config, read_model_state, write_model_dir
-    from mixmodal.weights import write_manifest
-
     folder = Path(src)
     if not (folder / WEIGHTS_FILE).is_file() and (folder / "model" / WEIGHTS_FILE).is_file():
         folder = folder / "model"

@@ -20,6 +20,10 @@ import torch
 
 from mixmodal.train import checkpoint as ckpt
 from mixmodal.train import sharded
+from mixmodal.train.ema import EMA, EMA_FILE
+from mixmodal.train.run import load_run_config, task_module
+from mixmodal.train.trainer import seed_everything
+from mixmodal.weights import write_manifest
 
 
 def find_checkpoint(run: Path, step: int | None) -> Path:
@@ -43,10 +47,6 @@ def find_checkpoint(run: Path, step: int | None) -> Path:
 def export(run: str | os.PathLike, step: int | None = None, out: str | os.PathLike | None = None,
            force: bool = False) -> Path:
     """Write the run's artifact from checkpoint `step` (default the newest) to `out`; return `out`."""
-    from mixmodal.train.ema import EMA, EMA_FILE
-    from mixmodal.train.run import load_run_config, task_module
-    from mixmodal.train.trainer import seed_everything
-
     run = Path(run)
     path = find_checkpoint(run, step)
     checkpoint = ckpt.read_checkpoint(path)
@@ -74,8 +74,6 @@ def export(run: str | os.PathLike, step: int | None = None, out: str | os.PathLi
         made = list(staging.iterdir())
         written = made[0] if len(made) == 1 and made[0].is_dir() else staging  # RUN/model: the folder itself
         if (written / ckpt.MANIFEST).is_file():  # say how this folder is made again
-            from mixmodal.weights import write_manifest
-
             write_manifest(written, remake=f"export it again: `mixmodal export {run} --step {checkpoint.step} "
                                            f"--out {out}`")
         if out.exists():
