@@ -268,3 +268,26 @@ def test_grouped_code_vectors_give_each_outline_and_each_colour_one_row():
     assert torch.equal(v[:, 3 * p * p:3 * p * p + 3], torch.nn.functional.one_hot(structure).float())
     assert torch.equal(v[:, 3 * p * p + 3:], torch.nn.functional.one_hot(colours).float())
     assert torch.allclose(v[:, :3 * p * p].norm(dim=1), torch.ones(5))
+
+
+@pytest.mark.parametrize("code_embedding", ["codebook_only", "codebook_out", "codebook"])
+def test_a_code_that_repeats_another_never_takes_its_probability(code_embedding):
+    from mixmodal.model.fusion import UNUSED_CODE_LOGIT
+
+    model = _model(code_embedding)
+    vectors = torch.randn(8, 12)
+    vectors[5:] = vectors[0]  # a k-means codebook's spares repeat its first code; the tokenizer never emits them
+    model.set_code_features(vectors)
+    codes = model.vocab.image_code_ids
+    ids = torch.tensor([[1, codes.start + 3, codes.start + 5]])
+    logits = model(ids).logits[0, -1, codes.start:codes.stop]
+    if code_embedding == "codebook":  # the codes' own lm_head rows tell them apart (and learn they never occur)
+        assert not (logits == UNUSED_CODE_LOGIT).any()
+    else:  # only the shared map scores them: the repeats would tie with code 0
+        assert (logits[5:] == UNUSED_CODE_LOGIT).all() and (logits[:5] > UNUSED_CODE_LOGIT).all()
+        if code_embedding == "codebook_only":  # and a repeat read as input is its first code
+            assert torch.allclose(model.embed(ids)[0, 2], model.embed(torch.tensor([[codes.start]]))[0, 0])
+    reloaded = _model(code_embedding)
+    reloaded.load_state_dict(model.state_dict())  # found again on load: nothing new in the saved weights
+    assert torch.equal(reloaded.code_unused, model.code_unused) and "code_unused" not in model.state_dict()
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)

@@ -252,6 +252,9 @@ class UNetPatchOut(nn.Module):
 
 # --- the model --------------------------------------------------------------------------------
 
+UNUSED_CODE_LOGIT = -1.0e4  # finite, so guidance's cond - uncond stays a number; exp() of it is 0 in any dtype
+
+
 def _code_map(image: ImageConfig, t) -> nn.Module:
     """The shared map of a code's tokenizer vector to the model's width (image.code_map); _init_code_map
     initialises it."""
@@ -297,6 +300,11 @@ class FusionModel(nn.Module):
                 _init_code_map(code_map, t.init_std)         # the linear maps' first version (same weights)
             if image.code_gain:
                 self.code_gain = nn.Parameter(torch.ones(()))
+            # codes whose vector repeats an earlier code's (a k-means codebook's spares): the tokenizer never
+            # emits them, and without their own lm_head rows (codebook_only, codebook_out) they would tie with
+            # the code they repeat and take its probability; they score UNUSED_CODE_LOGIT instead
+            self.register_buffer("code_unused", torch.zeros(image.num_codes, dtype=torch.bool), persistent=False)
+            self.register_load_state_dict_post_hook(lambda model, keys: model._find_unused_codes())
         if image.mode == "latents":
             if not image.latent_channels or not image.grid_size:
                 raise ValueError("latent mode needs image.latent_channels and image.grid_size (from the VAE tokenizer)")
@@ -325,6 +333,25 @@ class FusionModel(nn.Module):
                              f"{tuple(self.code_features.shape)} (image.num_codes x image.code_features)")
         v = vectors.float() - vectors.float().mean(0, keepdim=True)
         self.code_features.copy_(F.normalize(v, dim=1, eps=1e-6))
+        self._find_unused_codes()
+
+    def init_buffers(self) -> None:
+        """Find the unused codes again (a model built on the meta device and then given its weights has none)."""
+        if self.code_in is not None:
+            self.code_unused = torch.zeros(len(self.code_features), dtype=torch.bool, device=self.code_features.device)
+            self._find_unused_codes()
+
+    @torch.no_grad()
+    def _find_unused_codes(self) -> None:
+        if self.code_features.is_meta or self.code_unused.is_meta:
+            return
+        if not self.code_features.any():  # not set yet (set_code_features): all codes alike, none unused
+            self.code_unused.zero_()
+            return
+        _, inverse = torch.unique(self.code_features, dim=0, return_inverse=True)
+        index = torch.arange(len(inverse), device=inverse.device)
+        first = torch.full_like(inverse, len(inverse)).scatter_reduce(0, inverse, index, "amin")
+        self.code_unused.copy_(first[inverse] != index)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, T] ids -> [B, T, D]: the embedding rows, + the shared map of each image code's vector."""
@@ -346,7 +373,10 @@ class FusionModel(nn.Module):
         shared = hidden @ self.code_out(self.code_features).to(hidden.dtype).T  # [..., K]
         if self.config.image.code_gain:
             shared = shared * self.code_gain.to(shared.dtype)
-        codes = logits[..., start:start + shared.shape[-1]] + shared if self.code_rows_out else shared
+        if self.code_rows_out:
+            codes = logits[..., start:start + shared.shape[-1]] + shared
+        else:
+            codes = shared.masked_fill(self.code_unused, UNUSED_CODE_LOGIT)
         return torch.cat([logits[..., :start], codes, logits[..., start + shared.shape[-1]:]], dim=-1)
 
     def image_position_embedding(self) -> torch.Tensor:  # [P, D]
