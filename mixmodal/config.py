@@ -217,7 +217,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+        value_tp = args[1] if len(args) == 2 else Any  # an override's values are parsed as YAML, as anywhere else
+        return {k: _convert(value_tp, v, _join(path, k)) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:

@@ -108,9 +108,11 @@ def test_a_run_fills_the_features_from_its_tokenizer_and_the_engine_reloads_them
                              [f"data.image_tokenizer={tmp_path / 'kmeans' / 'tokenizer'}", f"data.text_tokenizer={tmp_path / 'text'}",
                               "data.source=shapes:split=train,resolution=48", "data.eval_source=shapes:split=heldout,resolution=48",
                               "data.pipeline.seq_len=128", "trainer.steps=3", "model.image.code_embedding=codebook",
-                              f"model.image.code_vectors={view}"])
+                              f"model.image.code_vectors={view}"]
+                             + (["eval.sampling.plausibility=0.5"] if view == "factored" else []))
     train(config, tmp_path / "run")
     engine = Engine.from_pretrained(tmp_path / "run" / "model")
+    assert engine.image_sampling == ({"plausibility": 0.5} if view == "factored" else None)  # the recipe's eval.sampling
     image_tokenizer = load_image_tokenizer(tmp_path / "kmeans" / "tokenizer")
     structure, colours = code_groups(image_tokenizer.codebook.float())
     widths = {"tokenizer": 3 * 16 * 16, "factored": 4 * 16 * 16 + 6,

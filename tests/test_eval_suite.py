@@ -5,6 +5,7 @@ metrics and report, and training compute comes from the model's own accounting."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -248,3 +249,40 @@ def test_the_guidance_interval_is_an_eval_setting_and_reported():
     assert gen.guidance.interval == [0.3, 1.0] and gen.guidance.scale == 7.5
     assert describe_sampling(settings, "latents") == "cfg 7.5 for 0.3 < t <= 1.0, 25 denoising steps"
     assert describe_sampling(sampling(ShapesEvalConfig(), "latents"), "latents") == "cfg 7.5, 25 denoising steps"
+    tokens = sampling(ShapesEvalConfig(plausibility=0.3), "tokens")
+    assert image_generation_config(SimpleNamespace(mode="tokens", per_image=9), tokens).guidance.plausibility == 0.3
+    assert describe_sampling(tokens, "tokens").startswith("cfg 7.5, plausibility 0.3, ")
+
+
+def test_a_model_folder_states_its_own_image_sampling_and_an_eval_setting_overrides_it(checkpoint, tmp_path):
+    import shutil
+
+    from mixmodal.eval.shapes_suite import EvalError, ShapesEvalConfig, sampling
+    from mixmodal.inference.engine import Engine
+    from mixmodal.model.bundle import BundleError
+
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint, folder)
+    write_generation_settings(folder, max_length=160, diffusion=None, image_sampling={"cfg": 3.0, "plausibility": 0.5})
+    engine = Engine.from_pretrained(folder)
+    assert engine.image_sampling == {"cfg": 3.0, "plausibility": 0.5}
+    settings = sampling(ShapesEvalConfig(), "tokens", engine.image_sampling)
+    assert (settings["cfg"], settings["plausibility"], settings["image_temperature"]) == (3.0, 0.5, 0.7)
+    assert sampling(ShapesEvalConfig(cfg=5.0), "tokens", engine.image_sampling)["cfg"] == 5.0  # the eval's own wins
+    assert sampling(ShapesEvalConfig(), "tokens")["plausibility"] == 0.0  # a model that states none: the defaults
+    with pytest.raises(EvalError, match=r"generation.yaml image_sampling: unknown sampling setting\(s\) \['guidance'\]"):
+        sampling(ShapesEvalConfig(), "tokens", {"guidance": 3.0})
+    (folder / "generation.yaml").write_text("max_length: 160\nimage_sampling: 0.5\n")
+    with pytest.raises(BundleError, match="image_sampling must be a mapping"):
+        Engine.from_pretrained(folder)
+
+
+def test_a_runs_eval_sampling_is_checked_when_the_run_starts():
+    from mixmodal.eval.shapes_suite import EvalError
+    from mixmodal.train.fusion import FusionTask
+    from mixmodal.train.run import load_run_config
+
+    config = load_run_config(Path(__file__).resolve().parents[1] / "configs/models/tiny-tokens.yaml",
+                             ["eval.sampling.guidance=3"])
+    with pytest.raises(EvalError, match=r"eval.sampling: unknown sampling setting\(s\) \['guidance'\]"):
+        FusionTask(config)

@@ -153,6 +153,25 @@ def test_guidance_at_scale_one_is_the_conditional_distribution():
     assert torch.isinf(guided_scores([cond, uncond], allowed, 3.0, None)[~allowed]).all()
 
 
+def test_the_plausibility_constraint_keeps_guidance_to_what_the_prompt_allows():
+    allowed = torch.tensor([True, True, True, False])
+    cond = torch.tensor([2.0, 1.5, -1.0, 9.0]).log_softmax(0)  # id 2: 0.05 of the best; id 3 not allowed
+    uncond = torch.tensor([2.0, 2.5, -6.0, 0.0]).log_softmax(0)  # id 2 far likelier with the prompt than without
+    free = guided_scores([cond, uncond], allowed, 7.5, None)
+    assert free.argmax() == 2  # guidance alone promotes an id the prompt all but rules out
+    kept = guided_scores([cond, uncond], allowed, 7.5, None, plausibility=0.1)
+    assert torch.isinf(kept[2]) and torch.isinf(kept[3]) and kept.argmax() == 0
+    torch.testing.assert_close(kept[:2], free[:2])  # the plausible ids keep their guided scores
+    ratio = (cond[1] - cond[0]).exp()  # id 1: ~0.61 of the best
+    assert torch.isfinite(guided_scores([cond, uncond], allowed, 7.5, None, plausibility=float(ratio) - 1e-3)[1])
+    assert torch.isinf(guided_scores([cond, uncond], allowed, 7.5, None, plausibility=float(ratio) + 1e-3)[1])
+    torch.testing.assert_close(guided_scores([cond], allowed, 7.5, None, plausibility=0.5),
+                               masked_log_softmax(cond, allowed))  # nothing to guide: the constraint is moot
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"guidance.plausibility must be in \[0, 1\)"):
+            GuidanceConfig(plausibility=bad)
+
+
 @pytest.mark.parametrize("mode", ["tokens", "latents"])
 def test_three_streams_at_scale_one_generate_what_one_stream_does(text_tokenizer, mode):
     engine = _engine(mode, text_tokenizer)

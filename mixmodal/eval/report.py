@@ -162,7 +162,8 @@ def describe_sampling(settings: dict, mode: str) -> str:
                 + f", {settings['diffusion_steps']} denoising steps")
     if settings.get("cdk"):
         return f"CD-K, image temperature {settings['image_temperature']}"
-    return (f"cfg {settings['cfg']}, image temperature {settings['image_temperature']}, "
+    plausible = f", plausibility {settings['plausibility']}" if settings.get("plausibility") else ""
+    return (f"cfg {settings['cfg']}{plausible}, image temperature {settings['image_temperature']}, "
             f"top-k {settings['image_top_k'] or 'off'}, top-p {settings['image_top_p']}")
 
 

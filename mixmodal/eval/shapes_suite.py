@@ -77,7 +77,7 @@ def evaluate(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig |
     }
     artifacts: dict[str, Any] = {}
 
-    metrics["sampling"] = sampling(config, engine.mode)
+    metrics["sampling"] = sampling(config, engine.mode, getattr(engine, "image_sampling", None))
     extractor = _feature_extractor(inception, feature_net, resolution, progress) if config.num_prompts else None
     if config.geneval:
         metrics["geneval"], artifacts["geneval"] = {}, {}
@@ -125,7 +125,7 @@ def sweep(checkpoint: str | Path, out: str | Path, config: ShapesEvalConfig | No
     started = time.time()
     rows = []
     for k, setting in enumerate(grid):
-        settings = {**sampling(config, engine.mode), **setting}
+        settings = {**sampling(config, engine.mode, getattr(engine, "image_sampling", None)), **setting}
         m, _ = geneval(engine, config, "validation", lambda line: None, settings, keep_images=False)
         rows.append({"settings": settings, "overall": m["overall"],
                      "categories": {c: v["accuracy"] for c, v in m["categories"].items()}})

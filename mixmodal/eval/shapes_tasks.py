@@ -55,6 +55,7 @@ class ShapesEvalConfig:
     image_top_p: float | None = None  # token mode
     cdk: bool | None = None  # token mode: contrastive decoding (CD-K, CM3Leon's alpha 0.5, k 5) instead of CFG
     guidance_interval: list[float] | None = None  # latent mode: guide only for lo < t <= hi (docs/generation.md)
+    plausibility: float | None = None  # token mode: guide only among codes the prompt makes plausible (guidance.plausibility)
     batch_size: int = 32  # prompts generated together
     seed: int = 0
     samples: int = 16  # images per split in the report's sample grids
@@ -81,27 +82,39 @@ SAMPLING_DEFAULTS = {
     # 2026-12-02 sweep (docs/eval.md): CFG >= 5 all within 0.03 of the best (0.240, CFG 5 greedy); CFG 7.5
     # at temperature 0.7 (0.234) keeps the 4 images of a prompt independent, which greedy does not
     "tokens": {"cfg": 7.5, "image_temperature": 0.7, "image_top_k": 0, "image_top_p": 1.0, "cdk": False,
-               "diffusion_steps": 50, "guidance_interval": None},
+               "diffusion_steps": 50, "guidance_interval": None, "plausibility": 0.0},
     # 2026-12-02 sweep: CFG 7.5 with 25 DDIM steps the best (0.240); 50 steps no better at any scale
     "latents": {"cfg": 7.5, "image_temperature": 1.0, "image_top_k": 0, "image_top_p": 1.0, "cdk": False,
-                "diffusion_steps": 25, "guidance_interval": None},
+                "diffusion_steps": 25, "guidance_interval": None, "plausibility": 0.0},
 }
 SWEEP_PRESET = {"geneval_prompts": 16, "images_per_prompt": 2}  # the sweep's prompt counts unless told otherwise
-SAMPLING_FIELDS = ("cfg", "image_temperature", "image_top_k", "image_top_p", "cdk", "diffusion_steps", "guidance_interval")
+SAMPLING_FIELDS = ("cfg", "image_temperature", "image_top_k", "image_top_p", "cdk", "diffusion_steps", "guidance_interval",
+                   "plausibility")
 # The sweep's grid per image mode (docs/eval.md): guidance scale x how codes are drawn / how many
 # denoising steps.
 SWEEP_GRID = {
     "tokens": [{"cfg": c, "image_temperature": t} for c in (1.0, 2.0, 3.0, 5.0, 7.5, 10.0) for t in (1.0, 0.7, 0.0)]
               + [{"cfg": 3.0, "image_temperature": 1.0, "image_top_k": 50}]
-              + [{"cdk": True, "image_temperature": t} for t in (1.0, 0.0)],
+              + [{"cdk": True, "image_temperature": t} for t in (1.0, 0.0)]
+              + [{"cfg": c, "image_temperature": 0.7, "plausibility": a} for c in (3.0, 7.5, 15.0) for a in (0.3, 0.5, 0.7)],
     "latents": [{"cfg": c, "diffusion_steps": n} for c in (1.0, 2.0, 3.0, 5.0, 7.5, 10.0) for n in (25, 50)],
 }
 
 
-def sampling(config: ShapesEvalConfig, mode: str) -> dict:
-    """The text -> image sampling settings in effect: the config's, else the mode's defaults."""
-    return {k: (getattr(config, k) if getattr(config, k) is not None else SAMPLING_DEFAULTS[mode][k])
+def sampling(config: ShapesEvalConfig, mode: str, model: dict | None = None) -> dict:
+    """The text -> image sampling settings in effect: the config's, else the model's own (its generation.yaml
+    image_sampling, `model`), else the mode's defaults."""
+    model = check_sampling(model or {}, "the model's generation.yaml image_sampling")
+    return {k: (getattr(config, k) if getattr(config, k) is not None else model.get(k, SAMPLING_DEFAULTS[mode][k]))
             for k in SAMPLING_FIELDS}
+
+
+def check_sampling(settings: dict, where: str) -> dict:
+    """`settings` if its keys are sampling fields, else an EvalError naming `where` and the fields."""
+    unknown = sorted(set(settings) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise EvalError(f"{where}: unknown sampling setting(s) {unknown}; the settings are {', '.join(SAMPLING_FIELDS)}")
+    return settings
 
 
 def image_generation_config(engine, settings: dict):
@@ -109,7 +122,8 @@ def image_generation_config(engine, settings: dict):
     cdk = bool(settings.get("cdk")) and engine.mode == "tokens"
     return GenerationConfig(mode="image", max_images=1, max_new_tokens=engine.per_image + 2,
                             guidance=GuidanceConfig(scale=1.0 if cdk else settings["cfg"],
-                                                    interval=settings.get("guidance_interval")),
+                                                    interval=settings.get("guidance_interval"),
+                                                    plausibility=settings.get("plausibility") or 0.0),
                             contrastive=ContrastiveConfig() if cdk else None,
                             diffusion_steps=settings["diffusion_steps"],
                             image=SamplingParams(temperature=settings["image_temperature"], top_k=settings["image_top_k"],
@@ -183,7 +197,7 @@ def text_to_image(engine, config: ShapesEvalConfig, resolution: int, split: str,
 
     docs = documents(config, resolution, "caption", split, config.num_prompts)
     prompts = [d.metadata["caption"] for d in docs]
-    gen = image_generation_config(engine, sampling(config, engine.mode))
+    gen = image_generation_config(engine, sampling(config, engine.mode, getattr(engine, "image_sampling", None)))
     results = _generate(engine, prompts, gen, config.batch_size, _seeds(config, len(prompts)), progress,
                         f"text->image {split}")
     rows, samples = [], []
@@ -207,7 +221,7 @@ def geneval(engine, config: ShapesEvalConfig, prompt_set: str, progress, setting
     category the fraction of images that meet their prompt, and overall = their mean.
     Image j of prompt i of a category is drawn with seed `config.seed + 1000 * i + j`."""
 
-    settings = settings or sampling(config, engine.mode)
+    settings = settings or sampling(config, engine.mode, getattr(engine, "image_sampling", None))
     gen = image_generation_config(engine, settings)
     k = config.images_per_prompt
     metrics: dict[str, Any] = {"prompt_set": prompt_set, "images_per_prompt": k, "categories": {}}

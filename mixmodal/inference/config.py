@@ -66,8 +66,16 @@ class GuidanceConfig:
     # latent mode: guide only while lo < t <= hi (t = 1 is noise, 0 clean), elsewhere take the
     # conditional prediction (guidance interval, Kynkaanniemi et al. 2024); None = every step
     interval: list[float] | None = None
+    # codes (and guided text): only ids whose conditional probability is at least plausibility x the most
+    # probable id's are candidates for the guided scores (the adaptive plausibility constraint of contrastive
+    # decoding, Li et al. 2023): guidance then re-ranks what the prompt allows and cannot promote an id the
+    # conditional model rules out (a fourth star for "three stars"); 0 = off
+    plausibility: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.plausibility, (int, float)) and 0.0 <= self.plausibility < 1.0):
+            raise ValueError(f"guidance.plausibility must be in [0, 1) (0 = off), got {self.plausibility!r}")
+        self.plausibility = float(self.plausibility)
         if self.interval is not None:
             lo_hi = list(self.interval)
             if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lo_hi) \

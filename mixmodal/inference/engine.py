@@ -73,6 +73,9 @@ class Engine:
         # "mixmodal", or "chameleon" (Meta's pipeline) for a converted Chameleon; generation.yaml
         self.image_preprocessing = image_preprocessing
         self._pixels = pixel_convention(image_preprocessing)
+        # the text -> image sampling the model was tuned for (generation.yaml image_sampling; the eval suite's
+        # fields), which evals use over their defaults; None: none stated
+        self.image_sampling: dict | None = None
         # a VQ tokenizer converted from transformers alone is encoder only: prompt images, but no pixels out
         self._can_decode = image_tokenizer is not None and getattr(image_tokenizer, "decoder", True) is not None
         if text_tokenizer.vocab_size > self.vocab.text_size:
@@ -118,6 +121,7 @@ class Engine:
         engine = cls(bundle.model, bundle.text_tokenizer, bundle.image_tokenizer, diffusion=bundle.diffusion,
                      max_length=bundle.max_length, dtype=bundle.dtype, image_generation=bundle.image_generation,
                      chat_template=bundle.chat_template, image_preprocessing=bundle.image_preprocessing)
+        engine.image_sampling = bundle.image_sampling
         if bundle.folder is not None:
             engine.checkpoint = str(bundle.folder)
         return engine
@@ -305,7 +309,7 @@ class Engine:
                 token = sample(scores, config.image, seq.generator, truncate=False)
             else:
                 scores = guided_scores([logits[r] for r in seq.rows], allowed, config.guidance.scale,
-                                       config.guidance.image_scale)
+                                       config.guidance.image_scale, config.guidance.plausibility)
                 token = self._sample(seq, scores, config.image)
             seq.codes.append(token)
             if len(seq.codes) == self.per_image:
@@ -324,7 +328,8 @@ class Engine:
         if token is None:
             allowed = self._allowed(seq)
             streams = [logits[r] for r in seq.rows] if config.guidance.text else [logits[seq.rows[0]]]
-            scores = guided_scores(streams, allowed, config.guidance.scale, config.guidance.image_scale)
+            scores = guided_scores(streams, allowed, config.guidance.scale, config.guidance.image_scale,
+                                   config.guidance.plausibility)
             token = self._sample(seq, scores, config.text)
         v = self.vocab
         if token in self._stops or token == v.boi:

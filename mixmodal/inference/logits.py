@@ -37,11 +37,15 @@ def guide(streams: list[torch.Tensor], scale: float, image_scale: float | None) 
 
 
 def guided_scores(streams: list[torch.Tensor], allowed: torch.Tensor, scale: float,
-                  image_scale: float | None) -> torch.Tensor:
-    """Guidance on log-probabilities (as transformers' CFG processor), restricted to `allowed`."""
+                  image_scale: float | None, plausibility: float = 0.0) -> torch.Tensor:
+    """Guidance on log-probabilities (as transformers' CFG processor), restricted to `allowed`, and with
+    `plausibility` > 0 to the ids whose conditional (first stream) probability is >= plausibility x its
+    largest (GuidanceConfig.plausibility)."""
     logps = [masked_log_softmax(s, allowed) for s in streams]
     if len(logps) == 1:
         return logps[0]
+    if plausibility > 0:
+        allowed = allowed & (logps[0] >= logps[0].max() + math.log(plausibility))
     finite = [lp.masked_fill(~allowed, 0.0) for lp in logps]  # -inf - -inf would be NaN
     return guide(finite, scale, image_scale).masked_fill(~allowed, NEG_INF)
 

@@ -82,9 +82,12 @@ CheckpointError = BundleError  # the name it had in inference/checkpoint.py
 
 def write_generation_settings(model_dir: str | Path, *, max_length: int | None, diffusion: DiffusionConfig | None,
                               retrieval: dict | None = None, image_generation: bool | None = None,
-                              chat_template: str | None = None, image_preprocessing: str | None = None) -> Path:
+                              chat_template: str | None = None, image_preprocessing: str | None = None,
+                              image_sampling: dict | None = None) -> Path:
     """model_dir/generation.yaml (never listed in a manifest: meant to be edited); None leaves a key out."""
     settings: dict = {"max_length": max_length}
+    if image_sampling:
+        settings["image_sampling"] = dict(image_sampling)
     if image_preprocessing is not None:
         settings["image_preprocessing"] = image_preprocessing
     if chat_template is not None:
@@ -232,6 +235,9 @@ class Bundle:
     chat_template: str | None = None  # data/chat.py's template; None: never tuned on conversations
     image_preprocessing: str = "mixmodal"  # tokenizers/pixels.py's convention
     retrieval: dict | None = None  # the memory bank it was trained with (index, encoder, k), or None
+    # the text -> image sampling the model was tuned for, in the eval suite's fields (cfg, plausibility, ...;
+    # eval/shapes_tasks.py SAMPLING_FIELDS), over the suite's defaults for its mode; None: those defaults
+    image_sampling: dict | None = None
     dtype: torch.dtype | None = None  # what the weights were loaded as (None: float32)
     folder: Path | None = None  # the model folder it was read from
 
@@ -266,12 +272,17 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", dtype: 
                               f"into pixels: copy the image tokenizer the model was trained with into {image_dir} "
                               "(or generate with --mode text)")
         settings = read_model_settings(folder)
-        retrieval = _generation_yaml(folder)[1].get("retrieval")
+        path, data = _generation_yaml(folder)
+        retrieval = data.get("retrieval")
+        image_sampling = data.get("image_sampling")
+        if image_sampling is not None and not isinstance(image_sampling, dict):
+            raise BundleError(f"{path}: image_sampling must be a mapping of sampling settings (cfg: 7.5, "
+                              f"plausibility: 0.5, ...); got {image_sampling!r}")
         model = load_model_dir(folder, device, dtype=dtype, verify=False)  # bf16: stays bf16, never an fp32 copy
     return Bundle(model, text_tokenizer, image_tokenizer, max_length=settings.max_length,
                   diffusion=settings.diffusion, image_generation=settings.image_generation,
                   chat_template=settings.chat_template, image_preprocessing=settings.image_preprocessing,
-                  retrieval=retrieval, dtype=dtype, folder=folder)
+                  retrieval=retrieval, image_sampling=image_sampling, dtype=dtype, folder=folder)
 
 
 __all__ = ["Bundle", "BundleError", "CONFIG_FILE", "CheckpointError", "GENERATION_FILE", "HF_CONFIG_FILE",

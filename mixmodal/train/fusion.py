@@ -113,6 +113,10 @@ class FusionTask(TaskBase):
         self.device = torch.device("cpu")
         self.noise = torch.Generator()
         self._eval_batches: list[dict] | None = None
+        if config.eval.sampling:  # named now, not at the first eval (the suite's import is heavy: see geneval)
+            from mixmodal.eval.shapes_tasks import check_sampling
+
+            check_sampling(config.eval.sampling, "eval.sampling")
 
     def setup(self, device: torch.device) -> None:
         self.device = device
@@ -268,7 +272,7 @@ class FusionTask(TaskBase):
         bundle = Bundle(model, self.text_tokenizer, self.image_tokenizer, max_length=self.config.data.pipeline.seq_len,
                         diffusion=self.config.diffusion if self.latent else None,
                         image_generation=self.init_settings.image_generation if self.init_settings else True,
-                        image_preprocessing=self.image_preprocessing)
+                        image_preprocessing=self.image_preprocessing, image_sampling=e.sampling or None)
         suite = ShapesEvalConfig(geneval_prompts=e.geneval_prompts, images_per_prompt=e.images_per_prompt,
                                  batch_size=e.batch_size)
         return geneval_scores(bundle, suite, e.geneval_sets)
@@ -304,7 +308,8 @@ class FusionTask(TaskBase):
                                   chat_template=self._chat_template(),
                                   image_generation=init.image_generation if "image_generation" in stated else None,
                                   image_preprocessing=(init.image_preprocessing if "image_preprocessing" in stated
-                                                       else None))
+                                                       else None),
+                                  image_sampling=self.config.eval.sampling or None)
         write_manifest(out, remake=artifact_remake(run_dir))  # last: every file above, sizes and SHA-256s
 
     def _save_base(self, model, out: Path) -> None:

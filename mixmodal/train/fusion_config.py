@@ -52,6 +52,10 @@ class FusionEvalConfig:
     geneval_sets: list[str] = field(default_factory=lambda: ["heldout", "heldout-combos"])
     images_per_prompt: int = 1
     batch_size: int = 64  # prompts generated together
+    # the text -> image sampling this model is evaluated with, over the eval suite's defaults for its mode
+    # (cfg, image_temperature, plausibility, ...: eval/shapes_tasks.py SAMPLING_FIELDS): used by these evals and
+    # written to RUN/model/generation.yaml (image_sampling), which `mixmodal eval` reads
+    sampling: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = [s for s in self.geneval_sets if s not in PROMPT_SETS]
