@@ -254,8 +254,11 @@ def test_the_guidance_interval_is_an_eval_setting_and_reported():
     assert describe_sampling(tokens, "tokens").startswith("cfg 7.5, plausibility 0.3, ")
 
 
-def test_a_model_folder_states_its_own_image_sampling_and_an_eval_setting_overrides_it(checkpoint, tmp_path):
+def test_a_model_folder_states_its_own_image_sampling_and_an_eval_setting_overrides_it(checkpoint, tmp_path,
+                                                                                      monkeypatch):
     import shutil
+
+    from mixmodal.inference.generate import generate
 
     from mixmodal.eval.shapes_suite import EvalError, ShapesEvalConfig, sampling
     from mixmodal.inference.engine import Engine
@@ -272,6 +275,12 @@ def test_a_model_folder_states_its_own_image_sampling_and_an_eval_setting_overri
     assert sampling(ShapesEvalConfig(), "tokens")["plausibility"] == 0.0  # a model that states none: the defaults
     with pytest.raises(EvalError, match=r"generation.yaml image_sampling: unknown sampling setting\(s\) \['guidance'\]"):
         sampling(ShapesEvalConfig(), "tokens", {"guidance": 3.0})
+    seen = {}  # `mixmodal generate` starts from it too; its flags go on top
+    stream = Engine.stream
+    monkeypatch.setattr(Engine, "stream", lambda self, prompts, config, **kw: seen.setdefault("config", config)
+                        and stream(self, prompts, config, **kw))
+    generate(folder, "a red circle", mode="image", cfg=5.0)
+    assert (seen["config"].guidance.scale, seen["config"].guidance.plausibility) == (5.0, 0.5)
     (folder / "generation.yaml").write_text("max_length: 160\nimage_sampling: 0.5\n")
     with pytest.raises(BundleError, match="image_sampling must be a mapping"):
         Engine.from_pretrained(folder)

@@ -150,4 +150,21 @@ class GenerationConfig:
         return max(self.guidance.streams, 2 if self.contrastive is not None else 1)
 
 
-__all__ = ["MODES", "ContrastiveConfig", "GenerationConfig", "GuidanceConfig", "Mode", "SamplingParams"]
+# A model's image_sampling (generation.yaml; the eval suite's fields) as GenerationConfig keys: the defaults
+# `mixmodal generate` starts from for that model (cdk has no key: it is a choice of sampler, made explicitly)
+IMAGE_SAMPLING_KEYS = {"cfg": "guidance.scale", "image_temperature": "image.temperature", "image_top_k": "image.top_k",
+                       "image_top_p": "image.top_p", "diffusion_steps": "diffusion_steps",
+                       "guidance_interval": "guidance.interval", "plausibility": "guidance.plausibility"}
+
+
+def image_sampling_overrides(image_sampling: dict | None) -> list[str]:
+    """`key=value` overrides of GenerationConfig from a model's image_sampling (unknown fields ignored)."""
+    out = []
+    for field_name, key in IMAGE_SAMPLING_KEYS.items():
+        value = (image_sampling or {}).get(field_name)
+        if value is not None:
+            out.append(f"{key}={list(value) if isinstance(value, (list, tuple)) else value}")
+    return out
+
+
+__all__ = ["IMAGE_SAMPLING_KEYS", "MODES", "image_sampling_overrides", "ContrastiveConfig", "GenerationConfig", "GuidanceConfig", "Mode", "SamplingParams"]

@@ -27,14 +27,14 @@ import torch
 from mixmodal.config import build_config, to_dict
 from mixmodal.documents import Document, Text
 from mixmodal.flags import GENERATION_FLAGS, flag_overrides
-from mixmodal.inference.config import GenerationConfig
+from mixmodal.inference.config import GenerationConfig, image_sampling_overrides
 from mixmodal.inference.engine import Engine
 from mixmodal.inference.events import End, Event, GenerationResult
 from mixmodal.inference.output import GenerationFiles, save_generation
 from mixmodal.inference.prompt import load_prompt_image
 # best_of renamed: generate() has a best_of argument
 from mixmodal.inference.rerank import best_of as rank_candidates, clip_scorer, shapes_scorer
-from mixmodal.model.bundle import BundleError, read_retrieval_settings
+from mixmodal.model.bundle import BundleError, read_image_sampling, read_retrieval_settings
 from mixmodal.retrieval.bank import MemoryBank
 from mixmodal.retrieval.document_embedder import DocumentEmbedder
 from mixmodal.retrieval.select import Retriever, SelectionConfig
@@ -65,10 +65,13 @@ def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *,
     """Generate `num` samples of each prompt; document i (prompts outer) draws from seed + i
     (with best_of=n, its candidates from (seed + i) * n + j). Saved under `out` if given.
     `options` set the generation config as `mixmodal generate`'s flags do (GENERATION_FLAGS:
-    mode, cfg, image_cfg, steps, max_new_tokens, max_images, temperature); `overrides` go on top."""
+    mode, cfg, image_cfg, steps, max_new_tokens, max_images, temperature); `overrides` go on top. Both go over
+    the sampling the model's generation.yaml states (image_sampling, e.g. the token recipe's plausibility)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = build_config(GenerationConfig, None, [*flag_overrides(GENERATION_FLAGS, options, "generate"), *overrides])
+    stated = image_sampling_overrides(read_image_sampling(checkpoint))
+    config = build_config(GenerationConfig, None,
+                          [*stated, *flag_overrides(GENERATION_FLAGS, options, "generate"), *overrides])
     prompt_images = [load_prompt_image(p) for p in images]  # unreadable files fail before the model loads
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
     if num < 1:

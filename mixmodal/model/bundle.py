@@ -107,6 +107,16 @@ def read_retrieval_settings(model_dir: str | Path) -> dict | None:
     return (load_yaml(path) or {}).get("retrieval") if path.is_file() else None
 
 
+def read_image_sampling(model_dir: str | Path) -> dict | None:
+    """The text -> image sampling a model folder states (generation.yaml image_sampling), or None."""
+    path, data = _generation_yaml(model_folder(model_dir))
+    value = data.get("image_sampling")
+    if value is not None and not isinstance(value, dict):
+        raise BundleError(f"{path}: image_sampling must be a mapping of sampling settings (cfg: 7.5, "
+                          f"plausibility: 0.5, ...); got {value!r}")
+    return value
+
+
 def _setting(path: Path, data: dict, key: str, default, allowed: tuple, hint: str):
     """generation.yaml's `key` (the default when absent), checked against `allowed`."""
     value = data.get(key, default)
@@ -272,12 +282,8 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", dtype: 
                               f"into pixels: copy the image tokenizer the model was trained with into {image_dir} "
                               "(or generate with --mode text)")
         settings = read_model_settings(folder)
-        path, data = _generation_yaml(folder)
-        retrieval = data.get("retrieval")
-        image_sampling = data.get("image_sampling")
-        if image_sampling is not None and not isinstance(image_sampling, dict):
-            raise BundleError(f"{path}: image_sampling must be a mapping of sampling settings (cfg: 7.5, "
-                              f"plausibility: 0.5, ...); got {image_sampling!r}")
+        retrieval = _generation_yaml(folder)[1].get("retrieval")
+        image_sampling = read_image_sampling(folder)
         model = load_model_dir(folder, device, dtype=dtype, verify=False)  # bf16: stays bf16, never an fp32 copy
     return Bundle(model, text_tokenizer, image_tokenizer, max_length=settings.max_length,
                   diffusion=settings.diffusion, image_generation=settings.image_generation,
