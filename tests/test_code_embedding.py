@@ -113,6 +113,14 @@ def test_a_run_fills_the_features_from_its_tokenizer_and_the_engine_reloads_them
     train(config, tmp_path / "run")
     engine = Engine.from_pretrained(tmp_path / "run" / "model")
     assert engine.image_sampling == ({"plausibility": 0.5} if view == "factored" else None)  # the recipe's eval.sampling
+    if view == "factored":  # a run fine-tuned from it states the same, unless its own eval.sampling says otherwise
+        for name, extra, expected in (("tuned", [], {"plausibility": 0.5}), ("own", ["eval.sampling.cfg=3"], {"cfg": 3})):
+            tuned = load_run_config(ROOT / "configs/models/tiny-tokens.yaml",
+                                    [f"init_from={tmp_path / 'run'}", "data.source=shapes:split=train,resolution=48",
+                                     "data.eval_source=shapes:split=heldout,resolution=48", "data.pipeline.seq_len=128",
+                                     "trainer.steps=1", *extra])
+            train(tuned, tmp_path / name)
+            assert Engine.from_pretrained(tmp_path / name / "model").image_sampling == expected
     image_tokenizer = load_image_tokenizer(tmp_path / "kmeans" / "tokenizer")
     structure, colours = code_groups(image_tokenizer.codebook.float())
     widths = {"tokenizer": 3 * 16 * 16, "factored": 4 * 16 * 16 + 6,

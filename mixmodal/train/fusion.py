@@ -42,8 +42,8 @@ from mixmodal.config import ConfigError, to_dict
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches
 from mixmodal.model import lora
 from mixmodal.model.bundle import (HF_CONFIG_FILE, IMAGE_TOKENIZER_DIR, MODEL_DIR, TEXT_TOKENIZER_DIR, TRAINING_FILE,
-                                   VOCAB_MAP_FILE, Bundle, load_text_tokenizer, read_chat_template, read_model_settings,
-                                   write_generation_settings)
+                                   VOCAB_MAP_FILE, Bundle, load_text_tokenizer, read_chat_template, read_image_sampling,
+                                   read_model_settings, write_generation_settings)
 from mixmodal.model.fusion import FusionModel
 from mixmodal.model.io import (WEIGHTS_FILE, check_model_state, read_model_state, save_model_dir, tied_aliases,
                                write_model_dir)
@@ -130,6 +130,10 @@ class FusionTask(TaskBase):
         # the init_from folder's generation.yaml, read as the engine reads it
         self.init_settings = read_model_settings(Path(self.config.init_from)) if self.config.init_from else None
         self.image_preprocessing = self.init_settings.image_preprocessing if self.init_settings else "mixmodal"
+        # the sampling its evals use and its model folder states: eval.sampling, else what init_from states
+        self.image_sampling = (self.config.eval.sampling
+                               or (read_image_sampling(self.config.init_from) if self.config.init_from else None)
+                               or None)
         self.chat_template = self._training_chat_template()
 
     def _training_chat_template(self) -> str:
@@ -272,7 +276,7 @@ class FusionTask(TaskBase):
         bundle = Bundle(model, self.text_tokenizer, self.image_tokenizer, max_length=self.config.data.pipeline.seq_len,
                         diffusion=self.config.diffusion if self.latent else None,
                         image_generation=self.init_settings.image_generation if self.init_settings else True,
-                        image_preprocessing=self.image_preprocessing, image_sampling=e.sampling or None)
+                        image_preprocessing=self.image_preprocessing, image_sampling=self.image_sampling)
         suite = ShapesEvalConfig(geneval_prompts=e.geneval_prompts, images_per_prompt=e.images_per_prompt,
                                  batch_size=e.batch_size)
         return geneval_scores(bundle, suite, e.geneval_sets)
@@ -309,7 +313,7 @@ class FusionTask(TaskBase):
                                   image_generation=init.image_generation if "image_generation" in stated else None,
                                   image_preprocessing=(init.image_preprocessing if "image_preprocessing" in stated
                                                        else None),
-                                  image_sampling=self.config.eval.sampling or None)
+                                  image_sampling=getattr(self, "image_sampling", None))
         write_manifest(out, remake=artifact_remake(run_dir))  # last: every file above, sizes and SHA-256s
 
     def _save_base(self, model, out: Path) -> None:
