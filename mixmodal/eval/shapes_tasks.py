@@ -55,7 +55,7 @@ class ShapesEvalConfig:
     image_top_p: float | None = None  # token mode
     cdk: bool | None = None  # token mode: contrastive decoding (CD-K, CM3Leon's alpha 0.5, k 5) instead of CFG
     guidance_interval: list[float] | None = None  # latent mode: guide only for lo < t <= hi (docs/generation.md)
-    plausibility: float | None = None  # token mode: guide only among codes the prompt makes plausible (guidance.plausibility)
+    plausibility: float | None = None  # token mode: guide only among codes the prompt makes plausible
     batch_size: int = 32  # prompts generated together
     seed: int = 0
     samples: int = 16  # images per split in the report's sample grids
@@ -113,7 +113,8 @@ def check_sampling(settings: dict, where: str) -> dict:
     """`settings` if its keys are sampling fields, else an EvalError naming `where` and the fields."""
     unknown = sorted(set(settings) - set(SAMPLING_FIELDS))
     if unknown:
-        raise EvalError(f"{where}: unknown sampling setting(s) {unknown}; the settings are {', '.join(SAMPLING_FIELDS)}")
+        raise EvalError(f"{where}: unknown sampling setting(s) {unknown}; the settings are "
+                        f"{', '.join(SAMPLING_FIELDS)}")
     return settings
 
 

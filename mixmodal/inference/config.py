@@ -167,4 +167,5 @@ def image_sampling_overrides(image_sampling: dict | None) -> list[str]:
     return out
 
 
-__all__ = ["IMAGE_SAMPLING_KEYS", "MODES", "image_sampling_overrides", "ContrastiveConfig", "GenerationConfig", "GuidanceConfig", "Mode", "SamplingParams"]
+__all__ = ["IMAGE_SAMPLING_KEYS", "MODES", "ContrastiveConfig", "GenerationConfig", "GuidanceConfig", "Mode", "SamplingParams",
+           "image_sampling_overrides"]
