@@ -217,25 +217,31 @@ def test_code_gain_scales_the_shared_logits_and_is_not_decayed():
 
 
 
+# 4 x 4 patches of two outlines on a black ground, for the factored / grouped code-vector tests
+GROUND = -torch.ones(3, 4, 4)
+STAR, CIRCLE = torch.zeros(4, 4, dtype=torch.bool), torch.zeros(4, 4, dtype=torch.bool)
+STAR[1:3, :] = True
+STAR[:, 1:3] = True
+CIRCLE[1:3, 1:3] = True
+
+
+def _patch(mask, colour, edge=0.0):
+    """An outline in one colour on the black ground, channel-major as the tokenizer's; `edge` shifts one pixel
+    (an anti-aliased pixel's 8-bit rounding, which differs by colour)."""
+    x = GROUND.clone()
+    for c in range(3):
+        x[c][mask] = colour[c]
+    x[:, 0, 0] += edge
+    return x.flatten()
+
+
 def test_factored_code_vectors_share_structure_across_colours_and_colours_across_outlines():
     from mixmodal.tokenizers.patch import factored_vectors
     from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
 
-    p = 4
-    ground = -torch.ones(3, p, p)
-    star, circle = torch.zeros(p, p, dtype=torch.bool), torch.zeros(p, p, dtype=torch.bool)
-    star[1:3, :] = True
-    star[:, 1:3] = True
-    circle[1:3, 1:3] = True
-
-    def patch(mask, colour):  # an outline in one colour on a black ground, channel-major as the tokenizer's
-        x = ground.clone()
-        for c in range(3):
-            x[c][mask] = colour[c]
-        return x.flatten()
-
+    p, ground = 4, GROUND.flatten()
     red, blue = (1.0, -1.0, -1.0), (-1.0, -1.0, 1.0)
-    v = factored_vectors(torch.stack([patch(star, red), patch(star, blue), patch(circle, red), ground.flatten()]))
+    v = factored_vectors(torch.stack([_patch(STAR, red), _patch(STAR, blue), _patch(CIRCLE, red), ground]))
     assert v.shape == (4, 4 * p * p + 6)
     pixels, structure, colours = v[:, :3 * p * p], v[:, 3 * p * p:4 * p * p], v[:, 4 * p * p:]
     assert torch.allclose(structure[0], structure[1]) and not torch.allclose(structure[0], structure[2])
@@ -254,22 +260,9 @@ def test_grouped_code_vectors_give_each_outline_and_each_colour_one_row():
     from mixmodal.tokenizers.patch import code_groups, grouped_vectors
 
     p = 4
-    ground = -torch.ones(3, p, p)
-    star, circle = torch.zeros(p, p, dtype=torch.bool), torch.zeros(p, p, dtype=torch.bool)
-    star[1:3, :] = True
-    star[:, 1:3] = True
-    circle[1:3, 1:3] = True
-
-    def patch(mask, colour, edge=0.0):  # edge: an anti-aliased pixel's 8-bit rounding, which differs by colour
-        x = ground.clone()
-        for c in range(3):
-            x[c][mask] = colour[c]
-        x[:, 0, 0] += edge
-        return x.flatten()
-
     red, blue, green = (1.0, -1.0, -1.0), (-1.0, -1.0, 1.0), (-1.0, 1.0, -1.0)
-    patches = torch.stack([patch(star, red), patch(star, blue, 2 / 255), patch(circle, red), ground.flatten(),
-                           patch(circle, green)])
+    patches = torch.stack([_patch(STAR, red), _patch(STAR, blue, 2 / 255), _patch(CIRCLE, red), GROUND.flatten(),
+                           _patch(CIRCLE, green)])
     structure, colours = code_groups(patches)
     assert structure.tolist() == [0, 0, 1, 2, 1]  # numbered in code order; the rounding does not split a star
     assert colours.tolist() == [0, 1, 0, 2, 3]
