@@ -109,7 +109,10 @@ def read_retrieval_settings(model_dir: str | Path) -> dict | None:
 
 def read_image_sampling(model_dir: str | Path) -> dict | None:
     """The text -> image sampling a model folder states (generation.yaml image_sampling), or None."""
-    path, data = _generation_yaml(model_folder(model_dir))
+    return _image_sampling(*_generation_yaml(model_folder(model_dir)))
+
+
+def _image_sampling(path: Path, data: dict) -> dict | None:
     value = data.get("image_sampling")
     if value is not None and not isinstance(value, dict):
         raise BundleError(f"{path}: image_sampling must be a mapping of sampling settings (cfg: 7.5, "
@@ -174,6 +177,7 @@ class ModelSettings:
     chat_template: str | None
     image_preprocessing: str
     stated: frozenset[str]
+    image_sampling: dict | None = None  # the text -> image sampling it was tuned for (eval-suite fields)
 
 
 def read_model_settings(model_dir: str | Path) -> ModelSettings:
@@ -182,7 +186,7 @@ def read_model_settings(model_dir: str | Path) -> ModelSettings:
     path, data = _generation_yaml(folder)
     max_length, diffusion = read_generation_settings(folder)
     return ModelSettings(max_length, diffusion, _image_generation(path, data), _chat_template(path, data),
-                         _image_preprocessing(path, data), frozenset(data))
+                         _image_preprocessing(path, data), frozenset(data), _image_sampling(path, data))
 
 
 # --- the tokenizers ---------------------------------------------------------------------------
@@ -283,12 +287,12 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu", dtype: 
                               "(or generate with --mode text)")
         settings = read_model_settings(folder)
         retrieval = _generation_yaml(folder)[1].get("retrieval")
-        image_sampling = read_image_sampling(folder)
         model = load_model_dir(folder, device, dtype=dtype, verify=False)  # bf16: stays bf16, never an fp32 copy
     return Bundle(model, text_tokenizer, image_tokenizer, max_length=settings.max_length,
                   diffusion=settings.diffusion, image_generation=settings.image_generation,
                   chat_template=settings.chat_template, image_preprocessing=settings.image_preprocessing,
-                  retrieval=retrieval, image_sampling=image_sampling, dtype=dtype, folder=folder)
+                  retrieval=retrieval, image_sampling=settings.image_sampling, dtype=dtype,
+                  folder=folder)
 
 
 __all__ = ["Bundle", "BundleError", "CONFIG_FILE", "CheckpointError", "GENERATION_FILE", "HF_CONFIG_FILE",

@@ -42,8 +42,8 @@ from mixmodal.config import ConfigError, to_dict
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches
 from mixmodal.model import lora
 from mixmodal.model.bundle import (HF_CONFIG_FILE, IMAGE_TOKENIZER_DIR, MODEL_DIR, TEXT_TOKENIZER_DIR, TRAINING_FILE,
-                                   VOCAB_MAP_FILE, Bundle, load_text_tokenizer, read_chat_template, read_image_sampling,
-                                   read_model_settings, write_generation_settings)
+                                   VOCAB_MAP_FILE, Bundle, load_text_tokenizer, read_chat_template, read_model_settings,
+                                   write_generation_settings)
 from mixmodal.model.fusion import FusionModel
 from mixmodal.model.io import (WEIGHTS_FILE, check_model_state, read_model_state, save_model_dir, tied_aliases,
                                write_model_dir)
@@ -132,8 +132,7 @@ class FusionTask(TaskBase):
         self.image_preprocessing = self.init_settings.image_preprocessing if self.init_settings else "mixmodal"
         # the sampling its evals use and its model folder states: eval.sampling, else what init_from states
         self.image_sampling = (self.config.eval.sampling
-                               or (read_image_sampling(self.config.init_from) if self.config.init_from else None)
-                               or None)
+                               or (self.init_settings.image_sampling if self.init_settings else None) or None)
         self.chat_template = self._training_chat_template()
 
     def _training_chat_template(self) -> str:
