@@ -11,7 +11,8 @@ import torch
 from mixmodal.config import ConfigError
 from mixmodal.data.shapes import Scene, score
 from mixmodal.tokenizers.image import load_image_tokenizer, save_image_tokenizer
-from mixmodal.tokenizers.patch import KMeansConfig, KMeansTokenizer, PCAConfig, PCATokenizer, from_patches, to_patches
+from mixmodal.tokenizers.patch import (KMeansConfig, KMeansTokenizer, PCAConfig, PCATokenizer, factor_patches, from_patches,
+                                       to_patches, unfactor_patches)
 from mixmodal.tokenizers.pixels import tensor_to_images
 from mixmodal.train.image_data import eval_images
 from mixmodal.train.run import load_run_config, train
@@ -51,6 +52,53 @@ def test_pca_writes_held_out_combinations_back_exactly(shapes48):
     few = PCATokenizer(PCAConfig(resolution=48, patch_size=4, latent_channels=2))
     few.fit(train_images)
     assert _oracle_exact(few.decode(few.encode(heldout)), scenes) < 0.5  # the number of components matters
+
+
+def test_factor_patches_splits_outline_from_colour_and_back():
+    p = 8
+    yy, xx = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    disc = ((yy - 3.5) ** 2 + (xx - 3.5) ** 2 < 6).float()  # an outline, centred
+    bar = (xx >= 6).float()  # off centre: lower at the centre than on average
+    ground = torch.tensor([-1.0, -0.5, 0.2])
+
+    def paint(coverage, colour):
+        return (ground[:, None, None] + (colour - ground)[:, None, None] * coverage).reshape(-1)
+
+    red, blue = torch.tensor([0.9, -0.8, -0.9]), torch.tensor([-0.9, -0.7, 0.8])
+    patches = torch.stack([paint(disc, red), paint(disc, blue), paint(bar, red), ground[:, None].expand(3, p * p).reshape(-1)])
+    pattern, colour, grounds = factor_patches(patches, p)
+    assert torch.allclose(pattern[0], disc.reshape(-1), atol=1e-5)  # the coverage, in any colour
+    assert torch.allclose(pattern[1], disc.reshape(-1), atol=1e-5)
+    assert torch.allclose(pattern[2], 1 - bar.reshape(-1), atol=1e-5)  # signed high at the centre
+    assert torch.allclose(colour[0], red - ground, atol=1e-5) and torch.allclose(colour[1], blue - ground, atol=1e-5)
+    assert torch.allclose(grounds[:2], ground.expand(2, 3), atol=1e-5)
+    assert torch.equal(pattern[3], torch.zeros(p * p)) and torch.equal(colour[3], torch.zeros(3))  # uniform: ground only
+    assert torch.allclose(unfactor_patches(pattern, colour, grounds), patches, atol=1e-5)
+    two = patches[0] + paint(bar, blue) - paint(torch.zeros(p, p), blue)  # two colours: only the dominant one is kept
+    assert not torch.allclose(unfactor_patches(*factor_patches(two[None], p)), two[None], atol=1e-2)
+
+
+def test_factored_pca_composes_held_out_pairs_and_round_trips(tmp_path, shapes48):
+    train_images, _, heldout, scenes = shapes48
+    tok = PCATokenizer(PCAConfig(resolution=48, patch_size=16, latent_channels=18, factored=True))
+    stats = tok.fit(train_images)  # never saw a held-out shape-colour pair
+    assert stats["rank1_explained"] > 0.9999 and stats["explained_variance"] > 0.999
+    latents = tok.encode(heldout)
+    assert latents.shape == (24, 18, 3, 3)
+    assert _oracle_exact(tok.decode(latents), scenes) == 1.0
+    # the same outline in two colours: equal pattern channels, different colour channels
+    pattern, colour, _ = factor_patches(to_patches(heldout, 16), 16)
+    cells = pattern.reshape(-1, 256)
+    same = (torch.cdist(cells, cells) < 1e-2) & (torch.cdist(colour.reshape(-1, 3), colour.reshape(-1, 3)) > 0.5)
+    i, j = same.nonzero()[0]
+    flat = latents.permute(0, 2, 3, 1).reshape(-1, 18)
+    assert (flat[i, :12] - flat[j, :12]).abs().max() < 0.05 and (flat[i, 12:15] - flat[j, 12:15]).abs().max() > 1
+    assert tok.std[15:].min() >= 0.1  # one ground in the fitted images: its scale is floored, not whitened noise
+    save_image_tokenizer(tok, tmp_path / "fpca")
+    loaded = load_image_tokenizer(tmp_path / "fpca")
+    assert loaded.config.factored and torch.equal(loaded.encode(heldout), latents)
+    with pytest.raises(ValueError, match=r"with factored=true, latent_channels .* must lie in \[7, 262\]"):
+        PCAConfig(resolution=48, patch_size=16, latent_channels=6, factored=True)
 
 
 def test_kmeans_codebook_is_the_distinct_patches_when_they_fit(shapes48):

@@ -65,15 +65,23 @@ class PatchConfig:
 
 @dataclass
 class PCAConfig(PatchConfig):
-    """Continuous latents: whitened principal components of the patches."""
+    """Continuous latents: whitened principal components of the patches; or, `factored`, of each patch's
+    colour-free pattern, beside its colour and its ground (factor_patches)."""
 
-    latent_channels: int = 12
+    latent_channels: int = 12  # factored: the pattern's components + FACTORED_COLOUR_CHANNELS
     scaling_factor: float = 1.0  # scale_latents multiplies by this (the components are already unit-variance)
     shift_factor: float = 0.0
+    factored: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 1 <= self.latent_channels <= self.patch_dim:
+        if self.factored:
+            low, high = FACTORED_COLOUR_CHANNELS + 1, self.patch_size ** 2 + FACTORED_COLOUR_CHANNELS
+            if not low <= self.latent_channels <= high:
+                raise ValueError(f"with factored=true, latent_channels (the pattern's principal components + "
+                                 f"{FACTORED_COLOUR_CHANNELS} for colour and ground) must lie in [{low}, {high}]; "
+                                 f"got {self.latent_channels}")
+        elif not 1 <= self.latent_channels <= self.patch_dim:
             raise ValueError(f"latent_channels must lie in [1, {self.patch_dim}] (3 x patch_size^2 pixel values "
                              f"per patch); got {self.latent_channels}")
         if not self.scaling_factor > 0:
@@ -149,6 +157,45 @@ def grouped_vectors(patches: torch.Tensor) -> torch.Tensor:
                       F.one_hot(structure).float(), F.one_hot(colours).float()], 1)
 
 
+FACTORED_COLOUR_CHANNELS = 6  # a factored PCA latent's last channels: the colour (3), then the ground (3)
+FACTORED_MIN_STD = 0.1  # the smallest scale of a colour or ground channel, in [-1, 1] pixel units
+FLAT_PATCH = 1e-3  # a patch whose largest deviation from its mean is below this (in [-1, 1] units) is uniform
+
+
+def factor_patches(patches: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(..., 3 p^2) patches (channel-major) -> (pattern (..., p^2) in [0, 1], colour (..., 3), ground (..., 3))
+    with patch = ground + colour x pattern: the best rank-1 fit of the patch about its mean (its top singular
+    pair), the pattern scaled to span [0, 1] and signed to be higher at the patch centre than on average.
+
+    Exact for one colour over a uniform ground, as every cell of the `shapes` world is (render.py mixes
+    ground * (1 - coverage) + colour * coverage, so the pattern is the coverage): an outline gets the same
+    pattern in any colour on any ground, and a colour the same (colour, ground) under any outline. Patches
+    with more than one colour keep only their dominant one. A uniform patch is all ground (pattern and colour
+    zero)."""
+    shape = patches.shape[:-1]
+    x = patches.float().reshape(-1, 3, p * p)
+    mean = x.mean(2, keepdim=True)
+    u, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    u, s, v = u[:, :, 0], s[:, 0], vh[:, 0, :]
+    c = p // 2
+    centre = v.reshape(-1, p, p)[:, c - (p > 1):c + 1, c - (p > 1):c + 1].mean((1, 2))
+    sign = torch.where(centre < 0, -1.0, 1.0)
+    u, v = u * sign[:, None], v * sign[:, None]
+    low, high = v.amin(1), v.amax(1)
+    span = (high - low).clamp_min(1e-12)
+    flat = (x - mean).abs().amax((1, 2)) < FLAT_PATCH
+    pattern = torch.where(flat[:, None], 0.0, (v - low[:, None]) / span[:, None])
+    colour = torch.where(flat[:, None], 0.0, u * (s * span)[:, None])
+    ground = torch.where(flat[:, None], mean[:, :, 0], mean[:, :, 0] + u * (s * low)[:, None])
+    return pattern.reshape(*shape, p * p), colour.reshape(*shape, 3), ground.reshape(*shape, 3)
+
+
+def unfactor_patches(pattern: torch.Tensor, colour: torch.Tensor, ground: torch.Tensor) -> torch.Tensor:
+    """The inverse of factor_patches: (..., p^2), (..., 3), (..., 3) -> (..., 3 p^2) channel-major patches."""
+    patch = ground[..., :, None] + colour[..., :, None] * pattern[..., None, :]
+    return patch.reshape(*pattern.shape[:-1], 3 * pattern.shape[-1])
+
+
 def from_patches(patches: torch.Tensor, p: int) -> torch.Tensor:
     """(B, h, w, 3 p^2) -> (B, 3, h p, w p): the inverse of to_patches."""
     B, h, w, _ = patches.shape
@@ -169,7 +216,13 @@ class _PatchTokenizer(TrunkTokenizer):  # grid_size, downsampling_factor: from t
 
 
 class PCATokenizer(_PatchTokenizer):
-    """Images (B, 3, R, R) in [-1, 1] <-> latents (B, latent_channels, R/p, R/p), unit variance per channel."""
+    """Images (B, 3, R, R) in [-1, 1] <-> latents (B, latent_channels, R/p, R/p), unit variance per channel.
+
+    `factored`: each patch is first split into a colour-free pattern, a colour and a ground (factor_patches);
+    the latent is the pattern's whitened principal components, then the colour and the ground, standardised.
+    An unseen shape-colour pair is then a seen pattern beside a seen colour, the latent analogue of the token
+    model's factored code vectors (fusion.py). Buffers: `mean` is the pattern's mean followed by the colour's
+    and ground's (p^2 + 6), `std` every channel's, `components` the pattern's (latent_channels - 6, p^2)."""
 
     kind = "pca"
     discrete = False
@@ -178,32 +231,55 @@ class PCATokenizer(_PatchTokenizer):
         super().__init__()
         self.config = config
         D, C = config.patch_dim, config.latent_channels
-        self.register_buffer("mean", torch.zeros(D))
+        if config.factored:
+            D, C = config.patch_size ** 2, C - FACTORED_COLOUR_CHANNELS
+        extra = FACTORED_COLOUR_CHANNELS if config.factored else 0
+        self.register_buffer("mean", torch.zeros(D + extra))
         self.register_buffer("components", torch.zeros(C, D))  # rows: principal directions, largest first
-        self.register_buffer("std", torch.ones(C))  # sqrt of each component's variance (whitening)
+        self.register_buffer("std", torch.ones(C + extra))  # sqrt of each component's variance (whitening)
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @property
     def latent_channels(self) -> int:
         return self.config.latent_channels
 
+    def _vectors(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(..., 3 p^2) patches -> (what the components project (..., D), colour and ground (..., 6) or None)."""
+        if not self.config.factored:
+            return patches, None
+        pattern, colour, ground = factor_patches(patches, self.config.patch_size)
+        return pattern, torch.cat([colour, ground], -1)
+
     @torch.no_grad()
     def fit(self, images: torch.Tensor) -> dict[str, float]:
-        """Principal components of the patches of `images` (N, 3, R, R); returns the share of the
-        patch variance the kept components explain."""
-        X = self._patches(images, any_size=False).reshape(-1, self.config.patch_dim).double()
+        """Principal components of the patches (or their patterns) of `images` (N, 3, R, R); returns the share
+        of the variance the kept components explain (factored: also the rank-1 fit's share of the patches)."""
+        patches = self._patches(images, any_size=False).reshape(-1, self.config.patch_dim)
+        X, rest = self._vectors(patches)
+        X = X.double()
         mean = X.mean(0)
         covariance = (X - mean).T @ (X - mean) / max(len(X) - 1, 1)
         values, vectors = torch.linalg.eigh(covariance)  # ascending
         values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-        C = self.config.latent_channels
+        C = self.components.shape[0]
         signs = torch.sign(vectors[vectors.abs().argmax(0), torch.arange(vectors.shape[1])])  # a fixed sign per vector
         vectors = vectors * signs
+        std = values[:C].sqrt()
+        stats = {"explained_variance": float(values[:C].sum() / values.sum().clamp_min(1e-12))}
+        if rest is not None:
+            # a component with (almost) no variance would be whitened into rounding noise: floor its scale
+            std = std.clamp_min(1e-3 * float(std[0]))
+            mean = torch.cat([mean, rest.double().mean(0)])
+            # likewise a colour or ground channel the fitted images barely vary (one ground for all of them)
+            std = torch.cat([std, rest.double().std(0).clamp_min(FACTORED_MIN_STD)])
+            pattern, colour, ground = factor_patches(patches, self.config.patch_size)
+            residual = (patches - unfactor_patches(pattern, colour, ground)).double().pow(2).sum()
+            stats["rank1_explained"] = float(1 - residual / (patches.double() - patches.double().mean(0)).pow(2).sum())
         self.mean.copy_(mean.float())
         self.components.copy_(vectors[:, :C].T.float())
-        self.std.copy_(values[:C].sqrt().clamp_min(1e-6).float())
+        self.std.copy_(std.clamp_min(1e-6).float())
         self.fitted.fill_(True)
-        return {"explained_variance": float(values[:C].sum() / values.sum().clamp_min(1e-12))}
+        return stats
 
     def encode_distribution(self, images: torch.Tensor, *, any_size: bool = False) -> DiagonalGaussian:
         return DiagonalGaussian(self.encode(images, any_size=any_size), None)
@@ -211,8 +287,11 @@ class PCATokenizer(_PatchTokenizer):
     def encode(self, images: torch.Tensor, *, any_size: bool = False) -> torch.Tensor:
         """(B, 3, R, R) float in [-1, 1] -> latents (B, C, h, w), unscaled (unit variance per channel)."""
         self.check_fitted()
-        patches = self._patches(images, any_size)
-        latents = (patches - self.mean) @ self.components.T / self.std
+        X, rest = self._vectors(self._patches(images, any_size))
+        D = self.components.shape[1]
+        latents = (X - self.mean[:D]) @ self.components.T / self.std[:self.components.shape[0]]
+        if rest is not None:
+            latents = torch.cat([latents, (rest - self.mean[D:]) / self.std[self.components.shape[0]:]], -1)
         return latents.permute(0, 3, 1, 2).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -220,7 +299,13 @@ class PCATokenizer(_PatchTokenizer):
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents must have shape (B, {self.latent_channels}, h, w); got {tuple(latents.shape)}")
         self.check_fitted()
-        patches = (latents.float().permute(0, 2, 3, 1) * self.std) @ self.components + self.mean
+        z = latents.float().permute(0, 2, 3, 1)
+        C, D = self.components.shape
+        X = (z[..., :C] * self.std[:C]) @ self.components + self.mean[:D]
+        if not self.config.factored:
+            return from_patches(X, self.config.patch_size)
+        rest = z[..., C:] * self.std[C:] + self.mean[D:]
+        patches = unfactor_patches(X, rest[..., :3], rest[..., 3:])
         return from_patches(patches, self.config.patch_size)
 
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
