@@ -42,7 +42,7 @@ class DemoConfig:
     # computed in seconds (one code / latent pixel per cell of the 3 x 3 grid); a trained VQ / KL-VAE preset works too
     image_tokenizer_run: str = "configs/tokenizers/kmeans-shapes-48-f16.yaml"  # the token model's image tokenizer
     model_run: str = "configs/models/demo-tokens.yaml"  # the Chameleon-style model the demo trains on its codes
-    latent_tokenizer_run: str = "configs/tokenizers/pca-shapes-48-f16.yaml"  # the latent model's image tokenizer
+    latent_tokenizer_run: str = "configs/tokenizers/fpca-shapes-48-f16.yaml"  # the latent model's image tokenizer
     latent_model_run: str = "configs/models/demo-latents.yaml"  # the Transfusion-style model on its latents
     tokenizer_overrides: list[str] = field(default_factory=list)  # key=value for both tokenizer runs (trainer.steps=...)
     model_steps: int = 500  # each model; ~3.5 minutes on 2 cores in fp32 (AVX-512)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     for title, tokenizer_run, model_run, name, model in (
             ("an image tokenizer (by default k-means codes of 16 x 16 patches, computed: 48 px -> 3 x 3 codes), "
              "then a Chameleon-style model on its codes", config.image_tokenizer_run, config.model_run, "vq", "tokens"),
-            ("an image tokenizer (by default PCA of 16 x 16 patches, computed: 48 px -> 24 x 3 x 3 latents), "
+            ("an image tokenizer (by default factored PCA of 16 x 16 patches, computed: 48 px -> 18 x 3 x 3 latents), "
              "then a Transfusion-style model on them", config.latent_tokenizer_run, config.latent_model_run, "vae", "latents")):
         print(f"\n# {title}")
         for stale in (runs / name, runs / model):  # an earlier demo's runs: start afresh, as a first run does

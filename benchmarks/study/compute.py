@@ -11,9 +11,9 @@ Table 5 ablation (causal instead of bidirectional attention inside each image, l
 
 Arms (configs/study/*-RES.yaml; one run each, step budgets read off it):
     tokens          VQ codes: 256 per 64 px image, 64 per 32 px image; 48 px: 9 k-means codes (one per grid
-                    cell) with the recipe's codebook embedding
-    latents         VAE latents: 64 patches (2 x 2) per 64 px image, 64 (1 x 1) per 32 px image; 48 px: 9 PCA
-                    latents (24 channels, one per grid cell), rectified flow
+                    cell) through the recipe's shared map of factored code vectors, plausibility 0.1
+    latents         VAE latents: 64 patches (2 x 2) per 64 px image, 64 (1 x 1) per 32 px image; 48 px: 9
+                    factored PCA latents (18 channels, one per grid cell), rectified flow
     latents-causal  latents with causal intra-image attention (model.image.bidirectional=false)
 
 Prerequisites are trained when absent: each arm's image tokenizer (data.image_tokenizer =
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--res", type=int, default=32, choices=RESOLUTIONS,
                    help="image resolution: 32 (the CPU-sized study: 64 positions per image both ways; tokenizers "
                         "runs/{vq,vae}-demo-32), 48 (the recipe's level: 9 positions per image both ways, computed "
-                        "tokenizers runs/{kmeans,pca}-shapes-48-f16) or 64 (256 VQ codes vs 64 latent patches per "
+                        "tokenizers runs/{kmeans,fpca}-shapes-48-f16) or 64 (256 VQ codes vs 64 latent patches per "
                         "image; tokenizers runs/{vq,vae}-shapes-64)")
     p.add_argument("--phase", choices=["all", "train", "eval", "report"], default="all")
     p.add_argument("--eval", nargs="*", default=None,
