@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PATHS = {  # path: (tokenizer config, its run, recipe config, its run)
     "tokens": ("configs/tokenizers/kmeans-shapes-48-f16.yaml", "kmeans-shapes-48-f16", "configs/recipes/tokens-48.yaml",
                "recipe-tokens"),
-    "latents": ("configs/tokenizers/vae-shapes-48.yaml", "vae-shapes-48", "configs/recipes/latents-48.yaml",
+    "latents": ("configs/tokenizers/fpca-shapes-48-f16.yaml", "fpca-shapes-48-f16", "configs/recipes/latents-48.yaml",
                 "recipe-latents"),
 }
 # The eval the recipes report (docs/recipes.md): GenEval's 553 held-out prompts and the 194
