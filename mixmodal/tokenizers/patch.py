@@ -272,8 +272,7 @@ class PCATokenizer(_PatchTokenizer):
             mean = torch.cat([mean, rest.double().mean(0)])
             # likewise a colour or ground channel the fitted images barely vary (one ground for all of them)
             std = torch.cat([std, rest.double().std(0).clamp_min(FACTORED_MIN_STD)])
-            pattern, colour, ground = factor_patches(patches, self.config.patch_size)
-            residual = (patches - unfactor_patches(pattern, colour, ground)).double().pow(2).sum()
+            residual = (patches.double() - unfactor_patches(X, rest[:, :3].double(), rest[:, 3:].double())).pow(2).sum()
             stats["rank1_explained"] = float(1 - residual / (patches.double() - patches.double().mean(0)).pow(2).sum())
         self.mean.copy_(mean.float())
         self.components.copy_(vectors[:, :C].T.float())
@@ -288,10 +287,10 @@ class PCATokenizer(_PatchTokenizer):
         """(B, 3, R, R) float in [-1, 1] -> latents (B, C, h, w), unscaled (unit variance per channel)."""
         self.check_fitted()
         X, rest = self._vectors(self._patches(images, any_size))
-        D = self.components.shape[1]
-        latents = (X - self.mean[:D]) @ self.components.T / self.std[:self.components.shape[0]]
+        C, D = self.components.shape
+        latents = (X - self.mean[:D]) @ self.components.T / self.std[:C]
         if rest is not None:
-            latents = torch.cat([latents, (rest - self.mean[D:]) / self.std[self.components.shape[0]:]], -1)
+            latents = torch.cat([latents, (rest - self.mean[D:]) / self.std[C:]], -1)
         return latents.permute(0, 3, 1, 2).contiguous()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
