@@ -14,10 +14,12 @@ from mixmodal.objectives.diffusion import (
     DiffusionConfig,
     FlowSchedule,
     build_schedule,
+    clean_patch_mask,
     ddim_step,
     ddpm_step,
     diffusion_loss,
     flow_step,
+    patch_map,
     sampling_times,
 )
 
@@ -204,6 +206,7 @@ def test_bf16_inputs_keep_their_dtype_and_the_loss_is_float32():
         ({"num_timesteps": 1}, "num_timesteps"),
         ({"loss_weight": -1.0}, "loss_weight"),
         ({"kind": "edm"}, "kind"),
+        ({"clean_patches": 1.5}, "clean_patches"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):
@@ -239,3 +242,60 @@ def test_logit_normal_time_sampling_concentrates_on_middle_noise_and_respects_th
     assert float(capped.max()) <= 0.5 + 1e-6
     with pytest.raises(ValueError, match="time_sampling"):
         DiffusionConfig(time_sampling="beta")
+
+
+# --- clean patches (MAR-like training for the patch_groups sampler) ---------------------------
+
+def test_clean_patch_masks_leave_every_chosen_image_something_to_learn():
+    g = torch.Generator().manual_seed(0)
+    mask = clean_patch_mask(4000, 9, 0.5, g)
+    assert mask.shape == (4000, 9) and mask.dtype == torch.bool
+    counts = mask.sum(1)
+    assert counts.max() == 8  # never all 9: a chosen image keeps at least one noisy patch
+    chosen = counts > 0  # k = 0 is possible too, so slightly under half the images have any
+    assert 0.40 < chosen.float().mean() < 0.48
+    per_k = torch.bincount(counts[chosen], minlength=9)[1:].float() / chosen.sum()
+    assert (per_k - 1 / 8).abs().max() < 0.03  # k uniform over 1..8 among them
+    assert (mask.float().mean(0) - mask.float().mean()).abs().max() < 0.02  # every patch alike
+    assert torch.equal(clean_patch_mask(4000, 9, 0.5, torch.Generator().manual_seed(0)), mask)
+    assert not clean_patch_mask(50, 9, 0.0, g).any()
+
+
+def test_patch_map_spreads_each_patch_over_its_pixels():
+    values = torch.arange(8.0).view(2, 4)  # 2 images, 2 x 2 patches
+    out = patch_map(values, 3)
+    assert out.shape == (2, 1, 6, 6)
+    assert torch.equal(out[1, 0, :3, 3:], torch.full((3, 3), 5.0))  # image 1, patch (0, 1)
+    assert torch.equal(out[0, 0, 3:, :3], torch.full((3, 3), 2.0))  # image 0, patch (1, 0)
+    with pytest.raises(ValueError, match="not a square grid"):
+        patch_map(torch.zeros(1, 3), 2)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "flow"])
+def test_per_element_times_noise_each_element_at_its_own_time(kind):
+    s = schedule(kind)
+    x0, noise = sample()
+    t = torch.rand(4, 1, 8, 8)
+    expected = torch.stack([s.add_noise(x0[i:i + 1].flatten(2)[..., j], noise[i:i + 1].flatten(2)[..., j],
+                                        t[i].flatten()[j:j + 1]) for i in range(4) for j in range(64)])
+    got = s.add_noise(x0, noise, t).flatten(2).permute(0, 2, 1).reshape(4 * 64, 1, 3)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError):
+        s.add_noise(x0, noise, torch.rand(4, 1, 4, 4))
+
+
+def test_the_element_mask_averages_only_the_elements_that_carry_loss():
+    prediction, target = sample()
+    full = torch.ones(4, 1, 8, 8, dtype=torch.bool)
+    torch.testing.assert_close(diffusion_loss(prediction, target, weight=5.0, element_mask=full),
+                               diffusion_loss(prediction, target, weight=5.0), atol=1e-6, rtol=1e-6)
+    mask = torch.zeros(4, 1, 8, 8, dtype=torch.bool)
+    mask[0, :, :2] = True  # image 0: two rows; image 1: one pixel; images 2 and 3: nothing
+    mask[1, 0, 5, 5] = True
+    err = (prediction - target).square()
+    expected = (err[0, :, :2].mean() + err[1, :, 5, 5].mean()) / 2
+    torch.testing.assert_close(diffusion_loss(prediction, target, weight=1.0, element_mask=mask), expected)
+    weights = torch.tensor([1.0, 3.0, 1.0, 1.0])
+    expected = (err[0, :, :2].mean() + 3 * err[1, :, 5, 5].mean()) / 4
+    torch.testing.assert_close(diffusion_loss(prediction, target, weight=1.0, image_weights=weights,
+                                              element_mask=mask), expected)

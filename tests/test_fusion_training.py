@@ -14,6 +14,7 @@ from mixmodal.config import ConfigError
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
 from mixmodal.data.sources import ShapesSource
 from mixmodal.data.shapes import ShapesConfig
+from mixmodal.objectives.diffusion import DiffusionConfig
 from mixmodal.tokenizers.image import save_image_tokenizer
 from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
 from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
@@ -251,7 +252,55 @@ def test_contradictory_configs_fail_before_training_naming_the_keys(tokenizers, 
         train(_config("tokens", tokenizers, "model.image.num_codes=999"), tmp_path / "e")
     with pytest.raises(ConfigError, match="data.image_tokenizer"):
         train(_config("tokens", tokenizers, "data.image_tokenizer="), tmp_path / "f")
+    with pytest.raises(ConfigError, match=r"diffusion.clean_patches=0.5 .*patchify unet"):
+        train(_config("latents", tokenizers, "diffusion.clean_patches=0.5", "model.image.patchify=unet"), tmp_path / "g")
     assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_clean_patches_feed_some_patches_clean_at_time_zero_without_loss(tokenizers):
+    from mixmodal.objectives.diffusion import build_schedule
+    from mixmodal.train.fusion import clean_patches
+
+    schedule = build_schedule(DiffusionConfig(kind="flow"))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(64, 4, 8, 8, generator=g), torch.randn(64, 4, 8, 8, generator=g)
+    t = torch.rand(64, generator=g) * 0.9 + 0.05
+    noisy = schedule.add_noise(x0, noise, t)
+    targets = torch.ones(64, dtype=torch.bool)
+    targets[:8] = False  # a user's image in a conversation: read clean, no patch of it is touched
+    fed, times, loss_mask = clean_patches(x0, noisy, t, targets, 2, 1.0, torch.Generator().manual_seed(1))
+    assert times.shape == (64, 16) and loss_mask.shape == (64, 1, 8, 8)
+    clean = times == 0
+    assert not clean[:8].any() and clean[8:].any(1).float().mean() > 0.8 and not clean.all(1).any()
+    assert torch.equal(times[~clean], t[:, None].expand(-1, 16)[~clean])
+    for i in (8, 20, 63):  # each patch: 2 x 2 latent pixels
+        for k in range(16):
+            r, c = divmod(k, 4)
+            cell = (slice(None), slice(2 * r, 2 * r + 2), slice(2 * c, 2 * c + 2))
+            assert torch.equal(fed[i][cell], (x0 if clean[i, k] else noisy)[i][cell])
+            assert bool(loss_mask[i][(slice(None),) + cell[1:]].all()) == (not clean[i, k])
+
+
+def test_training_with_clean_patches_runs_and_learns(tokenizers, tmp_path):
+    from mixmodal.train.fusion import FusionTask, fill_model_config
+
+    config = _config("latents", tokenizers, "diffusion.clean_patches=0.5", "diffusion.kind=flow")
+    fill_model_config(config)
+    task = FusionTask(config)
+    task.setup(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = task.build_models()["model"]
+    batch = next(task.data_iterator())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for step in range(30):
+        task.noise.manual_seed(7)
+        losses = task.losses(model, batch, task.noise)
+        history.append(float(losses["diffusion"]))
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    assert history[-1] < 0.7 * history[0], history
 
 
 def test_two_process_torchrun_trains_the_latent_model(tokenizers, tmp_path):

@@ -214,6 +214,37 @@ def test_a_guidance_interval_guides_only_the_steps_inside_it(text_tokenizer):
             mode="image", max_new_tokens=40, guidance=GuidanceConfig(scale=4.0, interval=[0.0, 1.0])))
 
 
+def test_patch_groups_commit_the_patches_in_turns_and_keep_what_they_committed(text_tokenizer):
+    """patch_groups=2 on 4 patches: two turns of the whole time grid; in the second the committed half is
+    fed clean at t = 0 and never changes, and it is what the finished image holds."""
+    engine = _engine("latents", text_tokenizer, kind="flow")
+    spy = _Spy(engine)
+    config = GenerationConfig(mode="image", max_new_tokens=40, diffusion_steps=3, patch_groups=2)
+    image = engine.generate(PROMPT, config, seed=7)[0].images[0]
+    fed = [b.latent for b, _, _ in spy.steps if b.latent is not None and b.denoise]
+    assert len(fed) == 2 * 3  # a turn per group, each the whole grid
+    first, second = [t for _, _, t in fed[:3]], [t for _, _, t in fed[3:]]
+    assert all(isinstance(t, torch.Tensor) and t.shape == (4,) for t in first + second)
+    assert all(torch.equal(t, torch.full((4,), t[0].item())) for t in first)  # no patch committed yet
+    clean = second[0] == 0
+    assert int(clean.sum()) == 2 and all(torch.equal(t == 0, clean) for t in second)
+    assert torch.allclose(second[0][~clean], torch.ones(2))  # the rest starts again from pure noise
+    pixels = engine._patch_pixels(clean)  # [1, 8, 8]: each of the 4 patches is 4 x 4 latent pixels
+    committed = fed[3][1]
+    for _, x, _ in fed[3:]:
+        assert torch.equal(torch.where(pixels, x, 0.0), torch.where(pixels, committed, 0.0))
+    assert torch.equal(torch.where(pixels, image.float(), 0.0), torch.where(pixels, committed, 0.0))
+    assert not torch.equal(torch.where(~pixels, image.float(), 0.0), torch.where(~pixels, committed, 0.0))
+    # one group is the plain sampler, bitwise; the order is the seed's, so a seed repeats its image
+    plain = GenerationConfig(mode="image", max_new_tokens=40, diffusion_steps=3)
+    assert torch.equal(engine.generate(PROMPT, plain, seed=7)[0].images[0],
+                       engine.generate(PROMPT, GenerationConfig(mode="image", max_new_tokens=40, diffusion_steps=3,
+                                                                patch_groups=1), seed=7)[0].images[0])
+    assert torch.equal(engine.generate(PROMPT, config, seed=7)[0].images[0], image)
+    with pytest.raises(ValueError, match="patch_groups must be >= 1"):
+        GenerationConfig(patch_groups=0)
+
+
 def test_token_guidance_changes_the_codes_and_mask_uncond_differs_from_empty(text_tokenizer):
     engine = _engine("tokens", text_tokenizer)
     runs = {}

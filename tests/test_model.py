@@ -197,6 +197,38 @@ def test_latent_mode_shapes_and_gradients(patchify):
     assert model.image_rows.grad.abs().sum() > 0 and model.image_cols.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("patchify", ["linear", "mlp"])
+def test_a_time_per_patch_is_a_time_per_image_when_they_agree_and_moves_only_its_own_patch_in(patchify):
+    config = ModelConfig(text_vocab_size=40, transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4),
+                         image=ImageConfig(mode="latents", latent_channels=4, grid_size=4, patch_size=2,
+                                           patchify=patchify))
+    torch.manual_seed(0)
+    model = FusionModel(config)
+    with torch.no_grad():
+        for param in model.patch_out.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    ids = torch.randint(0, 40, (1, 12))
+    index = (3 + torch.arange(4))[None]
+    image_ids = torch.full((1, 12), -1)
+    image_ids[0, 3:7] = 0
+    latents = torch.randn(1, 4, 4, 4)
+
+    def run(times):
+        return model(ids, image_ids=image_ids, image_latents=latents, image_times=times, image_index=index)
+
+    per_image = run(torch.tensor([0.3]))
+    per_patch = run(torch.full((1, 4), 0.3))
+    torch.testing.assert_close(per_patch.image_prediction, per_image.image_prediction, atol=1e-5, rtol=1e-5)
+    other = run(torch.tensor([[0.3, 0.0, 0.3, 0.3]]))  # patch 1 told it is clean
+    assert (other.image_prediction - per_image.image_prediction).abs().max() > 1e-3
+    assert torch.equal(other.logits[0, :3], per_image.logits[0, :3])  # text before the image cannot see it
+    unet = FusionModel(ModelConfig(text_vocab_size=40, transformer=TransformerConfig(dim=32, num_layers=1, num_heads=2),
+                                   image=ImageConfig(mode="latents", latent_channels=4, grid_size=4, patch_size=2,
+                                                     patchify="unet", unet_channels=16)))
+    with pytest.raises(ValueError, match="per-patch image_times"):
+        unet(ids, image_ids=image_ids, image_latents=latents, image_times=torch.full((1, 4), 0.3), image_index=index)
+
+
 def test_patchify_mlp_is_not_linear_in_the_state_and_names_are_checked():
     config = ModelConfig(text_vocab_size=40, transformer=TransformerConfig(dim=32, num_layers=1, num_heads=2),
                          image=ImageConfig(mode="latents", latent_channels=4, grid_size=4, patch_size=1,

@@ -159,7 +159,8 @@ def describe_sampling(settings: dict, mode: str) -> str:
     if mode == "latents":
         interval = settings.get("guidance_interval")
         return (f"cfg {settings['cfg']}" + (f" for {interval[0]} < t <= {interval[1]}" if interval else "")
-                + f", {settings['diffusion_steps']} denoising steps")
+                + f", {settings['diffusion_steps']} denoising steps"
+                + (f" in each of {settings['patch_groups']} turns" if (settings.get("patch_groups") or 1) > 1 else ""))
     if settings.get("cdk"):
         return f"CD-K, image temperature {settings['image_temperature']}"
     plausible = f", plausibility {settings['plausibility']}" if settings.get("plausibility") else ""

@@ -56,6 +56,7 @@ class ShapesEvalConfig:
     cdk: bool | None = None  # token mode: contrastive decoding (CD-K, CM3Leon's alpha 0.5, k 5) instead of CFG
     guidance_interval: list[float] | None = None  # latent mode: guide only for lo < t <= hi (docs/generation.md)
     plausibility: float | None = None  # token mode: guide only among codes the prompt makes plausible
+    patch_groups: int | None = None  # latent mode: denoise the patches in this many turns (GenerationConfig.patch_groups)
     batch_size: int = 32  # prompts generated together
     seed: int = 0
     samples: int = 16  # images per split in the report's sample grids
@@ -82,14 +83,14 @@ SAMPLING_DEFAULTS = {
     # 2026-12-02 sweep (docs/eval.md): CFG >= 5 all within 0.03 of the best (0.240, CFG 5 greedy); CFG 7.5
     # at temperature 0.7 (0.234) keeps the 4 images of a prompt independent, which greedy does not
     "tokens": {"cfg": 7.5, "image_temperature": 0.7, "image_top_k": 0, "image_top_p": 1.0, "cdk": False,
-               "diffusion_steps": 50, "guidance_interval": None, "plausibility": 0.0},
+               "diffusion_steps": 50, "guidance_interval": None, "plausibility": 0.0, "patch_groups": 1},
     # 2026-12-02 sweep: CFG 7.5 with 25 DDIM steps the best (0.240); 50 steps no better at any scale
     "latents": {"cfg": 7.5, "image_temperature": 1.0, "image_top_k": 0, "image_top_p": 1.0, "cdk": False,
-                "diffusion_steps": 25, "guidance_interval": None, "plausibility": 0.0},
+                "diffusion_steps": 25, "guidance_interval": None, "plausibility": 0.0, "patch_groups": 1},
 }
 SWEEP_PRESET = {"geneval_prompts": 16, "images_per_prompt": 2}  # the sweep's prompt counts unless told otherwise
 SAMPLING_FIELDS = ("cfg", "image_temperature", "image_top_k", "image_top_p", "cdk", "diffusion_steps", "guidance_interval",
-                   "plausibility")
+                   "plausibility", "patch_groups")
 # The sweep's grid per image mode (docs/eval.md): guidance scale x how codes are drawn / how many
 # denoising steps.
 SWEEP_GRID = {
@@ -126,7 +127,7 @@ def image_generation_config(engine, settings: dict):
                                                     interval=settings.get("guidance_interval"),
                                                     plausibility=settings.get("plausibility") or 0.0),
                             contrastive=ContrastiveConfig() if cdk else None,
-                            diffusion_steps=settings["diffusion_steps"],
+                            diffusion_steps=settings["diffusion_steps"], patch_groups=settings.get("patch_groups") or 1,
                             image=SamplingParams(temperature=settings["image_temperature"], top_k=settings["image_top_k"],
                                                  top_p=settings["image_top_p"]))
 

@@ -28,7 +28,8 @@ class Block:
 
     ids: list[int]
     commit: int  # how many of them stay in the cache
-    latent: tuple[int, torch.Tensor, float] | None = None  # (offset in block, latents [C,h,w], time)
+    # (offset in block, latents [C,h,w], time: one, or [P] one per patch with the patch_groups sampler)
+    latent: tuple[int, torch.Tensor, float | torch.Tensor] | None = None
     denoise: bool = False  # the latent is a noisy image to predict (not committed)
     prompt_images: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # prefill: (offset, clean latents)
 
@@ -60,6 +61,8 @@ class SequenceState:
     x: torch.Tensor | None = None  # latent mode: current noisy latents
     sampler: Sampler | None = None  # latent mode: how the image is denoised (objectives/samplers.py)
     times: torch.Tensor | None = None  # latent mode: the sampler's time grid, from noise to 0
+    groups: list[torch.Tensor] | None = None  # patch_groups > 1: the patches each turn commits, in order
+    clean: torch.Tensor | None = None  # patch_groups > 1: bool [P], the patches committed so far
     step: int = 0
     finish: str = ""
     text_tokens: int = 0

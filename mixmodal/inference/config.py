@@ -127,6 +127,11 @@ class GenerationConfig:
     diffusion_steps: int = 50  # latent mode
     sampler: Literal["auto", "ddpm", "ddim", "flow"] = "auto"  # auto: ddim for a DDPM model, flow (Euler) for a flow model
     preview_every: int = 0  # latent mode: an ImagePreview event every n denoising steps (0 = none)
+    # latent mode: denoise the image in this many turns (MAR-like): each turn walks the whole time grid over the
+    # patches not yet committed, given the committed ones clean, then commits the next of the groups a random
+    # order splits the patches into and re-noises the rest. 1 = all patches at once (Transfusion). More than 1
+    # needs a model trained with diffusion.clean_patches > 0; it costs patch_groups x diffusion_steps forwards
+    patch_groups: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -139,6 +144,8 @@ class GenerationConfig:
             raise ValueError("mode=image needs max_images >= 1")
         if self.diffusion_steps < 1:
             raise ValueError(f"diffusion_steps must be >= 1, got {self.diffusion_steps}")
+        if self.patch_groups < 1:
+            raise ValueError(f"patch_groups must be >= 1 (1 = every patch at once), got {self.patch_groups}")
         if self.sampler not in ("auto", "ddpm", "ddim", "flow"):
             raise ValueError(f"sampler must be auto, ddpm, ddim or flow; got {self.sampler!r}")
         if isinstance(self.stop, str):
@@ -154,7 +161,8 @@ class GenerationConfig:
 # `mixmodal generate` starts from for that model (cdk has no key: it is a choice of sampler, made explicitly)
 IMAGE_SAMPLING_KEYS = {"cfg": "guidance.scale", "image_temperature": "image.temperature", "image_top_k": "image.top_k",
                        "image_top_p": "image.top_p", "diffusion_steps": "diffusion_steps",
-                       "guidance_interval": "guidance.interval", "plausibility": "guidance.plausibility"}
+                       "guidance_interval": "guidance.interval", "plausibility": "guidance.plausibility",
+                       "patch_groups": "patch_groups"}
 
 
 def image_sampling_overrides(image_sampling: dict | None) -> list[str]:

@@ -38,7 +38,7 @@ from mixmodal.inference.events import (End, Event, GenerationResult, ImageDone, 
 from mixmodal.inference.logits import contrastive_scores, guide, guided_scores, repetition_penalty, sample
 from mixmodal.inference.prompt import PromptError, PromptLike, encode_prompt, prompt_ids, stream_segments, to_document
 from mixmodal.model.bundle import GENERATION_FILE, IMAGE_TOKENIZER_DIR, Bundle, load_bundle
-from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule
+from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, patch_map
 from mixmodal.objectives.samplers import make_sampler
 from mixmodal.tokenizers.image import tokenizer_device
 from mixmodal.tokenizers.pixels import pixel_convention
@@ -264,12 +264,14 @@ class Engine:
                 latents.append(x)
                 times.append(t)
                 index.append(r * width + off + torch.arange(self.per_image))
+        if any(isinstance(t, torch.Tensor) for t in times):  # the patch_groups sampler: a time per patch
+            times = torch.stack([t if isinstance(t, torch.Tensor) else torch.full((self.per_image,), t) for t in times])
         device = self.device
         positions = cache.begin_step(width)
         mask = cache.step_mask(new.to(device), image_ids.to(device))
         kwargs = {}
         if latents:
-            kwargs = dict(image_latents=torch.stack(latents).to(device), image_times=torch.tensor(times, device=device),
+            kwargs = dict(image_latents=torch.stack(latents).to(device), image_times=torch.as_tensor(times, device=device),
                           image_index=torch.stack(index).to(device))
         with self._autocast():
             out = self.model(ids.to(device), positions=positions, cache=cache, mask=mask,
@@ -346,8 +348,12 @@ class Engine:
                 c, g = self.model.config.image.latent_channels, self.model.config.image.grid_size
                 seq.x = torch.randn((c, g, g), generator=seq.generator, dtype=torch.float32)
                 seq.times, seq.step = seq.sampler.times(config.diffusion_steps), 0
-                self._feed(seq, [token] + [v.pad] * self.per_image, commit=1, latent=(1, seq.x, self._time(seq, 0)),
-                           denoise=True)
+                if config.patch_groups > 1:
+                    order = torch.randperm(self.per_image, generator=seq.generator)
+                    seq.groups = list(torch.tensor_split(order, min(config.patch_groups, self.per_image)))
+                    seq.clean = torch.zeros(self.per_image, dtype=torch.bool)
+                self._feed(seq, [token] + [v.pad] * self.per_image, commit=1,
+                           latent=(1, seq.x, self._patch_times(seq, self._time(seq, 0))), denoise=True)
             else:
                 self._feed(seq, [token])
             return
@@ -380,17 +386,26 @@ class Engine:
         t, t_prev = self._time(seq, seq.step), self._time(seq, seq.step + 1)
         guided = g.interval is None or g.interval[0] < t <= g.interval[1]
         prediction = guide(streams, g.scale, g.image_scale) if guided else streams[0]
-        x = seq.x
-        x = seq.sampler.step(x[None], prediction[None], t, t_prev, seq.generator)[0]
+        x = seq.sampler.step(seq.x[None], prediction[None], t, t_prev, seq.generator)[0]
+        if seq.groups is not None:  # committed patches stay as they are
+            x = torch.where(self._patch_pixels(seq.clean), seq.x, x)
         seq.x, seq.step = x, seq.step + 1
         steps = len(seq.times) - 1
         if config.preview_every and seq.step % config.preview_every == 0 and seq.step < steps:
             x0 = self.schedule.predict_x0(x[None], prediction[None], t_prev)
             yield ImagePreview(seq.index, len(seq.images), seq.step, steps, self._decode_latents(x0)[0])
-        if seq.step == steps:  # write the clean image and <eoi>
+        if seq.step == steps and seq.groups is not None and len(seq.groups) > 1:
+            # the patch_groups sampler: commit this turn's group, draw the others' noise afresh, walk the grid again
+            seq.clean[seq.groups.pop(0)] = True
+            noise = torch.randn(x.shape, generator=seq.generator, dtype=torch.float32)
+            seq.x, seq.step = torch.where(self._patch_pixels(seq.clean), x, noise), 0
+            self._feed(seq, [self.vocab.pad] * self.per_image, commit=0,
+                       latent=(0, seq.x, self._patch_times(seq, self._time(seq, 0))), denoise=True)
+        elif seq.step == steps:  # write the clean image and <eoi>
             self._feed(seq, [self.vocab.pad] * self.per_image + [self.vocab.eoi], latent=(0, x, self.commit_time))
         else:
-            self._feed(seq, [self.vocab.pad] * self.per_image, commit=0, latent=(0, x, t_prev), denoise=True)
+            self._feed(seq, [self.vocab.pad] * self.per_image, commit=0,
+                       latent=(0, x, self._patch_times(seq, t_prev)), denoise=True)
 
     def _finish_image(self, seq: SequenceState, content: torch.Tensor) -> Iterator[Event]:
         pil = None
@@ -456,6 +471,17 @@ class Engine:
 
     def _time(self, seq: SequenceState, step: int) -> float:
         return float(seq.times[step])
+
+    def _patch_times(self, seq: SequenceState, t: float) -> float | torch.Tensor:
+        """The time the model is told for the image being denoised: one for all patches, or with the
+        patch_groups sampler one per patch, 0 for the committed ones (as diffusion.clean_patches trains)."""
+        if seq.groups is None:
+            return t
+        return torch.where(seq.clean, 0.0, t).to(torch.float32)
+
+    def _patch_pixels(self, clean: torch.Tensor) -> torch.Tensor:
+        """bool [P] per patch -> [1, h, w] over the latent pixels (broadcasts against [C, h, w])."""
+        return patch_map(clean[None], self.model.config.image.patch_size)[0]
 
     @torch.no_grad()
     def _decode_codes(self, codes: torch.Tensor):

@@ -133,7 +133,7 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
     """Sinusoidal features of diffusion time t in [0, 1] (scaled to 0..1000 as DDPM steps)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    args = (t.float() * 1000.0)[..., None] * freqs
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
@@ -144,7 +144,7 @@ class TimestepEmbedding(nn.Module):
         self.linear_1 = nn.Linear(features, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:  # [N] -> [N, dim]
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # [N] -> [N, dim] (or [N, P] -> [N, P, dim])
         return self.linear_2(F.silu(self.linear_1(timestep_features(t, self.features).to(self.linear_1.weight.dtype))))
 
 
@@ -409,10 +409,13 @@ class FusionModel(nn.Module):
             if not self.is_latent:
                 raise ValueError("image_latents given to a token-mode model (image.mode=tokens); images are ids there")
             if image_times is None or image_index is None:
-                raise ValueError("image_latents need image_times [N] and image_index [N, P]")
-            temb = self.time_embed(image_times)
+                raise ValueError("image_latents need image_times [N] (or [N, P], one per patch) and image_index [N, P]")
+            if image_times.dim() == 2 and self.config.image.patchify == "unet":
+                raise ValueError("per-patch image_times [N, P] need image.patchify linear or mlp; the U-Net patchify "
+                                 "adds one time embedding per image")
+            temb = self.time_embed(image_times)  # [N, D], or [N, P, D] with a time per patch
             patches, skip = self.patch_in(image_latents, temb)
-            patches = patches + self.image_position_embedding()[None] + temb[:, None]
+            patches = patches + self.image_position_embedding()[None] + (temb[:, None] if temb.dim() == 2 else temb)
             x = x.reshape(b * t, -1).index_copy(0, image_index.reshape(-1), patches.reshape(-1, x.shape[-1]).to(x.dtype))
             x = x.view(b, t, -1)
         if mask is None:

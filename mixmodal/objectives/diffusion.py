@@ -57,6 +57,10 @@ class DiffusionConfig:
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"  # how training draws t (capped images too)
     logit_mean: float = 0.0  # logit_normal: SD3's default
     logit_std: float = 1.0
+    # share of the training images in which a random k ~ U{0..P-1} of the P patches are given clean (t = 0, no
+    # loss) and the rest noised at the image's time: the model learns to denoise some patches given the others,
+    # which the `patch_groups` sampler needs to commit an image's patches in turns (MAR, Li et al. 2024)
+    clean_patches: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("ddpm", "flow"):
@@ -73,6 +77,8 @@ class DiffusionConfig:
             raise ValueError(f"noise_limit_prob must be in [0, 1], got {self.noise_limit_prob}")
         if self.time_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"time_sampling must be 'uniform' or 'logit_normal', got {self.time_sampling!r}")
+        if not 0.0 <= self.clean_patches <= 1.0:
+            raise ValueError(f"clean_patches must be in [0, 1] (a share of the training images), got {self.clean_patches}")
         if not self.logit_std > 0:
             raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
         if not (self.loss_weight >= 0.0 and math.isfinite(self.loss_weight)):
@@ -228,19 +234,50 @@ def build_schedule(config: DiffusionConfig) -> DDPMSchedule | FlowSchedule:
     return DDPMSchedule(config) if config.kind == "ddpm" else FlowSchedule(config)
 
 
-def diffusion_loss(prediction: Tensor, target: Tensor, *, weight: float, image_weights: Tensor | None = None) -> Tensor:
+def diffusion_loss(prediction: Tensor, target: Tensor, *, weight: float, image_weights: Tensor | None = None,
+                   element_mask: Tensor | None = None) -> Tensor:
     """weight * mean squared error over every element, in float32; with `image_weights` [N]
-    (per image, first dim) the mean over images is weighted by them."""
+    (per image, first dim) the mean over images is weighted by them. With `element_mask` (bool,
+    broadcastable to the prediction: the elements that carry loss) each image's error is the mean
+    over its masked elements (an image with none weighs 0)."""
     if prediction.shape != target.shape:
         raise ValueError(
             f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape; "
             "broadcasting them would average the wrong pairs"
         )
+    if element_mask is not None:
+        m = element_mask.expand_as(prediction).flatten(1).float()
+        count = m.sum(1)
+        per_image = ((prediction.float() - target.float()).square().flatten(1) * m).sum(1) / count.clamp(min=1.0)
+        w = (count > 0).float() if image_weights is None else image_weights.float().to(per_image.device) * (count > 0)
+        return weight * (w * per_image).sum() / w.sum().clamp(min=1e-8)
     if image_weights is None:
         return weight * F.mse_loss(prediction.float(), target.float())
     per_image = (prediction.float() - target.float()).square().flatten(1).mean(1)
     w = image_weights.float().to(per_image.device)
     return weight * (w * per_image).sum() / w.sum().clamp(min=1e-8)
+
+
+def clean_patch_mask(n: int, num_patches: int, share: float, generator: torch.Generator) -> Tensor:
+    """(n, num_patches) bool: for a `share` of the n images (a coin each), a random k ~ U{0..P-1} of their
+    P patches, chosen uniformly, are clean (DiffusionConfig.clean_patches); drawn from `generator` on its
+    device. No image has all its patches clean, so every chosen image still carries loss."""
+    device = generator.device
+    chosen = torch.rand(n, generator=generator, device=device) < share
+    k = torch.randint(0, num_patches, (n,), generator=generator, device=device)
+    rank = torch.rand(n, num_patches, generator=generator, device=device).argsort(1).argsort(1)
+    return chosen[:, None] & (rank < k[:, None])
+
+
+def patch_map(values: Tensor, patch_size: int) -> Tensor:
+    """Per-patch values (n, P) on a g x g patch grid -> (n, 1, g p, g p), each patch's value over its
+    p x p latent pixels."""
+    n, num = values.shape
+    g = math.isqrt(num)
+    if g * g != num:
+        raise ValueError(f"{num} patches are not a square grid")
+    grid = values.reshape(n, 1, g, 1, g, 1).expand(n, 1, g, patch_size, g, patch_size)
+    return grid.reshape(n, 1, g * patch_size, g * patch_size)
 
 
 # --- samplers ------------------------------------------------------------------------------
@@ -323,8 +360,12 @@ def _time(t: Tensor | float, x: Tensor) -> Tensor:
 
 
 def _broadcast(values: Tensor, x: Tensor) -> Tensor:
-    """(n,) per-row values -> (n, 1, ..., 1) against x (n, ...); a 0-dim value stays as is."""
+    """(n,) per-row values -> (n, 1, ..., 1) against x (n, ...); a 0-dim value stays as is, and so does
+    one of x's rank (per-element times, e.g. `patch_map`'s (n, 1, h, w)), which must broadcast to x."""
     if values.ndim == 0:
+        return values
+    if values.ndim == x.ndim and values.ndim > 1:
+        torch.broadcast_shapes(values.shape, x.shape)  # raises when they do not fit
         return values
     if values.shape != x.shape[:1]:
         raise ValueError(f"t has shape {tuple(values.shape)}; expected ({x.shape[0]},) or one time for all rows")

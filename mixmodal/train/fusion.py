@@ -47,7 +47,7 @@ from mixmodal.model.bundle import (HF_CONFIG_FILE, IMAGE_TOKENIZER_DIR, MODEL_DI
 from mixmodal.model.fusion import FusionModel
 from mixmodal.model.io import (WEIGHTS_FILE, check_model_state, read_model_state, save_model_dir, tied_aliases,
                                write_model_dir)
-from mixmodal.objectives.diffusion import build_schedule, diffusion_loss
+from mixmodal.objectives.diffusion import build_schedule, clean_patch_mask, diffusion_loss, patch_map
 from mixmodal.objectives.next_token import next_token_loss
 from mixmodal.retrieval.augment import RetrievalAugmenter
 from mixmodal.tokenizers.image import load_image_tokenizer
@@ -99,6 +99,21 @@ def noise_images(schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tenso
     t = torch.where(targets, t, torch.full_like(t, 1.0 / schedule.num_timesteps))
     weights = targets.float() if image_weights is None else image_weights.to(x0.device) * targets
     return noisy, t, weights
+
+
+def clean_patches(x0: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, targets: torch.Tensor | None, patch_size: int,
+                  share: float, generator: torch.Generator):
+    """diffusion.clean_patches: for a `share` of the target images, a random subset of their patches is fed
+    clean at t = 0 and carries no loss (objectives/diffusion.py `clean_patch_mask`). Returns the inputs, the
+    per-patch times [N, P] and the mask of the latent elements that carry loss [N, 1, h, w]."""
+    n, p = x0.shape[0], patch_size
+    clean = clean_patch_mask(n, (x0.shape[-1] // p) ** 2, share, generator).to(x0.device)
+    if targets is not None:
+        clean = clean & targets.to(x0.device)[:, None]
+    pixels = patch_map(clean, p)
+    noisy = torch.where(pixels, x0, noisy)
+    times = torch.where(clean, torch.zeros((), dtype=t.dtype, device=t.device), t[:, None])
+    return noisy, times, ~pixels
 
 
 class FusionTask(TaskBase):
@@ -205,6 +220,7 @@ class FusionTask(TaskBase):
         image = self.config.model.image
         kwargs = dict(positions=batch["positions"], document_ids=batch["document_ids"],
                       image_ids=batch["image_ids"] if image.is_bidirectional else None)
+        loss_mask = None
         if self.latent and batch["image_latents"].numel():
             x0 = batch["image_latents"]
             n = x0.shape[0]
@@ -213,8 +229,11 @@ class FusionTask(TaskBase):
             noise = torch.randn(x0.shape, generator=generator).to(x0.device)
             noisy, t, image_weights = noise_images(self.schedule, x0, noise, t, batch.get("image_loss"),
                                                    batch.get("image_weights"))
-            kwargs.update(image_latents=noisy, image_times=t, image_index=batch["image_index"])
             target = self.schedule.target(x0, noise, t)
+            if self.config.diffusion.clean_patches > 0:
+                noisy, t, loss_mask = clean_patches(x0, noisy, t, batch.get("image_loss"), image.patch_size,
+                                                    self.config.diffusion.clean_patches, generator)
+            kwargs.update(image_latents=noisy, image_times=t, image_index=batch["image_index"])
         out = model(batch["input_ids"], **kwargs)
         labels = batch["labels"]
         is_image = self.vocab.is_image_code(labels) if image.mode == "tokens" else torch.zeros_like(labels, dtype=torch.bool)
@@ -230,7 +249,7 @@ class FusionTask(TaskBase):
         if self.latent:
             if "image_latents" in kwargs:
                 diffusion = diffusion_loss(out.image_prediction, target, weight=self.config.diffusion.loss_weight,
-                                           image_weights=image_weights)
+                                           image_weights=image_weights, element_mask=loss_mask)
                 losses["loss"] = losses["loss"] + diffusion
             else:  # a batch without images: keep the graph shape of every step the same
                 diffusion = out.logits.sum() * 0.0

@@ -178,6 +178,10 @@ def fill_model_config(config: FusionTrainConfig) -> None:
     if m.image.mode == "latents" and m.image.grid_size % m.image.patch_size:
         raise ConfigError(f"model.image.patch_size={m.image.patch_size} does not divide the latent grid "
                           f"({m.image.grid_size}) of data.image_tokenizer")
+    if config.diffusion.clean_patches > 0 and (m.image.mode != "latents" or m.image.patchify == "unet"):
+        raise ConfigError(f"diffusion.clean_patches={config.diffusion.clean_patches} gives an image's patches their own "
+                          f"times, which needs model.image.mode=latents with patchify linear or mlp (got mode "
+                          f"{m.image.mode}, patchify {m.image.patchify}); set diffusion.clean_patches=0")
     need = m.image.positions_per_image + 4  # <bos> <boi> IMAGE <eoi> <eos>
     if d.pipeline.seq_len < need:
         raise ConfigError(f"data.pipeline.seq_len={d.pipeline.seq_len} is shorter than one image: an image takes "
