@@ -18,7 +18,7 @@ from mixmodal.inference.logits import contrastive_scores, guided_scores, masked_
 from mixmodal.inference.prompt import PromptError, encode_prompt, prompt_ids
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
 from mixmodal.model.transformer import TransformerConfig
-from mixmodal.objectives.diffusion import DiffusionConfig
+from mixmodal.objectives.diffusion import DiffusionConfig, patch_map
 from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
 from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
 from mixmodal.tokenizers.vq import VQConfig, VQTokenizer
@@ -229,7 +229,7 @@ def test_patch_groups_commit_the_patches_in_turns_and_keep_what_they_committed(t
     clean = second[0] == 0
     assert int(clean.sum()) == 2 and all(torch.equal(t == 0, clean) for t in second)
     assert torch.allclose(second[0][~clean], torch.ones(2))  # the rest starts again from pure noise
-    pixels = engine._patch_pixels(clean)  # [1, 8, 8]: each of the 4 patches is 4 x 4 latent pixels
+    pixels = patch_map(clean[None], 4)[0]  # [1, 8, 8]: each of the 4 patches is 4 x 4 latent pixels
     committed = fed[3][1]
     for _, x, _ in fed[3:]:
         assert torch.equal(torch.where(pixels, x, 0.0), torch.where(pixels, committed, 0.0))

@@ -8,7 +8,7 @@ import torch
 
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, ddim_step, ddpm_step, flow_step, \
     sampling_times
-from mixmodal.objectives.samplers import DDIMSampler, DDPMSampler, FlowSampler, make_sampler
+from mixmodal.objectives.samplers import DDIMSampler, DDPMSampler, FlowSampler, PatchTurns, make_sampler
 
 
 def schedule(kind="ddpm", **kwargs):
@@ -65,3 +65,24 @@ def test_walking_a_grid_with_the_exact_prediction_reaches_the_data():
         for t, t_prev in zip(times[:-1], times[1:]):
             x = sampler.step(x, s.target(x0, noise, t), t, t_prev)
         torch.testing.assert_close(x, x0, rtol=0, atol=1e-4)
+
+
+def test_patch_turns_commit_each_group_once_and_keep_what_they_committed():
+    turns = PatchTurns(9, 3, 2, torch.Generator().manual_seed(0))  # 3 x 3 patches of 2 x 2 latent pixels
+    assert sorted(torch.cat(turns.groups).tolist()) == list(range(9)) and [len(g) for g in turns.groups] == [3, 3, 3]
+    assert torch.equal(turns.times(0.7), torch.full((9,), 0.7))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, 6, generator=g)
+    first = turns.groups[0]
+    again = turns.next_turn(x, g)
+    assert turns.clean.sum() == 3 and turns.clean[first].all()
+    times = turns.times(0.4)
+    assert torch.equal(times == 0, turns.clean) and torch.allclose(times[~turns.clean], torch.tensor(0.4))
+    pixels = turns.pixels()
+    assert pixels.shape == (1, 6, 6) and int(pixels.sum()) == 3 * 4
+    assert torch.equal(again[:, pixels[0]], x[:, pixels[0]])  # committed: kept
+    assert not torch.equal(again[:, ~pixels[0]], x[:, ~pixels[0]])  # the rest: fresh noise
+    assert torch.equal(turns.hold(again, torch.zeros_like(x))[:, pixels[0]], x[:, pixels[0]])
+    assert turns.next_turn(again, g) is not None and turns.clean.sum() == 6
+    assert turns.next_turn(again, g) is None and turns.clean.sum() == 6  # the last group: the image is done
+    assert [len(g) for g in PatchTurns(4, 9, 1, torch.Generator()).groups] == [1, 1, 1, 1]  # at most a patch a turn

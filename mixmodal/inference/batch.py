@@ -16,7 +16,7 @@ from mixmodal.inference.config import GenerationConfig
 from mixmodal.inference.detokenize import IncrementalDetokenizer
 from mixmodal.inference.events import End, Event, GenerationResult
 from mixmodal.inference.prompt import PromptError, PromptLike
-from mixmodal.objectives.samplers import Sampler
+from mixmodal.objectives.samplers import PatchTurns, Sampler
 
 if TYPE_CHECKING:  # engine.py imports this module (Engine.stream is a RunningBatch)
     from mixmodal.inference.engine import Engine
@@ -61,8 +61,7 @@ class SequenceState:
     x: torch.Tensor | None = None  # latent mode: current noisy latents
     sampler: Sampler | None = None  # latent mode: how the image is denoised (objectives/samplers.py)
     times: torch.Tensor | None = None  # latent mode: the sampler's time grid, from noise to 0
-    groups: list[torch.Tensor] | None = None  # patch_groups > 1: the patches each turn commits, in order
-    clean: torch.Tensor | None = None  # patch_groups > 1: bool [P], the patches committed so far
+    turns: PatchTurns | None = None  # latent mode, patch_groups > 1: which patches are committed, which next
     step: int = 0
     finish: str = ""
     text_tokens: int = 0

@@ -38,8 +38,8 @@ from mixmodal.inference.events import (End, Event, GenerationResult, ImageDone, 
 from mixmodal.inference.logits import contrastive_scores, guide, guided_scores, repetition_penalty, sample
 from mixmodal.inference.prompt import PromptError, PromptLike, encode_prompt, prompt_ids, stream_segments, to_document
 from mixmodal.model.bundle import GENERATION_FILE, IMAGE_TOKENIZER_DIR, Bundle, load_bundle
-from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule, patch_map
-from mixmodal.objectives.samplers import make_sampler
+from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule
+from mixmodal.objectives.samplers import PatchTurns, make_sampler
 from mixmodal.tokenizers.image import tokenizer_device
 from mixmodal.tokenizers.pixels import pixel_convention
 from mixmodal.vocab import NUM_MASK_SENTINELS
@@ -348,10 +348,8 @@ class Engine:
                 c, g = self.model.config.image.latent_channels, self.model.config.image.grid_size
                 seq.x = torch.randn((c, g, g), generator=seq.generator, dtype=torch.float32)
                 seq.times, seq.step = seq.sampler.times(config.diffusion_steps), 0
-                if config.patch_groups > 1:
-                    order = torch.randperm(self.per_image, generator=seq.generator)
-                    seq.groups = list(torch.tensor_split(order, min(config.patch_groups, self.per_image)))
-                    seq.clean = torch.zeros(self.per_image, dtype=torch.bool)
+                seq.turns = None if config.patch_groups == 1 else PatchTurns(
+                    self.per_image, config.patch_groups, self.model.config.image.patch_size, seq.generator)
                 self._feed(seq, [token] + [v.pad] * self.per_image, commit=1,
                            latent=(1, seq.x, self._patch_times(seq, self._time(seq, 0))), denoise=True)
             else:
@@ -387,20 +385,18 @@ class Engine:
         guided = g.interval is None or g.interval[0] < t <= g.interval[1]
         prediction = guide(streams, g.scale, g.image_scale) if guided else streams[0]
         x = seq.sampler.step(seq.x[None], prediction[None], t, t_prev, seq.generator)[0]
-        if seq.groups is not None:  # committed patches stay as they are
-            x = torch.where(self._patch_pixels(seq.clean), seq.x, x)
+        if seq.turns is not None:  # committed patches stay as they are
+            x = seq.turns.hold(seq.x, x)
         seq.x, seq.step = x, seq.step + 1
         steps = len(seq.times) - 1
         if config.preview_every and seq.step % config.preview_every == 0 and seq.step < steps:
             x0 = self.schedule.predict_x0(x[None], prediction[None], t_prev)
             yield ImagePreview(seq.index, len(seq.images), seq.step, steps, self._decode_latents(x0)[0])
-        if seq.step == steps and seq.groups is not None and len(seq.groups) > 1:
-            # the patch_groups sampler: commit this turn's group, draw the others' noise afresh, walk the grid again
-            seq.clean[seq.groups.pop(0)] = True
-            noise = torch.randn(x.shape, generator=seq.generator, dtype=torch.float32)
-            seq.x, seq.step = torch.where(self._patch_pixels(seq.clean), x, noise), 0
+        again = seq.turns.next_turn(x, seq.generator) if seq.turns is not None and seq.step == steps else None
+        if again is not None:  # patch_groups: this turn's group is committed; walk the grid again for the rest
+            seq.x, seq.step = again, 0
             self._feed(seq, [self.vocab.pad] * self.per_image, commit=0,
-                       latent=(0, seq.x, self._patch_times(seq, self._time(seq, 0))), denoise=True)
+                       latent=(0, again, self._patch_times(seq, self._time(seq, 0))), denoise=True)
         elif seq.step == steps:  # write the clean image and <eoi>
             self._feed(seq, [self.vocab.pad] * self.per_image + [self.vocab.eoi], latent=(0, x, self.commit_time))
         else:
@@ -473,15 +469,8 @@ class Engine:
         return float(seq.times[step])
 
     def _patch_times(self, seq: SequenceState, t: float) -> float | torch.Tensor:
-        """The time the model is told for the image being denoised: one for all patches, or with the
-        patch_groups sampler one per patch, 0 for the committed ones (as diffusion.clean_patches trains)."""
-        if seq.groups is None:
-            return t
-        return torch.where(seq.clean, 0.0, t).to(torch.float32)
-
-    def _patch_pixels(self, clean: torch.Tensor) -> torch.Tensor:
-        """bool [P] per patch -> [1, h, w] over the latent pixels (broadcasts against [C, h, w])."""
-        return patch_map(clean[None], self.model.config.image.patch_size)[0]
+        """The time the model is told for the image being denoised: one, or one per patch (patch_groups)."""
+        return t if seq.turns is None else seq.turns.times(t)
 
     @torch.no_grad()
     def _decode_codes(self, codes: torch.Tensor):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mixmodal.objectives.diffusion import DDPMSchedule, FlowSchedule, Schedule, ddim_step, ddpm_step, flow_step, \
-    sampling_times
+    patch_map, sampling_times
 
 SAMPLERS = ("auto", "ddpm", "ddim", "flow")
 
@@ -78,6 +78,40 @@ class FlowSampler(Sampler):
         return flow_step(x, prediction, t, t_prev)
 
 
+class PatchTurns:
+    """The patch_groups sampler's bookkeeping (GenerationConfig.patch_groups; MAR-like): a random order
+    from `generator` splits an image's P patches into `groups`; each turn walks the whole time grid
+    over the patches not yet committed, told t = 0 for the committed ones (as diffusion.clean_patches
+    trains), and ends by committing its group and re-noising the rest."""
+
+    def __init__(self, num_patches: int, groups: int, patch_size: int, generator: torch.Generator) -> None:
+        order = torch.randperm(num_patches, generator=generator)
+        self.groups = list(torch.tensor_split(order, min(groups, num_patches)))
+        self.clean = torch.zeros(num_patches, dtype=torch.bool)
+        self.patch_size = patch_size
+
+    def times(self, t: float) -> Tensor:
+        """(P,) float32: the time each patch is told, 0 for the committed ones."""
+        return torch.where(self.clean, 0.0, t).to(torch.float32)
+
+    def pixels(self) -> Tensor:
+        """bool (1, h, w): the committed patches' latent pixels (broadcasts against (C, h, w))."""
+        return patch_map(self.clean[None], self.patch_size)[0]
+
+    def hold(self, before: Tensor, after: Tensor) -> Tensor:
+        """A step's result with the committed patches kept as they were."""
+        return torch.where(self.pixels(), before, after)
+
+    def next_turn(self, x: Tensor, generator: torch.Generator) -> Tensor | None:
+        """At the end of a turn: commit its group and return the latents to walk the grid again from
+        (the others drawn afresh from `generator`), or None when that was the last group."""
+        if len(self.groups) == 1:
+            return None
+        self.clean[self.groups.pop(0)] = True
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        return torch.where(self.pixels(), x, noise)
+
+
 def make_sampler(name: str, schedule: Schedule) -> Sampler:
     """The sampler `name` (auto: flow for a flow model, ddim for a DDPM one) over `schedule`; a
     sampler the schedule cannot drive is refused with the ones it can."""
@@ -93,4 +127,4 @@ def make_sampler(name: str, schedule: Schedule) -> Sampler:
     return {"ddim": DDIMSampler, "ddpm": DDPMSampler, "flow": FlowSampler}[name](schedule)
 
 
-__all__ = ["DDIMSampler", "DDPMSampler", "FlowSampler", "SAMPLERS", "Sampler", "make_sampler"]
+__all__ = ["DDIMSampler", "DDPMSampler", "FlowSampler", "PatchTurns", "SAMPLERS", "Sampler", "make_sampler"]
