@@ -458,6 +458,36 @@ def test_bf16_autocast_runs(text_tokenizer):
     assert r.finish_reason in ("eos", "length") and all(torch.isfinite(x).all() for x in r.images)
 
 
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_bf16_weights_cast_once_write_bitwise_what_autocast_over_fp32_weights_writes(text_tokenizer, mode):
+    """The half copy (inference/precision.py) changes the cost, not a bit of the output; and it follows the
+    model when its weights change in place."""
+    engine = _engine(mode, text_tokenizer)
+    engine = Engine(engine.model, text_tokenizer, engine.image_tokenizer, diffusion=DiffusionConfig(),
+                    dtype=torch.bfloat16)
+    config = GenerationConfig(mode="interleaved", max_new_tokens=50, diffusion_steps=3, text=SamplingParams(temperature=1.0),
+                              guidance=GuidanceConfig(scale=3.0))
+    _image_after(engine, 3)
+
+    def run():
+        return engine.generate([PROMPT, "a red"], config, seed=3)
+
+    once = run()
+    copy = engine._half.model()
+    assert copy.lm_head.weight.dtype == torch.bfloat16 and engine.model.lm_head.weight.dtype == torch.float32
+    assert copy.embed_tokens.weight is engine.model.embed_tokens.weight  # shared, not copied
+    half, engine._half = engine._half, None  # autocast over the fp32 weights, per step
+    every_step = run()
+    for a, b in zip(once, every_step):
+        assert a.ids == b.ids and len(a.images) == len(b.images) >= 1
+        assert all(torch.equal(x, y) for x, y in zip(a.images, b.images))
+    engine._half = half
+    with torch.no_grad():
+        engine.model.lm_head.weight.mul_(-1.0)
+    assert engine._half.model() is not copy and torch.equal(engine._half.model().lm_head.weight,
+                                                            engine.model.lm_head.weight.to(torch.bfloat16))
+
+
 def test_documents_hold_the_output(text_tokenizer):
     engine = _engine("tokens", text_tokenizer)
     r = engine.generate(Document([Text(PROMPT)]), GenerationConfig(mode="image", max_new_tokens=20), seed=0)[0]

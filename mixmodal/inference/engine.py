@@ -36,6 +36,7 @@ from mixmodal.inference.detokenize import IncrementalDetokenizer
 from mixmodal.inference.events import (End, Event, GenerationResult, ImageDone, ImagePreview, ImageStarted,
                                         TextDelta)
 from mixmodal.inference.logits import contrastive_scores, guide, guided_scores, repetition_penalty, sample
+from mixmodal.inference.precision import HalfWeights
 from mixmodal.inference.prompt import PromptError, PromptLike, encode_prompt, prompt_ids, stream_segments, to_document
 from mixmodal.model.bundle import GENERATION_FILE, IMAGE_TOKENIZER_DIR, Bundle, load_bundle
 from mixmodal.objectives.diffusion import DiffusionConfig, build_schedule
@@ -63,7 +64,8 @@ class Engine:
         self.per_image = image.positions_per_image
         self.max_length = max_length
         self.device = next(model.parameters()).device
-        self.dtype = dtype
+        self.dtype = dtype  # bf16 / fp16: autocast over a copy whose Linear weights are cast once (precision.py)
+        self._half = HalfWeights(model, dtype) if dtype in (torch.bfloat16, torch.float16) else None
         self.decode_images = decode_images  # False: ImageDone / documents carry no pixels (benchmarks)
         self.image_generation = image_generation  # False: <boi> is never sampled (base Chameleon; generation.yaml)
         # how a conversation prompt is laid out (data/chat.py): "mixmodal" for a model tuned on conversations,
@@ -274,8 +276,8 @@ class Engine:
             kwargs = dict(image_latents=torch.stack(latents).to(device), image_times=torch.as_tensor(times, device=device),
                           image_index=torch.stack(index).to(device))
         with self._autocast():
-            out = self.model(ids.to(device), positions=positions, cache=cache, mask=mask,
-                             logits_index=(new - 1).clamp(min=0)[:, None].to(device), **kwargs)
+            out = (self._half.model() if self._half else self.model)(ids.to(device), positions=positions, cache=cache,
+                                                                     mask=mask, logits_index=(new - 1).clamp(min=0)[:, None].to(device), **kwargs)
         cache.commit(commit.to(device))
         predictions = {}
         if latents:
@@ -288,9 +290,8 @@ class Engine:
         return out.logits[:, 0].float(), predictions
 
     def _autocast(self):
-        if self.dtype in (torch.bfloat16, torch.float16):
-            return torch.autocast(self.device.type, dtype=self.dtype)
-        return contextlib.nullcontext()
+        half = self.dtype in (torch.bfloat16, torch.float16)
+        return torch.autocast(self.device.type, dtype=self.dtype) if half else contextlib.nullcontext()
 
     # --- the state machine ------------------------------------------------------------------
 
@@ -468,8 +469,7 @@ class Engine:
     def _time(self, seq: SequenceState, step: int) -> float:
         return float(seq.times[step])
 
-    def _patch_times(self, seq: SequenceState, t: float) -> float | torch.Tensor:
-        """The time the model is told for the image being denoised: one, or one per patch (patch_groups)."""
+    def _patch_times(self, seq: SequenceState, t: float) -> float | torch.Tensor:  # one, or one per patch (patch_groups)
         return t if seq.turns is None else seq.turns.times(t)
 
     @torch.no_grad()
