@@ -242,6 +242,19 @@ def test_patchify_mlp_is_not_linear_in_the_state_and_names_are_checked():
         ImageConfig(mode="latents", patchify="conv")
 
 
+def test_position_std_sets_the_scale_of_the_patch_position_embeddings():
+    def rows(**image):
+        torch.manual_seed(0)
+        config = ModelConfig(text_vocab_size=40, transformer=TransformerConfig(dim=64, num_layers=1, num_heads=2),
+                             image=ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=1, **image))
+        return FusionModel(config).image_rows
+
+    assert abs(rows().std().item() - 0.02) < 0.004  # the transformer's init_std
+    assert abs(rows(position_std=0.7).std().item() - 0.7) < 0.1
+    with pytest.raises(ValueError, match="image.position_std must be >= 0"):
+        ImageConfig(mode="latents", position_std=-1.0)
+
+
 def test_token_mode_rejects_latents():
     model = FusionModel(ModelConfig(text_vocab_size=40, transformer=TransformerConfig(dim=32, num_layers=1, num_heads=2),
                                     image=ImageConfig(num_codes=16, grid_size=4)))

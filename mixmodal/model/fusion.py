@@ -52,6 +52,9 @@ class ImageConfig:
     patchify: Literal["linear", "mlp", "unet"] = "linear"
     unet_channels: int = 64  # latents, unet: channels of the U-Net blocks
     bidirectional: bool | None = None  # attention among one image's positions; None: yes for latents, no for tokens
+    # latents: init std of the patches' learned row and column embeddings; 0 = the transformer's init_std (0.02),
+    # which leaves them ~1/30 of a patch's content (DiT's fixed 2D sin-cos embedding is ~1 per element)
+    position_std: float = 0.0
     # tokens: how a code enters and leaves the transformer. "learned": its own embedding row and lm_head row,
     # as Chameleon. "codebook": those rows plus a learned linear map of the code's tokenizer vector (VQ
     # codebook vector, k-means patch), shared by all codes, so codes that look alike start alike and a code
@@ -75,6 +78,8 @@ class ImageConfig:
         if self.code_embedding not in ("learned", "codebook", "codebook_only", "codebook_out"):
             raise ValueError("image.code_embedding must be 'learned', 'codebook', 'codebook_only' or 'codebook_out', "
                              f"got {self.code_embedding!r}")
+        if not self.position_std >= 0.0:
+            raise ValueError(f"image.position_std must be >= 0 (0 = the transformer's init_std), got {self.position_std}")
         if self.patchify not in ("linear", "mlp", "unet"):
             raise ValueError(f"image.patchify must be 'linear', 'mlp' or 'unet', got {self.patchify!r}")
         if self.code_map not in ("linear", "mlp"):
@@ -310,8 +315,9 @@ class FusionModel(nn.Module):
                 raise ValueError("latent mode needs image.latent_channels and image.grid_size (from the VAE tokenizer)")
             side = image.grid_size // image.patch_size
             self.time_embed = TimestepEmbedding(t.dim)
-            self.image_rows = nn.Parameter(torch.randn(side, t.dim) * t.init_std)
-            self.image_cols = nn.Parameter(torch.randn(side, t.dim) * t.init_std)
+            std = image.position_std or t.init_std
+            self.image_rows = nn.Parameter(torch.randn(side, t.dim) * std)
+            self.image_cols = nn.Parameter(torch.randn(side, t.dim) * std)
             if image.patchify == "unet":
                 self.patch_in, self.patch_out = UNetPatchIn(image, t.dim), UNetPatchOut(image, t.dim)
             else:
