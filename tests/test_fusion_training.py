@@ -180,12 +180,14 @@ def test_geneval_during_training_logs_the_accuracy_curve(tokenizers, tmp_path, m
         _config(mode, tokenizers, "eval.geneval_sets=[train]")
 
 
-@pytest.mark.parametrize("mode", ["tokens", "latents"])
-def test_losses_fall_on_a_repeated_batch(tokenizers, mode):
-    """Overfitting one batch: every loss term must fall (the gradient reaches every part)."""
+@pytest.mark.parametrize("mode, overrides", [("tokens", []), ("latents", []),
+                                             ("latents", ["diffusion.clean_patches=0.5", "diffusion.kind=flow"])])
+def test_losses_fall_on_a_repeated_batch(tokenizers, mode, overrides):
+    """Overfitting one batch: every loss term must fall (the gradient reaches every part), also when some
+    patches are fed clean at t = 0 without loss (diffusion.clean_patches)."""
     from mixmodal.train.fusion import FusionTask, fill_model_config
 
-    config = _config(mode, tokenizers)
+    config = _config(mode, tokenizers, *overrides)
     fill_model_config(config)
     task = FusionTask(config)
     task.setup(torch.device("cpu"))
@@ -279,28 +281,6 @@ def test_clean_patches_feed_some_patches_clean_at_time_zero_without_loss(tokeniz
             cell = (slice(None), slice(2 * r, 2 * r + 2), slice(2 * c, 2 * c + 2))
             assert torch.equal(fed[i][cell], (x0 if clean[i, k] else noisy)[i][cell])
             assert bool(loss_mask[i][(slice(None),) + cell[1:]].all()) == (not clean[i, k])
-
-
-def test_training_with_clean_patches_runs_and_learns(tokenizers, tmp_path):
-    from mixmodal.train.fusion import FusionTask, fill_model_config
-
-    config = _config("latents", tokenizers, "diffusion.clean_patches=0.5", "diffusion.kind=flow")
-    fill_model_config(config)
-    task = FusionTask(config)
-    task.setup(torch.device("cpu"))
-    torch.manual_seed(0)
-    model = task.build_models()["model"]
-    batch = next(task.data_iterator())
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    history = []
-    for step in range(30):
-        task.noise.manual_seed(7)
-        losses = task.losses(model, batch, task.noise)
-        history.append(float(losses["diffusion"]))
-        opt.zero_grad()
-        losses["loss"].backward()
-        opt.step()
-    assert history[-1] < 0.7 * history[0], history
 
 
 def test_two_process_torchrun_trains_the_latent_model(tokenizers, tmp_path):

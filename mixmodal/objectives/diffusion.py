@@ -245,16 +245,17 @@ def diffusion_loss(prediction: Tensor, target: Tensor, *, weight: float, image_w
             f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape; "
             "broadcasting them would average the wrong pairs"
         )
-    if element_mask is not None:
+    if image_weights is None and element_mask is None:
+        return weight * F.mse_loss(prediction.float(), target.float())
+    error = (prediction.float() - target.float()).square().flatten(1)
+    w = None if image_weights is None else image_weights.float().to(error.device)
+    if element_mask is None:
+        per_image = error.mean(1)
+    else:
         m = element_mask.expand_as(prediction).flatten(1).float()
         count = m.sum(1)
-        per_image = ((prediction.float() - target.float()).square().flatten(1) * m).sum(1) / count.clamp(min=1.0)
-        w = (count > 0).float() if image_weights is None else image_weights.float().to(per_image.device) * (count > 0)
-        return weight * (w * per_image).sum() / w.sum().clamp(min=1e-8)
-    if image_weights is None:
-        return weight * F.mse_loss(prediction.float(), target.float())
-    per_image = (prediction.float() - target.float()).square().flatten(1).mean(1)
-    w = image_weights.float().to(per_image.device)
+        per_image = (error * m).sum(1) / count.clamp(min=1.0)
+        w = (count > 0).float() if w is None else w * (count > 0)
     return weight * (w * per_image).sum() / w.sum().clamp(min=1e-8)
 
 
