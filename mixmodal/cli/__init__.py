@@ -3,8 +3,9 @@
 One module per verb (data, tokenizer, train, export, generate, chat, serve, plot, image, eval, convert,
 index, verify); each holds its handlers `cmd_*(args, overrides) -> int` and a `register(verbs)` that adds
 its parser(s) beside them. Trailing `key=value` arguments are dotlist overrides of the verb's
-typed config (see mixmodal/config.py). Handlers import torch and the heavy modules they need
-themselves, so `mixmodal --help` stays fast.
+typed config (see mixmodal/config.py). `mixmodal --help` loads the standard library only: handlers
+import the modules that bring a third-party package (yaml, numpy, PIL, torch, ...) themselves, and
+everything else is imported at the top (tests/test_structure.py checks both).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from importlib import import_module
 from typing import Callable, Sequence
 
 from mixmodal import __version__
+from mixmodal.data.bad_input import BadInputError
 
 # The verbs, in the order `mixmodal --help` lists them; each is the module mixmodal.cli.NAME.
 VERBS = ("data", "tokenizer", "train", "export", "generate", "chat", "serve", "plot", "image", "eval", "convert",
@@ -36,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from mixmodal.config import ConfigError
-    from mixmodal.data.bad_input import BadInputError
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from mixmodal.cli.common import read_yaml
+from mixmodal.eval.report import headline
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -66,7 +67,6 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         print(json.dumps({"best": result["best"]}, indent=1))
         print(f"sweep: {Path(args.out) / 'sweep.md'}")
         return 0
-    from mixmodal.eval.report import headline
 
     config = build_config(ShapesEvalConfig, preset, overrides)
     metrics = evaluate(args.checkpoint, args.out, config, inception=args.inception, feature_net=args.feature_net,

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from mixmodal.cli.common import no_overrides
+from mixmodal.data.bad_input import BadInputLog
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -52,7 +53,6 @@ def cmd_image_encode(args: argparse.Namespace, overrides: list[str]) -> int:
     import numpy as np
     import torch
 
-    from mixmodal.data.bad_input import BadInputLog
     from mixmodal.data.images import DEFAULT_MAX_PIXELS, decode_image
     from mixmodal.tokenizers.image import load_image_tokenizer
     from mixmodal.tokenizers.pixels import images_to_tensor

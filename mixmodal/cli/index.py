@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from mixmodal.cli.common import add_source_options, no_overrides, report_bad_input, source_from, take
+from mixmodal.data.bad_input import BadInputLog
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -113,7 +114,6 @@ def _report_ingest(verb: str, bank, source, where: str) -> None:
 
 
 def cmd_index_query(args: argparse.Namespace, overrides: list[str]) -> int:
-    from mixmodal.data.bad_input import BadInputLog
     from mixmodal.data.images import decode_image
     from mixmodal.documents import Document, Image, Text
     from mixmodal.retrieval.bank import MemoryBank

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from mixmodal.cli.common import no_overrides
+from mixmodal.train.plots import plot_runs
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -21,7 +22,6 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
-    from mixmodal.train.plots import plot_runs
 
     no_overrides("plot", overrides)
     if args.labels and len(args.labels) != len(args.runs):

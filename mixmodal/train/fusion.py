@@ -40,6 +40,7 @@ import torch
 
 from mixmodal.config import ConfigError, to_dict
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches
+from mixmodal.eval.shapes_tasks import ShapesEvalConfig, check_sampling, geneval_scores
 from mixmodal.model import lora
 from mixmodal.model.bundle import (HF_CONFIG_FILE, IMAGE_TOKENIZER_DIR, MODEL_DIR, TEXT_TOKENIZER_DIR, TRAINING_FILE,
                                    VOCAB_MAP_FILE, Bundle, load_text_tokenizer, read_chat_template, read_model_settings,
@@ -128,9 +129,7 @@ class FusionTask(TaskBase):
         self.device = torch.device("cpu")
         self.noise = torch.Generator()
         self._eval_batches: list[dict] | None = None
-        if config.eval.sampling:  # named now, not at the first eval (the suite's import is heavy: see geneval)
-            from mixmodal.eval.shapes_tasks import check_sampling
-
+        if config.eval.sampling:  # named now, not at the first eval
             check_sampling(config.eval.sampling, "eval.sampling")
 
     def setup(self, device: torch.device) -> None:
@@ -286,10 +285,6 @@ class FusionTask(TaskBase):
     def geneval(self, model) -> dict[str, float]:
         """GenEval-form accuracy of `model` as it is now (eval.geneval_*): geneval_SET_overall and
         geneval_SET_CATEGORY for each set; the eval suite's prompts, seeds and default sampling."""
-        # imported here, not for a cycle: the suite brings the engine, the FID/CLIP scorers and scipy, which
-        # a run without eval.geneval_prompts never needs
-        from mixmodal.eval.shapes_tasks import ShapesEvalConfig, geneval_scores
-
         e = self.config.eval
         bundle = Bundle(model, self.text_tokenizer, self.image_tokenizer, max_length=self.config.data.pipeline.seq_len,
                         diffusion=self.config.diffusion if self.latent else None,
