@@ -63,6 +63,27 @@ def test_the_model_sees_its_own_earlier_replies(docs):
     assert any(isinstance(part, Text) and part.text == "purple" for p in later for part in p.parts)
 
 
+def test_image_replies_use_the_models_stated_sampling(docs):
+    """Like `mixmodal chat` and the shapes suite, the replies sample as the model's generation.yaml says
+    (the token recipe's plausibility, the latent recipe's guidance interval); the config's fields win."""
+    engine = Scripted(docs)
+    engine.image_sampling = {"cfg": 3.0, "plausibility": 0.1, "guidance_interval": [0.0, 0.8]}
+    configs = []
+    engine.generate = (lambda generate: lambda prompts, config, seed: configs.append(config) or
+                       generate(prompts, config, seed))(engine.generate)
+    play(engine, docs[:20], ChatEvalConfig(num_conversations=20, diffusion_steps=1), lambda _: None)
+    images = [c for c in configs if c.mode != "text"]
+    assert images and all(c.guidance.scale == 3.0 and c.guidance.plausibility == 0.1 and
+                          c.guidance.interval == [0.0, 0.8] for c in images)
+    configs.clear()
+    play(engine, docs[:20], ChatEvalConfig(num_conversations=20, cfg=1.5, diffusion_steps=1), lambda _: None)
+    assert all(c.guidance.scale == 1.5 for c in configs if c.mode != "text")
+    configs.clear()
+    engine.image_sampling = None  # a model that states nothing: the mode's defaults, no plausibility
+    play(engine, docs[:20], ChatEvalConfig(num_conversations=20, diffusion_steps=1), lambda _: None)
+    assert all(c.guidance.plausibility == 0.0 and c.guidance.interval is None for c in configs if c.mode != "text")
+
+
 def test_edit_verdicts_separate_the_target_from_the_rest():
     star = ShapeObject("star", "red", "small", "top left")
     circle = ShapeObject("circle", "blue", "large", "center")

@@ -125,12 +125,24 @@ def score_reply(exchange: dict, reply: Document, scenes: list[Scene]) -> dict[st
 
 # --- playing the conversations ----------------------------------------------------------------
 
+def reply_sampling(engine, config: ChatEvalConfig) -> dict:
+    """The image sampling the replies use: the config's cfg / diffusion_steps / image_temperature, else the
+    model's own (its generation.yaml image_sampling, what `mixmodal chat` uses), else the mode's defaults;
+    the model's guidance interval and plausibility as stated."""
+    model = getattr(engine, "image_sampling", None) or {}
+    settings = {k: getattr(config, k) if getattr(config, k) is not None else model.get(k, SAMPLING_DEFAULTS[engine.mode][k])
+                for k in ("cfg", "diffusion_steps", "image_temperature")}
+    return {**settings, "guidance_interval": model.get("guidance_interval"), "plausibility": model.get("plausibility")}
+
+
 def _reply_config(engine, kind: str, settings: dict, image_cfg: float | None = None, story_length: int = 2):
     if kind in ("generate", "edit", "story"):
         images = story_length if kind == "story" else 1
         return GenerationConfig(mode="interleaved" if kind == "story" else "image", max_images=images,
                                 max_new_tokens=(engine.per_image + 2 + (40 if kind == "story" else 0)) * images,
-                                guidance=GuidanceConfig(scale=settings["cfg"], image_scale=image_cfg),
+                                guidance=GuidanceConfig(scale=settings["cfg"], image_scale=image_cfg,
+                                                        interval=settings.get("guidance_interval"),
+                                                        plausibility=settings.get("plausibility") or 0.0),
                                 diffusion_steps=settings["diffusion_steps"],
                                 image=SamplingParams(temperature=settings["image_temperature"]))
     return GenerationConfig(mode="text", max_images=0, max_new_tokens=96, text=SamplingParams(temperature=0.0))
@@ -139,8 +151,7 @@ def _reply_config(engine, kind: str, settings: dict, image_cfg: float | None = N
 def play(engine, docs: list[Document], config: ChatEvalConfig, progress: Callable[[str], None],
          edit_image_cfg: float | None = None) -> list[dict]:
     """Play every conversation; one row per exchange: kind, turn, verdict, context_ok."""
-    settings = {k: getattr(config, k) if getattr(config, k) is not None else SAMPLING_DEFAULTS[engine.mode][k]
-                for k in ("cfg", "diffusion_steps", "image_temperature")}
+    settings = reply_sampling(engine, config)
     plans = [_exchanges(d) for d in docs]
     scenes = [[Scene.from_dict(s) for s in d.metadata["scenes"]] for d in docs]
     history: list[list] = [[] for _ in docs]  # (role, parts) so far, the model's own replies included
@@ -235,7 +246,8 @@ def evaluate_chat(checkpoint: str | Path, out: str | Path, config: ChatEvalConfi
     docs = conversations(config, engine.image_tokenizer.config.resolution)
     rows = play(engine, docs, config, progress)
     metrics: dict[str, Any] = {"checkpoint": str(model_dir), "suite": "shapes-chat", "config": asdict(config),
-                               "chat_template": engine.chat_template, "image_mode": engine.mode, **summarise(rows)}
+                               "chat_template": engine.chat_template, "image_mode": engine.mode,
+                               "sampling": reply_sampling(engine, config), **summarise(rows)}
     if config.edit_image_cfg:
         edits = [d for d in docs if any(e["kind"] == "edit" for e in d.metadata["exchanges"])]
         three = summarise(play(engine, edits, config, progress, edit_image_cfg=config.edit_image_cfg))
@@ -274,5 +286,5 @@ def _write_report(out: Path, metrics: dict, rows: list[dict]) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-__all__ = ["ChatEvalConfig", "SCORED", "conversations", "evaluate_chat", "play", "score_edit", "score_reply",
+__all__ = ["ChatEvalConfig", "SCORED", "conversations", "evaluate_chat", "play", "reply_sampling", "score_edit", "score_reply",
            "summarise"]
