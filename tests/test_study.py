@@ -136,3 +136,27 @@ def test_tokenizer_recon_scores_both_held_out_splits(tmp_path):
         assert {"psnr", "oracle_overall", "oracle_shape", "oracle_colour"} <= set(metrics)
         assert metrics["oracle_overall"] == 0.0  # an untrained tokenizer writes no scene back
         assert 0.0 <= metrics["oracle_background"] <= 1.0
+
+
+def test_overdraw_relation_verdicts_tell_right_from_reversed():
+    """overdraw.py's position split: one of each named shape, the relation right, reversed or neither;
+    None when a named shape is missing or repeated."""
+    spec = importlib.util.spec_from_file_location("study_overdraw", Path(__file__).parents[1] / "benchmarks/study/overdraw.py")
+    overdraw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overdraw)
+    from mixmodal.data.shapes import Scene, ShapeObject, render
+    from mixmodal.data.shapes.geneval import Prompt, Requirement, image_things
+
+    prompt = Prompt("position", "a photo of a circle left of a square",
+                    (Requirement("square"), Requirement("circle", relation="left of", target=0)))
+
+    def verdict(*objects):
+        return overdraw.relation_verdict(prompt, image_things(render(Scene(tuple(objects)), 48)))
+
+    circle = lambda cell: ShapeObject("circle", "red", "large", cell)  # noqa: E731
+    square = lambda cell: ShapeObject("square", "blue", "large", cell)  # noqa: E731
+    assert verdict(circle("center left"), square("center right")) == "right"
+    assert verdict(circle("center right"), square("center left")) == "reversed"
+    assert verdict(circle("top center"), square("bottom center")) == "neither"  # above, not beside
+    assert verdict(circle("center left"), circle("top left"), square("center right")) is None  # two circles
+    assert verdict(square("center right")) is None

@@ -1,7 +1,10 @@
 """Does the sampler draw more objects than the prompt asks for? For GenEval-form prompts of a few
 categories, the number of objects of the named shapes the oracle finds minus the number the prompt
 names (`extra`; `over` / `under`: the share of images with more / fewer; `extra_any`: all objects,
-which the world's partial captions make legitimate), and the accuracy, under several sampling settings (key=value lists, the eval suite's fields plus
+which the world's partial captions make legitimate), and the accuracy, under several sampling settings. For
+position prompts it also splits the images that hold each named shape exactly once (`one_each`) into those
+with the relation the right way round (`right`), reversed (`reversed`) or neither: a model that ignores the
+relation puts as many reversed as right (key=value lists, the eval suite's fields plus
 `guidance_interval=lo,hi`: guidance only for lo < t <= hi, latent mode).
 
     python benchmarks/study/overdraw.py runs/recipe-latents --num 24 \
@@ -16,7 +19,7 @@ import time
 
 import numpy as np
 
-from mixmodal.data.shapes.geneval import image_things, prompt_set, score_image
+from mixmodal.data.shapes.geneval import image_things, prompt_set, relative_position, score_image
 from mixmodal.eval.shapes_suite import SAMPLING_DEFAULTS, image_generation_config
 from mixmodal.inference.engine import Engine
 
@@ -34,12 +37,29 @@ def parse_setting(text: str, mode: str) -> dict:
     return settings
 
 
+REVERSED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def relation_verdict(prompt, things) -> str | None:
+    """For a two-object relation prompt: 'right', 'reversed' or 'neither' when the image holds each named
+    shape exactly once; None otherwise (or for other prompts)."""
+    if len(prompt.include) != 2 or prompt.include[1].relation is None:
+        return None
+    target, obj = prompt.include
+    a = [t for t in things if t.shape == obj.shape]
+    b = [t for t in things if t.shape == target.shape]
+    if len(a) != 1 or len(b) != 1:
+        return None
+    relations = relative_position(a[0], b[0])
+    return "right" if obj.relation in relations else "reversed" if REVERSED[obj.relation] in relations else "neither"
+
+
 def measure(engine, settings: dict, categories: list[str], num: int, prompt_source: str, batch: int = 32) -> dict:
     gen = image_generation_config(engine, settings)
     out = {}
     for category in categories:
         prompts = prompt_set(category, prompt_source, num)
-        rows = []
+        rows, verdicts = [], []
         for start in range(0, num, batch):
             chunk = prompts[start:start + batch]
             # the eval suite's seeds (its first image of prompt i: seed 1000 i), so verdicts match its own
@@ -52,9 +72,13 @@ def measure(engine, settings: dict, categories: list[str], num: int, prompt_sour
                 found = sum(t.shape in named for t in things)  # objects of the shapes the prompt names
                 rows.append((score_image(image, p)["correct"] if image is not None else 0.0, found - asked,
                              found > asked, found < asked, len(things) - asked))
+                verdicts.append(relation_verdict(p, things))
         a = np.array(rows, dtype=float)
         out[category] = {"accuracy": a[:, 0].mean(), "extra_objects": a[:, 1].mean(), "over": a[:, 2].mean(),
                          "under": a[:, 3].mean(), "extra_any": a[:, 4].mean()}
+        if category == "position":
+            out[category].update({"one_each": float(np.mean([v is not None for v in verdicts]))},
+                                 **{k: float(np.mean([v == k for v in verdicts])) for k in ("right", "reversed")})
     return out
 
 
@@ -75,7 +99,9 @@ def main() -> None:
         r = measure(engine, settings, args.categories.split(","), args.num, args.prompts)
         mean = {k: float(np.mean([c[k] for c in r.values()])) for k in ("accuracy", "extra_objects", "over", "under", "extra_any")}
         print(f"{text or 'defaults':45s} " + "  ".join(
-            f"{c}: acc {v['accuracy']:.2f} extra {v['extra_objects']:+.2f} over {v['over']:.2f} under {v['under']:.2f}" for c, v in r.items())
+            f"{c}: acc {v['accuracy']:.2f} extra {v['extra_objects']:+.2f} over {v['over']:.2f} under {v['under']:.2f}"
+            + (f" one_each {v['one_each']:.2f} (right {v['right']:.2f} reversed {v['reversed']:.2f})" if "one_each" in v else "")
+            for c, v in r.items())
               + f"  | mean acc {mean['accuracy']:.3f} extra {mean['extra_objects']:+.2f}  ({time.time() - t0:.0f} s)",
               flush=True)
         results.append({"setting": text, "sampling": settings, "categories": r, "mean": mean})
