@@ -22,7 +22,6 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
-
     no_overrides("plot", overrides)
     if args.labels and len(args.labels) != len(args.runs):
         raise ValueError(f"--labels: {len(args.labels)} labels for {len(args.runs)} runs")
