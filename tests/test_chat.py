@@ -119,6 +119,28 @@ def test_shapes_conversations_follow_the_world_rules():
         assert not any(isinstance(p, Image) for p in second_user)
 
 
+def test_chat_exchanges_weight_the_mix_and_leave_the_default_stream_alone():
+    """chat_exchanges draws exchanges by weight (an edit-heavy SFT mix) and 0 drops one; an empty list is the
+    uniform draw (the default stream: checked against the code before the option by a hash of 200
+    conversations); bad entries name the field."""
+    def kinds(config, n=400):
+        docs = [shapes_document(config, "train", i) for i in range(n)]
+        return Counter(d.metadata["exchanges"][0]["kind"] for d in docs), docs
+
+    base, base_docs = kinds(CHAT)
+    same, same_docs = kinds(ShapesConfig(**{**CHAT.__dict__, "chat_exchanges": []}))
+    assert [(d.texts, d.metadata["scenes"]) for d in same_docs[:50]] == [(d.texts, d.metadata["scenes"]) for d in base_docs[:50]]
+    heavy, _ = kinds(ShapesConfig(**{**CHAT.__dict__, "chat_exchanges": ["edit:5", "story:0"]}))
+    assert heavy["edit"] / 400 > 0.4 > 0.3 > base["edit"] / 400  # 5/9 of openings vs 1/5
+    assert heavy["story"] == 0 and base["story"] > 0
+    spec = open_source("shapes:split=train,num=200,tasks=chat,chat_exchanges=edit:5+story:0,resolution=32")
+    assert spec.config.chat_exchanges == ["edit:5", "story:0"]
+    for bad, message in ((["paint:2"], "not an exchange"), (["edit:-1"], ">= 0"), (["edit:x"], "not a number"),
+                         ([f"{k}:0" for k in EXCHANGES], "every weight is 0")):
+        with pytest.raises(ValueError, match=message):
+            ShapesConfig(tasks=["chat"], chat_exchanges=bad)
+
+
 @pytest.mark.parametrize("mode", ["tokens", "latents"])
 def test_sft_rows_train_only_the_assistant(text_tokenizer, mode):
     engine = tiny_engine(mode, text_tokenizer)

@@ -25,10 +25,10 @@ import numpy as np
 from mixmodal.data.shapes.captions import caption, pick
 from mixmodal.data.shapes.edits import Edit
 from mixmodal.data.shapes.geneval import partial_caption
-from mixmodal.data.shapes.scene import Scene, ShapesConfig
+from mixmodal.data.shapes.scene import CHAT_EXCHANGES, Scene, ShapesConfig
 from mixmodal.data.shapes.text import instruction, story_step, vqa
 
-EXCHANGES = ("generate", "caption", "vqa", "edit", "story")
+EXCHANGES = CHAT_EXCHANGES
 FOLLOW_UPS = ("caption", "vqa", "edit")  # later exchanges are about the current image; generate and story open
 DESCRIBE = ("Describe the image.", "What is in this picture?", "Describe this picture in detail.",
             "Write a caption for this image.")
@@ -66,8 +66,16 @@ def conversation(scene: Scene, rng: np.random.Generator, config: ShapesConfig, n
         layout.extend(items)
         turns.append([role, len(items)])
 
+    weights = config.exchange_weights()
     for k in range(int(rng.integers(1, config.chat_turns + 1))):
-        kind = pick(rng, EXCHANGES if k == 0 else FOLLOW_UPS)
+        options = EXCHANGES if k == 0 else FOLLOW_UPS
+        if weights:  # chat_exchanges: drawn by weight (no weights: the uniform draw of earlier versions)
+            w = np.array([weights[o] for o in options])
+            if not w.sum() > 0:  # every follow-up dropped: the conversation is its opening exchange
+                break
+            kind = options[int(rng.choice(len(options), p=w / w.sum()))]
+        else:
+            kind = pick(rng, options)
         if kind == "generate":
             text, prompt = _request(current, rng, config.exact_counts)
             turn("user", [text])

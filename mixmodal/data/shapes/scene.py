@@ -41,6 +41,7 @@ SIZE_FRACTION = {"small": 0.5, "large": 0.85}
 POSITIONS = ("top left", "top center", "top right",
              "center left", "center", "center right",
              "bottom left", "bottom center", "bottom right")
+CHAT_EXCHANGES = ("generate", "caption", "vqa", "edit", "story")  # what a chat task's exchange can be
 TASKS = ("caption", "vqa", "edit", "story", "chat")  # chat: conversations (shapes/conversations.py)
 DEFAULT_TASKS = ("caption", "vqa", "edit", "story")
 # "all" ignores the held-out rules (every scene the config allows): for image tokenizers, which
@@ -169,6 +170,10 @@ class ShapesConfig:
     tasks: list[str] = field(default_factory=_default_tasks)
     story_length: int = 3  # images per story document
     chat_turns: int = 3  # most user/assistant exchanges per conversation (the chat task)
+    # Weights of the chat task's exchanges, "name:weight" over generate, caption, vqa, edit, story (unlisted: 1;
+    # 0 drops one); [] draws them uniformly (the stream of earlier versions). Openings draw from all five,
+    # follow-ups from caption, vqa and edit. E.g. ["edit:3", "vqa:2"] for an edit- and VQA-heavy SFT mix.
+    chat_exchanges: list[str] = field(default_factory=list)
     # Share of caption documents whose text is a GenEval-form partial caption ("a photo of a red
     # star", data/shapes/geneval.py) instead of a full one; such documents keep caption-first order.
     partial_captions: float = 0.0
@@ -211,6 +216,32 @@ class ShapesConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
         self.task_weights()  # raises on a bad entry
+        self.exchange_weights()
+
+    def exchange_weights(self) -> dict[str, float]:
+        """{'generate': 1.0, ..., 'edit': 3.0}: the chat exchanges' weights from `chat_exchanges`; {} when none
+        are given (uniform draws, as before the option existed)."""
+        if isinstance(self.chat_exchanges, str):
+            raise ValueError(f"chat_exchanges must be a list of 'name:weight'; got {self.chat_exchanges!r}")
+        if not self.chat_exchanges:
+            return {}
+        weights = dict.fromkeys(CHAT_EXCHANGES, 1.0)
+        for entry in self.chat_exchanges:
+            name, _, weight = str(entry).partition(":")
+            name = name.strip()
+            if name not in CHAT_EXCHANGES:
+                raise ValueError(f"chat_exchanges: {entry!r} is not an exchange; allowed: {', '.join(CHAT_EXCHANGES)} "
+                                 "(as 'name:weight')")
+            try:
+                w = float(weight) if weight else 1.0
+            except ValueError:
+                raise ValueError(f"chat_exchanges: weight of {entry!r} is not a number; write e.g. '{name}:2'") from None
+            if not w >= 0:
+                raise ValueError(f"chat_exchanges: weight of {entry!r} must be >= 0 (0 drops the exchange)")
+            weights[name] = w
+        if not sum(weights.values()) > 0:
+            raise ValueError("chat_exchanges: every weight is 0; keep at least one exchange")
+        return weights
 
     def task_weights(self) -> dict[str, float]:
         """{'caption': 3.0, 'vqa': 1.0}: parsed from `tasks`, in the order given."""
