@@ -155,6 +155,31 @@ def _default_tasks() -> list[str]:
     return list(DEFAULT_TASKS)
 
 
+def _named_weights(key: str, entries: list, allowed: tuple[str, ...], noun: str, zero_ok: bool) -> dict[str, float]:
+    """{'caption': 3.0, 'vqa': 1.0} from ["caption:3", "vqa"] (no weight: 1), in the order given; a ValueError
+    naming `key` for an unknown name, a repeat, or a weight that is not a number, negative, or 0 (unless zero_ok)."""
+    article = "an" if noun[0] in "aeiou" else "a"
+    weights: dict[str, float] = {}
+    for entry in entries:
+        name, _, weight = str(entry).partition(":")
+        name = name.strip()
+        if name not in allowed:
+            raise ValueError(f"{key}: {entry!r} is not {article} {noun}; allowed: {', '.join(allowed)} "
+                             "(optionally 'name:weight')")
+        if name in weights:
+            raise ValueError(f"{key}: {name!r} is listed twice; give each {noun} once")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"{key}: weight of {entry!r} is not a number; write e.g. '{name}:2'") from None
+        if zero_ok and not w >= 0:
+            raise ValueError(f"{key}: weight of {entry!r} must be >= 0 (0 drops the {noun})")
+        if not zero_ok and not w > 0:
+            raise ValueError(f"{key}: weight of {entry!r} must be > 0; drop the {noun} to disable it")
+        weights[name] = w
+    return weights
+
+
 @dataclass
 class ShapesConfig:
     """Config of the shapes world. Splits and held-out pairs are fixed by the world, not here.
@@ -225,20 +250,8 @@ class ShapesConfig:
             raise ValueError(f"chat_exchanges must be a list of 'name:weight'; got {self.chat_exchanges!r}")
         if not self.chat_exchanges:
             return {}
-        weights = dict.fromkeys(CHAT_EXCHANGES, 1.0)
-        for entry in self.chat_exchanges:
-            name, _, weight = str(entry).partition(":")
-            name = name.strip()
-            if name not in CHAT_EXCHANGES:
-                raise ValueError(f"chat_exchanges: {entry!r} is not an exchange; allowed: {', '.join(CHAT_EXCHANGES)} "
-                                 "(as 'name:weight')")
-            try:
-                w = float(weight) if weight else 1.0
-            except ValueError:
-                raise ValueError(f"chat_exchanges: weight of {entry!r} is not a number; write e.g. '{name}:2'") from None
-            if not w >= 0:
-                raise ValueError(f"chat_exchanges: weight of {entry!r} must be >= 0 (0 drops the exchange)")
-            weights[name] = w
+        weights = {**dict.fromkeys(CHAT_EXCHANGES, 1.0),
+                   **_named_weights("chat_exchanges", self.chat_exchanges, CHAT_EXCHANGES, "exchange", zero_ok=True)}
         if not sum(weights.values()) > 0:
             raise ValueError("chat_exchanges: every weight is 0; keep at least one exchange")
         return weights
@@ -248,20 +261,4 @@ class ShapesConfig:
         if isinstance(self.tasks, str) or not self.tasks:
             raise ValueError(f"tasks must be a non-empty list of {', '.join(TASKS)} (optionally 'name:weight'); "
                              f"got {self.tasks!r}")
-        weights: dict[str, float] = {}
-        for entry in self.tasks:
-            name, _, weight = str(entry).partition(":")
-            name = name.strip()
-            if name not in TASKS:
-                raise ValueError(f"tasks: {entry!r} is not a task; allowed: {', '.join(TASKS)} "
-                                 "(optionally 'name:weight')")
-            if name in weights:
-                raise ValueError(f"tasks: {name!r} is listed twice; give each task once")
-            try:
-                w = float(weight) if weight else 1.0
-            except ValueError:
-                raise ValueError(f"tasks: weight of {entry!r} is not a number; write e.g. '{name}:2'") from None
-            if not w > 0:
-                raise ValueError(f"tasks: weight of {entry!r} must be > 0; drop the task to disable it")
-            weights[name] = w
-        return weights
+        return _named_weights("tasks", self.tasks, TASKS, "task", zero_ok=False)
