@@ -36,7 +36,7 @@ from mixmodal.data.shapes import Edit, Scene, ShapesConfig, parse_caption, parse
 from mixmodal.data.shapes.captions import CaptionParseError
 from mixmodal.data.shapes.geneval import Prompt, judge, scene_things
 from mixmodal.documents import Document, Text
-from mixmodal.eval.shapes_suite import SAMPLING_DEFAULTS
+from mixmodal.eval.shapes_tasks import sampling
 from mixmodal.eval.text_metrics import normalize_answer
 from mixmodal.inference.config import GenerationConfig, GuidanceConfig, SamplingParams
 from mixmodal.inference.engine import Engine
@@ -127,12 +127,9 @@ def score_reply(exchange: dict, reply: Document, scenes: list[Scene]) -> dict[st
 
 def reply_sampling(engine, config: ChatEvalConfig) -> dict:
     """The image sampling the replies use: the config's cfg / diffusion_steps / image_temperature, else the
-    model's own (its generation.yaml image_sampling, what `mixmodal chat` uses), else the mode's defaults;
-    the model's guidance interval and plausibility as stated."""
-    model = getattr(engine, "image_sampling", None) or {}
-    settings = {k: getattr(config, k) if getattr(config, k) is not None else model.get(k, SAMPLING_DEFAULTS[engine.mode][k])
-                for k in ("cfg", "diffusion_steps", "image_temperature")}
-    return {**settings, "guidance_interval": model.get("guidance_interval"), "plausibility": model.get("plausibility")}
+    model's own (its generation.yaml image_sampling, what `mixmodal chat` uses), else the mode's defaults:
+    the shapes suite's rule (eval/shapes_tasks.py sampling)."""
+    return sampling(config, engine.mode, getattr(engine, "image_sampling", None))
 
 
 def _reply_config(engine, kind: str, settings: dict, image_cfg: float | None = None, story_length: int = 2):

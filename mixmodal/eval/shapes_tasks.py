@@ -102,11 +102,12 @@ SWEEP_GRID = {
 }
 
 
-def sampling(config: ShapesEvalConfig, mode: str, model: dict | None = None) -> dict:
-    """The text -> image sampling settings in effect: the config's, else the model's own (its generation.yaml
-    image_sampling, `model`), else the mode's defaults."""
+def sampling(config, mode: str, model: dict | None = None) -> dict:
+    """The text -> image sampling settings in effect: the config's (a ShapesEvalConfig, or any config with
+    some of its sampling fields), else the model's own (its generation.yaml image_sampling, `model`), else
+    the mode's defaults."""
     model = check_sampling(model or {}, "the model's generation.yaml image_sampling")
-    return {k: (getattr(config, k) if getattr(config, k) is not None else model.get(k, SAMPLING_DEFAULTS[mode][k]))
+    return {k: (getattr(config, k) if getattr(config, k, None) is not None else model.get(k, SAMPLING_DEFAULTS[mode][k]))
             for k in SAMPLING_FIELDS}
 
 
