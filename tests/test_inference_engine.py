@@ -3,6 +3,8 @@ the full forward, guidance, masks, batching, streaming, stop strings and bad inp
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from mixmodal.inference import (ContrastiveConfig, End, Engine, GenerationConfig
 from mixmodal.inference.detokenize import IncrementalDetokenizer
 from mixmodal.inference.engine import RunningBatch
 from mixmodal.inference.logits import contrastive_scores, guided_scores, masked_log_softmax, sample
+from mixmodal.inference.precision import HalfWeights, cast_linears, inference_copy
 from mixmodal.inference.prompt import PromptError, encode_prompt, prompt_ids
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
 from mixmodal.model.transformer import TransformerConfig
@@ -472,6 +475,7 @@ def test_bf16_weights_cast_once_write_bitwise_what_autocast_over_fp32_weights_wr
     def run():
         return engine.generate([PROMPT, "a red"], config, seed=3)
 
+    engine._half = HalfWeights(engine.model, torch.bfloat16, fuse=False)  # the cast alone; fusing: the test below
     once = run()
     copy = engine._half.model()
     assert copy.lm_head.weight.dtype == torch.bfloat16 and engine.model.lm_head.weight.dtype == torch.float32
@@ -486,6 +490,55 @@ def test_bf16_weights_cast_once_write_bitwise_what_autocast_over_fp32_weights_wr
         engine.model.lm_head.weight.mul_(-1.0)
     assert engine._half.model() is not copy and torch.equal(engine._half.model().lm_head.weight,
                                                             engine.model.lm_head.weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_fused_projections_compute_the_same_products(text_tokenizer, mode):
+    """fuse_projections (the engine's half copy): q/k/v and gate/up in one matmul each give the unfused
+    outputs (fp32: to summation order; bf16: to its rounding), and the engine's bf16 copy is fused."""
+    from mixmodal.model.transformer import fuse_projections
+
+    engine = _engine(mode, text_tokenizer)
+    model = engine.model.eval()
+    fused = fuse_projections(copy.deepcopy(model))
+    attn, mlp = fused.transformer.layers[0].self_attn, fused.transformer.layers[0].mlp
+    assert attn.q_proj is None and attn.qkv_proj.out_features == model.transformer.layers[0].self_attn.q_proj.out_features \
+        + 2 * model.transformer.layers[0].self_attn.k_proj.out_features and mlp.up_proj is None
+    ids = torch.randint(0, model.vocab.size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(fused(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half, half_fused = cast_linears(model, torch.bfloat16), inference_copy(model, torch.bfloat16)
+            a, b = half(ids).logits.float(), half_fused(ids).logits.float()
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()
+    bf16 = Engine(model, text_tokenizer, engine.image_tokenizer, diffusion=DiffusionConfig(), dtype=torch.bfloat16)
+    assert bf16._half.model().transformer.layers[0].self_attn.qkv_proj is not None
+    r = bf16.generate(PROMPT, GenerationConfig(mode="interleaved", max_new_tokens=30, diffusion_steps=2), seed=0)[0]
+    assert r.finish_reason in ("eos", "length") and all(torch.isfinite(x).all() for x in r.images)
+
+
+def test_kv_cache_fast_paths_match_the_general_ones():
+    """Rows of one length write by slice and a one-position step attends without a mask; both give what the
+    scatter write and the dense mask give."""
+    from mixmodal.inference.cache import KVCache
+
+    outs = {}
+    for general in (False, True):
+        cache = KVCache(1, 2, 16, "cpu")
+        ks = [torch.randn(2, 2, n, 4, generator=torch.Generator().manual_seed(n)) for n in (5, 1, 1)]
+        for i, k in enumerate(ks):
+            cache.begin_step(k.shape[2])
+            if general:
+                cache._start = None
+            mask = cache.step_mask(torch.full((2,), k.shape[2]), torch.full((2, k.shape[2]), -1))
+            kk, vv = cache.update(0, k, k * 2)
+            q = torch.randn(2, 2, k.shape[2], 4, generator=torch.Generator().manual_seed(100 + i))
+            outs.setdefault(general, []).append((mask.kind, mask.attend(q, kk, vv)))
+            cache.commit(torch.full((2,), k.shape[2]))
+    assert [kind for kind, _ in outs[False]] == ["dense", "full", "full"]
+    assert [kind for kind, _ in outs[True]] == ["dense", "dense", "dense"]
+    for (_, a), (_, b) in zip(outs[False], outs[True]):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_documents_hold_the_output(text_tokenizer):

@@ -35,6 +35,7 @@ class KVCache:
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self._slots: torch.Tensor | None = None  # [R, Tq] slots of the current step
         self._active = 0  # keys that can be attended this step: max over rows of length + Tq
+        self._start: int | None = None  # the rows' common length this step, when they share one
 
     @property
     def rows(self) -> int:
@@ -47,6 +48,8 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: a step needs {need} slots, the cache holds {self.capacity}")
         self._slots = self.lengths[:, None] + torch.arange(block, device=self.device)[None]
         self._active = need
+        lengths = self.lengths.tolist()
+        self._start = lengths[0] if lengths and min(lengths) == max(lengths) else None
         return self._slots
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +58,13 @@ class KVCache:
             self.k[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
         kb, vb = self.k[layer], self.v[layer]
-        index = self._slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        kb.scatter_(2, index, k.to(kb.dtype))
-        vb.scatter_(2, index, v.to(vb.dtype))
+        if self._start is not None:  # every row writes the same slots: a slice copy, not a scatter
+            kb[:, :, self._start:self._start + k.shape[2]] = k
+            vb[:, :, self._start:self._start + v.shape[2]] = v
+        else:
+            index = self._slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            kb.scatter_(2, index, k.to(kb.dtype))
+            vb.scatter_(2, index, v.to(vb.dtype))
         return kb[:, :, :self._active], vb[:, :, :self._active]
 
     def commit(self, counts: torch.Tensor) -> None:
@@ -86,6 +93,8 @@ class KVCache:
         """new [R]: real positions in each row's block; image_ids [R, Tq]: image block of each
         block position (-1 none). Keys are the slots 0 .. active-1."""
         rows, block = image_ids.shape
+        if block == 1 and self._start is not None and bool((new == 1).all()):
+            return AttentionMask("full")  # one new position per row, all rows alike: it sees every key
         slots = self._slots  # [R, Tq]
         keys = torch.arange(self._active, device=self.device)[None, None, :]  # [1, 1, K]
         q = slots[:, :, None]

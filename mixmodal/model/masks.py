@@ -79,7 +79,7 @@ def _flex_available() -> bool:
 class AttentionMask:
     """The attention rule for one forward pass, prepared once and shared by every layer."""
 
-    kind: Literal["causal", "dense", "flex", "reference"]
+    kind: Literal["causal", "dense", "flex", "full", "reference"]  # full: every query sees every key
     dense: torch.Tensor | None = None  # [B, 1, Tq, Tk] bool (kind dense/reference)
     block_mask: object | None = None  # FlexAttention BlockMask (kind flex)
 

@@ -151,17 +151,26 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.dim, bias=c.attention_bias)
         self.q_norm = HeadNorm(c.num_heads, c.head_dim) if c.qk_norm else None
         self.k_norm = HeadNorm(c.kv_heads, c.head_dim) if c.qk_norm else None
+        self.qkv_proj: nn.Linear | None = None  # inference copies only: q/k/v in one matmul (fuse_projections)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2, -1)
+            q = q.view(b, t, self.num_heads, self.head_dim)
+            k, v = k.view(b, t, self.kv_heads, self.head_dim), v.view(b, t, self.kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+            v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        # QK-norm and RoPE run in fp32; attention computes in v's dtype (bf16 under autocast, which would cast
+        # q and k to it inside SDPA anyway): casting here keeps the KV cache in that dtype, rather than a
+        # float32 cache re-cast whole at every decoding step
+        q, k = apply_rotary(q, *rope).to(v.dtype), apply_rotary(k, *rope).to(v.dtype)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         out = mask.attend(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)
@@ -175,7 +184,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
 
+        self.gate_up_proj: nn.Linear | None = None  # inference copies only: gate and up in one matmul
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -225,9 +239,42 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+def _fused(linears: list[nn.Linear]) -> nn.Linear | None:
+    """One Linear computing the outputs of `linears` side by side, or None if any is not a plain Linear
+    (a LoRA wrapper) or they differ in bias or dtype."""
+    if any(type(m) is not nn.Linear for m in linears) or len({m.bias is None for m in linears}) > 1 \
+            or len({m.weight.dtype for m in linears}) > 1:
+        return None
+    w = linears[0].weight
+    fused = nn.Linear(w.shape[1], sum(m.out_features for m in linears), bias=linears[0].bias is not None,
+                      device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    return fused.requires_grad_(False)
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """For an inference copy (inference/precision.py): every attention's q/k/v projections become one matmul
+    and every SwiGLU's gate/up one, in place; the separate weights are dropped from the copy. Fewer, larger
+    matmuls are what a decoding step of one token per row is short of (benchmarks/RESULTS.md, issue 19).
+    The outputs are the same columns of the same products. Not for training: the parameter names change."""
+    for m in model.modules():
+        if isinstance(m, Attention) and m.qkv_proj is None:
+            fused = _fused([m.q_proj, m.k_proj, m.v_proj])
+            if fused is not None:
+                m.qkv_proj, m.q_proj, m.k_proj, m.v_proj = fused, None, None, None
+        elif isinstance(m, MLP) and m.gate_up_proj is None:
+            fused = _fused([m.gate_proj, m.up_proj])
+            if fused is not None:
+                m.gate_up_proj, m.gate_proj, m.up_proj = fused, None, None
+    return model
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 __all__ = ["Attention", "Block", "HeadNorm", "KVCache", "MLP", "RMSNorm", "Rotary", "Transformer",
-           "TransformerConfig", "apply_rotary", "count_parameters"]
+           "TransformerConfig", "apply_rotary", "count_parameters", "fuse_projections"]
