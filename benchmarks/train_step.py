@@ -11,15 +11,19 @@ Also: our token model on packed rows (several documents per row, per-document at
 SDPA with a boolean mask instead of the causal kernel; transformers has no such layout),
 and the same step for our latent-mode model (Transfusion) at the same transformer size,
 with images as 8 x 16 x 16 latents at patch 2 (64 positions each, the shapes-64 layout).
+And our token model with each block through torch.compile, what `parallel.compile=true` gives the
+trainer (train/parallelize.py); its compile time is paid before the timed rounds.
 
     python benchmarks/train_step.py                      # 2-core CPU: fp32 and bf16 autocast
     python benchmarks/train_step.py --device cuda        # one GPU: bf16
     python benchmarks/train_step.py --json out.json      # also write the figures
+    python benchmarks/train_step.py --no-compile         # without the compiled rows (saves ~1 minute)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
 from mixmodal.model.transformer import TransformerConfig
+from mixmodal.train.parallelize import apply_compile
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
@@ -184,6 +189,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--precision", nargs="+", default=None, help="fp32 and/or bf16 (default: both on CPU, bf16 on CUDA)")
     p.add_argument("--json", default=None)
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the 'mixmodal tokens, compiled' row (parallel.compile=true: each block through torch.compile)")
     args = p.parse_args()
     torch.manual_seed(0)
     device = args.device
@@ -221,6 +228,15 @@ def main() -> None:
                  "mixmodal tokens, packed": step_fn(model, batch, autocast, "ours", packed),
                  "transformers Chameleon": step_fn(hf, batch, autocast, "hf"),
                  "mixmodal latents": latent_step_fn(latent, args, autocast, device)}
+        if not args.no_compile:  # what `parallel.compile=true` does to the trainer's model (train/parallelize.py)
+            compiled = copy.deepcopy(model)
+            apply_compile(list(compiled.transformer.layers))
+            steps["mixmodal tokens, compiled"] = step_fn(compiled, batch, autocast, "ours")
+            steps["mixmodal tokens, packed, compiled"] = step_fn(compiled, batch, autocast, "ours", packed)
+            start = time.perf_counter()
+            steps["mixmodal tokens, compiled"]()
+            steps["mixmodal tokens, packed, compiled"]()
+            print(f"  ({precision}: compiling the blocks took {time.perf_counter() - start:.0f} s, not timed)")
         times = time_steps(steps, args.rounds, device)
         run = {"peak_matmul_tflops": peak / 1e12}
         for name, seconds in times.items():
@@ -228,6 +244,10 @@ def main() -> None:
             tps = tokens / seconds
             run[name] = {"step_s": seconds, "tokens_per_s": tps, "mfu": tps * per_token / peak}
         run["ratio_tokens_vs_transformers"] = run["mixmodal tokens"]["tokens_per_s"] / run["transformers Chameleon"]["tokens_per_s"]
+        if "mixmodal tokens, compiled" in run:
+            for name in ("mixmodal tokens, compiled", "mixmodal tokens, packed, compiled"):
+                key = "ratio_" + name.removeprefix("mixmodal ").replace(", ", "_").replace(" ", "_") + "_vs_transformers"
+                run[key] = run[name]["tokens_per_s"] / run["transformers Chameleon"]["tokens_per_s"]
         results["runs"][precision] = run
         print(f"\n{precision}: {dtype} matmul peak {peak / 1e12:.2f} TFLOP/s")
         print(f"  {'':26s} {'step s':>8s} {'tokens/s':>10s} {'MFU':>7s}")
@@ -235,6 +255,9 @@ def main() -> None:
             r = run[name]
             print(f"  {name:26s} {r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {100 * r['mfu']:6.1f}%")
         print(f"  mixmodal / transformers tokens/s: {run['ratio_tokens_vs_transformers']:.2f}x")
+        if "mixmodal tokens, compiled" in run:
+            print(f"  compiled mixmodal / transformers tokens/s: {run['ratio_tokens_compiled_vs_transformers']:.2f}x "
+                  f"(packed: {run['ratio_tokens_packed_compiled_vs_transformers']:.2f}x)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
