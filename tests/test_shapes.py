@@ -31,7 +31,10 @@ from mixmodal.data.shapes import (
     scene_split,
     shapes_document,
 )
+from mixmodal.data.shapes.geneval import Prompt, judge, scene_things
+from mixmodal.data.shapes.scene import GENEVAL_CATEGORIES
 from mixmodal.data.shapes.splits import HELDOUT_BUCKETS, in_heldout_bucket, random_scene
+from mixmodal.data.sources import open_source
 from mixmodal.documents import Image, Text
 
 
@@ -57,6 +60,9 @@ def _layout(doc) -> str:
     ("story_length", 1, "story_length must be between 2 and 8"),
     ("seed", -1, "seed must be a non-negative integer"),
     ("repeat_shapes", 1.5, "repeat_shapes must be a share in"),
+    ("partial_categories", ["relations:2"], "'relations:2' is not a category; allowed: single_object"),
+    ("partial_categories", ["position:-1"], "must be >= 0"),
+    ("partial_categories", "position:3", "must be a list"),
 ])
 def test_config_errors_name_the_field_and_the_allowed_values(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -131,6 +137,30 @@ def test_splits_are_disjoint_and_follow_their_rules():
     unsplit = [random_scene(rng, ShapesConfig()) for _ in range(4000)]
     share = sum(in_heldout_bucket(s) for s in unsplit) / len(unsplit)
     assert abs(share - 1 / HELDOUT_BUCKETS) < 0.015  # held-out scenes are a small, hash-chosen share
+
+
+def test_partial_categories_weight_the_captions_forms_and_leave_the_default_stream_alone():
+    """partial_categories draws the partial captions' GenEval-form category by weight (0 drops one, a form the
+    scene does not allow passes to the next); [] is the uniform order of earlier versions (the same documents)."""
+    def categories(config, n=600):
+        docs = [shapes_document(config, "train", i) for i in range(n)]
+        return Counter(d.metadata["prompt"]["category"] for d in docs if "prompt" in d.metadata), docs
+
+    base = ShapesConfig(resolution=32, tasks=["caption"], partial_captions=1.0)
+    plain, plain_docs = categories(base)
+    same, same_docs = categories(ShapesConfig(**{**base.__dict__, "partial_categories": []}))
+    assert same == plain and [d.texts for d in same_docs] == [d.texts for d in plain_docs]
+    heavy, heavy_docs = categories(ShapesConfig(**{**base.__dict__, "partial_categories": ["position:4", "counting:0"]}))
+    assert heavy["counting"] == 0 < plain["counting"]
+    assert heavy["position"] > 2 * plain["position"]
+    for d in heavy_docs:  # still true of the scene drawn
+        if "prompt" in d.metadata:
+            prompt = Prompt.from_dict(d.metadata["prompt"])
+            assert judge(prompt, scene_things(Scene.from_dict(d.metadata["scenes"][0])))[0], prompt.text
+    spec = open_source("shapes:split=train,num=10,tasks=caption,partial_captions=1,partial_categories=position:4+counting:0")
+    assert spec.config.partial_categories == ["position:4", "counting:0"]
+    with pytest.raises(ValueError, match="every weight is 0"):
+        ShapesConfig(partial_categories=[f"{c}:0" for c in GENEVAL_CATEGORIES])
 
 
 def test_repeat_shapes_draws_counts_of_three_and_four_and_keeps_the_rules():

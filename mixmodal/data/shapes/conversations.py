@@ -37,9 +37,10 @@ DRAW_SCENE = ("Draw this scene: {}", "Make a picture of this: {}", "Generate an 
 STORY = ("Tell a short story in {} pictures.", "Show a sequence of {} images and say what happens.")
 
 
-def _request(scene: Scene, rng: np.random.Generator, exact: bool = False) -> tuple[str, dict | None]:
+def _request(scene: Scene, rng: np.random.Generator, exact: bool = False,
+             weights: dict[str, float] | None = None) -> tuple[str, dict | None]:
     """A request to draw `scene` (or a GenEval-form part of it): (text, GenEval prompt or None)."""
-    prompt = partial_caption(scene, rng, exact=exact) if rng.random() < 0.5 else None
+    prompt = partial_caption(scene, rng, exact=exact, weights=weights) if rng.random() < 0.5 else None
     if prompt is not None:
         return pick(rng, DRAW).format(prompt.text.removeprefix("a photo of ").removeprefix("an image of ")), \
             prompt.to_dict()
@@ -77,7 +78,7 @@ def conversation(scene: Scene, rng: np.random.Generator, config: ShapesConfig, n
         else:
             kind = pick(rng, options)
         if kind == "generate":
-            text, prompt = _request(current, rng, config.exact_counts)
+            text, prompt = _request(current, rng, config.exact_counts, config.category_weights())
             turn("user", [text])
             shown = image(current)
             turn("assistant", [shown])

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from mixmodal.data.shapes.oracle import detect
-from mixmodal.data.shapes.scene import COLOURS_ORDER, SHAPES, SIZE_FRACTION, Scene
+from mixmodal.data.shapes.scene import COLOURS_ORDER, GENEVAL_CATEGORIES, SHAPES, SIZE_FRACTION, Scene
 from mixmodal.data.shapes.splits import HELDOUT_PAIRS
 
-CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+CATEGORIES = GENEVAL_CATEGORIES
 # GenEval's prompt counts per category (553 in all) and images per prompt.
 GENEVAL_PROMPTS = {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
                    "color_attr": 100}
@@ -206,12 +206,20 @@ def score_image(image, prompt: Prompt) -> dict:
 # --- prompts true of a scene: training text ------------------------------------------------------
 
 def partial_caption(scene: Scene, rng: np.random.Generator, category: str | None = None,
-                    exact: bool = False) -> Prompt | None:
+                    exact: bool = False, weights: dict[str, float] | None = None) -> Prompt | None:
     """A GenEval-form prompt that is true of `scene` (judge(prompt, scene_things(scene)) holds), of
     `category` or of a random one the scene allows; None when the scene allows none of them.
     exact: the prompt names each of its shapes as many times as the scene holds it ("a star": one
-    star; counting prompts always do)."""
-    categories = [category] if category else [CATEGORIES[i] for i in rng.permutation(len(CATEGORIES))]
+    star; counting prompts always do). weights: {category: weight} (ShapesConfig.category_weights):
+    the categories are tried in an order drawn by weight, those of weight 0 never; None or {}: uniform."""
+    if category:
+        categories = [category]
+    elif weights:
+        live = [c for c in CATEGORIES if weights.get(c, 1.0) > 0]
+        w = np.array([weights.get(c, 1.0) for c in live])
+        categories = [live[i] for i in rng.choice(len(live), size=len(live), replace=False, p=w / w.sum())]
+    else:
+        categories = [CATEGORIES[i] for i in rng.permutation(len(CATEGORIES))]
     prefix = PREFIXES[rng.integers(len(PREFIXES))]
     for cat in categories:
         include = _describe(scene, cat, rng, exact)

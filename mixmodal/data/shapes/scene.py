@@ -43,6 +43,8 @@ POSITIONS = ("top left", "top center", "top right",
              "bottom left", "bottom center", "bottom right")
 CHAT_EXCHANGES = ("generate", "caption", "vqa", "edit", "story")  # what a chat task's exchange can be
 TASKS = ("caption", "vqa", "edit", "story", "chat")  # chat: conversations (shapes/conversations.py)
+# GenEval's six prompt categories (shapes/geneval.py): the eval's, and the partial captions' forms
+GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 DEFAULT_TASKS = ("caption", "vqa", "edit", "story")
 # "all" ignores the held-out rules (every scene the config allows): for image tokenizers, which
 # read no text, as real tokenizers are trained on broad image data. Never for a text+image model.
@@ -210,6 +212,12 @@ class ShapesConfig:
     # reading, and GenEval's for counting). Without it "a diamond" also captions a scene of three
     # diamonds, so p(caption | image) grows with every extra diamond and guidance draws more.
     exact_counts: bool = False
+    # Weights of the GenEval-form categories a partial caption is drawn from, "name:weight" (unlisted: 1;
+    # 0 drops one), e.g. ["position:3", "counting:3"] for a mix that leans on relations and counts (each
+    # ~1/6 of partial captions by default). The weight orders the categories a caption tries; one the
+    # scene does not allow (a relation in a one-object scene) passes to the next. [] keeps the uniform
+    # order (the stream of earlier versions).
+    partial_categories: list[str] = field(default_factory=list)
     seed: int = 0  # seeds the train stream; the held-out splits never depend on it
 
     def __post_init__(self) -> None:
@@ -242,6 +250,21 @@ class ShapesConfig:
             raise ValueError(f"seed must be a non-negative integer; got {self.seed!r}")
         self.task_weights()  # raises on a bad entry
         self.exchange_weights()
+        self.category_weights()
+
+    def category_weights(self) -> dict[str, float]:
+        """{'single_object': 1.0, ..., 'position': 3.0}: the partial captions' category weights from
+        `partial_categories`; {} when none are given (a uniform order, as before the option existed)."""
+        if isinstance(self.partial_categories, str):
+            raise ValueError(f"partial_categories must be a list of 'name:weight'; got {self.partial_categories!r}")
+        if not self.partial_categories:
+            return {}
+        weights = {**dict.fromkeys(GENEVAL_CATEGORIES, 1.0),
+                   **_named_weights("partial_categories", self.partial_categories, GENEVAL_CATEGORIES, "category",
+                                    zero_ok=True)}
+        if not sum(weights.values()) > 0:
+            raise ValueError("partial_categories: every weight is 0; keep at least one category")
+        return weights
 
     def exchange_weights(self) -> dict[str, float]:
         """{'generate': 1.0, ..., 'edit': 3.0}: the chat exchanges' weights from `chat_exchanges`; {} when none

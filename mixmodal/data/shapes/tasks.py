@@ -64,7 +64,7 @@ def shapes_document(config: ShapesConfig, split: str, index: int) -> Document:
     if task == "caption":
         prompt = None
         if config.partial_captions > 0 and rng.random() < config.partial_captions:
-            prompt = partial_caption(scene, rng, exact=config.exact_counts)
+            prompt = partial_caption(scene, rng, exact=config.exact_counts, weights=config.category_weights())
         text = prompt.text if prompt is not None else caption(scene, rng)
         layout: list = [text, 0]
         meta["caption"] = text
