@@ -295,3 +295,38 @@ def test_a_runs_eval_sampling_is_checked_when_the_run_starts():
                              ["eval.sampling.guidance=3"])
     with pytest.raises(EvalError, match=r"eval.sampling: unknown sampling setting\(s\) \['guidance'\]"):
         FusionTask(config)
+
+
+def test_plan_sampling_writes_a_plan_then_draws_for_the_prompt_and_the_plan():
+    """`plan`: each GenEval-form prompt first gets a text-mode reply to "<prompt> Plan:", then the image is drawn
+    for [prompt, "Plan: <reply>"]; the rows keep the plan, and the report line says so."""
+    from mixmodal.data.shapes import parse_caption
+    from mixmodal.data.shapes.geneval import prompt_set, score_image
+    from mixmodal.eval.report import describe_sampling
+    from mixmodal.eval.shapes_tasks import geneval, sampling
+
+    plan = "A picture of a large red circle in the top left corner, and a small blue square in the middle."
+    seen = []
+
+    def answer(doc, config):
+        seen.append((config.mode, [p.text for p in doc.parts if isinstance(p, Text)]))
+        if config.mode == "text":
+            return Document([Text(" " + plan[:-1])])  # the stop string is not part of the reply
+        drawn = doc.parts[-1].text.removeprefix("Plan: ")
+        return Document([Image(render(parse_caption(drawn), RES))])
+
+    engine = FakeEngine(answer)
+    config = ShapesEvalConfig(geneval_prompts=3, images_per_prompt=1, plan=True, batch_size=8)
+    settings = sampling(config, "tokens")
+    assert settings["plan"] is True and describe_sampling(settings, "tokens").startswith("a written plan")
+    metrics, samples = geneval(engine, config, "validation", lambda m: None, settings)
+    texts = [t for mode, t in seen if mode == "text"]
+    images = [t for mode, t in seen if mode == "image"]
+    assert texts and all(t[-1] == "Plan:" for t in texts)
+    assert images and all(t[-1] == "Plan: " + plan for t in images)
+    image = render(parse_caption(plan), RES)
+    for category, rows in samples.items():
+        prompts = prompt_set(category, "validation", 3)
+        assert [row["plan"] for row in rows] == [plan] * 3
+        assert [row["correct"] for row in rows] == [score_image(image, p)["correct"] for p in prompts]
+    assert sampling(ShapesEvalConfig(), "tokens")["plan"] is False

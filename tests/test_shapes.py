@@ -53,7 +53,7 @@ def _layout(doc) -> str:
     ("min_objects", 0, "min_objects must be between 1 and 4"),
     ("max_objects", 5, "max_objects must be between"),
     ("background", "teal", "background must be one of black, white, gray or random"),
-    ("tasks", ["captions"], "'captions' is not a task; allowed: caption, vqa, edit, story, chat"),
+    ("tasks", ["captions"], "'captions' is not a task; allowed: caption, vqa, edit, story, chat, plan"),
     ("tasks", ["caption:x"], "weight of 'caption:x' is not a number"),
     ("tasks", ["caption", "caption:2"], "listed twice"),
     ("tasks", [], "tasks must be a non-empty list"),
@@ -398,3 +398,16 @@ def test_positions_follow_the_grid():
         ys, xs = np.nonzero(pixels[..., 1] > 100)
         row, column = divmod(cell, 3)
         assert int(ys.mean() // (64 / 3)) == row and int(xs.mean() // (64 / 3)) == column
+
+
+def test_plan_documents_hold_a_true_prompt_its_full_caption_and_the_image():
+    config = ShapesConfig(resolution=32, tasks=["plan"])
+    for i in range(40):
+        doc = shapes_document(config, "train", i)
+        assert _layout(doc) == "TTI" and doc.metadata["keep_order"]
+        scene = Scene.from_dict(doc.metadata["scenes"][0])
+        prompt_text, plan = doc.texts
+        assert plan.startswith("Plan: ") and parse_caption(plan.removeprefix("Plan: ")) == scene
+        if "prompt" in doc.metadata:
+            prompt = Prompt.from_dict(doc.metadata["prompt"])
+            assert prompt.text == prompt_text and judge(prompt, scene_things(scene))[0]

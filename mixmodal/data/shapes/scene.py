@@ -42,7 +42,8 @@ POSITIONS = ("top left", "top center", "top right",
              "center left", "center", "center right",
              "bottom left", "bottom center", "bottom right")
 CHAT_EXCHANGES = ("generate", "caption", "vqa", "edit", "story")  # what a chat task's exchange can be
-TASKS = ("caption", "vqa", "edit", "story", "chat")  # chat: conversations (shapes/conversations.py)
+TASKS = ("caption", "vqa", "edit", "story", "chat", "plan")  # chat: conversations (shapes/conversations.py)
+PLAN_PREFIX = "Plan: "  # the plan task's second text: the full caption a GenEval-form prompt was drawn from
 # GenEval's six prompt categories (shapes/geneval.py): the eval's, and the partial captions' forms
 GENEVAL_CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 DEFAULT_TASKS = ("caption", "vqa", "edit", "story")

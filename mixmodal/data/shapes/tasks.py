@@ -12,6 +12,9 @@ scene (so its first scene is `sample_scene(config, split, index)`), then its tas
     vqa      T I T        "Question: ...", the image, "Answer: ..." (the question first: after a bare
                           image the world only ever continues with a caption, so an image alone
                           prompts a caption, and the question says what to look for)
+    plan     T T I        a GenEval-form partial caption, "Plan: " + a full caption of the scene, the
+                          image: a prompt, the scene the model means to draw for it, and the drawing
+                          (the eval's `plan` sampling writes the plan, then draws; eval/shapes_tasks.py)
     edit     I T I        before, instruction, after
     story    T I (T I)*   caption of the first scene, then one change per later image
     chat     a conversation of 1..chat_turns exchanges (conversations.py), with `turns`
@@ -31,7 +34,7 @@ from mixmodal.data.shapes.edits import Edit, random_edit
 from mixmodal.data.shapes.geneval import partial_caption
 from mixmodal.data.shapes.conversations import conversation
 from mixmodal.data.shapes.render import render
-from mixmodal.data.shapes.scene import Scene, ShapesConfig
+from mixmodal.data.shapes.scene import PLAN_PREFIX, Scene, ShapesConfig
 from mixmodal.data.shapes.splits import MAX_TRIES, allowed_later, draw_scene, split_rng
 from mixmodal.data.shapes.text import instruction, story_step, vqa
 from mixmodal.documents import Document, Image, Text
@@ -70,6 +73,13 @@ def shapes_document(config: ShapesConfig, split: str, index: int) -> Document:
         meta["caption"] = text
         if prompt is not None:
             meta.update(prompt=prompt.to_dict(), keep_order=True)
+    elif task == "plan":
+        prompt = partial_caption(scene, rng, exact=config.exact_counts, weights=config.category_weights())
+        text = caption(scene, rng)
+        layout = [prompt.text if prompt is not None else text, PLAN_PREFIX + text, 0]
+        meta.update(caption=text, keep_order=True)
+        if prompt is not None:
+            meta["prompt"] = prompt.to_dict()
     elif task == "vqa":
         question, answer, kind = vqa(scene, rng)
         layout = [f"Question: {question}", 0, f"Answer: {answer}"]
