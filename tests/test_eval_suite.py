@@ -329,4 +329,7 @@ def test_plan_sampling_writes_a_plan_then_draws_for_the_prompt_and_the_plan():
         prompts = prompt_set(category, "validation", 3)
         assert [row["plan"] for row in rows] == [plan] * 3
         assert [row["correct"] for row in rows] == [score_image(image, p)["correct"] for p in prompts]
+        assert [row["plan_correct"] for row in rows] == [row["correct"] for row in rows]  # drawn as planned
+        assert metrics["categories"][category]["plan_accuracy"] == metrics["categories"][category]["accuracy"]
+    assert metrics["plan_overall"] == metrics["overall"]
     assert sampling(ShapesEvalConfig(), "tokens")["plan"] is False

@@ -157,7 +157,8 @@ def geneval_grid(samples: dict, path: Path, columns: int = 6, command: str = "")
 def describe_sampling(settings: dict, mode: str) -> str:
     """One line for a text -> image sampling setting (eval reports and sweep tables)."""
     if settings.get("plan"):
-        return "a written plan (full caption), then " + describe_sampling({**settings, "plan": False}, mode)
+        return (f"a written plan (full caption, text temperature {settings.get('plan_temperature', 1.0)}), then "
+                + describe_sampling({**settings, "plan": False}, mode))
     if mode == "latents":
         interval = settings.get("guidance_interval")
         return (f"cfg {settings['cfg']}" + (f" for {interval[0]} < t <= {interval[1]}" if interval else "")

@@ -18,7 +18,7 @@ import torch
 from mixmodal.data.pipeline import IGNORE, DocumentEncoder, FusionBatches, PipelineConfig
 from mixmodal.data.shapes import (CaptionParseError, Scene, ShapesConfig, caption, parse_caption, render, sample_scene,
                                    score, score_scenes, shapes_document)
-from mixmodal.data.shapes.geneval import GENEVAL_PROMPTS, categories_of, score_image
+from mixmodal.data.shapes.geneval import GENEVAL_PROMPTS, categories_of, judge, scene_things, score_image
 from mixmodal.data.shapes.scene import PLAN_PREFIX
 from mixmodal.data.shapes.geneval import prompt_set as make_prompts
 from mixmodal.data.sources.shapes_source import ShapesSource
@@ -61,6 +61,7 @@ class ShapesEvalConfig:
     # GenEval-form prompts: the model first writes a plan (a full caption of the scene, "Plan: ...", as the
     # world's plan documents teach), then draws the image for the prompt and its plan
     plan: bool | None = None
+    plan_temperature: float | None = None  # the plan's text temperature (default 1: the model's own distribution)
     batch_size: int = 32  # prompts generated together
     seed: int = 0
     samples: int = 16  # images per split in the report's sample grids
@@ -87,14 +88,16 @@ SAMPLING_DEFAULTS = {
     # 2026-12-02 sweep (docs/eval.md): CFG >= 5 all within 0.03 of the best (0.240, CFG 5 greedy); CFG 7.5
     # at temperature 0.7 (0.234) keeps the 4 images of a prompt independent, which greedy does not
     "tokens": {"cfg": 7.5, "image_temperature": 0.7, "image_top_k": 0, "image_top_p": 1.0, "cdk": False,
-               "diffusion_steps": 50, "guidance_interval": None, "plausibility": 0.0, "patch_groups": 1, "plan": False},
+               "diffusion_steps": 50, "guidance_interval": None, "plausibility": 0.0, "patch_groups": 1, "plan": False,
+               "plan_temperature": 1.0},
     # 2026-12-02 sweep: CFG 7.5 with 25 DDIM steps the best (0.240); 50 steps no better at any scale
     "latents": {"cfg": 7.5, "image_temperature": 1.0, "image_top_k": 0, "image_top_p": 1.0, "cdk": False,
-                "diffusion_steps": 25, "guidance_interval": None, "plausibility": 0.0, "patch_groups": 1, "plan": False},
+                "diffusion_steps": 25, "guidance_interval": None, "plausibility": 0.0, "patch_groups": 1, "plan": False,
+                "plan_temperature": 1.0},
 }
 SWEEP_PRESET = {"geneval_prompts": 16, "images_per_prompt": 2}  # the sweep's prompt counts unless told otherwise
 SAMPLING_FIELDS = ("cfg", "image_temperature", "image_top_k", "image_top_p", "cdk", "diffusion_steps", "guidance_interval",
-                   "plausibility", "patch_groups", "plan")
+                   "plausibility", "patch_groups", "plan", "plan_temperature")
 # The sweep's grid per image mode (docs/eval.md): guidance scale x how codes are drawn / how many
 # denoising steps.
 SWEEP_GRID = {
@@ -222,19 +225,30 @@ def text_to_image(engine, config: ShapesEvalConfig, resolution: int, split: str,
             "without_image": sum(1 for s in samples if s["image"] is None)}, samples
 
 
-def write_plans(engine, prompts: list[str], batch_size: int, seeds: list[int], progress) -> list[str]:
+def write_plans(engine, prompts: list[str], batch_size: int, seeds: list[int], progress,
+                temperature: float = 1.0) -> list[str]:
     """The `plan` setting's first stage: for each prompt, the full caption the model writes after
-    "<prompt> Plan:" (its own distribution, temperature 1; up to the caption's closing full stop), as the
+    "<prompt> Plan:" (at `temperature`; 1: its own distribution; up to the caption's closing full stop), as the
     world's plan documents lay it out (data/shapes/tasks.py). The image is then drawn for the prompt and
     "Plan: <that caption>"; guidance's unconditional stream drops both."""
     gen = GenerationConfig(mode="text", max_images=0, max_new_tokens=96, stop=["."],
-                           text=SamplingParams(temperature=1.0))
+                           text=SamplingParams(temperature=temperature))
     results = _generate(engine, [[p, PLAN_PREFIX.strip()] for p in prompts], gen, batch_size, seeds, progress, "plans")
     plans = []
     for r in results:
         text = " ".join(r.document.texts).strip()
         plans.append(text if text.endswith(".") else text + ".")
     return plans
+
+
+def plan_meets(plan: str, prompt) -> float:
+    """1.0 when the plan parses to a scene that meets the GenEval-form prompt (judged on the scene, not on
+    pixels), else 0.0 (a plan the caption grammar cannot read included)."""
+    try:
+        scene = parse_caption(plan)
+    except (CaptionParseError, ValueError):
+        return 0.0
+    return float(judge(prompt, scene_things(scene))[0])
 
 
 def geneval(engine, config: ShapesEvalConfig, prompt_set: str, progress, settings: dict | None = None,
@@ -253,7 +267,8 @@ def geneval(engine, config: ShapesEvalConfig, prompt_set: str, progress, setting
         prompts = make_prompts(category, prompt_set, n)
         jobs = [(i, j) for i in range(n) for j in range(k)]
         texts, seeds = [prompts[i].text for i, _ in jobs], [config.seed + 1000 * i + j for i, j in jobs]
-        plans = write_plans(engine, texts, config.batch_size, seeds, progress) if settings.get("plan") else None
+        plans = write_plans(engine, texts, config.batch_size, seeds, progress,
+                            settings.get("plan_temperature", 1.0)) if settings.get("plan") else None
         inputs = [[t, PLAN_PREFIX + p] for t, p in zip(texts, plans)] if plans else texts
         results = _generate(engine, inputs, gen, config.batch_size, seeds, progress, f"geneval {prompt_set} {category}")
         rows = []
@@ -262,13 +277,18 @@ def geneval(engine, config: ShapesEvalConfig, prompt_set: str, progress, setting
             verdict = score_image(images[0], prompts[i]) if images else {"correct": 0.0, "reasons": ["no image"]}
             rows.append({"prompt": prompts[i].text, "prompt_index": i, "seed_index": j,
                          "image": images[0] if images and keep_images else None, **verdict,
-                         **({"plan": plans[len(rows)]} if plans else {})})
+                         **({"plan": plans[len(rows)], "plan_correct": plan_meets(plans[len(rows)], prompts[i])}
+                            if plans else {})})
         accuracy = float(np.mean([r["correct"] for r in rows])) if rows else float("nan")
         metrics["categories"][category] = {"accuracy": accuracy, "prompts": n, "images": len(rows),
                                            "distinct_prompts": len({p.text for p in prompts})}
+        if plans:  # how often the written plan itself meets the prompt: the text side's share of the result
+            metrics["categories"][category]["plan_accuracy"] = float(np.mean([r["plan_correct"] for r in rows]))
         samples[category] = rows
     accuracies = [m["accuracy"] for m in metrics["categories"].values()]
     metrics["overall"] = float(np.mean(accuracies)) if accuracies else float("nan")
+    if settings.get("plan") and metrics["categories"]:
+        metrics["plan_overall"] = float(np.mean([m["plan_accuracy"] for m in metrics["categories"].values()]))
     metrics["sampling"] = settings
     return metrics, samples
 
