@@ -74,7 +74,7 @@ def test_config_errors_name_the_field_and_the_allowed_values(field, value, messa
 
 
 def test_task_weights():
-    assert ShapesConfig().task_weights() == {t: 1.0 for t in TASKS if t != "chat"}  # chat is asked for by name
+    assert ShapesConfig().task_weights() == {t: 1.0 for t in TASKS if t not in ("chat", "plan")}  # asked for by name
     assert ShapesConfig(tasks=["caption:3", "vqa"]).task_weights() == {"caption": 3.0, "vqa": 1.0}
     tasks = Counter(shapes_document(ShapesConfig(tasks=["caption:3", "vqa"]), "train", i).metadata["task"]
                     for i in range(400))
