@@ -38,6 +38,11 @@ from mixmodal.model.transformer import TransformerConfig
 from mixmodal.train.parallelize import apply_compile
 
 
+# the compiled rows and the key of their ratio to transformers in the JSON
+COMPILED_RATIOS = {"mixmodal tokens, compiled": "ratio_tokens_compiled_vs_transformers",
+                   "mixmodal tokens, packed, compiled": "ratio_tokens_packed_compiled_vs_transformers"}
+
+
 def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     """FLOP/s of an n x n matmul in `dtype` (the best of `reps`)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -244,9 +249,8 @@ def main() -> None:
             tps = tokens / seconds
             run[name] = {"step_s": seconds, "tokens_per_s": tps, "mfu": tps * per_token / peak}
         run["ratio_tokens_vs_transformers"] = run["mixmodal tokens"]["tokens_per_s"] / run["transformers Chameleon"]["tokens_per_s"]
-        if "mixmodal tokens, compiled" in run:
-            for name in ("mixmodal tokens, compiled", "mixmodal tokens, packed, compiled"):
-                key = "ratio_" + name.removeprefix("mixmodal ").replace(", ", "_").replace(" ", "_") + "_vs_transformers"
+        for name, key in COMPILED_RATIOS.items():
+            if name in run:
                 run[key] = run[name]["tokens_per_s"] / run["transformers Chameleon"]["tokens_per_s"]
         results["runs"][precision] = run
         print(f"\n{precision}: {dtype} matmul peak {peak / 1e12:.2f} TFLOP/s")

@@ -272,12 +272,12 @@ def geneval(engine, config: ShapesEvalConfig, prompt_set: str, progress, setting
         inputs = [[t, PLAN_PREFIX + p] for t, p in zip(texts, plans)] if plans else texts
         results = _generate(engine, inputs, gen, config.batch_size, seeds, progress, f"geneval {prompt_set} {category}")
         rows = []
-        for (i, j), result in zip(jobs, results):
+        for n_job, ((i, j), result) in enumerate(zip(jobs, results)):
             images = result.document.images
             verdict = score_image(images[0], prompts[i]) if images else {"correct": 0.0, "reasons": ["no image"]}
             rows.append({"prompt": prompts[i].text, "prompt_index": i, "seed_index": j,
                          "image": images[0] if images and keep_images else None, **verdict,
-                         **({"plan": plans[len(rows)], "plan_correct": plan_meets(plans[len(rows)], prompts[i])}
+                         **({"plan": plans[n_job], "plan_correct": plan_meets(plans[n_job], prompts[i])}
                             if plans else {})})
         accuracy = float(np.mean([r["correct"] for r in rows])) if rows else float("nan")
         metrics["categories"][category] = {"accuracy": accuracy, "prompts": n, "images": len(rows),

@@ -183,7 +183,6 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.mlp_bias)
-
         self.gate_up_proj: nn.Linear | None = None  # inference copies only: gate and up in one matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -183,6 +183,20 @@ def _named_weights(key: str, entries: list, allowed: tuple[str, ...], noun: str,
     return weights
 
 
+def _optional_weights(key: str, entries: list, allowed: tuple[str, ...], noun: str) -> dict[str, float]:
+    """Weights over every name in `allowed` from an optional 'name:weight' list (unlisted: 1; 0 drops one);
+    {} for an empty list (the caller's uniform draw). A ValueError naming `key` for a string, a bad entry, or
+    all weights 0."""
+    if isinstance(entries, str):
+        raise ValueError(f"{key} must be a list of 'name:weight'; got {entries!r}")
+    if not entries:
+        return {}
+    weights = {**dict.fromkeys(allowed, 1.0), **_named_weights(key, entries, allowed, noun, zero_ok=True)}
+    if not sum(weights.values()) > 0:
+        raise ValueError(f"{key}: every weight is 0; keep at least one {noun}")
+    return weights
+
+
 @dataclass
 class ShapesConfig:
     """Config of the shapes world. Splits and held-out pairs are fixed by the world, not here.
@@ -256,29 +270,12 @@ class ShapesConfig:
     def category_weights(self) -> dict[str, float]:
         """{'single_object': 1.0, ..., 'position': 3.0}: the partial captions' category weights from
         `partial_categories`; {} when none are given (a uniform order, as before the option existed)."""
-        if isinstance(self.partial_categories, str):
-            raise ValueError(f"partial_categories must be a list of 'name:weight'; got {self.partial_categories!r}")
-        if not self.partial_categories:
-            return {}
-        weights = {**dict.fromkeys(GENEVAL_CATEGORIES, 1.0),
-                   **_named_weights("partial_categories", self.partial_categories, GENEVAL_CATEGORIES, "category",
-                                    zero_ok=True)}
-        if not sum(weights.values()) > 0:
-            raise ValueError("partial_categories: every weight is 0; keep at least one category")
-        return weights
+        return _optional_weights("partial_categories", self.partial_categories, GENEVAL_CATEGORIES, "category")
 
     def exchange_weights(self) -> dict[str, float]:
         """{'generate': 1.0, ..., 'edit': 3.0}: the chat exchanges' weights from `chat_exchanges`; {} when none
         are given (uniform draws, as before the option existed)."""
-        if isinstance(self.chat_exchanges, str):
-            raise ValueError(f"chat_exchanges must be a list of 'name:weight'; got {self.chat_exchanges!r}")
-        if not self.chat_exchanges:
-            return {}
-        weights = {**dict.fromkeys(CHAT_EXCHANGES, 1.0),
-                   **_named_weights("chat_exchanges", self.chat_exchanges, CHAT_EXCHANGES, "exchange", zero_ok=True)}
-        if not sum(weights.values()) > 0:
-            raise ValueError("chat_exchanges: every weight is 0; keep at least one exchange")
-        return weights
+        return _optional_weights("chat_exchanges", self.chat_exchanges, CHAT_EXCHANGES, "exchange")
 
     def task_weights(self) -> dict[str, float]:
         """{'caption': 3.0, 'vqa': 1.0}: parsed from `tasks`, in the order given."""
