@@ -299,3 +299,18 @@ def test_the_element_mask_averages_only_the_elements_that_carry_loss():
     expected = (err[0, :, :2].mean() + 3 * err[1, :, 5, 5].mean()) / 4
     torch.testing.assert_close(diffusion_loss(prediction, target, weight=1.0, image_weights=weights,
                                               element_mask=mask), expected)
+
+
+def test_patch_code_loss_is_a_per_image_mean_over_kept_patches_weighted_by_image():
+    from mixmodal.objectives.diffusion import patch_code_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, codes = torch.randn(3, 4, 5, generator=g), torch.randint(0, 5, (3, 4), generator=g)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view(3, 4)
+    assert torch.allclose(patch_code_loss(logits, codes, weight=2.0), 2.0 * ce.mean())
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    weights = torch.tensor([1.0, 5.0, 3.0])  # the second image keeps no patch: it weighs nothing
+    want = (1.0 * ce[0, :2].mean() + 3.0 * ce[2, 0]) / 4.0
+    assert torch.allclose(patch_code_loss(logits, codes, weight=1.0, image_weights=weights, patch_mask=mask), want)
+    with pytest.raises(ValueError, match="do not match codes"):
+        patch_code_loss(logits, codes[:, :3], weight=1.0)

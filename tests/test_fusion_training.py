@@ -181,10 +181,11 @@ def test_geneval_during_training_logs_the_accuracy_curve(tokenizers, tmp_path, m
 
 
 @pytest.mark.parametrize("mode, overrides", [("tokens", []), ("latents", []),
-                                             ("latents", ["diffusion.clean_patches=0.5", "diffusion.kind=flow"])])
+                                             ("latents", ["diffusion.clean_patches=0.5", "diffusion.kind=flow"]),
+                                             ("latents", ["model.image.patch_codes=16", "diffusion.clean_patches=0.5"])])
 def test_losses_fall_on_a_repeated_batch(tokenizers, mode, overrides):
     """Overfitting one batch: every loss term must fall (the gradient reaches every part), also when some
-    patches are fed clean at t = 0 without loss (diffusion.clean_patches)."""
+    patches are fed clean at t = 0 without loss (diffusion.clean_patches) and with the patch-code head."""
     from mixmodal.train.fusion import FusionTask, fill_model_config
 
     config = _config(mode, tokenizers, *overrides)
@@ -196,6 +197,8 @@ def test_losses_fall_on_a_repeated_batch(tokenizers, mode, overrides):
     batch = next(task.data_iterator())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     keys = ["text_ce", "image_ce"] if mode == "tokens" else ["text_ce", "diffusion"]
+    if config.model.image.patch_codes:
+        keys.append("patch_code_ce")
     history = []
     for step in range(40):
         task.noise.manual_seed(7)  # the same noise every step: the diffusion term is a fixed target
@@ -208,9 +211,9 @@ def test_losses_fall_on_a_repeated_batch(tokenizers, mode, overrides):
         assert history[-1][k] < 0.7 * history[0][k], (k, history[0][k], history[-1][k])
 
 
-@pytest.mark.parametrize("mode", ["tokens", "latents"])
-def test_resume_is_bitwise_exact(tokenizers, tmp_path, mode):
-    common = ["trainer.steps=6", "trainer.save_every=3", "model.transformer.dropout=0.1"]
+@pytest.mark.parametrize("mode, extra", [("tokens", []), ("latents", []), ("latents", ["model.image.patch_codes=16"])])
+def test_resume_is_bitwise_exact(tokenizers, tmp_path, mode, extra):
+    common = ["trainer.steps=6", "trainer.save_every=3", "model.transformer.dropout=0.1", *extra]
     train(_config(mode, tokenizers, *common), tmp_path / "straight")
     cut = _config(mode, tokenizers, *common, "trainer.steps=3")
     train(cut, tmp_path / "resumed")
@@ -257,6 +260,46 @@ def test_contradictory_configs_fail_before_training_naming_the_keys(tokenizers, 
     with pytest.raises(ConfigError, match=r"diffusion.clean_patches=0.5 .*patchify unet"):
         train(_config("latents", tokenizers, "diffusion.clean_patches=0.5", "model.image.patchify=unet"), tmp_path / "g")
     assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_patch_code_head_classifies_clean_patches_and_a_fine_tune_can_add_it(tokenizers, tmp_path):
+    """model.image.patch_codes: K centroids of the clean latent patches, fitted from data.source when the run
+    starts and saved with the weights; the head's loss is logged. init_from a run without the head adds a fresh
+    one and loads everything else; a different K than the folder's is a contradiction."""
+    from mixmodal.model.fusion import patchify
+    from mixmodal.model.io import load_model_dir, read_model_state
+    from mixmodal.tokenizers.patch import nearest_centroid
+    from mixmodal.train.fusion import FusionTask, fill_model_config
+
+    config = _config("latents", tokenizers, "model.image.patch_codes=16")
+    fill_model_config(config)
+    task = FusionTask(config)
+    task.setup(torch.device("cpu"))
+    model = task.build_models()["model"]
+    centroids = model.patch_codebook
+    assert centroids.shape == (16, 4 * 2 * 2) and len(centroids.unique(dim=0)) == 16
+    batch = next(task.data_iterator())
+    patches = patchify(batch["image_latents"], 2).flatten(0, 1)
+    own = ((patches - centroids[nearest_centroid(patches, centroids)]) ** 2).sum(1)
+    assert bool((own <= ((patches[:, None] - centroids[None]) ** 2).sum(2).min(1).values + 1e-5).all())
+    assert torch.equal(task.fit_patch_codebook(), centroids)  # a pure function of the source
+    out = model(batch["input_ids"], positions=batch["positions"], document_ids=batch["document_ids"],
+                image_ids=batch["image_ids"], image_latents=batch["image_latents"],
+                image_times=torch.full((len(batch["image_latents"]),), 0.5), image_index=batch["image_index"])
+    assert out.image_code_logits.shape == (*batch["image_index"].shape, 16)
+
+    train(_config("latents", tokenizers, "trainer.steps=2"), tmp_path / "base")
+    train(_config("latents", tokenizers, "trainer.steps=2", "trainer.log_every=1", "model.image.patch_codes=16",
+                  f"init_from={tmp_path / 'base'}"), tmp_path / "ft")
+    assert all("patch_code_ce" in r["losses"] for r in read_metrics(tmp_path / "ft", "train"))
+    base, ft = read_model_state(tmp_path / "base" / "model"), load_model_dir(tmp_path / "ft" / "model")
+    assert ft.config.image.patch_codes == 16 and ft.patch_codebook.abs().sum() > 0
+    assert not any(k.startswith("patch_code") for k in base)
+    with pytest.raises(ConfigError, match="model.image.patch_codes = 8 contradicts"):
+        train(_config("latents", tokenizers, "model.image.patch_codes=8", f"init_from={tmp_path / 'ft'}"),
+              tmp_path / "bad")
+    with pytest.raises(ValueError, match="image.patch_codes=8.*latents only"):
+        _config("tokens", tokenizers, "model.image.patch_codes=8")
 
 
 def test_clean_patches_feed_some_patches_clean_at_time_zero_without_loss(tokenizers):

@@ -73,6 +73,11 @@ class ImageConfig:
     # tokens, codebook*: a learned scalar (not weight-decayed) on the shared map's logits, so they can sharpen
     # without the decayed map growing; starts at 1
     code_gain: bool = False
+    # latents: an auxiliary classifier over K centroids of clean patches (k-means of the training images' patches,
+    # fitted when the run starts and kept with the weights as `patch_codebook`): from the noisy image each patch's
+    # final state also predicts which centroid its clean patch is nearest, trained by cross-entropy
+    # (diffusion.code_loss_weight), a discrete signal beside the flow loss's regression. 0 = no head
+    patch_codes: int = 0
 
     def __post_init__(self) -> None:
         if self.code_embedding not in ("learned", "codebook", "codebook_only", "codebook_out"):
@@ -99,6 +104,9 @@ class ImageConfig:
                              f"({self.grid_size} x {self.grid_size}); pick a divisor of {self.grid_size}")
         if self.patch_size < 1:
             raise ValueError(f"image.patch_size must be >= 1, got {self.patch_size}")
+        if self.patch_codes < 0 or (self.patch_codes and self.mode != "latents"):
+            raise ValueError(f"image.patch_codes={self.patch_codes}: a count >= 0 of centroids of latent patches, for "
+                             "image.mode=latents only (image codes are already classes); drop the key or set 0")
 
     @property
     def is_bidirectional(self) -> bool:
@@ -130,6 +138,7 @@ class FusionOutput:
     logits: torch.Tensor  # [B, T, V]
     image_prediction: torch.Tensor | None = None  # [N, C, h, w] (latent mode, when images were given)
     hidden_states: torch.Tensor | None = None  # [B, T, D] after the final norm
+    image_code_logits: torch.Tensor | None = None  # [N, P, K] (image.patch_codes = K > 0, when images were given)
 
 
 # --- latent-mode pieces ---------------------------------------------------------------------
@@ -323,6 +332,12 @@ class FusionModel(nn.Module):
             else:
                 self.patch_in = LinearPatchIn(image, t.dim)
                 self.patch_out = LinearPatchOut(image, t.dim, hidden=image.patchify == "mlp")
+            if image.patch_codes:
+                width = image.latent_channels * image.patch_size ** 2
+                self.register_buffer("patch_codebook", torch.zeros(image.patch_codes, width))  # set_patch_codebook
+                self.patch_code_head = nn.Linear(t.dim, image.patch_codes)
+                nn.init.normal_(self.patch_code_head.weight, 0.0, t.init_std)
+                nn.init.zeros_(self.patch_code_head.bias)
 
     @property
     def is_latent(self) -> bool:
@@ -340,6 +355,16 @@ class FusionModel(nn.Module):
         v = vectors.float() - vectors.float().mean(0, keepdim=True)
         self.code_features.copy_(F.normalize(v, dim=1, eps=1e-6))
         self._find_unused_codes()
+
+    @torch.no_grad()
+    def set_patch_codebook(self, centroids: torch.Tensor) -> None:
+        """image.patch_codes: the K centroids [K, C p p] of clean patches (patchify's layout) the head classifies."""
+        if not self.config.image.patch_codes:
+            raise ValueError("set_patch_codebook: this model has no patch-code head (image.patch_codes=0)")
+        if tuple(centroids.shape) != tuple(self.patch_codebook.shape):
+            raise ValueError(f"patch centroids {tuple(centroids.shape)} do not match the model's "
+                             f"{tuple(self.patch_codebook.shape)} (image.patch_codes x latent_channels * patch_size^2)")
+        self.patch_codebook.copy_(centroids.float())
 
     def init_buffers(self) -> None:
         """Find the unused codes again (a model built on the meta device and then given its weights has none)."""
@@ -433,11 +458,14 @@ class FusionModel(nn.Module):
             logits = self.head(hidden)
         else:  # only the rows' positions asked for ([B, K]): the engine needs one per row, not T x V
             logits = self.head(hidden.gather(1, logits_index[:, :, None].expand(-1, -1, hidden.shape[-1])))
-        prediction = None
+        prediction = code_logits = None
         if image_latents is not None:
             image_hidden = hidden.reshape(b * t, -1)[image_index.reshape(-1)].view(*image_index.shape, -1)
             prediction = self.patch_out(image_hidden, temb, skip)
-        return FusionOutput(logits=logits, image_prediction=prediction, hidden_states=hidden)
+            if self.config.image.patch_codes:
+                code_logits = self.patch_code_head(image_hidden)
+        return FusionOutput(logits=logits, image_prediction=prediction, hidden_states=hidden,
+                            image_code_logits=code_logits)
 
     # --- accounting ---------------------------------------------------------------------------
 

@@ -61,6 +61,9 @@ class DiffusionConfig:
     # loss) and the rest noised at the image's time: the model learns to denoise some patches given the others,
     # which the `patch_groups` sampler needs to commit an image's patches in turns (MAR, Li et al. 2024)
     clean_patches: float = 0.0
+    # with model.image.patch_codes = K > 0: the weight of the auxiliary cross-entropy of each noisy patch's state
+    # against the nearest of the K centroids of its clean patch (`patch_code_loss`), beside the flow loss
+    code_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("ddpm", "flow"):
@@ -83,6 +86,8 @@ class DiffusionConfig:
             raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
         if not (self.loss_weight >= 0.0 and math.isfinite(self.loss_weight)):
             raise ValueError(f"loss_weight must be a finite number >= 0, got {self.loss_weight}")
+        if not (self.code_loss_weight >= 0.0 and math.isfinite(self.code_loss_weight)):
+            raise ValueError(f"code_loss_weight must be a finite number >= 0, got {self.code_loss_weight}")
 
 
 class Schedule(ABC):
@@ -256,6 +261,23 @@ def diffusion_loss(prediction: Tensor, target: Tensor, *, weight: float, image_w
         count = m.sum(1)
         per_image = (error * m).sum(1) / count.clamp(min=1.0)
         w = (count > 0).float() if w is None else w * (count > 0)
+    return weight * (w * per_image).sum() / w.sum().clamp(min=1e-8)
+
+
+def patch_code_loss(logits: Tensor, codes: Tensor, *, weight: float, image_weights: Tensor | None = None,
+                    patch_mask: Tensor | None = None) -> Tensor:
+    """weight * cross-entropy of `logits` [N, P, K] against `codes` [N, P] (each clean patch's nearest centroid),
+    in float32: each image's mean over its patches (over those `patch_mask` [N, P] keeps, when given: an image
+    with none weighs 0), then the mean over images, weighted by `image_weights` [N] as `diffusion_loss` does."""
+    if logits.shape[:-1] != codes.shape:
+        raise ValueError(f"code logits {tuple(logits.shape)} do not match codes {tuple(codes.shape)} (N, P)")
+    ce = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten(), reduction="none").view(codes.shape)
+    m = torch.ones_like(ce) if patch_mask is None else patch_mask.float()
+    count = m.sum(1)
+    per_image = (ce * m).sum(1) / count.clamp(min=1.0)
+    w = (count > 0).float()
+    if image_weights is not None:
+        w = w * image_weights.float().to(ce.device)
     return weight * (w * per_image).sum() / w.sum().clamp(min=1e-8)
 
 

@@ -314,6 +314,33 @@ class PCATokenizer(_PatchTokenizer):
         return latents / self.config.scaling_factor + self.config.shift_factor
 
 
+def fit_codebook(X: torch.Tensor, K: int, keys: torch.Tensor, *, iterations: int, seed: int) -> tuple[torch.Tensor, int]:
+    """K centroids of the rows of X (n, D) float, and how many distinct rows X holds (rows are the same when
+    their `keys`, an integer grid of X, are). When X holds no more distinct rows than K, the centroids are those
+    rows (most frequent first; the spare ones repeat the first, so a nearest-centroid search never picks them)
+    and quantising X is exact; else FAISS k-means (`iterations`, `seed`)."""
+    import faiss
+
+    unique, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    if len(unique) <= K:
+        order = counts.argsort(descending=True, stable=True)
+        first = torch.full((len(unique),), len(X)).scatter_reduce(0, inverse, torch.arange(len(X)), "amin")
+        distinct = X[first[order]]
+        return torch.cat([distinct, distinct[:1].expand(K - len(distinct), -1)]).float(), len(unique)
+    kmeans = faiss.Kmeans(X.shape[1], K, niter=iterations, seed=seed, max_points_per_centroid=256, verbose=False)
+    kmeans.train(np.ascontiguousarray(X.numpy(), dtype=np.float32))
+    return torch.from_numpy(kmeans.centroids).float(), len(unique)
+
+
+def nearest_centroid(flat: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(n, D) rows -> (n,) long: the index of each row's nearest centroid (K, D), in chunks (no n x K matrix)."""
+    codes = []
+    for chunk in flat.split(4096):
+        d = (chunk ** 2).sum(1, keepdim=True) - 2 * chunk @ centroids.T + (centroids ** 2).sum(1)
+        codes.append(d.argmin(1))
+    return torch.cat(codes) if codes else torch.zeros(0, dtype=torch.long, device=flat.device)
+
+
 class KMeansTokenizer(_PatchTokenizer):
     """Images (B, 3, R, R) in [-1, 1] <-> codes (B, R/p, R/p) in [0, codebook_size)."""
 
@@ -348,34 +375,17 @@ class KMeansTokenizer(_PatchTokenizer):
         than codes, the codebook is those patches (most frequent first; the spare codes repeat the
         first, so encoding never picks them) and the round trip is exact; else FAISS k-means.
         Returns the number of distinct patches and the mean squared quantisation error."""
-        import faiss
-
         X = self._patches(images, any_size=False).reshape(-1, self.config.patch_dim)
         # distinct patches, on the 8-bit grid images are stored on
-        keys = torch.round((X + 1) * 127.5).to(torch.int16)
-        unique, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
-        K = self.config.codebook_size
-        if len(unique) <= K:
-            order = counts.argsort(descending=True, stable=True)
-            first = torch.full((len(unique),), len(X)).scatter_reduce(0, inverse, torch.arange(len(X)), "amin")
-            distinct = X[first[order]]
-            codebook = torch.cat([distinct, distinct[:1].expand(K - len(distinct), -1)])
-        else:
-            kmeans = faiss.Kmeans(X.shape[1], K, niter=self.config.iterations, seed=self.config.seed,
-                                  max_points_per_centroid=256, verbose=False)
-            kmeans.train(np.ascontiguousarray(X.numpy(), dtype=np.float32))
-            codebook = torch.from_numpy(kmeans.centroids).float()
+        codebook, distinct = fit_codebook(X, self.config.codebook_size, torch.round((X + 1) * 127.5).to(torch.int16),
+                                          iterations=self.config.iterations, seed=self.config.seed)
         self.codebook.copy_(codebook)
         self.fitted.fill_(True)
         error = ((self.codebook[self._nearest(X)] - X) ** 2).mean()
-        return {"distinct_patches": float(len(unique)), "quantisation_mse": float(error)}
+        return {"distinct_patches": float(distinct), "quantisation_mse": float(error)}
 
     def _nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        codes = []
-        for chunk in flat.split(4096):  # (n, D) x (K, D) distances without a huge matrix
-            d = (chunk ** 2).sum(1, keepdim=True) - 2 * chunk @ self.codebook.T + (self.codebook ** 2).sum(1)
-            codes.append(d.argmin(1))
-        return torch.cat(codes) if codes else torch.zeros(0, dtype=torch.long)
+        return nearest_centroid(flat, self.codebook)
 
     def encode(self, images: torch.Tensor, *, any_size: bool = False) -> torch.Tensor:
         """(B, 3, R, R) float in [-1, 1] -> codes (B, h, w) long."""

@@ -48,10 +48,12 @@ from mixmodal.model.bundle import (HF_CONFIG_FILE, IMAGE_TOKENIZER_DIR, MODEL_DI
 from mixmodal.model.fusion import FusionModel
 from mixmodal.model.io import (WEIGHTS_FILE, check_model_state, read_model_state, save_model_dir, tied_aliases,
                                write_model_dir)
-from mixmodal.objectives.diffusion import build_schedule, clean_patch_mask, diffusion_loss, patch_map
+from mixmodal.model.fusion import patchify
+from mixmodal.objectives.diffusion import build_schedule, clean_patch_mask, diffusion_loss, patch_code_loss, patch_map
 from mixmodal.objectives.next_token import next_token_loss
 from mixmodal.retrieval.augment import RetrievalAugmenter
 from mixmodal.tokenizers.image import load_image_tokenizer
+from mixmodal.tokenizers.patch import fit_codebook, nearest_centroid
 from mixmodal.train import distributed
 from mixmodal.train.checkpoint import artifact_remake
 from mixmodal.train.fusion_config import (CONFIG, NOT_ARCHITECTURE, FusionDataConfig, FusionEvalConfig,
@@ -61,6 +63,10 @@ from mixmodal.train.fusion_prepare import (check_learnable_ids, check_retrieval,
 from mixmodal.train.image_data import open_image_source
 from mixmodal.train.task import OptimizerSpec, TaskBase
 from mixmodal.weights import read_weights, write_manifest
+
+
+PATCH_CODE_IMAGES = 2000  # images whose latent patches model.image.patch_codes' centroids are fitted on
+NEW_HEADS = ("patch_codebook", "patch_code_head.")  # tensors of a head fusion_config.ADDABLE lets a fine-tune add
 
 
 def training_compute(model, config: FusionTrainConfig, world_size: int = 1, steps: int | None = None) -> dict:
@@ -171,9 +177,14 @@ class FusionTask(TaskBase):
         model = FusionModel(self.config.model)
         if model.code_in is not None:  # the tokenizer's code vectors (init_from / a resume load them over these)
             model.set_code_features(self.image_tokenizer.code_vectors(self.config.model.image.code_vectors).cpu())
+        if self.config.model.image.patch_codes:  # the head's classes (init_from / a resume load theirs over them)
+            model.set_patch_codebook(self.fit_patch_codebook())
         if self.config.init_from:  # fine-tuning: the pretrained weights (a resume then loads its checkpoint over them)
             folder = Path(self.config.init_from)
             state = read_model_state(folder)  # a LoRA run's folder: its adapter merged
+            for name, value in model.state_dict().items():  # a head the folder lacks (fusion_config ADDABLE): fresh
+                if name.startswith(NEW_HEADS) and name not in state:
+                    state[name] = value
             check_model_state(model, state, folder / WEIGHTS_FILE)
             for alias, owner in tied_aliases(model).items():
                 state[alias] = state[owner]
@@ -182,11 +193,38 @@ class FusionTask(TaskBase):
             lora.apply_lora(model, self.config.lora)  # draws the adapters (seeded): base frozen, adapters trainable
         return {"model": model}
 
+    @torch.no_grad()
+    def fit_patch_codebook(self) -> torch.Tensor:
+        """model.image.patch_codes = K centroids of the clean latent patches of the first PATCH_CODE_IMAGES images
+        of data.source (encoded as training encodes them): a pure function of the source, so every rank and a
+        restarted run fit the same ones (a resume loads the checkpoint's anyway)."""
+        image = self.config.model.image
+        encoder = DocumentEncoder(self.text_tokenizer, self.image_tokenizer, self.vocab, image.mode, self.device,
+                                  chat_template=self.chat_template, image_preprocessing=self.image_preprocessing)
+        source = open_image_source(self.config.data.source, self.image_tokenizer.config.resolution)
+        images = []
+        for doc in source:
+            images += doc.images
+            if len(images) >= PATCH_CODE_IMAGES:
+                break
+        if not images:
+            raise ConfigError(f"model.image.patch_codes={image.patch_codes}: data.source={self.config.data.source} "
+                              "yielded no images to fit the patch centroids on")
+        latents = torch.stack(encoder.encode_images(images[:PATCH_CODE_IMAGES]))
+        X = patchify(latents, image.patch_size).flatten(0, 1).cpu()
+        centroids, _ = fit_codebook(X, image.patch_codes, torch.round(X * 1000).long(), iterations=25,
+                                    seed=self.config.trainer.seed)
+        return centroids
+
     def optimizers(self, models) -> dict[str, OptimizerSpec]:
         return {"model": OptimizerSpec(models["model"])}
 
     def generators(self) -> dict[str, torch.Generator]:
         return {"noise": self.noise}
+
+    def _patch_codebook(self, model) -> torch.Tensor:
+        base = getattr(model, "module", model)  # under DDP
+        return getattr(base, "_orig_mod", base).patch_codebook  # under torch.compile
 
     def _batches(self, spec: str, batch_size: int, endless: bool, rank: int, world: int) -> FusionBatches:
         resolution = self.image_tokenizer.config.resolution
@@ -250,8 +288,18 @@ class FusionTask(TaskBase):
                 diffusion = diffusion_loss(out.image_prediction, target, weight=self.config.diffusion.loss_weight,
                                            image_weights=image_weights, element_mask=loss_mask)
                 losses["loss"] = losses["loss"] + diffusion
+                if out.image_code_logits is not None:  # image.patch_codes: which centroid each clean patch is
+                    codes = nearest_centroid(patchify(x0, image.patch_size).flatten(0, 1).float(),
+                                             self._patch_codebook(model)).view(out.image_code_logits.shape[:2])
+                    patch_mask = None if loss_mask is None else loss_mask[:, 0, ::image.patch_size, ::image.patch_size].flatten(1)
+                    code_ce = patch_code_loss(out.image_code_logits, codes, weight=1.0, image_weights=image_weights,
+                                              patch_mask=patch_mask)
+                    losses["loss"] = losses["loss"] + self.config.diffusion.code_loss_weight * code_ce
+                    losses["patch_code_ce"] = code_ce.detach()
             else:  # a batch without images: keep the graph shape of every step the same
                 diffusion = out.logits.sum() * 0.0
+                if image.patch_codes:
+                    losses["patch_code_ce"] = diffusion.detach()
             losses["diffusion"] = diffusion.detach()
         return losses
 

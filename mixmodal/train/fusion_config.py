@@ -124,6 +124,10 @@ def init_folder(given: str | Path) -> Path:
                       f"{MODEL_DIR}/); give a finished run, RUN/model, or a converted checkpoint")
 
 
+# architecture keys a fine-tune may turn on over a folder without them: a new head, fresh weights (train/fusion.py)
+ADDABLE = ("image.patch_codes",)
+
+
 def _resolve_init_from(data: dict, base_dir: Path) -> dict:
     """init_from: the folder's architecture under the given model keys (which must agree), its tokenizers
     unless data.* names others."""
@@ -132,7 +136,8 @@ def _resolve_init_from(data: dict, base_dir: Path) -> dict:
     given = data.get("model") or {}
     merged = merge(architecture, {k: v for k, v in given.items() if k != "preset"})
     clash = [k for k in _leaves(merged) if k.split(".")[0] not in NOT_ARCHITECTURE
-             and _get(architecture, k) is not None and str(_get(merged, k)).lower() != str(_get(architecture, k)).lower()]
+             and _get(architecture, k) is not None and str(_get(merged, k)).lower() != str(_get(architecture, k)).lower()
+             and not (k in ADDABLE and str(_get(architecture, k)) == "0")]
     if clash:  # (compared as text: a command-line override is still a string here)
         raise ConfigError(f"init_from={data['init_from']}: model.{clash[0]} = {_get(merged, clash[0])} contradicts "
                           f"the checkpoint's {_get(architecture, clash[0])!r} ({folder / CONFIG_FILE}); drop it")
