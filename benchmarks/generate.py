@@ -280,6 +280,10 @@ def token_mode(args, device: str, precisions: list[str], results: dict) -> list[
     for precision in precisions:
         dtype = torch.bfloat16 if precision == "bf16" else None
         engines = {g: Engine(m, tok, None, dtype=dtype, decode_images=False) for g, m in ours.items()}
+        # --compile: the same engine with compiled blocks (inference/compiled.py), a third system in every round;
+        # its warm-up call compiles
+        compiled = ({g: Engine(m, tok, None, dtype=dtype, decode_images=False, compile=True) for g, m in ours.items()}
+                    if args.compile else {})
         run = {}
         n = args.text_tokens
         text_config = GenerationConfig(mode="text", ignore_eos=True, max_new_tokens=n)
@@ -289,9 +293,14 @@ def token_mode(args, device: str, precisions: list[str], results: dict) -> list[
 
         calls = {"mixmodal": ours_generate_fn(engines[grids[0]], prompt, text_config, check_text),
                  "transformers": hf_generate_fn(hf, hf_prompt, n, device, precision)}
+        if compiled:
+            calls["mixmodal-compiled"] = ours_generate_fn(compiled[grids[0]], prompt, text_config, check_text)
         timed = time_calls(calls, args.rounds, device)
         run[f"text_{n}"] = _rates(timed, n)
         rows.append(_row(precision, f"text, {n} tokens, batch 1", run[f"text_{n}"], "tokens/s"))
+        if compiled:
+            rows.append(_row(precision, f"text, {n} tokens, batch 1, compiled", run[f"text_{n}"], "tokens/s",
+                             "mixmodal-compiled"))
         for grid in grids:
             codes = grid * grid
             image_config = GenerationConfig(mode="image", max_new_tokens=codes + 3, guidance=GuidanceConfig(scale=CFG_SCALE))
@@ -301,12 +310,16 @@ def token_mode(args, device: str, precisions: list[str], results: dict) -> list[
 
             calls = {"mixmodal": ours_generate_fn(engines[grid], prompt, image_config, check_image),
                      "transformers": hf_generate_fn(hf, hf_image_prompt, codes, device, precision, hf_negative)}
+            if compiled:
+                calls["mixmodal-compiled"] = ours_generate_fn(compiled[grid], prompt, image_config, check_image)
             timed = time_calls(calls, args.rounds, device)
             key = f"image_{grid}x{grid}_cfg"
             run[key] = _rates(timed, codes)
             rows.append(_row(precision, f"image {grid}x{grid} = {codes} codes, CFG {CFG_SCALE:g}", run[key], "tokens/s"))
+            if compiled:
+                rows.append(_row(precision, f"image {grid}x{grid}, compiled", run[key], "tokens/s", "mixmodal-compiled"))
         part["runs"][precision] = run
-        _print_rows(rows[-1 - len(grids):], "tokens/s")
+        _print_rows(rows[-(1 + len(grids)) * (2 if compiled else 1):], "tokens/s")
     results["token_mode"] = part
     return rows
 
@@ -317,6 +330,11 @@ def _rates(timed: dict, tokens: int) -> dict:
     out["tokens"] = tokens
     out["ratio_mixmodal_vs_transformers"] = out["mixmodal"]["tokens_per_s"] / out["transformers"]["tokens_per_s"]
     out["ratio_per_round"] = _paired(timed["transformers"]["all_s"], timed["mixmodal"]["all_s"])
+    if "mixmodal-compiled" in out:
+        c = out["mixmodal-compiled"]
+        out["ratio_compiled_vs_transformers"] = c["tokens_per_s"] / out["transformers"]["tokens_per_s"]
+        out["ratio_compiled_per_round"] = _paired(timed["transformers"]["all_s"], timed["mixmodal-compiled"]["all_s"])
+        out["ratio_compiled_vs_eager"] = c["tokens_per_s"] / out["mixmodal"]["tokens_per_s"]
     return out
 
 
@@ -326,12 +344,13 @@ def _paired(slow: list[float], fast: list[float]) -> dict:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
-def _row(precision: str, what: str, r: dict, unit: str) -> list[str]:
-    m, t = r["mixmodal"], r["transformers"]
-    q = r["ratio_per_round"]
+def _row(precision: str, what: str, r: dict, unit: str, system: str = "mixmodal") -> list[str]:
+    m, t = r[system], r["transformers"]
+    compiled = system == "mixmodal-compiled"
+    q = r["ratio_compiled_per_round" if compiled else "ratio_per_round"]
+    ratio = r["ratio_compiled_vs_transformers" if compiled else "ratio_mixmodal_vs_transformers"]
     return [precision, what, f"{m['tokens_per_s']:,.0f}", f"{t['tokens_per_s']:,.0f}",
-            f"{m['median_s']:.3f}", f"{t['median_s']:.3f}", f"**{r['ratio_mixmodal_vs_transformers']:.2f}x**",
-            f"{q['min']:.2f}-{q['max']:.2f}x"]
+            f"{m['median_s']:.3f}", f"{t['median_s']:.3f}", f"**{ratio:.2f}x**", f"{q['min']:.2f}-{q['max']:.2f}x"]
 
 
 def _print_rows(rows: list[list[str]], unit: str) -> None:
@@ -421,6 +440,8 @@ def main() -> None:
     p.add_argument("--text-tokens", type=int, default=256)
     p.add_argument("--prompt", type=int, default=16, help="prompt positions, <bos> included")
     p.add_argument("--skip", nargs="*", default=[], choices=["tokens", "latents"])
+    p.add_argument("--compile", action="store_true",
+                   help="token mode: also time the engine with compiled blocks (Engine(compile=True)) in every round")
     # token-mode model (train_step.py's 5.6M configuration)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=6)
@@ -444,7 +465,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     precisions = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"generate_{device}{'_quick' if args.quick else ''}.json")
-    results = {"machine": machine_info(device), "rounds": args.rounds, "precisions": precisions,
+    results = {"machine": machine_info(device), "rounds": args.rounds, "precisions": precisions, "compile": args.compile,
                "statistic": "median of the rounds (best also given); systems interleaved per round"}
     m = results["machine"]
     print(f"{m['cpu']} ({m['cores']} cores, {m['threads']} threads), device {device}"

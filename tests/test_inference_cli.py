@@ -104,3 +104,10 @@ def test_generate_errors_are_one_clear_line(checkpoint, tmp_path, capsys):
 
     assert main(["generate", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+    import mixmodal.inference.compiled as compiled  # --compile reaches the engine, which names what is missing
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(compiled.shutil, "which", lambda name: None)
+        assert main(["generate", str(checkpoint), "--prompt", "x", "--compile", "--out", str(tmp_path / "o3")]) == 2
+    assert "C++ compiler" in capsys.readouterr().err

@@ -28,6 +28,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default="", help="a system message that opens the conversation")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile'd blocks (needs a C++ compiler on a CPU; the first call "
+                        "compiles for ~10-40 s, then each step is faster: docs/generation.md)")
     p.add_argument("--out", default="chat_out", help="where drawn images and /save go (default chat_out)")
     p.set_defaults(func=cmd_chat)
 
@@ -39,7 +42,7 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
 
     config = generation_config(**given(args, GENERATION_FLAGS), overrides=overrides)
     engine = load_checkpoint(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype],
-                             require_image_tokenizer=config.mode != "text")
+                             require_image_tokenizer=config.mode != "text", compile=args.compile)
     if engine.chat_template is None:
         print(f"note: {args.checkpoint} was never tuned on conversations (no chat_template in its generation.yaml): "
               "it reads the conversation as plain text and images", file=sys.stderr)

@@ -28,6 +28,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     add_flags(p, GENERATION_FLAGS, ["steps", "max_new_tokens", "max_images", "temperature"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile'd blocks (needs a C++ compiler on a CPU; the first call "
+                        "compiles for ~10-40 s, then each step is faster: docs/generation.md)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true", help="do not stream the text as it is written")
     p.add_argument("--retrieve", type=int, default=0, metavar="K",
@@ -72,7 +75,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> int:
             current[0] = None
 
     out = generate(args.checkpoint, args.prompt or [""], images=args.image, seed=args.seed, num=args.num,
-                   overrides=overrides, out=args.out, device=args.device, dtype=args.dtype, on_event=show,
+                   overrides=overrides, out=args.out, device=args.device, dtype=args.dtype, compile=args.compile, on_event=show,
                    retrieve=args.retrieve, index=args.index, encoder=args.encoder, best_of=args.best_of,
                    rerank=args.rerank, **given(args, GENERATION_FLAGS))
     if live and not args.quiet:

@@ -23,6 +23,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", default=None, metavar="DIR", help="dual encoder for --index (default: the index's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile'd blocks (needs a C++ compiler on a CPU; the first call "
+                        "compiles for ~10-40 s, then each step is faster: docs/generation.md)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -36,7 +39,8 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise SystemExit(f"mixmodal serve takes no key=value overrides; got {' '.join(overrides)} (sampling options "
                          "are per request: docs/serve.md)")
-    engine = load_checkpoint(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype], require_image_tokenizer=False)
+    engine = load_checkpoint(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype], require_image_tokenizer=False,
+                             compile=args.compile)
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue)
     name = Path(args.checkpoint).resolve().name
     if name == "model":

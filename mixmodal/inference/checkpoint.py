@@ -18,10 +18,12 @@ from mixmodal.model.bundle import (GENERATION_FILE, IMAGE_TOKENIZER_DIR, TEXT_TO
 
 
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                    require_image_tokenizer: bool = True) -> Engine:
+                    require_image_tokenizer: bool = True, compile: bool = False) -> Engine:
     """An Engine for a run or model folder (`Engine.from_pretrained`). Without an image tokenizer the engine can
-    only write text; `require_image_tokenizer` makes that an error naming the missing folder."""
-    return Engine.from_pretrained(path, device=device, dtype=dtype, require_image_tokenizer=require_image_tokenizer)
+    only write text; `require_image_tokenizer` makes that an error naming the missing folder. `compile`:
+    decoding through compiled blocks (inference/compiled.py)."""
+    return Engine.from_pretrained(path, device=device, dtype=dtype, require_image_tokenizer=require_image_tokenizer,
+                                  compile=compile)
 
 
 __all__ = ["CheckpointError", "GENERATION_FILE", "IMAGE_TOKENIZER_DIR", "ModelSettings", "TEXT_TOKENIZER_DIR",

@@ -61,12 +61,13 @@ def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *,
              seed: int = 0, num: int = 1, overrides: Sequence[str] = (), out: str | os.PathLike | None = None,
              device: str = "cpu", dtype: str = "fp32", on_event: Callable[[Event], None] | None = None,
              retrieve: int = 0, index: str | os.PathLike | None = None, encoder: str | os.PathLike | None = None,
-             best_of: int = 1, rerank: str = "clip", **options) -> Generated:
+             best_of: int = 1, rerank: str = "clip", compile: bool = False, **options) -> Generated:
     """Generate `num` samples of each prompt; document i (prompts outer) draws from seed + i
     (with best_of=n, its candidates from (seed + i) * n + j). Saved under `out` if given.
     `options` set the generation config as `mixmodal generate`'s flags do (GENERATION_FLAGS:
     mode, cfg, image_cfg, steps, max_new_tokens, max_images, temperature); `overrides` go on top. Both go over
-    the sampling the model's generation.yaml states (image_sampling, e.g. the token recipe's plausibility)."""
+    the sampling the model's generation.yaml states (image_sampling, e.g. the token recipe's plausibility).
+    `compile`: decoding through compiled blocks (inference/compiled.py; the first call compiles)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     stated = image_sampling_overrides(read_image_sampling(checkpoint))
@@ -81,7 +82,8 @@ def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *,
     if rerank not in ("clip", "oracle"):
         raise ValueError(f"rerank must be clip or oracle, got {rerank!r}")
     engine = Engine.from_pretrained(checkpoint, device=device, dtype=DTYPES[dtype],
-                                    require_image_tokenizer=config.mode != "text" or bool(prompt_images))
+                                    require_image_tokenizer=config.mode != "text" or bool(prompt_images),
+                                    compile=compile)
     prompts = [Document([*prompt_images, *([Text(t)] if t else [])]) for t in texts for _ in range(num)]
     seeds = [seed + i for i in range(len(prompts))]  # document i (prompts outer, samples inner): seed + i
     retriever = open_retriever(checkpoint, index, encoder, retrieve, device) if retrieve > 0 else None

@@ -47,12 +47,13 @@ def inference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 class HalfWeights:
-    """The engine's half copy (`inference_copy`), made at first use and made again whenever an in-place
-    change to the model's parameters (an optimizer step, `load_state_dict`, a LoRA merge) bumped their
-    version counters, so an engine never computes with stale weights."""
+    """The engine's inference copy (`inference_copy`: half weights, or float32 ones when the copy is made only
+    to be compiled), made at first use and made again whenever an in-place change to the model's parameters
+    (an optimizer step, `load_state_dict`, a LoRA merge) bumped their version counters, so an engine never
+    computes with stale weights. `compile`: its blocks' fixed-shape parts compiled (inference/compiled.py)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, fuse: bool = True) -> None:
-        self.source, self.dtype, self.fuse = model, dtype, fuse
+    def __init__(self, model: nn.Module, dtype: torch.dtype, fuse: bool = True, compile: bool = False) -> None:
+        self.source, self.dtype, self.fuse, self.compile = model, dtype, fuse, compile
         self._copy: nn.Module | None = None
         self._versions: list[int] = []
 
@@ -60,6 +61,10 @@ class HalfWeights:
         versions = [p._version for p in self.source.parameters()]
         if self._copy is None or versions != self._versions:
             copy_ = inference_copy(self.source, self.dtype) if self.fuse else cast_linears(self.source, self.dtype)
+            if self.compile:
+                from mixmodal.inference.compiled import compile_blocks
+
+                compile_blocks(copy_)
             self._copy, self._versions = copy_, versions
         return self._copy
 

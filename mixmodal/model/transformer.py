@@ -153,8 +153,8 @@ class Attention(nn.Module):
         self.k_norm = HeadNorm(c.kv_heads, c.head_dim) if c.qk_norm else None
         self.qkv_proj: nn.Linear | None = None  # inference copies only: q/k/v in one matmul (fuse_projections)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """[B, T, D] -> q [B, H, T, d], k and v [B, KV, T, d]: the projections, QK-norm and RoPE."""
         b, t, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim] + [self.kv_heads * self.head_dim] * 2, -1)
@@ -170,11 +170,22 @@ class Attention(nn.Module):
         # QK-norm and RoPE run in fp32; attention computes in v's dtype (bf16 under autocast, which would cast
         # q and k to it inside SDPA anyway): casting here keeps the KV cache in that dtype, rather than a
         # float32 cache re-cast whole at every decoding step
-        q, k = apply_rotary(q, *rope).to(v.dtype), apply_rotary(k, *rope).to(v.dtype)
+        return apply_rotary(q, *rope).to(v.dtype), apply_rotary(k, *rope).to(v.dtype), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """Append k/v to the cache, attend: [B, H, T, d] (before the output projection)."""
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = mask.attend(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)
+        return mask.attend(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:  # [B, H, T, d] -> [B, T, D]
+        b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                cache: KVCache | None = None) -> torch.Tensor:
+        return self.output(self.attend(*self.project(x, rope), mask, cache))
 
 
 class MLP(nn.Module):
@@ -202,12 +213,23 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+    # A block is three steps: `before_attention` (norm, projections, QK-norm, RoPE), the attention over the
+    # cache (whose length changes every decoding step), and `after_attention` (output projection, residuals,
+    # MLP). The first and last have fixed shapes while decoding, which is what inference/compiled.py compiles.
+    def before_attention(self, x: torch.Tensor, rope):
+        return self.self_attn.project(x if self.swin_norm else self.input_layernorm(x), rope)
+
+    def after_attention(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        out = self.self_attn.output(out)
         if self.swin_norm:
-            x = x + self.dropout(self.input_layernorm(self.self_attn(x, rope, mask, cache)))
+            x = x + self.dropout(self.input_layernorm(out))
             return x + self.dropout(self.post_attention_layernorm(self.mlp(x)))
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        x = x + self.dropout(out)
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+    def forward(self, x: torch.Tensor, rope, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = self.before_attention(x, rope)
+        return self.after_attention(x, self.self_attn.attend(q, k, v, mask, cache))
 
 
 class Transformer(nn.Module):
