@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import re
 import json
 from collections import Counter
 
@@ -162,35 +161,6 @@ def test_partial_categories_weight_the_captions_forms_and_leave_the_default_stre
     assert spec.config.partial_categories == ["position:4", "counting:0"]
     with pytest.raises(ValueError, match="every weight is 0"):
         ShapesConfig(partial_categories=[f"{c}:0" for c in GENEVAL_CATEGORIES])
-
-
-def test_shuffled_captions_sets_how_often_a_caption_names_its_objects_out_of_reading_order():
-    """shuffled_captions = 0: every full caption names its objects top left first (the list form's cells are in
-    reading order); 1: about half of the multi-object ones do not; every caption still parses back to its scene;
-    0.5 is the stream of earlier versions."""
-    from mixmodal.data.shapes import parse_caption
-
-    def list_forms(share, n=400):
-        config = ShapesConfig(resolution=32, tasks=["caption"], max_objects=4, shuffled_captions=share)
-        out = []
-        for i in range(n):
-            doc = shapes_document(config, "train", i)
-            scene = Scene.from_dict(doc.metadata["scenes"][0])
-            assert parse_caption(doc.texts[0]) == scene, doc.texts[0]
-            cells = re.findall(r"\(([a-z ,]+)\)", doc.texts[0])
-            if len(cells) > 1 and all("," not in c for c in cells):  # the list form, one object a group
-                out.append([POSITIONS.index(c) for c in cells])
-        return out
-
-    ordered, shuffled = list_forms(0.0), list_forms(1.0)
-    assert len(ordered) > 20 and all(c == sorted(c) for c in ordered)
-    assert sum(c != sorted(c) for c in shuffled) > 0.3 * len(shuffled)
-    base = ShapesConfig(resolution=32, tasks=["caption"])
-    assert [shapes_document(base, "train", i).texts for i in range(50)] == \
-        [shapes_document(ShapesConfig(resolution=32, tasks=["caption"], shuffled_captions=0.5), "train", i).texts
-         for i in range(50)]
-    with pytest.raises(ValueError, match="shuffled_captions"):
-        ShapesConfig(shuffled_captions=2.0)
 
 
 def test_repeat_shapes_draws_counts_of_three_and_four_and_keeps_the_rules():

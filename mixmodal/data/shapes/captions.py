@@ -95,16 +95,16 @@ def object_phrase(obj: ShapeObject, count: int, rng: np.random.Generator, articl
     return f"{determiner}{words}{singular}"
 
 
-def _groups(scene: Scene, rng: np.random.Generator, shuffle: float = 0.5) -> list[tuple[ShapeObject, list[str]]]:
+def _groups(scene: Scene, rng: np.random.Generator) -> list[tuple[ShapeObject, list[str]]]:
     """Objects as (example object, positions) groups: identical objects grouped (most of the
-    time), in reading order or, with probability `shuffle`, in random order."""
+    time), in reading order or shuffled."""
     groups: dict[tuple, tuple[ShapeObject, list[str]]] = {}
     together = rng.random() < 0.7
     for i, obj in enumerate(scene.objects):
         key = (obj.shape, obj.colour, obj.size) if together else i
         groups.setdefault(key, (obj, []))[1].append(obj.position)
     out = list(groups.values())
-    if rng.random() < shuffle:
+    if rng.random() < 0.5:
         out = [out[i] for i in rng.permutation(len(out))]
     return out
 
@@ -133,8 +133,8 @@ def _capitalise(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _object_first(scene: Scene, rng: np.random.Generator, shuffle: float) -> str:
-    groups = _groups(scene, rng, shuffle)
+def _object_first(scene: Scene, rng: np.random.Generator) -> str:
+    groups = _groups(scene, rng)
     pieces = []
     for i, (obj, positions) in enumerate(groups):
         phrase = object_phrase(obj, len(positions), rng)
@@ -158,9 +158,9 @@ def _object_first(scene: Scene, rng: np.random.Generator, shuffle: float) -> str
     return _capitalise(text) + "."
 
 
-def _position_first(scene: Scene, rng: np.random.Generator, shuffle: float) -> str:
+def _position_first(scene: Scene, rng: np.random.Generator) -> str:
     sentences = []
-    for obj, positions in _groups(scene, rng, shuffle):
+    for obj, positions in _groups(scene, rng):
         phrase = object_phrase(obj, len(positions), rng)
         place = ", ".join(where(p, rng) for p in positions[:-1])
         place = (place + " and " if place else "") + where(positions[-1], rng)
@@ -176,10 +176,10 @@ def _position_first(scene: Scene, rng: np.random.Generator, shuffle: float) -> s
     return " ".join(sentences)
 
 
-def _list_form(scene: Scene, rng: np.random.Generator, shuffle: float) -> str:
+def _list_form(scene: Scene, rng: np.random.Generator) -> str:
     article = rng.random() < 0.5
     items = [f"{object_phrase(obj, len(positions), rng, article)} ({', '.join(positions)})"
-             for obj, positions in _groups(scene, rng, shuffle)]
+             for obj, positions in _groups(scene, rng)]
     bg = _background_words(scene, rng)
     if bg is not None:
         items.append(f"background: {bg}")
@@ -187,15 +187,14 @@ def _list_form(scene: Scene, rng: np.random.Generator, shuffle: float) -> str:
     return f"{head}: {pick(rng, ('; ', ', ')).join(items)}."
 
 
-def caption(scene: Scene, rng: np.random.Generator, shuffle: float = 0.5) -> str:
-    """A caption from which `parse_caption` recovers exactly `scene`; its objects in reading order, or with
-    probability `shuffle` in random order (ShapesConfig.shuffled_captions)."""
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption from which `parse_caption` recovers exactly `scene`."""
     u = rng.random()
     if u < 0.55:
-        return _object_first(scene, rng, shuffle)
+        return _object_first(scene, rng)
     if u < 0.8:
-        return _position_first(scene, rng, shuffle)
-    return _list_form(scene, rng, shuffle)
+        return _position_first(scene, rng)
+    return _list_form(scene, rng)
 
 
 # --- parsing ------------------------------------------------------------------------------

@@ -233,11 +233,6 @@ class ShapesConfig:
     # scene does not allow (a relation in a one-object scene) passes to the next. [] keeps the uniform
     # order (the stream of earlier versions).
     partial_categories: list[str] = field(default_factory=list)
-    # Share of full captions that list their objects in random order; the rest list them in reading order
-    # (top left first), so that the order a caption names its objects in says where they are. 1.0 takes that
-    # cue away: a model must read the position words (the latent model at pure noise places the first-named
-    # object left and above whatever the relation says; docs/recipes.md, twelfth session).
-    shuffled_captions: float = 0.5
     seed: int = 0  # seeds the train stream; the held-out splits never depend on it
 
     def __post_init__(self) -> None:
@@ -261,8 +256,6 @@ class ShapesConfig:
             raise ValueError(f"chat_turns must be between 1 and 8 exchanges; got {self.chat_turns!r}")
         if not 0.0 <= self.partial_captions <= 1.0:
             raise ValueError(f"partial_captions must be a share in [0, 1]; got {self.partial_captions!r}")
-        if not 0.0 <= self.shuffled_captions <= 1.0:
-            raise ValueError(f"shuffled_captions must be a share in [0, 1]; got {self.shuffled_captions!r}")
         if not 0.0 <= self.repeat_shapes <= 1.0:
             raise ValueError(f"repeat_shapes must be a share in [0, 1]; got {self.repeat_shapes!r}")
         if self.repeat_shapes > 0 and self.max_objects < 2:

@@ -68,14 +68,14 @@ def shapes_document(config: ShapesConfig, split: str, index: int) -> Document:
         prompt = None
         if config.partial_captions > 0 and rng.random() < config.partial_captions:
             prompt = partial_caption(scene, rng, exact=config.exact_counts, weights=config.category_weights())
-        text = prompt.text if prompt is not None else caption(scene, rng, config.shuffled_captions)
+        text = prompt.text if prompt is not None else caption(scene, rng)
         layout: list = [text, 0]
         meta["caption"] = text
         if prompt is not None:
             meta.update(prompt=prompt.to_dict(), keep_order=True)
     elif task == "plan":
         prompt = partial_caption(scene, rng, exact=config.exact_counts, weights=config.category_weights())
-        text = caption(scene, rng, config.shuffled_captions)
+        text = caption(scene, rng)
         layout = [prompt.text if prompt is not None else text, PLAN_PREFIX + text, 0]
         meta.update(caption=text, keep_order=True)
         if prompt is not None:
@@ -95,7 +95,7 @@ def shapes_document(config: ShapesConfig, split: str, index: int) -> Document:
         scenes = chat.pop("scenes")
         meta.update(turns=turns, **chat)
     else:
-        steps, edits = [caption(scene, rng, config.shuffled_captions)], []
+        steps, edits = [caption(scene, rng)], []
         for k in range(1, config.story_length):
             edit = _next_edit(rng, scenes[-1], config, split)
             steps.append(story_step(edit, scenes[-1], rng, last=k == config.story_length - 1))
