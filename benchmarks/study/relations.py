@@ -5,9 +5,10 @@ mass of the relation's subject sits relative to its anchor.
 
 For "a photo of a <subject> <relation> a <anchor>" the signed offset is the subject's expected column (row for
 above/below) minus the anchor's, with the sign that makes the right direction positive: a model that has learned
-the relation gives positive offsets for all four relations; one that places objects by the order the prompt
-names them gives offsets of one sign for "left of" and the opposite for "right of" (docs/recipes.md, twelfth
-session). Each centroid is labelled by the oracle on a 48 px canvas of that cell alone.
+the relation gives positive offsets (up to ~1 cell) for all four relations. Each prompt is also asked the other
+way round ("a <anchor> <inverse relation> a <subject>", the same scene), and the offset of the first-named
+object from the second-named is reported over both wordings: a model that places objects by the order a prompt
+names them shows it there. Each centroid is labelled by the oracle on a canvas of that cell alone.
 
     python benchmarks/study/relations.py runs/lat-codes --num 64
 """
@@ -21,11 +22,12 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from mixmodal.data.shapes.geneval import image_things, prompt_set
+from mixmodal.data.shapes.geneval import image_things, noun_phrase, prompt_set
 from mixmodal.inference.config import GenerationConfig, GuidanceConfig
 from mixmodal.inference.engine import Engine
 
 RELATIONS = ("left of", "right of", "above", "below")
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def centroid_labels(engine: Engine) -> list[tuple[str, str] | None]:
@@ -70,24 +72,29 @@ def measure(engine: Engine, num: int, prompts: str = "validation") -> dict:
     cols = torch.arange(side * side) % side
     rows = torch.arange(side * side) // side
     offsets: dict[str, list[float]] = {r: [] for r in RELATIONS}
-    masses = []
+    masses, first_named = [], []
     for prompt in prompt_set("position", prompts, num):
-        probs = first_step_beliefs(engine, prompt.text)
         anchor, subject = prompt.include
+        swapped = f"a photo of {noun_phrase(anchor.shape)} {INVERSE[subject.relation]} {noun_phrase(subject.shape)}"
+        for k, text in enumerate((prompt.text, swapped)):
+            probs = first_step_beliefs(engine, text)
 
-        def mass(req) -> torch.Tensor:  # [P]: expected objects of the requirement per patch
-            idx = [i for i, lab in enumerate(labels) if lab is not None and lab[0] == req.shape
-                   and (req.colour is None or lab[1] == req.colour)]
-            return probs[:, idx].sum(1)
+            def mass(req) -> torch.Tensor:  # [P]: expected objects of the requirement per patch
+                idx = [i for i, lab in enumerate(labels) if lab is not None and lab[0] == req.shape
+                       and (req.colour is None or lab[1] == req.colour)]
+                return probs[:, idx].sum(1)
 
-        def centre(m: torch.Tensor) -> tuple[float, float]:
-            w = m / m.sum().clamp_min(1e-9)
-            return float((w * cols).sum()), float((w * rows).sum())
+            def centre(m: torch.Tensor) -> tuple[float, float]:
+                w = m / m.sum().clamp_min(1e-9)
+                return float((w * cols).sum()), float((w * rows).sum())
 
-        (ac, ar), (sc, sr) = centre(mass(anchor)), centre(mass(subject))
-        offsets[subject.relation].append({"left of": ac - sc, "right of": sc - ac, "above": ar - sr,
-                                          "below": sr - ar}[subject.relation])
-        masses.append((float(mass(anchor).sum()), float(mass(subject).sum())))
+            (ac, ar), (sc, sr) = centre(mass(anchor)), centre(mass(subject))
+            if anchor.shape != subject.shape:  # (the same shape twice: no way to tell the two apart)
+                first, second = ((sc, sr), (ac, ar)) if k == 0 else ((ac, ar), (sc, sr))
+                first_named.append((first[0] - second[0], first[1] - second[1]))
+            offsets[subject.relation].append({"left of": ac - sc, "right of": sc - ac, "above": ar - sr,
+                                              "below": sr - ar}[subject.relation])
+            masses.append((float(mass(anchor).sum()), float(mass(subject).sum())))
     out = {"labelled_centroids": sum(lab is not None for lab in labels), "centroids": len(labels), "relations": {}}
     for rel, values in offsets.items():
         v = np.array(values)
@@ -95,6 +102,8 @@ def measure(engine: Engine, num: int, prompts: str = "validation") -> dict:
                                  "right_way": float((v > 0).mean()) if len(v) else None}
     every = np.concatenate([np.array(v) for v in offsets.values()])
     out["all"] = {"n": len(every), "mean_offset": float(every.mean()), "right_way": float((every > 0).mean())}
+    f = np.array(first_named)
+    out["first_named_minus_second"] = {"n": len(f), "columns": float(f[:, 0].mean()), "rows": float(f[:, 1].mean())}
     out["expected_objects"] = {"anchor": float(np.mean([m[0] for m in masses])),
                                "subject": float(np.mean([m[1] for m in masses]))}
     return out
@@ -103,7 +112,7 @@ def measure(engine: Engine, num: int, prompts: str = "validation") -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a run or model folder of a latent model with image.patch_codes > 0")
-    p.add_argument("--num", type=int, default=64, help="position prompts")
+    p.add_argument("--num", type=int, default=64, help="position prompts (each asked both ways round)")
     p.add_argument("--prompts", default="validation", choices=["validation", "heldout"])
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -116,6 +125,9 @@ def main() -> None:
     print(f"all       n={r['all']['n']:3d}  mean signed offset {r['all']['mean_offset']:+.3f}  right way "
           f"{r['all']['right_way']:.2f}; expected objects: anchor {r['expected_objects']['anchor']:.2f}, subject "
           f"{r['expected_objects']['subject']:.2f}")
+    f = r["first_named_minus_second"]
+    print(f"first-named minus second-named object (both wordings, n={f['n']}): {f['columns']:+.3f} columns, "
+          f"{f['rows']:+.3f} rows")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, **r}, f, indent=1)
