@@ -45,10 +45,9 @@ from mixmodal.model import lora
 from mixmodal.model.bundle import (HF_CONFIG_FILE, IMAGE_TOKENIZER_DIR, MODEL_DIR, TEXT_TOKENIZER_DIR, TRAINING_FILE,
                                    VOCAB_MAP_FILE, Bundle, load_text_tokenizer, read_chat_template, read_model_settings,
                                    write_generation_settings)
-from mixmodal.model.fusion import FusionModel
+from mixmodal.model.fusion import FusionModel, patchify
 from mixmodal.model.io import (WEIGHTS_FILE, check_model_state, read_model_state, save_model_dir, tied_aliases,
                                write_model_dir)
-from mixmodal.model.fusion import patchify
 from mixmodal.objectives.diffusion import build_schedule, clean_patch_mask, diffusion_loss, patch_code_loss, patch_map
 from mixmodal.objectives.next_token import next_token_loss
 from mixmodal.retrieval.augment import RetrievalAugmenter
