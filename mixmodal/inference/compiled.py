@@ -36,8 +36,8 @@ def check_compiler(device: torch.device | str) -> None:
         return
     if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
         raise ValueError("compile=True (--compile) builds the decoding kernels with a C++ compiler at run time "
-                           "(torch.compile's CPU backend), and none is on PATH: install g++ (apt install g++) or set "
-                           "CXX, or generate without --compile")
+                         "(torch.compile's CPU backend), and none is on PATH: install g++ (apt install g++) or set "
+                         "CXX, or generate without --compile")
 
 
 def compile_blocks(model: nn.Module) -> nn.Module:

@@ -36,7 +36,6 @@ from mixmodal.inference.detokenize import IncrementalDetokenizer
 from mixmodal.inference.events import (End, Event, GenerationResult, ImageDone, ImagePreview, ImageStarted,
                                         TextDelta)
 from mixmodal.inference.logits import contrastive_scores, guide, guided_scores, repetition_penalty, sample
-from mixmodal.inference.compiled import check_compiler
 from mixmodal.inference.precision import HalfWeights
 from mixmodal.inference.prompt import PromptError, PromptLike, encode_prompt, prompt_ids, stream_segments, to_document
 from mixmodal.model.bundle import GENERATION_FILE, IMAGE_TOKENIZER_DIR, Bundle, load_bundle
@@ -61,17 +60,12 @@ class Engine:
         self.image_tokenizer = image_tokenizer.eval() if image_tokenizer is not None else None
         self.vocab = model.vocab
         image = model.config.image
-        self.mode = image.mode
-        self.per_image = image.positions_per_image
+        self.mode, self.per_image = image.mode, image.positions_per_image
         self.max_length = max_length
         self.device = next(model.parameters()).device
         self.dtype = dtype  # bf16 / fp16: autocast over a copy whose Linear weights are cast once (precision.py)
-        # compile: the copy's blocks compiled for decoding (inference/compiled.py); in float32 that needs a copy too
-        self.compile = compile
-        if compile:
-            check_compiler(self.device)
-        half = dtype in (torch.bfloat16, torch.float16)
-        self._half = HalfWeights(model, dtype if half else torch.float32, compile=compile) if half or compile else None
+        half = compile or dtype in (torch.bfloat16, torch.float16)  # compile (inference/compiled.py): a copy in fp32 too
+        self._half = HalfWeights(model, dtype or torch.float32, compile=compile) if half else None
         self.decode_images = decode_images  # False: ImageDone / documents carry no pixels (benchmarks)
         self.image_generation = image_generation  # False: <boi> is never sampled (base Chameleon; generation.yaml)
         # how a conversation prompt is laid out (data/chat.py): "mixmodal" for a model tuned on conversations,
@@ -118,9 +112,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                         *, require_image_tokenizer: bool = True, compile: bool = False) -> "Engine":
-        """The engine of a run or model folder (model/bundle.py `load_bundle`). Without image_tokenizer/ it can only
-        write text; `require_image_tokenizer` makes that an error naming the missing folder. `compile`: decoding
-        through compiled blocks (inference/compiled.py)."""
+        """A run or model folder's engine (`load_bundle`; without image_tokenizer/ it writes only text, an error
+        naming the folder with `require_image_tokenizer`); `compile`: decode through inference/compiled.py."""
         return cls.from_bundle(load_bundle(path, device=device, dtype=dtype,
                                            require_image_tokenizer=require_image_tokenizer), compile=compile)
 
@@ -129,8 +122,7 @@ class Engine:
         """The engine of a Bundle: its model, tokenizers and generation settings (`checkpoint`: its folder)."""
         engine = cls(bundle.model, bundle.text_tokenizer, bundle.image_tokenizer, diffusion=bundle.diffusion,
                      max_length=bundle.max_length, dtype=bundle.dtype, image_generation=bundle.image_generation,
-                     chat_template=bundle.chat_template, image_preprocessing=bundle.image_preprocessing,
-                     compile=compile)
+                     chat_template=bundle.chat_template, image_preprocessing=bundle.image_preprocessing, compile=compile)
         engine.image_sampling = bundle.image_sampling
         if bundle.folder is not None:
             engine.checkpoint = str(bundle.folder)

@@ -21,6 +21,7 @@ import copy
 import torch
 from torch import nn
 
+from mixmodal.inference.compiled import check_compiler, compile_blocks
 from mixmodal.model.transformer import fuse_projections
 
 
@@ -54,6 +55,8 @@ class HalfWeights:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, fuse: bool = True, compile: bool = False) -> None:
         self.source, self.dtype, self.fuse, self.compile = model, dtype, fuse, compile
+        if compile:  # before any step: say so if the run-time C++ compiler is missing
+            check_compiler(next(model.parameters()).device)
         self._copy: nn.Module | None = None
         self._versions: list[int] = []
 
@@ -62,8 +65,6 @@ class HalfWeights:
         if self._copy is None or versions != self._versions:
             copy_ = inference_copy(self.source, self.dtype) if self.fuse else cast_linears(self.source, self.dtype)
             if self.compile:
-                from mixmodal.inference.compiled import compile_blocks
-
                 compile_blocks(copy_)
             self._copy, self._versions = copy_, versions
         return self._copy
