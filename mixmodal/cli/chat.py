@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mixmodal.cli.common import add_engine_options
 from mixmodal.flags import GENERATION_FLAGS, add_flags, given
 
 
@@ -26,11 +27,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     })
     p.add_argument("--seed", type=int, default=0, help="reply k draws from seed + k")
     p.add_argument("--system", default="", help="a system message that opens the conversation")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile'd blocks (needs a C++ compiler on a CPU; the first call "
-                        "compiles for ~10-40 s, then each step is faster: docs/generation.md)")
+    add_engine_options(p)
     p.add_argument("--out", default="chat_out", help="where drawn images and /save go (default chat_out)")
     p.set_defaults(func=cmd_chat)
 

@@ -16,6 +16,15 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=None, help="images with more pixels are skipped (decompression-bomb guard)")
 
 
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --compile: how the verbs that load an engine (generate, chat, serve) run it."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile'd blocks (needs a C++ compiler on a CPU; the first call "
+                        "compiles for ~10-40 s, then each step is faster: docs/generation.md)")
+
+
 def source_from(args: argparse.Namespace):
     """The source that add_source_options described (SOURCE, --strict, --max-pixels)."""
     from mixmodal.data.sources import open_source

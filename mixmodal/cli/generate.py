@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from mixmodal.cli.common import add_engine_options
 from mixmodal.flags import GENERATION_FLAGS, add_flags, given
 
 
@@ -26,11 +27,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="document i of the output (prompts outer, samples inner) draws from seed + i")
     p.add_argument("--num", type=int, default=1, help="samples per prompt")
     add_flags(p, GENERATION_FLAGS, ["steps", "max_new_tokens", "max_images", "temperature"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile'd blocks (needs a C++ compiler on a CPU; the first call "
-                        "compiles for ~10-40 s, then each step is faster: docs/generation.md)")
+    add_engine_options(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--quiet", action="store_true", help="do not stream the text as it is written")
     p.add_argument("--retrieve", type=int, default=0, metavar="K",

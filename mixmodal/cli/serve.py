@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from mixmodal.cli.common import add_engine_options
+
 
 def register(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching (docs/serve.md)",
@@ -21,11 +23,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--index", default=None, metavar="INDEX",
                    help="memory bank for requests with `retrieve: k` (default: the one the model was trained with, if any)")
     p.add_argument("--encoder", default=None, metavar="DIR", help="dual encoder for --index (default: the index's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile'd blocks (needs a C++ compiler on a CPU; the first call "
-                        "compiles for ~10-40 s, then each step is faster: docs/generation.md)")
+    add_engine_options(p)
     p.set_defaults(func=cmd_serve)
 
 

@@ -253,11 +253,19 @@ def diffusion_loss(prediction: Tensor, target: Tensor, *, weight: float, image_w
     if image_weights is None and element_mask is None:
         return weight * F.mse_loss(prediction.float(), target.float())
     error = (prediction.float() - target.float()).square().flatten(1)
+    mask = None if element_mask is None else element_mask.expand_as(prediction).flatten(1)
+    return _image_mean(error, weight, image_weights, mask)
+
+
+def _image_mean(error: Tensor, weight: float, image_weights: Tensor | None, mask: Tensor | None) -> Tensor:
+    """weight * the mean over images (first dim; weighted by `image_weights` [N] when given) of each image's mean
+    of `error` [N, E] over its elements (those `mask` [N, E] keeps, when given: an image with none weighs 0)."""
     w = None if image_weights is None else image_weights.float().to(error.device)
-    if element_mask is None:
+    if mask is None:
         per_image = error.mean(1)
+        w = torch.ones_like(per_image) if w is None else w
     else:
-        m = element_mask.expand_as(prediction).flatten(1).float()
+        m = mask.float()
         count = m.sum(1)
         per_image = (error * m).sum(1) / count.clamp(min=1.0)
         w = (count > 0).float() if w is None else w * (count > 0)
@@ -272,13 +280,7 @@ def patch_code_loss(logits: Tensor, codes: Tensor, *, weight: float, image_weigh
     if logits.shape[:-1] != codes.shape:
         raise ValueError(f"code logits {tuple(logits.shape)} do not match codes {tuple(codes.shape)} (N, P)")
     ce = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten(), reduction="none").view(codes.shape)
-    m = torch.ones_like(ce) if patch_mask is None else patch_mask.float()
-    count = m.sum(1)
-    per_image = (ce * m).sum(1) / count.clamp(min=1.0)
-    w = (count > 0).float()
-    if image_weights is not None:
-        w = w * image_weights.float().to(ce.device)
-    return weight * (w * per_image).sum() / w.sum().clamp(min=1e-8)
+    return _image_mean(ce, weight, image_weights, patch_mask)
 
 
 def clean_patch_mask(n: int, num_patches: int, share: float, generator: torch.Generator) -> Tensor:

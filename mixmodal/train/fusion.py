@@ -198,8 +198,6 @@ class FusionTask(TaskBase):
         of data.source (encoded as training encodes them): a pure function of the source, so every rank and a
         restarted run fit the same ones (a resume loads the checkpoint's anyway)."""
         image = self.config.model.image
-        encoder = DocumentEncoder(self.text_tokenizer, self.image_tokenizer, self.vocab, image.mode, self.device,
-                                  chat_template=self.chat_template, image_preprocessing=self.image_preprocessing)
         source = open_image_source(self.config.data.source, self.image_tokenizer.config.resolution)
         images = []
         for doc in source:
@@ -209,7 +207,7 @@ class FusionTask(TaskBase):
         if not images:
             raise ConfigError(f"model.image.patch_codes={image.patch_codes}: data.source={self.config.data.source} "
                               "yielded no images to fit the patch centroids on")
-        latents = torch.stack(encoder.encode_images(images[:PATCH_CODE_IMAGES]))
+        latents = torch.stack(self._encoder().encode_images(images[:PATCH_CODE_IMAGES]))
         X = patchify(latents, image.patch_size).flatten(0, 1).cpu()
         centroids, _ = fit_codebook(X, image.patch_codes, torch.round(X * 1000).long(), iterations=25,
                                     seed=self.config.trainer.seed)
@@ -222,8 +220,12 @@ class FusionTask(TaskBase):
         return {"noise": self.noise}
 
     def _patch_codebook(self, model) -> torch.Tensor:
-        base = getattr(model, "module", model)  # under DDP
-        return getattr(base, "_orig_mod", base).patch_codebook  # under torch.compile
+        return getattr(model, "module", model).patch_codebook  # under DDP, the wrapped model's
+
+    def _encoder(self) -> DocumentEncoder:
+        """Documents -> ids and latents, as training, evaluation and the patch centroids' fit read them."""
+        return DocumentEncoder(self.text_tokenizer, self.image_tokenizer, self.vocab, self.config.model.image.mode,
+                               self.device, chat_template=self.chat_template, image_preprocessing=self.image_preprocessing)
 
     def _batches(self, spec: str, batch_size: int, endless: bool, rank: int, world: int) -> FusionBatches:
         resolution = self.image_tokenizer.config.resolution
@@ -234,9 +236,7 @@ class FusionTask(TaskBase):
             s.log.strict = self.config.data.strict
             return s
 
-        encoder = DocumentEncoder(self.text_tokenizer, self.image_tokenizer, self.vocab, self.config.model.image.mode,
-                                  self.device, chat_template=self.chat_template,
-                                  image_preprocessing=self.image_preprocessing)
+        encoder = self._encoder()
         augmenter = None
         if self.config.data.retrieval.enabled:
             augmenter = RetrievalAugmenter(self.config.data.retrieval, encoder, seed=self.config.trainer.seed,
