@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
-from mixmodal.model.masks import AttentionMask, dense_mask, reference_attention
+from mixmodal.model.masks import BAND, AttentionMask, banded_attention, dense_mask, reference_attention
 from mixmodal.model.transformer import Rotary, Transformer, TransformerConfig, apply_rotary
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on CPU, by design
@@ -92,6 +92,46 @@ def test_kv_suffix_matches_the_rows_of_the_full_attention():
     one_step = AttentionMask.build(docs[:, -1:], images[:, -1:], key_document_ids=docs, key_image_ids=images,
                                    query_offset=29, backend="auto")
     assert (one_step.attend(q[:, :, -1:], k, v) - full[:, :, -1:]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_banded_attention_matches_the_reference_with_its_gradients(packed):
+    """The compiled CPU training path: bands of 64 queries, a last band shorter, GQA, packed documents
+    with padding; outputs and gradients of q, k and v as the float32 reference gives them."""
+    length = 2 * BAND + 21
+    docs = torch.zeros(2, length, dtype=torch.long)
+    if packed:
+        docs, _ = random_layout(2, length, seed=3)
+    images = torch.full_like(docs, -1)
+    mask = AttentionMask.build(docs, images, backend="sdpa")
+    assert (mask.kind, mask.causal_band) == (("dense", True) if packed else ("causal", False))
+    q, k, v = (x.requires_grad_() for x in qkv(2, 4, 2, length, seed=1))
+    expected = reference_attention(q, k, v, dense_mask(docs, images))
+    out = banded_attention(q, k, v, mask.dense)
+    assert (out - expected).abs().max() <= 1e-5
+    grads = torch.autograd.grad((out * expected.detach()).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * expected.detach()).sum(), (q, k, v))
+    for g, e in zip(grads, expected_grads):
+        assert (g - e).abs().max() <= 1e-4
+
+
+def test_only_a_compiled_cpu_training_step_with_a_causal_mask_takes_the_bands():
+    length = 2 * BAND
+    docs, images = random_layout(1, length, seed=2)
+    q, k, v = qkv(1, 4, 4, length)
+    packed = AttentionMask.build(docs, torch.full_like(docs, -1), backend="sdpa")
+    with_images = AttentionMask.build(docs, images, backend="sdpa")
+    assert not with_images.causal_band  # a later key inside an image block: not in the band
+    decide = torch.compile(lambda mask, q, k: torch.tensor(mask._banded(q, k, 0.0)), backend="eager", fullgraph=True)
+    grad_q = q.clone().requires_grad_()
+    assert decide(packed, grad_q, k) and not packed._banded(grad_q, k, 0.0)  # compiled only
+    assert not decide(packed, q, k)  # inference: SDPA's forward is as fast
+    assert not decide(with_images, grad_q, k)
+    short = AttentionMask.build(docs[:, :BAND], torch.full_like(docs[:, :BAND], -1), backend="sdpa")
+    assert not decide(short, grad_q[:, :, :BAND], k[:, :, :BAND])  # one band: nothing to skip
+    traced = torch.compile(lambda q, k, v: packed.attend(q, k, v), backend="eager", fullgraph=True)
+    expected = reference_attention(grad_q, k, v, dense_mask(docs, torch.full_like(docs, -1)))
+    assert (traced(grad_q, k, v) - expected).abs().max() <= 1e-5
 
 
 # --- transformer ------------------------------------------------------------------------------

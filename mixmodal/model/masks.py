@@ -15,7 +15,11 @@ Two implementations of the same rule:
 - `AttentionMask.build(...)` -> `.attend(q, k, v)`: the fast path. A row that is one
   causal document with no image block takes SDPA's `is_causal` kernel; otherwise SDPA
   with the boolean mask, or a FlexAttention block mask on CUDA (`backend="flex"`, or
-  "auto" there), which skips whole blocks that are masked out.
+  "auto" there), which skips whole blocks that are masked out. Training through
+  torch.compile on a CPU, a causal mask (one document, or packed documents without
+  image blocks) takes `banded_attention`: a band of queries at a time against only the
+  keys up to the band's end, which inductor fuses; its backward is 1.3-1.9x faster
+  than SDPA's CPU flash backward at head dim 32, and FlexAttention has no CPU backward.
 The tests check the fast paths against `reference_attention(dense_mask(...))`.
 
 Queries may be a suffix of the keys (a KV cache): `query_offset` is the index of the first
@@ -82,6 +86,7 @@ class AttentionMask:
     kind: Literal["causal", "dense", "flex", "full", "reference"]  # full: every query sees every key
     dense: torch.Tensor | None = None  # [B, 1, Tq, Tk] bool (kind dense/reference)
     block_mask: object | None = None  # FlexAttention BlockMask (kind flex)
+    causal_band: bool = False  # kind dense: no key after its query (no image block, no cache)
 
     @classmethod
     def build(
@@ -111,7 +116,7 @@ class AttentionMask:
             return cls("flex", block_mask=_flex_block_mask(document_ids, image_ids))
         mask = dense_mask(document_ids, image_ids, key_document_ids=key_document_ids,
                           key_image_ids=key_image_ids, query_offset=query_offset)
-        return cls("dense", dense=mask[:, None])
+        return cls("dense", dense=mask[:, None], causal_band=not cached and not bool((image_ids >= 0).any()))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0,
                scale: float | None = None) -> torch.Tensor:
@@ -126,9 +131,47 @@ class AttentionMask:
                 raise ValueError("FlexAttention has no attention dropout; set model.transformer.attention_dropout=0 "
                                  "or model.attention_backend=sdpa")
             return _flex_attention(q.is_cuda)(q, k, v, block_mask=self.block_mask, scale=scale, enable_gqa=gqa)
+        if self._banded(q, k, dropout_p):
+            return banded_attention(q, k, v, self.dense, scale=scale)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=self.dense, is_causal=self.kind == "causal", dropout_p=dropout_p, scale=scale,
             enable_gqa=gqa)
+
+    def _banded(self, q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
+        """Take `banded_attention`: a CPU training step traced by torch.compile, with a mask inside the causal band."""
+        causal = self.kind == "causal" or (self.kind == "dense" and self.causal_band)
+        return (causal and not dropout_p and q.device.type == "cpu" and q.requires_grad
+                and q.shape[2] == k.shape[2] > BAND and torch.compiler.is_compiling())
+
+
+BAND = 64  # queries per band in banded_attention (32 and 128 measured no better at T = 512)
+
+
+def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                     scale: float | None = None, band: int = BAND) -> torch.Tensor:
+    """Causal attention one band of queries at a time, each against the keys up to the band's end only.
+
+    q [B,H,T,D], k/v [B,Hkv,T,D]; `mask` [B,1,T,T] bool, inside the causal band (None: plain causal).
+    A query head group shares its key head by broadcasting (no repeated k/v), and q and k are cast
+    to float32 once: scores and softmax in float32, as SDPA's kernels accumulate. Under torch.compile
+    each band's mask and softmax fuse into one loop, and the work above the diagonal is skipped band
+    by band.
+    """
+    b, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    scale = dim ** -0.5 if scale is None else scale
+    queries = (q.float() * scale).view(b, kv_heads, heads // kv_heads, length, dim)
+    keys, values = k.float()[:, :, None], v[:, :, None]
+    out = []
+    for start in range(0, length, band):
+        end = min(start + band, length)
+        scores = queries[:, :, :, start:end] @ keys[..., :end, :].transpose(-1, -2)  # [B, Hkv, G, band, end]
+        allowed = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(start)
+        if mask is not None:
+            allowed = allowed & mask[:, :, None, start:end, :end]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out.append(scores.softmax(-1).to(v.dtype) @ values[..., :end, :])
+    return torch.cat(out, dim=3).view(b, heads, length, dim)
 
 
 _COMPILED_FLEX = None
@@ -159,4 +202,4 @@ def _flex_block_mask(document_ids: torch.Tensor, image_ids: torch.Tensor):
     return create_block_mask(rule, batch, None, length, length, device=document_ids.device)
 
 
-__all__ = ["AttentionMask", "dense_mask", "reference_attention"]
+__all__ = ["AttentionMask", "banded_attention", "dense_mask", "reference_attention"]
