@@ -11,7 +11,7 @@ or 48 (the token recipe's: factored k-means codes computed in ~10 s, its 6-layer
 (CFG 7.5, temperature 0.7, plausibility 0.1), 1-4 objects, 1,200 steps).
 
 What it does, each step skipped when its output already exists (so a second call only
-re-evaluates):
+re-evaluates, and a model whose training stopped part-way resumes from its last checkpoint):
   1. image tokenizer: the level's (configs/tokenizers/vq-demo-32.yaml or kmeans-shapes-48-f16.yaml), unless --vq DIR;
   2. dual encoder: configs/retrieval/dual-encoder-shapes-{32,48}.yaml, unless --encoder DIR;
   3. recall@1/@5/@10, text -> image and image -> text, over --recall-pairs held-out caption
@@ -176,9 +176,11 @@ def main() -> None:
         run_dir = out / f"k{k}"
         if not (run_dir / "model" / "model.safetensors").is_file():
             retrieval = [f"data.retrieval.index={bank}", f"data.retrieval.k={k}"] if k else []
+            # a run stopped part-way (a session's end) continues from its last checkpoint
+            resume = ["--resume"] if any((run_dir / "checkpoints").glob("step_*")) else []
             timed(f"train_k{k}", lambda: mixmodal("train", level["fusion"], "--out", str(run_dir),
                                                   f"data.image_tokenizer={vq}", f"trainer.steps={args.steps}",
-                                                  *retrieval, *args.overrides))
+                                                  *retrieval, *args.overrides, *resume))
         eval_json = json.loads((run_dir / "eval.json").read_text())
         scores = {split: evaluate(run_dir / "model", k, bank, c, args.cfg, args.seed, max_similarity=args.max_similarity,
                                   temperature=level["temperature"], plausibility=level["plausibility"])
