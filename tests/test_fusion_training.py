@@ -211,6 +211,31 @@ def test_losses_fall_on_a_repeated_batch(tokenizers, mode, overrides):
         assert history[-1][k] < 0.7 * history[0][k], (k, history[0][k], history[-1][k])
 
 
+@pytest.mark.parametrize("read", [False, True])
+def test_noise_limit_read_caps_the_images_a_text_target_reads(tokenizers, monkeypatch, read):
+    from mixmodal.train.fusion import FusionTask, fill_model_config
+
+    config = _config("latents", tokenizers, f"diffusion.noise_limit_read={str(read).lower()}")
+    fill_model_config(config)
+    task = FusionTask(config)
+    task.setup(torch.device("cpu"))
+    model = task.build_models()["model"]
+    batch = next(task.data_iterator())
+    n = batch["image_latents"].shape[0]
+    batch["image_limited"] = torch.zeros(n, dtype=torch.bool)
+    batch["image_read"] = torch.arange(n) % 2 == 0
+    seen = {}
+    sample = task.schedule.sample_times
+
+    def spy(count, **kwargs):
+        seen["limited"] = kwargs["limited"].clone()
+        return sample(count, **kwargs)
+
+    monkeypatch.setattr(task.schedule, "sample_times", spy)
+    task.losses(model, batch, task.noise)
+    assert seen["limited"].tolist() == (batch["image_read"] if read else batch["image_limited"]).tolist()
+
+
 @pytest.mark.parametrize("mode, extra", [("tokens", []), ("latents", []), ("latents", ["model.image.patch_codes=16"])])
 def test_resume_is_bitwise_exact(tokenizers, tmp_path, mode, extra):
     common = ["trainer.steps=6", "trainer.save_every=3", "model.transformer.dropout=0.1", *extra]

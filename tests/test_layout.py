@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixmodal.data.layout import drop_conditioning, lay_out, unconditional
+from mixmodal.data.layout import drop_conditioning, join_flats, lay_out, unconditional
 from mixmodal.data.pipeline import DocumentEncoder, FusionBatches, PipelineConfig
 from mixmodal.data.segments import Segment
 from mixmodal.data.shapes import ShapesConfig
@@ -105,6 +105,28 @@ def test_conditioning_dropout_rate_and_what_it_leaves_alone(text_tokenizer):
     assert unconditional([text, image, text], "mask", vocab, keep_images=True)[0].ids == [vocab.mask(0)]
     with pytest.raises(ValueError, match="uncond"):
         PipelineConfig(uncond="nothing")
+
+
+def test_an_image_is_read_when_a_text_target_follows_it(text_tokenizer):
+    """`read` (diffusion.noise_limit_read caps it too): a caption or answer after the image reads it; a
+    prompt after it does not (no target), nor does the text before it."""
+    vocab = Vocab(300, 32)
+    image = Segment("image", [], image=0)
+    caption, prompt = Segment("text", [5, 6]), Segment("text", [7], loss=False)
+    flags = {}
+    for name, parts in {"image first": [image, caption], "caption first": [caption, image],
+                        "vqa": [prompt, image, caption], "no target after": [caption, image, prompt]}.items():
+        flat, _ = lay_out(parts, vocab, "latents", 4)
+        flags[name] = (flat.limited, flat.read)
+    assert flags == {"image first": ([True], [True]), "caption first": ([False], [False]),
+                     "vqa": ([False], [True]), "no target after": ([False], [False])}
+    joined = join_flats([lay_out([image, caption], vocab, "latents", 4)[0],
+                         lay_out([caption, image], vocab, "latents", 4)[0]], [0.0, 1.0])
+    assert joined.read == [True, False]  # per document: the second part's text does not read the first's image
+    engine = tiny_engine("latents", text_tokenizer)
+    vqa = list(ShapesSource(ShapesConfig(resolution=32, tasks=["vqa"], max_objects=2), num=4))
+    batch, _ = _rows(engine, vqa)
+    assert batch["image_read"].tolist() == [True] * 4 and batch["image_limited"].tolist() == [False] * 4
 
 
 def test_lay_out_truncates_at_a_part_boundary_and_drops_empty_documents():

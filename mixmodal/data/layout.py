@@ -61,6 +61,7 @@ class Flat:
     latents: torch.Tensor | None
     weights: list[float] | None = None  # per token: loss weight when it is a target (None: all 1)
     image_loss: list[bool] | None = None  # per image: is it a target (None: all are); latents: else fed clean
+    read: list[bool] | None = None  # per image: a text target follows it (a caption or answer reads it; None: none)
 
 
 def encode_document(doc: Document, text_tokenizer, contents: Sequence[torch.Tensor], mode: str,
@@ -142,7 +143,7 @@ def lay_out(segments: Sequence[Segment], vocab: Vocab, mode: str, positions_per_
             latents: torch.Tensor | None = None) -> tuple[Flat | None, str]:
     """Segments -> the sequence from `<bos>` (and `<eos>` when `eos`). Cut at a part boundary to
     fit `max_len` positions. Returns (flat or None, "" | "truncated" | "dropped")."""
-    ids, ok, images, limited, image_loss = [vocab.bos], [False], [], [], []
+    ids, ok, images, limited, image_loss, read = [vocab.bos], [False], [], [], [], []
     seen_text = False
     status = ""
     reserve = 1 if eos else 0
@@ -155,6 +156,8 @@ def lay_out(segments: Sequence[Segment], vocab: Vocab, mode: str, positions_per_
             ids += take
             ok += [seg.loss] * len(take)
             seen_text = seen_text or bool(take)
+            if seg.loss and take:
+                read = [True] * len(read)
             if status:
                 break
             continue
@@ -170,6 +173,7 @@ def lay_out(segments: Sequence[Segment], vocab: Vocab, mode: str, positions_per_
         ok.append(seg.loss)
         images.append((len(ids), n, seg.image))
         limited.append(not seen_text)
+        read.append(False)
         image_loss.append(seg.loss)
         ids += content
         ok += [seg.loss and mode == "tokens"] * n
@@ -183,7 +187,8 @@ def lay_out(segments: Sequence[Segment], vocab: Vocab, mode: str, positions_per_
     chosen = None
     if mode == "latents" and images and latents is not None:
         chosen = latents[torch.tensor([im for _, _, im in images])]
-    return Flat(index, ids, ok, images, limited, chosen, image_loss=None if all(image_loss) else image_loss), status
+    return Flat(index, ids, ok, images, limited, chosen, image_loss=None if all(image_loss) else image_loss,
+                read=read), status
 
 
 def cut_to_turn(flat: Flat, vocab: Vocab) -> Flat | None:
@@ -200,14 +205,16 @@ def cut_to_turn(flat: Flat, vocab: Vocab) -> Flat | None:
     return Flat(flat.index, flat.ids[:n] + [vocab.eos], flat.targets_ok[:n] + [True], [flat.images[k] for k in keep],
                 [flat.limited[k] for k in keep], latents,
                 None if flat.weights is None else flat.weights[:n] + [flat.weights[n - 1]],
-                None if image_loss is None or all(image_loss) else image_loss)
+                None if image_loss is None or all(image_loss) else image_loss,
+                None if flat.read is None else [flat.read[k] for k in keep])
 
 
 def join_flats(parts: Sequence[Flat], weights: Sequence[float]) -> Flat:
     """Documents laid out back to back as one attention segment (retrieved documents, then
     the document itself); the last part's index names the result."""
-    ids, ok, images, limited, latents, w, image_loss = [], [], [], [], [], [], []
+    ids, ok, images, limited, latents, w, image_loss, read = [], [], [], [], [], [], [], []
     for part, weight in zip(parts, weights):
+        read += part.read or [False] * len(part.images)
         images += [(start + len(ids), n, im) for start, n, im in part.images]
         image_loss += part.image_loss or [True] * len(part.images)
         ids += part.ids
@@ -217,7 +224,7 @@ def join_flats(parts: Sequence[Flat], weights: Sequence[float]) -> Flat:
         if part.latents is not None:
             latents.append(part.latents)
     return Flat(parts[-1].index, ids, ok, images, limited, torch.cat(latents) if latents else None, w,
-                None if all(image_loss) else image_loss)
+                None if all(image_loss) else image_loss, read)
 
 
 __all__ = ["Encoded", "Flat", "UNCONDITIONAL", "cut_to_turn", "drop_chat_conditioning", "drop_conditioning", "encode_document", "join_flats", "lay_out",

@@ -45,6 +45,7 @@ A batch is a dict of tensors:
     image_latents [N, C, h, w]  clean scaled VAE latents      (latent mode)
     image_index   [N, P]        flat positions b * T + t      (latent mode)
     image_limited [N] bool      image precedes all text of its document (noise limiting)
+    image_read    [N] bool      a text target of its document follows it (diffusion.noise_limit_read)
     image_loss    [N] bool      image is a target; False (a user's image in a conversation):
                                 fed clean, no diffusion loss           (latent mode)
 Its state is the index of the first document of the next row: resuming restarts the
@@ -170,7 +171,7 @@ class Packer:
         document_ids = torch.full((b, t), -1, dtype=torch.long)
         image_ids = torch.full((b, t), -1, dtype=torch.long)
         weights = torch.zeros((b, t), dtype=torch.float32)
-        latents, index, limited, image_weights, image_loss = [], [], [], [], []
+        latents, index, limited, image_weights, image_loss, read = [], [], [], [], [], []
         image_count = 0
         for r, row in enumerate(rows):
             start = 0
@@ -191,6 +192,7 @@ class Packer:
                         index.append(r * t + start + offset + torch.arange(length))
                         latents.append(flat.latents[k])
                         limited.append(flat.limited[k])
+                        read.append(bool(flat.read and flat.read[k]))
                         target = flat.image_loss is None or flat.image_loss[k]
                         image_loss.append(target)
                         image_weights.append(float(w[offset]) if target else 0.0)
@@ -202,6 +204,7 @@ class Packer:
             batch["image_latents"] = torch.stack(latents) if latents else torch.zeros(0)
             batch["image_index"] = torch.stack(index) if index else torch.zeros(0, 0, dtype=torch.long)
             batch["image_limited"] = torch.tensor(limited, dtype=torch.bool)
+            batch["image_read"] = torch.tensor(read, dtype=torch.bool)
             batch["image_loss"] = torch.tensor(image_loss, dtype=torch.bool)
         if self.weighted:
             batch["loss_weights"] = torch.where(labels != IGNORE, weights, 0.0)
@@ -332,7 +335,7 @@ class FusionBatches:
                     # context, and the image at every noise level (not noise-limited). Its <eos> is
                     # no target: "an image, then the end" would teach a captioner to stop at once
                     # (greedy captions came out empty with it).
-                    flat.limited = [False] * len(flat.limited)
+                    flat.limited, flat.read = [False] * len(flat.limited), None
                     flat.targets_ok[-1] = False
                     yield flat
                     continue

@@ -21,7 +21,9 @@ middle noise levels, where layout and count are decided, than at the low-noise e
 Noise limiting (Transfusion, for captioning): an image that comes before its caption is
 the input of that caption, and a very noisy input teaches the text nothing, so its noise
 is capped at step `noise_limit` (ddpm) or t = noise_limit / T (flow). The caller says
-which images qualify (`limited`); `noise_limit_prob` of those are capped.
+which images qualify (`limited`); `noise_limit_prob` of those are capped. With
+`noise_limit_read`, an image that a later text target reads (VQA: question -> image ->
+answer) qualifies too: its answer is learned from the nearly clean image it reads at inference.
 
 The loss is loss_weight * MSE(prediction, target) in float32 (Transfusion's lambda = 5).
 Samplers: `sampling_times` gives the descending grid, then one of `ddpm_step`
@@ -54,6 +56,9 @@ class DiffusionConfig:
     # largest t is noise_limit / num_timesteps
     noise_limit: int = 500
     noise_limit_prob: float = 1.0  # fraction of the qualifying images that are capped
+    # also qualify every image that a later text target reads (VQA's question -> image -> answer, a caption
+    # after a prompt): Transfusion caps only images with no text before them
+    noise_limit_read: bool = False
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"  # how training draws t (capped images too)
     logit_mean: float = 0.0  # logit_normal: SD3's default
     logit_std: float = 1.0

@@ -260,8 +260,11 @@ class FusionTask(TaskBase):
         if self.latent and batch["image_latents"].numel():
             x0 = batch["image_latents"]
             n = x0.shape[0]
+            limited = batch["image_limited"].cpu()
+            if self.config.diffusion.noise_limit_read:
+                limited = limited | batch["image_read"].cpu()
             t = self.schedule.sample_times(n, generator=generator, device=torch.device("cpu"),
-                                           limited=batch["image_limited"].cpu()).to(x0.device)
+                                           limited=limited).to(x0.device)
             noise = torch.randn(x0.shape, generator=generator).to(x0.device)
             noisy, t, image_weights = noise_images(self.schedule, x0, noise, t, batch.get("image_loss"),
                                                    batch.get("image_weights"))
