@@ -16,9 +16,10 @@ class Scripted:
 
     mode, per_image = "latents", 36
 
-    def __init__(self, docs, wrong: bool = False) -> None:
+    def __init__(self, docs, wrong: bool = False, wrong_kinds: tuple[str, ...] = ()) -> None:
         self.by_first = {id(d.parts[0]): d for d in docs}
         self.wrong = wrong
+        self.wrong_kinds = wrong_kinds
         self.prompts = []
 
     def generate(self, prompts, config, seed):
@@ -30,7 +31,7 @@ class Scripted:
             turns = doc.metadata["turns"]
             start = sum(n for _, n in turns[:2 * turn + 1])
             reply = doc.parts[start:start + turns[2 * turn + 1][1]]
-            if self.wrong:
+            if self.wrong or doc.metadata["exchanges"][turn]["kind"] in self.wrong_kinds:
                 reply = [Text("purple") if isinstance(p, Text) else Image(render(Scene(()), 48)) for p in reply]
             out.append(GenerationResult(len(out), Document(list(reply)), []))
         return out
@@ -52,6 +53,23 @@ def test_replies_like_the_conversation_score_one_and_wrong_ones_zero(docs):
     assert wrong["multi_turn"]["accuracy"] == 0.0
     # follow-ups about a picture the model drew wrongly are not counted (the reference no longer holds)
     assert wrong["multi_turn"]["n"] < right["multi_turn"]["n"]
+
+
+def test_exchanges_after_a_wrong_drawing_are_summarised_apart(docs):
+    """A model that draws requests wrongly but edits, captions and answers as the reference does: the plain
+    accuracies count its edits and answers about its own wrong pictures against the reference; the
+    context-right summaries keep only the exchanges whose earlier pictures it drew right."""
+    config = ChatEvalConfig(num_conversations=60, cfg=1.0, diffusion_steps=1, image_temperature=1.0)
+    rows = play(Scripted(docs, wrong_kinds=("generate",)), docs, config, lambda _: None)
+    out = summarise(rows)
+    assert out["generate"]["accuracy"] == 0.0
+    for kind in ("caption", "vqa", "edit"):
+        right = out[kind]["context_right"]
+        assert 0 < right["n"] < out[kind]["n"] and right["accuracy"] == 1.0, (kind, out[kind])
+    after_drawing = [r for r in rows if r["kind"] == "vqa" and not r["context_ok"]]
+    assert after_drawing and all(r["correct"] == 1.0 for r in after_drawing)  # the scripted answer is the reference
+    opening = [r for r in rows if r["kind"] == "edit" and r["turn"] == 0]
+    assert out["edit"]["first_turn"] == {"accuracy": 1.0, "n": len(opening)} and opening
 
 
 def test_the_model_sees_its_own_earlier_replies(docs):

@@ -17,7 +17,10 @@ is scored by the oracle against what the conversation asked for:
 A reply's modality is the one its exchange asks for (an image for generate and edit, text for
 caption and vqa). Stories are played as context but not scored (the model writes its own plot).
 "Multi-turn consistency" is the accuracy of follow-up exchanges (turn 2 and later) whose earlier
-images the model drew exactly right, so the reference answer holds for what it drew. Edits are
+images the model drew exactly right, so the reference answer holds for what it drew. Each kind is also
+summarised on its exchanges whose context is right (`context_right`: no earlier drawing wrong, no story
+before it): an edit of a picture the model drew wrongly starts from a scene the reference edit does not
+describe, so the plain accuracy mixes editing with the earlier drawing. Edits are
 also run with 3-stream instruct guidance (`edit_image_cfg`, InstructPix2Pix / Meta's Chameleon)
 beside 2-stream guidance, as `edit_3stream`.
 """
@@ -218,9 +221,13 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in SCORED:
         mine = [r for r in rows if r["kind"] == kind]
-        out[kind] = {"accuracy": _mean(mine), "n": len(mine)}
+        right = [r for r in mine if r["context_ok"]]
+        out[kind] = {"accuracy": _mean(mine), "n": len(mine),
+                     "context_right": {"accuracy": _mean(right), "n": len(right)}}
         if kind == "edit":
-            out[kind].update(target=_mean(mine, "target"), kept=_mean(mine, "kept"))
+            first = [r for r in mine if r["turn"] == 0]
+            out[kind].update(target=_mean(mine, "target"), kept=_mean(mine, "kept"),
+                             first_turn={"accuracy": _mean(first), "n": len(first)})
     follow = [r for r in rows if r["turn"] > 0 and r["context_ok"]]
     out["multi_turn"] = {"accuracy": _mean(follow), "n": len(follow),
                          "all_follow_ups": _mean([r for r in rows if r["turn"] > 0])}
@@ -264,6 +271,14 @@ def _write_report(out: Path, metrics: dict, rows: list[dict]) -> None:
         m = metrics[kind]
         extra = f" (target {m['target']:.3f}, kept {m['kept']:.3f})" if kind == "edit" else ""
         lines.append(f"| {kind} | {m['accuracy']:.3f}{extra} | {m['n']} |")
+    lines += ["", "On the exchanges whose context is right (every picture the model drew before it exact, so the",
+              "reference still holds for what it sees; an edit of a wrongly drawn picture is scored against the",
+              "reference scene above):", "", "| exchange | accuracy, context right | n |", "|---|---|---|"]
+    for kind in SCORED:
+        m = metrics[kind]["context_right"]
+        lines.append(f"| {kind} | {m['accuracy']:.3f} | {m['n']} |")
+    first = metrics["edit"]["first_turn"]
+    lines.append(f"| edit, opening exchange (the user's picture) | {first['accuracy']:.3f} | {first['n']} |")
     mt = metrics["multi_turn"]
     lines.append(f"| multi-turn (follow-ups on right images) | {mt['accuracy']:.3f} | {mt['n']} |")
     if "edit_3stream" in metrics:
