@@ -271,19 +271,22 @@ def _write_report(out: Path, metrics: dict, rows: list[dict]) -> None:
         m = metrics[kind]
         extra = f" (target {m['target']:.3f}, kept {m['kept']:.3f})" if kind == "edit" else ""
         lines.append(f"| {kind} | {m['accuracy']:.3f}{extra} | {m['n']} |")
-    lines += ["", "On the exchanges whose context is right (every picture the model drew before it exact, so the",
-              "reference still holds for what it sees; an edit of a wrongly drawn picture is scored against the",
-              "reference scene above):", "", "| exchange | accuracy, context right | n |", "|---|---|---|"]
-    for kind in SCORED:
-        m = metrics[kind]["context_right"]
-        lines.append(f"| {kind} | {m['accuracy']:.3f} | {m['n']} |")
-    first = metrics["edit"]["first_turn"]
-    lines.append(f"| edit, opening exchange (the user's picture) | {first['accuracy']:.3f} | {first['n']} |")
     mt = metrics["multi_turn"]
     lines.append(f"| multi-turn (follow-ups on right images) | {mt['accuracy']:.3f} | {mt['n']} |")
     if "edit_3stream" in metrics:
         e = metrics["edit_3stream"]
         lines.append(f"| edit, 3-stream (image cfg {e['image_cfg']}) | {e['accuracy']:.3f} | {e['n']} |")
+    lines += ["", "On the exchanges whose context is right (every picture the model drew before it exact, so the",
+              "reference still holds for what it sees; above, an edit of a wrongly drawn picture is scored",
+              "against the reference scene):", "", "| exchange | accuracy, context right | n |", "|---|---|---|"]
+    for kind in SCORED:
+        m = metrics[kind]["context_right"]
+        lines.append(f"| {kind} | {m['accuracy']:.3f} | {m['n']} |")
+    first = metrics["edit"]["first_turn"]
+    lines.append(f"| edit, opening exchange (the user's picture) | {first['accuracy']:.3f} | {first['n']} |")
+    if "edit_3stream" in metrics:
+        e = metrics["edit_3stream"]["context_right"]
+        lines.append(f"| edit, 3-stream | {e['accuracy']:.3f} | {e['n']} |")
     lines += ["", f"Overall (mean of the scored exchanges): {metrics['overall']:.3f}", ""]
     images = out / "images"
     images.mkdir(exist_ok=True)
