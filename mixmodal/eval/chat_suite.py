@@ -276,7 +276,8 @@ def _write_report(out: Path, metrics: dict, rows: list[dict]) -> None:
     if "edit_3stream" in metrics:
         e = metrics["edit_3stream"]
         lines.append(f"| edit, 3-stream (image cfg {e['image_cfg']}) | {e['accuracy']:.3f} | {e['n']} |")
-    lines += ["", "On the exchanges whose context is right (every picture the model drew before it exact, so the",
+    lines += ["", f"Overall (mean of the scored exchanges): {metrics['overall']:.3f}", "",
+              "On the exchanges whose context is right (every picture the model drew before it exact, so the",
               "reference still holds for what it sees; above, an edit of a wrongly drawn picture is scored",
               "against the reference scene):", "", "| exchange | accuracy, context right | n |", "|---|---|---|"]
     for kind in SCORED:
@@ -287,7 +288,7 @@ def _write_report(out: Path, metrics: dict, rows: list[dict]) -> None:
     if "edit_3stream" in metrics:
         e = metrics["edit_3stream"]["context_right"]
         lines.append(f"| edit, 3-stream | {e['accuracy']:.3f} | {e['n']} |")
-    lines += ["", f"Overall (mean of the scored exchanges): {metrics['overall']:.3f}", ""]
+    lines.append("")
     images = out / "images"
     images.mkdir(exist_ok=True)
     lines += ["## Replies", ""]
