@@ -236,6 +236,40 @@ def test_noise_limit_read_caps_the_images_a_text_target_reads(tokenizers, monkey
     assert seen["limited"].tolist() == (batch["image_read"] if read else batch["image_limited"]).tolist()
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_clean_read_feeds_the_images_text_reads_clean_and_without_loss(tokenizers, monkeypatch, share):
+    import mixmodal.train.fusion as fusion
+
+    config = _config("latents", tokenizers, f"diffusion.clean_read={share}")
+    fusion.fill_model_config(config)
+    task = fusion.FusionTask(config)
+    task.setup(torch.device("cpu"))
+    model = task.build_models()["model"]
+    batch = next(task.data_iterator())
+    n = batch["image_latents"].shape[0]
+    assert n >= 2
+    batch["image_read"] = torch.arange(n) % 2 == 0
+    batch["image_loss"] = torch.ones(n, dtype=torch.bool)
+    seen = {}
+    real = fusion.noise_images
+
+    def spy(schedule, x0, noise, t, targets, weights):
+        out = real(schedule, x0, noise, t, targets, weights)
+        seen.update(x0=x0, noisy=out[0], weights=out[2])
+        return out
+
+    monkeypatch.setattr(fusion, "noise_images", spy)
+    task.losses(model, batch, task.noise)
+    read = batch["image_read"]
+    same = [torch.equal(seen["noisy"][i], seen["x0"][i]) for i in range(n)]
+    if share:
+        assert same == read.tolist()  # read images clean, the others noised
+        assert seen["weights"].tolist() == (~read).float().tolist()
+    else:
+        assert not any(same)
+        assert seen["weights"] is None or bool((seen["weights"] > 0).all())
+
+
 @pytest.mark.parametrize("mode, extra", [("tokens", []), ("latents", []), ("latents", ["model.image.patch_codes=16"])])
 def test_resume_is_bitwise_exact(tokenizers, tmp_path, mode, extra):
     common = ["trainer.steps=6", "trainer.save_every=3", "model.transformer.dropout=0.1", *extra]

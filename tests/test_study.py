@@ -160,3 +160,40 @@ def test_overdraw_relation_verdicts_tell_right_from_reversed():
     assert verdict(circle("top center"), square("bottom center")) == "neither"  # above, not beside
     assert verdict(circle("center left"), circle("top left"), square("center right")) is None  # two circles
     assert verdict(square("center right")) is None
+
+
+def test_reading_scores_the_row_and_the_column_of_the_object_apart(monkeypatch):
+    """reading.py: a model that names the row right and mirrors the column scores row 1.0, and its column
+    right only where mirroring changes nothing (the centre column)."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("study_reading", Path(__file__).parents[1] / "benchmarks/study/reading.py")
+    reading = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reading)
+    from mixmodal.data.shapes import Scene, caption
+    from mixmodal.data.shapes.scene import POSITIONS
+    from mixmodal.eval.shapes_tasks import ShapesEvalConfig, documents
+
+    docs = documents(ShapesEvalConfig(min_objects=1, max_objects=1), 48, "caption", "heldout", 24)
+
+    def mirrored(doc):
+        obj = Scene.from_dict(doc.metadata["scenes"][0]).objects[0]
+        cell = 3 * obj.row + (2 - obj.column)
+        return Scene((obj.__class__(obj.shape, obj.colour, obj.size, POSITIONS[cell]),))
+
+    class Result:
+        def __init__(self, text):
+            self.document = type("D", (), {"texts": [text]})()
+
+    def fake_generate(engine, prompts, gen, batch_size, seeds, progress, what):
+        assert len(prompts) == len(docs)
+        return [Result(caption(mirrored(d), np.random.default_rng(i))) for i, d in enumerate(docs)]
+
+    monkeypatch.setattr(reading, "_generate", fake_generate)
+    engine = type("E", (), {"image_tokenizer": type("T", (), {"config": type("C", (), {"resolution": 48})()})()})()
+    row = reading.one_object_captions(engine, 24)
+    centre = np.mean([Scene.from_dict(d.metadata["scenes"][0]).objects[0].column == 1 for d in docs])
+    assert row["one_object_parsed"] == 24
+    assert row["row"] == 1.0 and row["colour"] == 1.0 and row["shape"] == 1.0
+    assert row["column"] == round(float(centre), 3) < 1.0
+    assert all(k.split("->")[0] == str(2 - int(k.split("->")[1])) for k in row["columns_true_to_said"])

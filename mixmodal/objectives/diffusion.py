@@ -24,6 +24,9 @@ is capped at step `noise_limit` (ddpm) or t = noise_limit / T (flow). The caller
 which images qualify (`limited`); `noise_limit_prob` of those are capped. With
 `noise_limit_read`, an image that a later text target reads (VQA: question -> image ->
 answer) qualifies too: its answer is learned from the nearly clean image it reads at inference.
+`clean_read` instead feeds a share of those read images clean, with no diffusion loss (the
+caller drops them from the targets), so reading is learned on clean pictures while the others
+keep their full noise range.
 
 The loss is loss_weight * MSE(prediction, target) in float32 (Transfusion's lambda = 5).
 Samplers: `sampling_times` gives the descending grid, then one of `ddpm_step`
@@ -59,6 +62,11 @@ class DiffusionConfig:
     # also qualify every image that a later text target reads (VQA's question -> image -> answer, a caption
     # after a prompt): Transfusion caps only images with no text before them
     noise_limit_read: bool = False
+    # share of the images that a later text target reads (VQA's image, an image-first caption's) that are fed
+    # clean, as the engine feeds a prompt's image, and carry no diffusion loss: the model learns to read the clean
+    # pictures it reads at inference (with logit_mean 1.0 a trained image is almost never near t = 0), and the
+    # rest of those images stay generation targets at every noise level
+    clean_read: float = 0.0
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"  # how training draws t (capped images too)
     logit_mean: float = 0.0  # logit_normal: SD3's default
     logit_std: float = 1.0
@@ -85,6 +93,8 @@ class DiffusionConfig:
             raise ValueError(f"noise_limit_prob must be in [0, 1], got {self.noise_limit_prob}")
         if self.time_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"time_sampling must be 'uniform' or 'logit_normal', got {self.time_sampling!r}")
+        if not 0.0 <= self.clean_read <= 1.0:
+            raise ValueError(f"clean_read must be in [0, 1] (a share of the images text reads), got {self.clean_read}")
         if not 0.0 <= self.clean_patches <= 1.0:
             raise ValueError(f"clean_patches must be in [0, 1] (a share of the training images), got {self.clean_patches}")
         if not self.logit_std > 0:

@@ -266,11 +266,14 @@ class FusionTask(TaskBase):
             t = self.schedule.sample_times(n, generator=generator, device=torch.device("cpu"),
                                            limited=limited).to(x0.device)
             noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-            noisy, t, image_weights = noise_images(self.schedule, x0, noise, t, batch.get("image_loss"),
-                                                   batch.get("image_weights"))
+            targets = batch.get("image_loss")
+            if self.config.diffusion.clean_read > 0:  # read images fed clean, as the engine feeds them, no loss
+                clean = batch["image_read"].cpu() & (torch.rand(n, generator=generator) < self.config.diffusion.clean_read)
+                targets = ~clean if targets is None else targets & ~clean.to(targets.device)
+            noisy, t, image_weights = noise_images(self.schedule, x0, noise, t, targets, batch.get("image_weights"))
             target = self.schedule.target(x0, noise, t)
             if self.config.diffusion.clean_patches > 0:
-                noisy, t, loss_mask = clean_patches(x0, noisy, t, batch.get("image_loss"), image.patch_size,
+                noisy, t, loss_mask = clean_patches(x0, noisy, t, targets, image.patch_size,
                                                     self.config.diffusion.clean_patches, generator)
             kwargs.update(image_latents=noisy, image_times=t, image_index=batch["image_index"])
         out = model(batch["input_ids"], **kwargs)

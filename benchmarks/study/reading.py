@@ -1,0 +1,102 @@
+"""Where does a model's reading of a picture fail? Captions of held-out one-object pictures, split into the
+object's row and column (right / wrong), with the confusion of columns; for a latent model also at several
+read times t: the picture fed noised at t, as training feeds the pictures a caption reads, instead of
+clean. A model that reads where things are gets both axes; a model that places objects by their coarse
+distance in the sequence (a row is 3 positions, a column 1) gets rows and misses columns.
+
+    python benchmarks/study/reading.py runs/recipe-latents --num 200
+    python benchmarks/study/reading.py runs/recipe-latents --times 0 0.2 0.4 0.6 --json reading.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+
+import torch
+
+import mixmodal.inference.engine as engine_module
+from mixmodal.data.shapes import CaptionParseError, Scene, parse_caption
+from mixmodal.eval.shapes_tasks import ShapesEvalConfig, _generate, _seeds, documents
+from mixmodal.inference.config import GenerationConfig, SamplingParams
+
+
+def read_times(engine, t: float, seed: int = 0):
+    """Feed prompt pictures noised at flow time t (x_t = (1 - t) x0 + t noise) and tell the model t;
+    t = 0 restores the engine's clean feed."""
+    original = getattr(engine_module, "_original_encode_prompt", engine_module.encode_prompt)
+    engine_module._original_encode_prompt = original
+    if t <= 0:
+        engine_module.encode_prompt = original
+        engine.commit_time = 1.0 / engine.schedule.num_timesteps
+        return
+    if engine.schedule.config.kind != "flow":
+        raise SystemExit("--times needs a flow-trained latent model (diffusion.kind: flow)")
+    generator = torch.Generator().manual_seed(seed)
+
+    def noised(*args, **kwargs):
+        encoded = original(*args, **kwargs)
+        latents = [(1 - t) * x + t * torch.randn(x.shape, generator=generator).to(x) for x in encoded.latents]
+        return dataclasses.replace(encoded, latents=latents)
+
+    engine_module.encode_prompt = noised
+    engine.commit_time = t
+
+
+def one_object_captions(engine, num: int) -> dict:
+    config = ShapesEvalConfig(min_objects=1, max_objects=1, num_prompts=0)
+    docs = documents(config, engine.image_tokenizer.config.resolution, "caption", "heldout", num)
+    gen = GenerationConfig(mode="text", max_images=0, max_new_tokens=64, text=SamplingParams(temperature=0.0))
+    results = _generate(engine, [[d.images[0]] for d in docs], gen, 32, _seeds(config, num), lambda s: None, "captions")
+    counts = collections.Counter()
+    columns = collections.Counter()
+    for result, doc in zip(results, docs):
+        truth = Scene.from_dict(doc.metadata["scenes"][0]).objects[0]
+        try:
+            said = parse_caption(" ".join(result.document.texts).strip()).objects
+        except (CaptionParseError, ValueError):
+            said = []
+        if len(said) != 1:
+            counts["unparsed_or_not_one"] += 1
+            continue
+        got = said[0]
+        counts["n"] += 1
+        counts["row"] += got.row == truth.row
+        counts["column"] += got.column == truth.column
+        counts["cell"] += got.cell == truth.cell
+        counts["colour"] += got.colour == truth.colour
+        counts["shape"] += got.shape == truth.shape
+        columns[f"{truth.column}->{got.column}"] += 1
+    n = max(counts["n"], 1)
+    return {"captions": num, "one_object_parsed": counts["n"],
+            **{k: round(counts[k] / n, 3) for k in ("row", "column", "cell", "colour", "shape")},
+            "columns_true_to_said": dict(sorted(columns.items()))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a model folder or run directory")
+    p.add_argument("--num", type=int, default=200, help="held-out one-object pictures to caption")
+    p.add_argument("--times", type=float, nargs="+", default=[0.0],
+                   help="latent models: read the pictures noised at these flow times (0 = clean, the engine's feed)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    engine = engine_module.Engine.from_pretrained(args.model)
+    if engine.mode != "latents" and args.times != [0.0]:
+        raise SystemExit("--times is for latent-mode models; a token model reads codes")
+    rows = []
+    for t in args.times:
+        if engine.mode == "latents":
+            read_times(engine, t)
+        row = {"read_time": t, **one_object_captions(engine, args.num)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"model": args.model, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
