@@ -165,6 +165,8 @@ def test_overdraw_relation_verdicts_tell_right_from_reversed():
 def test_reading_scores_the_row_and_the_column_of_the_object_apart(monkeypatch):
     """reading.py: a model that names the row right and mirrors the column scores row 1.0, and its column
     right only where mirroring changes nothing (the centre column)."""
+    import dataclasses
+
     import numpy as np
 
     spec = importlib.util.spec_from_file_location("study_reading", Path(__file__).parents[1] / "benchmarks/study/reading.py")
@@ -179,7 +181,7 @@ def test_reading_scores_the_row_and_the_column_of_the_object_apart(monkeypatch):
     def mirrored(doc):
         obj = Scene.from_dict(doc.metadata["scenes"][0]).objects[0]
         cell = 3 * obj.row + (2 - obj.column)
-        return Scene((obj.__class__(obj.shape, obj.colour, obj.size, POSITIONS[cell]),))
+        return Scene((dataclasses.replace(obj, position=POSITIONS[cell]),))
 
     class Result:
         def __init__(self, text):

@@ -23,26 +23,23 @@ from mixmodal.eval.shapes_tasks import ShapesEvalConfig, _generate, _seeds, docu
 from mixmodal.inference.config import GenerationConfig, SamplingParams
 
 
-def read_times(engine, t: float, seed: int = 0):
+def read_times(engine, t: float, clean: tuple, seed: int = 0) -> None:
     """Feed prompt pictures noised at flow time t (x_t = (1 - t) x0 + t noise) and tell the model t;
-    t = 0 restores the engine's clean feed."""
-    original = getattr(engine_module, "_original_encode_prompt", engine_module.encode_prompt)
-    engine_module._original_encode_prompt = original
+    t = 0 restores `clean`, the engine's own (encode_prompt, commit_time)."""
+    encode, commit_time = clean
     if t <= 0:
-        engine_module.encode_prompt = original
-        engine.commit_time = 1.0 / engine.schedule.num_timesteps
+        engine_module.encode_prompt, engine.commit_time = encode, commit_time
         return
     if engine.schedule.config.kind != "flow":
         raise SystemExit("--times needs a flow-trained latent model (diffusion.kind: flow)")
     generator = torch.Generator().manual_seed(seed)
 
     def noised(*args, **kwargs):
-        encoded = original(*args, **kwargs)
+        encoded = encode(*args, **kwargs)
         latents = [(1 - t) * x + t * torch.randn(x.shape, generator=generator).to(x) for x in encoded.latents]
         return dataclasses.replace(encoded, latents=latents)
 
-    engine_module.encode_prompt = noised
-    engine.commit_time = t
+    engine_module.encode_prompt, engine.commit_time = noised, t
 
 
 def one_object_captions(engine, num: int) -> dict:
@@ -86,10 +83,11 @@ def main() -> None:
     engine = engine_module.Engine.from_pretrained(args.model)
     if engine.mode != "latents" and args.times != [0.0]:
         raise SystemExit("--times is for latent-mode models; a token model reads codes")
+    clean = (engine_module.encode_prompt, engine.commit_time)
     rows = []
     for t in args.times:
         if engine.mode == "latents":
-            read_times(engine, t)
+            read_times(engine, t, clean)
         row = {"read_time": t, **one_object_captions(engine, args.num)}
         rows.append(row)
         print(json.dumps(row), flush=True)
