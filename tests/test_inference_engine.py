@@ -37,7 +37,7 @@ def text_tokenizer():
 
 
 def _engine(mode: str, text_tokenizer, *, kind: str = "ddpm", grid: int = 4, max_length: int | None = None,
-            seed: int = 0) -> Engine:
+            seed: int = 0, rope_2d: bool = False) -> Engine:
     """A random model with logits far from uniform (init_std 0.5), so sampling is not a coin toss."""
     torch.manual_seed(seed)
     if mode == "tokens":
@@ -46,7 +46,7 @@ def _engine(mode: str, text_tokenizer, *, kind: str = "ddpm", grid: int = 4, max
         image = ImageConfig(mode="tokens", num_codes=32, grid_size=grid)
     else:
         image_tokenizer = VAETokenizer(VAEConfig(**TRUNK, latent_channels=4))
-        image = ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=4)  # 4 patches
+        image = ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=4, rope_2d=rope_2d)  # 4 patches
     config = ModelConfig(text_vocab_size=text_tokenizer.vocab_size, image=image,
                          transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=2, init_std=0.5))
     model = FusionModel(config)
@@ -104,9 +104,10 @@ def _full_forward(engine: Engine, ids: list[int], images: list[tuple[int, torch.
     return model(input_ids, **kwargs)
 
 
-@pytest.mark.parametrize("mode", ["tokens", "latents"])
+@pytest.mark.parametrize("mode", ["tokens", "latents", "latents-rope-2d"])
 def test_cached_decoding_equals_the_full_forward(text_tokenizer, mode):
-    engine = _engine(mode, text_tokenizer)
+    engine = _engine(mode.removesuffix("-rope-2d"), text_tokenizer, rope_2d=mode.endswith("rope-2d"))
+    mode = mode.removesuffix("-rope-2d")
     spy = _Spy(engine)
     _image_after(engine, 4)
     config = GenerationConfig(mode="interleaved", max_new_tokens=60 if mode == "latents" else 60 + 2 * 18, max_images=2, diffusion_steps=3,

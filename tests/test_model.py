@@ -8,7 +8,7 @@ import torch
 
 from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
 from mixmodal.model.masks import BAND, AttentionMask, banded_attention, dense_mask, reference_attention
-from mixmodal.model.transformer import Rotary, Transformer, TransformerConfig, apply_rotary
+from mixmodal.model.transformer import Rotary, Transformer, TransformerConfig, apply_rotary, grid_positions
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on CPU, by design
 
@@ -149,6 +149,54 @@ def test_rope_scores_depend_only_on_relative_position():
     for m, n, shift in [(5, 2, 7), (0, 0, 100), (3, 9, 41)]:
         assert torch.allclose(score(m, n), score(m + shift, n + shift), atol=1e-4)
     assert not torch.allclose(score(5, 2), score(5, 3), atol=1e-3)
+
+
+def test_grid_positions_give_each_patch_its_row_and_column_and_text_its_position():
+    positions = torch.arange(10).expand(2, 10)
+    index = torch.stack([3 + torch.arange(4), 10 + 5 + torch.arange(4)])  # 2 x 2 images at row 0 pos 3, row 1 pos 5
+    grid = grid_positions(positions, index, side=2)
+    assert grid.shape == (2, 10, 3)
+    assert grid[0, 3:7].tolist() == [[3, 3, 3], [3, 3, 4], [3, 4, 3], [3, 4, 4]]  # (s, s + r, s + c)
+    assert grid[1, 5:9].tolist() == [[5, 5, 5], [5, 5, 6], [5, 6, 5], [5, 6, 6]]
+    text = torch.ones(2, 10, dtype=torch.bool)
+    text[0, 3:7] = text[1, 5:9] = False
+    assert torch.equal(grid[text], positions[text][:, None].expand(-1, 3))
+    rotary = Rotary(12, theta=10000.0)
+    for a, b in zip(rotary(positions), rotary(positions[..., None].expand(2, 10, 3))):
+        torch.testing.assert_close(a, b)  # three equal axes: exactly the 1-D rotation
+
+    # a query's score to a patch: the same for every patch of a column when the query's row axis is fixed
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 12, generator=g), torch.randn(1, 1, 1, 12, generator=g)
+
+    def score(query, key):
+        cq, sq = rotary(torch.tensor([[query]]))
+        ck, sk = rotary(torch.tensor([[key]]))
+        return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum()
+
+    assert torch.allclose(score([9, 9, 9], [3, 4, 4]), score([10, 10, 10], [4, 5, 5]), atol=1e-4)  # relative
+    assert not torch.allclose(score([9, 9, 9], [3, 3, 4]), score([9, 9, 9], [3, 4, 3]), atol=1e-3)  # axes differ
+
+
+def test_rope_2d_moves_only_what_reads_an_image():
+    def model(rope_2d):
+        torch.manual_seed(0)
+        return FusionModel(ModelConfig(text_vocab_size=40, transformer=TransformerConfig(dim=32, num_layers=2, num_heads=2),
+                                       image=ImageConfig(mode="latents", latent_channels=4, grid_size=3, patch_size=1,
+                                                         rope_2d=rope_2d))).eval()
+
+    flat, grid = model(False), model(True)
+    ids = torch.randint(0, 40, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(flat(ids).logits, grid(ids).logits)  # text only: the 1-D rotation
+        image_ids = torch.full((1, 16), -1)
+        image_ids[0, 3:12] = 0
+        kwargs = dict(image_ids=image_ids, image_latents=torch.randn(1, 4, 3, 3), image_times=torch.tensor([0.5]),
+                      image_index=(3 + torch.arange(9))[None])
+        a, b = flat(ids, **kwargs).logits, grid(ids, **kwargs).logits
+    assert torch.equal(a[0, :3], b[0, :3]) and (a[0, 12:] - b[0, 12:]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="image.rope_2d is for image.mode=latents"):
+        ImageConfig(rope_2d=True)
 
 
 def tiny_transformer(seed=0, **fields) -> Transformer:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixmodal.model.masks import AttentionMask, Backend
-from mixmodal.model.transformer import KVCache, Transformer, TransformerConfig
+from mixmodal.model.transformer import KVCache, Transformer, TransformerConfig, grid_positions
 from mixmodal.vocab import Vocab
 
 
@@ -55,6 +55,9 @@ class ImageConfig:
     # latents: init std of the patches' learned row and column embeddings; 0 = the transformer's init_std (0.02),
     # which leaves them ~1/30 of a patch's content (DiT's fixed 2D sin-cos embedding is ~1 per element)
     position_std: float = 0.0
+    # latents: 2-D rotary positions for the patches (transformer.grid_positions): a patch's rotation carries
+    # its row and its column on separate axes instead of its place in the row-major sequence
+    rope_2d: bool = False
     # tokens: how a code enters and leaves the transformer. "learned": its own embedding row and lm_head row,
     # as Chameleon. "codebook": those rows plus a learned linear map of the code's tokenizer vector (VQ
     # codebook vector, k-means patch), shared by all codes, so codes that look alike start alike and a code
@@ -102,6 +105,8 @@ class ImageConfig:
         if self.mode == "latents" and self.grid_size and self.grid_size % self.patch_size:
             raise ValueError(f"image.patch_size={self.patch_size} does not divide the latent grid "
                              f"({self.grid_size} x {self.grid_size}); pick a divisor of {self.grid_size}")
+        if self.rope_2d and self.mode != "latents":
+            raise ValueError("image.rope_2d is for image.mode=latents (a token model writes its codes one by one); drop it")
         if self.patch_size < 1:
             raise ValueError(f"image.patch_size must be >= 1, got {self.patch_size}")
         if self.patch_codes < 0 or (self.patch_codes and self.mode != "latents"):
@@ -453,6 +458,8 @@ class FusionModel(nn.Module):
             if document_ids is None:
                 document_ids = torch.zeros(b, t, dtype=torch.long, device=input_ids.device)
             mask = AttentionMask.build(document_ids, image_ids, backend=self.config.attention_backend)
+        if self.config.image.rope_2d and image_latents is not None:
+            positions = grid_positions(positions, image_index, self.config.image.grid_size // self.config.image.patch_size)
         hidden = self.transformer(x, positions, mask, cache)
         if logits_index is None:
             logits = self.head(hidden)

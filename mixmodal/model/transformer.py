@@ -122,9 +122,34 @@ class Rotary(nn.Module):
         self.inv_freq = self._inv_freq(torch.device("cpu") if self.inv_freq.is_meta else self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, T] -> 2 x [B, 1, T, d]
-        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
+        """[B, T] positions, or [B, T, 3] (sequence, row, column: `grid_positions`), where frequency i turns
+        with axis i % 3 (interleaved multimodal RoPE, as Qwen3-VL: every axis gets high and low frequencies).
+        A token whose three axes are equal gets exactly the 1-D rotation."""
+        inv_freq = self.inv_freq.to(positions.device)
+        if positions.dim() == 3:
+            axis = torch.arange(len(inv_freq), device=positions.device) % positions.shape[-1]
+            freqs = positions.float().index_select(-1, axis) * inv_freq
+        else:
+            freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos(), emb.sin()
+
+
+def grid_positions(positions: torch.Tensor, image_index: torch.Tensor, side: int) -> torch.Tensor:
+    """[B, T] sequence positions -> [B, T, 3] (sequence, row, column) for 2-D rotary positions of images
+    (image.rope_2d): a text token's three axes are its position; the patch at (r, c) of an image whose first
+    patch sits at position s gets (s, s + r, s + c), so a token attends to a patch by its row and column,
+    and patches side by side in the picture are side by side in the rotation (in 1-D RoPE the last patch of
+    a row neighbours the first of the next). image_index [N, P]: each image's patches as flat indices into
+    B * T, in row-major order (P = side * side)."""
+    b, t = positions.shape
+    flat = positions.reshape(-1, 1).repeat(1, 3)
+    index = image_index.reshape(-1)
+    start = flat[image_index[:, 0], 0][:, None]  # [N, 1]
+    k = torch.arange(image_index.shape[1], device=positions.device)
+    grid = torch.stack([start.expand(-1, len(k)), start + k // side, start + k % side], dim=-1)  # [N, P, 3]
+    flat = flat.index_copy(0, index, grid.reshape(-1, 3).to(flat.dtype))
+    return flat.view(b, t, 3)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -298,4 +323,4 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = ["Attention", "Block", "HeadNorm", "KVCache", "MLP", "RMSNorm", "Rotary", "Transformer",
-           "TransformerConfig", "apply_rotary", "count_parameters", "fuse_projections"]
+           "TransformerConfig", "apply_rotary", "count_parameters", "fuse_projections", "grid_positions"]
