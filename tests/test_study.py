@@ -199,3 +199,44 @@ def test_reading_scores_the_row_and_the_column_of_the_object_apart(monkeypatch):
     assert row["row"] == 1.0 and row["colour"] == 1.0 and row["shape"] == 1.0
     assert row["column"] == round(float(centre), 3) < 1.0
     assert all(k.split("->")[0] == str(2 - int(k.split("->")[1])) for k in row["columns_true_to_said"])
+
+
+def test_reading_attention_shares_are_uniform_when_every_key_is_alike():
+    """reading.py --attention: per layer, the caption tokens' share of attention on the object's patch lies
+    between uniform and the best head's; with every key the same (k_proj zero) it is exactly uniform."""
+    spec = importlib.util.spec_from_file_location("study_reading", Path(__file__).parents[1] / "benchmarks/study/reading.py")
+    reading = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reading)
+    import torch
+
+    import mixmodal.model.transformer as transformer_module
+    from mixmodal.data.shapes import ShapesConfig
+    from mixmodal.data.sources import ShapesSource
+    from mixmodal.inference import Engine
+    from mixmodal.model.fusion import FusionModel, ImageConfig, ModelConfig
+    from mixmodal.model.transformer import TransformerConfig
+    from mixmodal.objectives.diffusion import DiffusionConfig
+    from mixmodal.tokenizers.text import TextTokenizer, TextTokenizerConfig
+    from mixmodal.tokenizers.vae import VAEConfig, VAETokenizer
+
+    text = TextTokenizer.train((t for d in ShapesSource(ShapesConfig(resolution=48), num=200) for t in d.texts),
+                               TextTokenizerConfig(vocab_size=300))
+    torch.manual_seed(0)
+    vae = VAETokenizer(VAEConfig(resolution=48, base_channels=8, channel_multipliers=[1, 2], num_res_blocks=1,
+                                 norm_groups=4, latent_channels=4))  # 24 x 24 latents, 8 x 8 patches: 3 x 3
+    model = FusionModel(ModelConfig(text_vocab_size=text.vocab_size,
+                                    image=ImageConfig(mode="latents", latent_channels=4, grid_size=24, patch_size=8),
+                                    transformer=TransformerConfig(dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                                                  init_std=0.5)))
+    engine = Engine(model, text, vae, diffusion=DiffusionConfig(kind="flow"))
+    project = transformer_module.Attention.project
+    layers = reading.attention_on_object(engine, 4)
+    assert transformer_module.Attention.project is project  # the spy is removed
+    assert [r["layer"] for r in layers] == [0, 1] and all(r["uniform"] == 0.111 for r in layers)
+    assert all(0.0 <= r["object_share"] <= r["best_head_share"] <= 1.0 for r in layers)
+    assert any(abs(r["object_share"] - 1 / 9) > 1e-3 for r in layers)  # random keys: not uniform
+    with torch.no_grad():
+        for layer in model.transformer.layers:
+            layer.self_attn.k_proj.weight.zero_()
+    for r in reading.attention_on_object(engine, 4):
+        assert r["object_share"] == r["best_head_share"] == 0.111  # 1 / 9, as rounded

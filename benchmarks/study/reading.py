@@ -6,6 +6,11 @@ distance in the sequence (a row is 3 positions, a column 1) gets rows and misses
 
     python benchmarks/study/reading.py runs/recipe-latents --num 200
     python benchmarks/study/reading.py runs/recipe-latents --times 0 0.2 0.4 0.6 --json reading.json
+    python benchmarks/study/reading.py runs/recipe-latents --attention   # + where caption tokens look
+`--attention` also lays each picture out with one of its reference captions after it (the prompt layout,
+which is the training layout), runs one teacher-forced forward, and reports per layer how the attention
+the caption's tokens pay to the picture's positions is spread: the mean share on the object's own
+position(s) (uniform: 1 / positions), and the largest such share of any head.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import json
 import torch
 
 import mixmodal.inference.engine as engine_module
+import mixmodal.model.transformer as transformer_module
+from mixmodal.documents import Document, Image, Text
+from mixmodal.inference.prompt import encode_prompt, prompt_ids
 from mixmodal.data.shapes import CaptionParseError, Scene, parse_caption
 from mixmodal.eval.shapes_tasks import ShapesEvalConfig, _generate, _seeds, documents
 from mixmodal.inference.config import GenerationConfig, SamplingParams
@@ -72,12 +80,74 @@ def one_object_captions(engine, num: int) -> dict:
             "columns_true_to_said": dict(sorted(columns.items()))}
 
 
+def attention_on_object(engine, num: int) -> list[dict]:
+    """Per layer: the share of the caption tokens' attention to the picture that falls on the object's
+    positions (mean over heads and tokens; and the best head's), teacher-forced on held-out one-object
+    pictures, each followed by one of its reference captions."""
+    config = ShapesEvalConfig(min_objects=1, max_objects=1, num_prompts=0)
+    docs = documents(config, engine.image_tokenizer.config.resolution, "caption", "heldout", num)
+    model, per, side = engine.model, engine.per_image, engine.image_tokenizer.config.resolution
+    captured: list = []
+    project = transformer_module.Attention.project
+
+    def spy(self, x, rope):
+        q, k, v = project(self, x, rope)
+        captured.append((q.float(), k.float()))
+        return q, k, v
+
+    grid = int(per ** 0.5)
+    sums: dict[int, list[float]] = {}
+    transformer_module.Attention.project = spy
+    try:
+        for doc in docs:
+            truth = Scene.from_dict(doc.metadata["scenes"][0]).objects[0]
+            text = " ".join(doc.texts).strip()
+            encoded = encode_prompt(Document([Image(doc.images[0]), Text(text)]), engine.text_tokenizer,
+                                    engine.image_tokenizer, engine.vocab, engine.mode)
+            ids, images = prompt_ids(encoded.segments, engine.vocab, engine.mode, per)
+            start = images[0][0]
+            span = start + torch.arange(per)
+            kwargs = {}
+            if engine.mode == "latents":
+                image_ids = torch.full((1, len(ids)), -1)
+                image_ids[0, span] = 0
+                kwargs = dict(image_ids=image_ids if model.config.image.is_bidirectional else None,
+                              image_latents=encoded.latents[0][None].float(),
+                              image_times=torch.tensor([engine.commit_time]), image_index=span[None])
+            # the object's positions: its cell's share of the grid (one position per cell when grid == 3)
+            rows = range(truth.row * grid // 3, (truth.row + 1) * grid // 3)
+            cols = range(truth.column * grid // 3, (truth.column + 1) * grid // 3)
+            mine = torch.tensor([r * grid + c for r in rows for c in cols])
+            captured.clear()
+            with torch.no_grad():
+                model(torch.tensor([ids]), **kwargs)
+            first_text = start + per + 1  # after <eoi>
+            for layer, (q, k) in enumerate(captured):
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+                n = q.shape[2]
+                scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+                causal = torch.ones(n, n, dtype=torch.bool).triu(1)
+                att = scores.masked_fill(causal, float("-inf")).softmax(-1)[0][:, first_text:, span]  # [H, Tq, P]
+                att = att / att.sum(-1, keepdim=True)
+                share = att[..., mine].sum(-1).mean(1)  # [H]
+                total = sums.setdefault(layer, [0.0, 0.0])
+                total[0] += float(share.mean())
+                total[1] += float(share.max())
+    finally:
+        transformer_module.Attention.project = project
+    return [{"layer": layer, "object_share": round(a / len(docs), 3), "best_head_share": round(b / len(docs), 3),
+             "uniform": round(max(grid // 3, 1) ** 2 / per, 3)}
+            for layer, (a, b) in sorted(sums.items())]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a model folder or run directory")
     p.add_argument("--num", type=int, default=200, help="held-out one-object pictures to caption")
     p.add_argument("--times", type=float, nargs="+", default=[0.0],
                    help="latent models: read the pictures noised at these flow times (0 = clean, the engine's feed)")
+    p.add_argument("--attention", action="store_true",
+                   help="also: how the caption tokens' attention to the picture falls on the object, per layer")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     engine = engine_module.Engine.from_pretrained(args.model)
@@ -91,9 +161,16 @@ def main() -> None:
         row = {"read_time": t, **one_object_captions(engine, args.num)}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    layers = []
+    if args.attention:
+        if engine.mode == "latents":
+            read_times(engine, 0.0, clean)
+        layers = attention_on_object(engine, args.num)
+        for row in layers:
+            print(json.dumps(row), flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"model": args.model, "rows": rows}, f, indent=1)
+            json.dump({"model": args.model, "rows": rows, "attention": layers}, f, indent=1)
 
 
 if __name__ == "__main__":
