@@ -136,15 +136,23 @@ def test_only_a_compiled_cpu_training_step_with_a_causal_mask_takes_the_bands():
 
 # --- transformer ------------------------------------------------------------------------------
 
-def test_rope_scores_depend_only_on_relative_position():
-    rotary = Rotary(16, theta=10000.0)
+def rope_scorer(head_dim: int):
+    """score(query position, key position): one random query and key's dot product after RoPE; a position is
+    an int or a [sequence, row, column] list."""
+    rotary = Rotary(head_dim, theta=10000.0)
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    q, k = torch.randn(1, 1, 1, head_dim, generator=g), torch.randn(1, 1, 1, head_dim, generator=g)
 
     def score(m, n):
         cq, sq = rotary(torch.tensor([[m]]))
         ck, sk = rotary(torch.tensor([[n]]))
         return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum()
+
+    return score
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    score = rope_scorer(16)
 
     for m, n, shift in [(5, 2, 7), (0, 0, 100), (3, 9, 41)]:
         assert torch.allclose(score(m, n), score(m + shift, n + shift), atol=1e-4)
@@ -165,15 +173,8 @@ def test_grid_positions_give_each_patch_its_row_and_column_and_text_its_position
     for a, b in zip(rotary(positions), rotary(positions[..., None].expand(2, 10, 3))):
         torch.testing.assert_close(a, b)  # three equal axes: exactly the 1-D rotation
 
-    # a query's score to a patch: the same for every patch of a column when the query's row axis is fixed
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 12, generator=g), torch.randn(1, 1, 1, 12, generator=g)
-
-    def score(query, key):
-        cq, sq = rotary(torch.tensor([[query]]))
-        ck, sk = rotary(torch.tensor([[key]]))
-        return (apply_rotary(q, cq, sq) * apply_rotary(k, ck, sk)).sum()
-
+    # a score depends on the offset along each axis, and the row and column axes are not interchangeable
+    score = rope_scorer(12)
     assert torch.allclose(score([9, 9, 9], [3, 4, 4]), score([10, 10, 10], [4, 5, 5]), atol=1e-4)  # relative
     assert not torch.allclose(score([9, 9, 9], [3, 3, 4]), score([9, 9, 9], [3, 4, 3]), atol=1e-3)  # axes differ
 
