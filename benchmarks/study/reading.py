@@ -24,11 +24,19 @@ import torch
 
 import mixmodal.inference.engine as engine_module
 import mixmodal.model.transformer as transformer_module
-from mixmodal.documents import Document, Image, Text
-from mixmodal.inference.prompt import encode_prompt, prompt_ids
 from mixmodal.data.shapes import CaptionParseError, Scene, parse_caption
+from mixmodal.documents import Document, Image, Text
 from mixmodal.eval.shapes_tasks import ShapesEvalConfig, _generate, _seeds, documents
 from mixmodal.inference.config import GenerationConfig, SamplingParams
+from mixmodal.inference.prompt import encode_prompt, prompt_ids
+from mixmodal.model.masks import attention_weights, dense_mask
+
+ONE_OBJECT = ShapesEvalConfig(min_objects=1, max_objects=1, num_prompts=0)
+
+
+def one_object_documents(engine, num: int) -> list:
+    """The first `num` held-out one-object caption documents, at the model's image resolution."""
+    return documents(ONE_OBJECT, engine.image_tokenizer.config.resolution, "caption", "heldout", num)
 
 
 def read_times(engine, t: float, clean: tuple, seed: int = 0) -> None:
@@ -51,10 +59,9 @@ def read_times(engine, t: float, clean: tuple, seed: int = 0) -> None:
 
 
 def one_object_captions(engine, num: int) -> dict:
-    config = ShapesEvalConfig(min_objects=1, max_objects=1, num_prompts=0)
-    docs = documents(config, engine.image_tokenizer.config.resolution, "caption", "heldout", num)
+    docs = one_object_documents(engine, num)
     gen = GenerationConfig(mode="text", max_images=0, max_new_tokens=64, text=SamplingParams(temperature=0.0))
-    results = _generate(engine, [[d.images[0]] for d in docs], gen, 32, _seeds(config, num), lambda s: None, "captions")
+    results = _generate(engine, [[d.images[0]] for d in docs], gen, 32, _seeds(ONE_OBJECT, num), lambda s: None, "captions")
     counts = collections.Counter()
     columns = collections.Counter()
     for result, doc in zip(results, docs):
@@ -84,15 +91,14 @@ def attention_on_object(engine, num: int) -> list[dict]:
     """Per layer: the share of the caption tokens' attention to the picture that falls on the object's
     positions (mean over heads and tokens; and the best head's), teacher-forced on held-out one-object
     pictures, each followed by one of its reference captions."""
-    config = ShapesEvalConfig(min_objects=1, max_objects=1, num_prompts=0)
-    docs = documents(config, engine.image_tokenizer.config.resolution, "caption", "heldout", num)
-    model, per, side = engine.model, engine.per_image, engine.image_tokenizer.config.resolution
+    docs = one_object_documents(engine, num)
+    model, per = engine.model, engine.per_image
     captured: list = []
     project = transformer_module.Attention.project
 
     def spy(self, x, rope):
         q, k, v = project(self, x, rope)
-        captured.append((q.float(), k.float()))
+        captured.append((q, k))
         return q, k, v
 
     grid = int(per ** 0.5)
@@ -107,13 +113,14 @@ def attention_on_object(engine, num: int) -> list[dict]:
             ids, images = prompt_ids(encoded.segments, engine.vocab, engine.mode, per)
             start = images[0][0]
             span = start + torch.arange(per)
-            kwargs = {}
-            if engine.mode == "latents":
-                image_ids = torch.full((1, len(ids)), -1)
+            image_ids = torch.full((1, len(ids)), -1)
+            if model.config.image.is_bidirectional:
                 image_ids[0, span] = 0
-                kwargs = dict(image_ids=image_ids if model.config.image.is_bidirectional else None,
-                              image_latents=encoded.latents[0][None].float(),
+            kwargs = dict(image_ids=image_ids)
+            if engine.mode == "latents":
+                kwargs.update(image_latents=encoded.latents[0][None].float(),
                               image_times=torch.tensor([engine.commit_time]), image_index=span[None])
+            mask = dense_mask(torch.zeros(1, len(ids), dtype=torch.long), image_ids)  # the forward's own rule
             # the object's positions: its cell's share of the grid (one position per cell when grid == 3)
             rows = range(truth.row * grid // 3, (truth.row + 1) * grid // 3)
             cols = range(truth.column * grid // 3, (truth.column + 1) * grid // 3)
@@ -123,11 +130,7 @@ def attention_on_object(engine, num: int) -> list[dict]:
                 model(torch.tensor([ids]), **kwargs)
             first_text = start + per + 1  # after <eoi>
             for layer, (q, k) in enumerate(captured):
-                k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
-                n = q.shape[2]
-                scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-                causal = torch.ones(n, n, dtype=torch.bool).triu(1)
-                att = scores.masked_fill(causal, float("-inf")).softmax(-1)[0][:, first_text:, span]  # [H, Tq, P]
+                att = attention_weights(q, k, mask)[0][:, first_text:, span]  # [H, Tq, P]
                 att = att / att.sum(-1, keepdim=True)
                 share = att[..., mine].sum(-1).mean(1)  # [H]
                 total = sums.setdefault(layer, [0.0, 0.0])

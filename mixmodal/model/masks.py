@@ -60,15 +60,20 @@ def dense_mask(
     return allowed | padding_self
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention probabilities [B,H,Tq,Tk] in float32. q [B,H,Tq,D], k [B,Hkv,Tk,D] (GQA repeats k),
+    mask [B,Tq,Tk]."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    return scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+
+
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                         scale: float | None = None) -> torch.Tensor:
     """Plain softmax attention in float32. q [B,H,Tq,D], k/v [B,Hkv,Tk,D] (GQA repeats k/v), mask [B,Tq,Tk]."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return (attention_weights(q, k, mask, scale) @ v.float()).to(q.dtype)
 
 
 def _flex_available() -> bool:
@@ -202,4 +207,4 @@ def _flex_block_mask(document_ids: torch.Tensor, image_ids: torch.Tensor):
     return create_block_mask(rule, batch, None, length, length, device=document_ids.device)
 
 
-__all__ = ["AttentionMask", "banded_attention", "dense_mask", "reference_attention"]
+__all__ = ["AttentionMask", "attention_weights", "banded_attention", "dense_mask", "reference_attention"]
