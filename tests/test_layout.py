@@ -85,6 +85,24 @@ def test_conditioning_dropout_trains_the_unconditional_stream_generation_feeds(t
         assert (batch["labels"][0, n:n + engine.per_image] >= vocab.image_code_ids.start).all()  # codes are targets
 
 
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_conditioning_dropout_of_a_question_drops_its_answer(text_tokenizer, mode):
+    # a VQA document (question -> image -> answer) with its question dropped is the unconditional stream's
+    # image and nothing after: kept, "Answer: ..." after a bare picture taught captions to start as answers
+    engine = tiny_engine(mode, text_tokenizer)
+    doc = next(iter(ShapesSource(ShapesConfig(resolution=32, tasks=["vqa"], max_objects=2), num=1)))
+    assert [p.__class__.__name__ for p in doc.parts] == ["Text", "Image", "Text"]
+    batch, batches = _rows(engine, [doc], cond_dropout=1.0)
+    vocab = engine.vocab
+    row, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    eoi = row.index(vocab.eoi)
+    assert row[:2] == [vocab.bos, vocab.boi] and row[eoi + 1] == vocab.eos and batches.stats.cond_dropped == 1
+    assert all(label == -100 for label in labels[eoi:])  # no text target after the picture
+    kept, _ = _rows(engine, [doc], cond_dropout=0.0)  # undropped, the answer is the target it always was
+    kept_row, kept_labels = kept["input_ids"][0].tolist(), kept["labels"][0].tolist()
+    assert any(label != -100 for label in kept_labels[kept_row.index(vocab.eoi):])
+
+
 def test_conditioning_dropout_rate_and_what_it_leaves_alone(text_tokenizer):
     engine = tiny_engine("tokens", text_tokenizer)
     docs = list(ShapesSource(SHAPES, num=400))
@@ -101,7 +119,10 @@ def test_conditioning_dropout_rate_and_what_it_leaves_alone(text_tokenizer):
     image = Segment("image", [1] * 4, image=0)
     text = Segment("text", [5, 6])
     assert drop_conditioning([image, text], "empty", vocab) is None  # image first: nothing conditions it
-    assert drop_conditioning([text, image, text], "empty", vocab) == [image, text]
+    # the prompt goes, and what answered it: a VQA answer after a bare picture would teach captions to be answers
+    assert drop_conditioning([text, image, text], "empty", vocab) == [image]
+    second = Segment("image", [2] * 4, image=1)
+    assert drop_conditioning([text, image, text, second], "mask", vocab) == [Segment("text", [vocab.mask(0)], loss=False), image]
     assert unconditional([text, image, text], "mask", vocab, keep_images=True)[0].ids == [vocab.mask(0)]
     with pytest.raises(ValueError, match="uncond"):
         PipelineConfig(uncond="nothing")

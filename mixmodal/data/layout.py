@@ -119,12 +119,15 @@ def unconditional(segments: Sequence[Segment], uncond: str, vocab: Vocab, keep_i
 
 def drop_conditioning(segments: list[Segment], uncond: str, vocab: Vocab) -> list[Segment] | None:
     """Conditioning dropout (Transfusion drops 10% of captions): the text before a document's
-    first image, its prompt, replaced as the unconditional guidance stream replaces a prompt.
+    first image, its prompt, replaced as the unconditional guidance stream replaces a prompt,
+    then that image and nothing after it. What followed the image answered the dropped prompt
+    (VQA's "Answer: yes" to a question no longer there; a story's next line): kept, it taught a
+    bare picture to be followed by an answer, and 6 in 100 greedy captions began "Answer:".
     None when no text precedes an image (nothing conditions it)."""
     first = next((i for i, s in enumerate(segments) if s.kind == "image"), None)
     if not first:  # no image, or an image first
         return None
-    return unconditional(segments[:first], uncond, vocab, keep_images=False) + list(segments[first:])
+    return unconditional(segments[:first], uncond, vocab, keep_images=False) + [segments[first]]
 
 
 def drop_chat_conditioning(segments: list[Segment], uncond: str, vocab: Vocab, keep_images: bool) -> list[Segment] | None:

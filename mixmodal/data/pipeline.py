@@ -9,10 +9,11 @@ document is transformed the same way whatever came before it and however the run
     marked `keep_order` in their metadata are left as they are);
   - conditioning dropout: with probability `cond_dropout` the text before a document's first
     image is removed (`uncond: empty`) or replaced by `<mask:0>` (`uncond: mask`), exactly as
-    the unconditional guidance stream's prompt is made (layout.unconditional); such a
-    document gets no retrieved context, no CM3 and no noise limiting, since at generation the
-    unconditional stream predicts the image at every noise level, and no loss on its final
-    `<eos>` (what follows the image there is an artefact of the dropout, not a caption's end);
+    the unconditional guidance stream's prompt is made (layout.unconditional), and what followed
+    the first image (the dropped question's answer) goes too; such a document gets no retrieved
+    context, no CM3 and no noise limiting, since at generation the unconditional stream predicts
+    the image at every noise level, and no loss on its final `<eos>` (an artefact of the
+    dropout, not a caption's end);
   - CM3 causal masking (data/cm3.py) on a fraction `cm3.rate` of documents.
 A conversation (data/chat.py) keeps its order and gets no CM3; its conditioning dropout keeps
 only the first image the assistant draws, after what the engine's unconditional stream (or,
