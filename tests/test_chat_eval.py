@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mixmodal.data.shapes import Edit, Scene, ShapeObject, render
+from mixmodal.data.shapes.edits import EDIT_OPS
 from mixmodal.documents import Document, Image, Text
 from mixmodal.eval.chat_suite import ChatEvalConfig, conversations, play, score_edit, summarise
 from mixmodal.inference.events import GenerationResult
@@ -70,6 +71,28 @@ def test_exchanges_after_a_wrong_drawing_are_summarised_apart(docs):
     assert after_drawing and all(r["correct"] == 1.0 for r in after_drawing)  # the scripted answer is the reference
     opening = [r for r in rows if r["kind"] == "edit" and r["turn"] == 0]
     assert out["edit"]["first_turn"] == {"accuracy": 1.0, "n": len(opening)} and opening
+
+
+def test_breakdowns_group_the_context_right_misses(docs):
+    """VQA by question type and object count, edits by operation: a model that answers only colour questions
+    wrongly misses exactly the colour group (a question's type is from data/shapes/text.py), and every group's n sums to the context-right n."""
+    config = ChatEvalConfig(num_conversations=60, cfg=1.0, diffusion_steps=1, image_temperature=1.0)
+    scripted = Scripted(docs)
+    wrong_types = {"colour"}
+    rows = play(scripted, docs, config, lambda _: None)
+    for r in rows:  # mark the colour answers wrong, as a model blind to colour would be
+        if r["kind"] == "vqa" and r["question_type"] in wrong_types:
+            r["correct"] = 0.0
+    out = summarise(rows)
+    by_type = out["vqa"]["by_question_type"]
+    assert "colour" in by_type and by_type["colour"]["accuracy"] == 0.0, by_type
+    assert all(m["accuracy"] == 1.0 for t, m in by_type.items() if t not in wrong_types)
+    for kind, keys in (("vqa", ("question_type", "objects")), ("edit", ("op", "objects"))):
+        for key in keys:
+            groups = out[kind][f"by_{key}"]
+            assert sum(m["n"] for m in groups.values()) == out[kind]["context_right"]["n"], (kind, key)
+    assert out["edit"]["by_op"] and set(out["edit"]["by_op"]) <= set(EDIT_OPS)
+    assert all(1 <= int(k) <= 4 for k in out["vqa"]["by_objects"])
 
 
 def test_the_model_sees_its_own_earlier_replies(docs):
@@ -149,3 +172,7 @@ def test_the_suite_runs_from_the_command_line(tmp_path):
     assert metrics["suite"] == "shapes-chat" and metrics["chat_template"] == "mixmodal"
     assert {"generate", "caption", "vqa", "edit", "multi_turn", "overall"} <= set(metrics)
     assert (out / "report.md").read_text().startswith("# shapes-chat")
+    replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert replies and all({"conversation", "turn", "kind", "correct", "reply", "objects"} <= set(r) for r in replies)
+    assert sum(r["kind"] == "vqa" for r in replies) == metrics["vqa"]["n"]
+    assert all((out / r["image"]).is_file() for r in replies if r["image"])

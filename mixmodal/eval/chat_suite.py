@@ -191,11 +191,23 @@ def play(engine, docs: list[Document], config: ChatEvalConfig, progress: Callabl
                     verdict = score_reply(exchange, reply, scenes[c])
                     rows.append({"conversation": c, "turn": turn, "kind": kind, "context_ok": context_ok[c],
                                  "reply": " ".join(reply.texts).strip(), "image": (reply.images or [None])[0],
-                                 **verdict})
+                                 **_details(exchange, scenes[c]), **verdict})
                     if kind in ("generate", "edit") and verdict["correct"] < 1:
                         context_ok[c] = False
                 progress(f"shapes-chat turn {turn + 1} {kind}: {min(start + len(chunk), len(batch))}/{len(batch)}")
     return rows
+
+
+def _details(exchange: dict, scenes: list[Scene]) -> dict:
+    """What the breakdowns group by: the objects in the scene the exchange is about (an edit's: the
+    picture before it), the question's type and reference answer, the edit's operation."""
+    about = scenes[exchange["before"] if exchange["kind"] == "edit" else exchange["image"]]
+    out: dict = {"objects": len(about.objects)}
+    if exchange["kind"] == "vqa":
+        out.update(question_type=exchange.get("question_type"), reference=exchange.get("answer"))
+    if exchange["kind"] == "edit":
+        out["op"] = exchange["edit"]["op"]
+    return out
 
 
 def _generate(engine, prompts: list[Document], gen, seeds: list[int]) -> list:
@@ -217,6 +229,17 @@ def _mean(rows: list[dict], key: str = "correct") -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+BREAKDOWNS = {"vqa": ("question_type", "objects"), "edit": ("op", "objects"), "caption": ("objects",)}
+
+
+def _by(rows: list[dict], key: str) -> dict[str, dict]:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get(key) is not None:
+            groups.setdefault(str(r[key]), []).append(r)
+    return {k: {"accuracy": _mean(v), "n": len(v)} for k, v in sorted(groups.items())}
+
+
 def summarise(rows: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in SCORED:
@@ -224,6 +247,9 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
         right = [r for r in mine if r["context_ok"]]
         out[kind] = {"accuracy": _mean(mine), "n": len(mine),
                      "context_right": {"accuracy": _mean(right), "n": len(right)}}
+        if kind in BREAKDOWNS:  # diagnostics, on the exchanges whose context is right
+            for key in BREAKDOWNS[kind]:
+                out[kind][f"by_{key}"] = _by(right, key)
         if kind == "edit":
             first = [r for r in mine if r["turn"] == 0]
             out[kind].update(target=_mean(mine, "target"), kept=_mean(mine, "kept"),
@@ -288,19 +314,30 @@ def _write_report(out: Path, metrics: dict, rows: list[dict]) -> None:
     if "edit_3stream" in metrics:
         e = metrics["edit_3stream"]["context_right"]
         lines.append(f"| edit, 3-stream | {e['accuracy']:.3f} | {e['n']} |")
+    lines += ["", "Where the misses are (context right; `replies.jsonl` has every reply):", "",
+              "| exchange | by | group: accuracy (n) |", "|---|---|---|"]
+    for kind, keys in BREAKDOWNS.items():
+        for key in keys:
+            groups = metrics[kind].get(f"by_{key}", {})
+            cells = ", ".join(f"{g}: {m['accuracy']:.2f} ({m['n']})" for g, m in groups.items())
+            lines.append(f"| {kind} | {key.replace('_', ' ')} | {cells or '-'} |")
     lines.append("")
     images = out / "images"
     images.mkdir(exist_ok=True)
     lines += ["## Replies", ""]
-    for k, r in enumerate(rows[:40]):
-        shown = ""
-        if r["image"] is not None:
-            r["image"].save(images / f"{k:03d}.png")
-            shown = f" ![](images/{k:03d}.png)"
-        lines.append(f"- conversation {r['conversation']} turn {r['turn'] + 1} {r['kind']}: "
-                     f"{'right' if r['correct'] else 'wrong'} — {r['reply'][:80]!r}{shown}")
+    with open(out / "replies.jsonl", "w", encoding="utf-8") as f:
+        for k, r in enumerate(rows):
+            shown = None
+            if r["image"] is not None and k < 40:
+                shown = f"images/{k:03d}.png"
+                r["image"].save(out / shown)
+            f.write(json.dumps({**{key: v for key, v in r.items() if key != "image"}, "image": shown}) + "\n")
+            if k < 40:
+                lines.append(f"- conversation {r['conversation']} turn {r['turn'] + 1} {r['kind']}: "
+                             f"{'right' if r['correct'] else 'wrong'} — {r['reply'][:80]!r}"
+                             + (f" ![]({shown})" if shown else ""))
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-__all__ = ["ChatEvalConfig", "SCORED", "conversations", "evaluate_chat", "play", "reply_sampling", "score_edit", "score_reply",
+__all__ = ["BREAKDOWNS", "ChatEvalConfig", "SCORED", "conversations", "evaluate_chat", "play", "reply_sampling", "score_edit", "score_reply",
            "summarise"]
