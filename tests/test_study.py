@@ -240,3 +240,23 @@ def test_reading_attention_shares_are_uniform_when_every_key_is_alike():
             layer.self_attn.k_proj.weight.zero_()
     for r in reading.attention_on_object(engine, 4):
         assert r["object_share"] == r["best_head_share"] == 0.111  # 1 / 9, as rounded
+
+
+def test_reading_gap_moves_only_the_positions_after_the_picture_and_restores():
+    """reading_gap.py: RoPE positions from `start` on move by the gap, the cache's slots do not, and the
+    patch is undone afterwards (a later generation is the engine's own)."""
+    import torch
+
+    from mixmodal.inference.cache import KVCache
+
+    spec = importlib.util.spec_from_file_location("study_gap", Path(__file__).parents[1] / "benchmarks/study/reading_gap.py")
+    gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gap)
+    restore = gap.with_gap(8, start=12)
+    try:
+        cache = KVCache(1, 2, 64, "cpu")
+        assert cache.begin_step(14).tolist() == [list(range(12)) + [20, 21]] * 2
+        assert cache._slots.tolist() == [list(range(14))] * 2  # the slots written are the engine's own
+    finally:
+        restore()
+    assert KVCache(1, 1, 64, "cpu").begin_step(14).tolist() == [list(range(14))]
