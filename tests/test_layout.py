@@ -161,3 +161,35 @@ def test_lay_out_truncates_at_a_part_boundary_and_drops_empty_documents():
     assert lay_out([], vocab, "tokens", 4) == (None, "dropped")
     prompt, _ = lay_out([text], vocab, "tokens", 4, eos=False)
     assert prompt.ids == flat.ids[:4]
+
+
+@pytest.mark.parametrize("mode", ["tokens", "latents"])
+def test_position_gap_moves_only_the_text_after_each_image_and_only_in_training(text_tokenizer, mode):
+    """pipeline.position_gap: a picture's positions stay consecutive after its <boi>, everything after its
+    <eoi> moves on by one draw in 0..gap per image, the tokens are unchanged, the draws are the document's
+    own (the same on a second pass), and evaluation rows keep 0, 1, 2, ..."""
+    engine = tiny_engine(mode, text_tokenizer)
+    docs = list(ShapesSource(ShapesConfig(resolution=32, tasks=["vqa", "edit"], max_objects=2), num=16))
+    plain, _ = _rows(engine, docs)
+    gapped, _ = _rows(engine, docs, position_gap=6)
+    again, _ = _rows(engine, docs, position_gap=6)
+    assert torch.equal(plain["input_ids"], gapped["input_ids"]) and torch.equal(gapped["positions"], again["positions"])
+    moved = 0
+    for r in range(gapped["input_ids"].shape[0]):
+        for d in gapped["document_ids"][r].unique().tolist():
+            if d < 0:
+                continue  # padding
+            where = gapped["document_ids"][r] == d
+            ids, pos = gapped["input_ids"][r][where].tolist(), gapped["positions"][r][where].tolist()
+            steps = [b - a for a, b in zip(pos, pos[1:])]
+            eoi = [k for k in range(len(ids) - 1) if ids[k] == engine.vocab.eoi]
+            assert pos[0] == 0 and eoi, (r, d)
+            assert all(s == 1 for k, s in enumerate(steps) if k not in eoi), (r, d)  # in a picture, in a text: +1
+            assert all(1 <= steps[k] <= 7 for k in eoi), (r, d)  # after a picture: +1 and a gap of 0..6
+            moved += sum(steps[k] > 1 for k in eoi)
+            assert plain["positions"][r][where].tolist() == list(range(len(ids)))
+    assert moved > 0  # some gap was drawn
+    evaluation, _ = _rows(engine, docs, training=False, position_gap=6)
+    assert torch.equal(evaluation["positions"], plain["positions"])
+    with pytest.raises(ValueError, match="position_gap"):
+        PipelineConfig(position_gap=-1)

@@ -62,6 +62,7 @@ class Flat:
     weights: list[float] | None = None  # per token: loss weight when it is a target (None: all 1)
     image_loss: list[bool] | None = None  # per image: is it a target (None: all are); latents: else fed clean
     read: list[bool] | None = None  # per image: a text target follows it (a caption or answer reads it; None: none)
+    positions: list[int] | None = None  # per token: its RoPE position (None: 0, 1, 2, ...; pipeline.position_gap)
 
 
 def encode_document(doc: Document, text_tokenizer, contents: Sequence[torch.Tensor], mode: str,

@@ -24,7 +24,8 @@ each document is preceded by the documents retrieved for it, in one attention se
 
     <bos> retrieved 1 <eos> <bos> retrieved 2 <eos> <bos> document <eos>
 
-with continuous positions. Retrieved documents get the caption-order transform (not CM3)
+with continuous positions (in training with `position_gap`, a random gap after each image: below).
+Retrieved documents get the caption-order transform (not CM3)
 and a loss weight `alpha` (1: loss on every token; RA-CM3 uses 0.1): the batch then
 carries `loss_weights` [B, T] (the weight of each label) and, in latent mode,
 `image_weights` [N]. Retrieved documents that do not fit in the row with the document
@@ -41,6 +42,11 @@ at t+1) are -100 for padding, for latent placeholders and the `<eoi>` that alway
 follows them (the engine forces it), and for tokens of segments marked loss=False (the
 CM3 sentinels; in a conversation, everything but the assistant's turns: data/chat.py).
 
+`position_gap` G > 0 (training only): after each image's <eoi>, the RoPE positions of the rest of the
+document move on by a random 0..G, drawn from the document's own stream (so a resumed run draws the same
+gaps). Pretraining otherwise puts a caption or an answer right after the picture it reads, and a model
+learns to find an object's cell by its distance; in a conversation the user's words stand between them.
+
 A batch is a dict of tensors:
     input_ids, labels, positions, document_ids, image_ids   [B, T]
     image_latents [N, C, h, w]  clean scaled VAE latents      (latent mode)
@@ -55,6 +61,7 @@ source there (the shapes world jumps; other sources are re-read and skipped).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -82,6 +89,10 @@ class PipelineConfig:
     uncond: str = "empty"
     cm3: CM3Config = field(default_factory=CM3Config)
     encode_batch: int = 64  # documents whose images are encoded together
+    # Training only: after each image, the RoPE positions of the rest of its document move on by a random
+    # 0..position_gap, so the distance between a picture and the text that reads it varies as it does in a
+    # conversation, where the user's words stand between them (benchmarks/study/reading_gap.py). 0: off.
+    position_gap: int = 0
 
     def __post_init__(self) -> None:
         if self.seq_len < 8:
@@ -95,6 +106,9 @@ class PipelineConfig:
                              f"stream sees), got {self.uncond!r}")
         if self.encode_batch < 1:
             raise ValueError(f"encode_batch must be >= 1, got {self.encode_batch}")
+        if self.position_gap < 0:
+            raise ValueError(f"position_gap must be >= 0 (the most positions skipped after an image; 0: off), "
+                             f"got {self.position_gap}")
 
 
 class DocumentEncoder:
@@ -154,6 +168,15 @@ class DocumentEncoder:
         return out
 
 
+def with_position_gaps(flat: Flat, rng: np.random.Generator, most: int) -> Flat:
+    """`flat` with its positions after each image's <eoi> moved on by a random 0..most (pipeline.position_gap):
+    a picture's own positions stay consecutive, the text after it starts a random distance away."""
+    positions = np.arange(len(flat.ids))
+    for (start, length, _), gap in zip(flat.images, rng.integers(0, most + 1, size=len(flat.images))):
+        positions[start + length + 1:] += int(gap)
+    return dataclasses.replace(flat, positions=positions.tolist())
+
+
 class Packer:
     """Flat documents -> rows of seq_len -> a batch dict (see the module docstring)."""
 
@@ -185,7 +208,7 @@ class Packer:
                 labels[r, start:start + n - 1] = target
                 w = torch.tensor(flat.weights, dtype=torch.float32) if flat.weights is not None else torch.ones(n)
                 weights[r, start:start + n - 1] = w[1:]
-                positions[r, start:start + n] = torch.arange(n)
+                positions[r, start:start + n] = torch.arange(n) if flat.positions is None else torch.tensor(flat.positions)
                 document_ids[r, start:start + n] = d
                 for k, (offset, length, _) in enumerate(flat.images):
                     image_ids[r, start + offset:start + offset + length] = image_count
@@ -342,6 +365,8 @@ class FusionBatches:
                     continue
                 if retrieved is not None:
                     flat = self._augment(flat, retrieved[k])
+                if self.training and self.config.position_gap > 0:
+                    flat = with_position_gaps(flat, rng, self.config.position_gap)
                 yield flat
 
     def _augment(self, flat: Flat, retrieved: list[Encoded]) -> Flat:
