@@ -75,11 +75,11 @@ def test_exchanges_after_a_wrong_drawing_are_summarised_apart(docs):
 
 def test_breakdowns_group_the_context_right_misses(docs):
     """VQA by question type and object count, edits by operation: a model that answers only colour questions
-    wrongly misses exactly the colour group (a question's type is from data/shapes/text.py), and every group's n sums to the context-right n."""
+    wrongly misses exactly the colour group (a question's type is from data/shapes/text.py), and every group's
+    n sums to the context-right n."""
     config = ChatEvalConfig(num_conversations=60, cfg=1.0, diffusion_steps=1, image_temperature=1.0)
-    scripted = Scripted(docs)
     wrong_types = {"colour"}
-    rows = play(scripted, docs, config, lambda _: None)
+    rows = play(Scripted(docs), docs, config, lambda _: None)
     for r in rows:  # mark the colour answers wrong, as a model blind to colour would be
         if r["kind"] == "vqa" and r["question_type"] in wrong_types:
             r["correct"] = 0.0

@@ -42,7 +42,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--num", type=int, default=100, help="held-out caption pictures (1-4 objects)")
     parser.add_argument("--json", help="write the table here")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     engine = Engine.from_pretrained(args.run)
     start = 1 + engine.per_image + 2  # <bos> <boi> picture <eoi>: the prompt is the picture alone
     config = ShapesEvalConfig(num_prompts=0, num_captions=args.num)

@@ -328,14 +328,14 @@ def _write_report(out: Path, metrics: dict, rows: list[dict]) -> None:
     with open(out / "replies.jsonl", "w", encoding="utf-8") as f:
         for k, r in enumerate(rows):
             shown = None
-            if r["image"] is not None and k < 40:
-                shown = f"images/{k:03d}.png"
-                r["image"].save(out / shown)
-            f.write(json.dumps({**{key: v for key, v in r.items() if key != "image"}, "image": shown}) + "\n")
-            if k < 40:
+            if k < 40:  # the report shows the first 40 replies, with their images
+                if r["image"] is not None:
+                    shown = f"images/{k:03d}.png"
+                    r["image"].save(out / shown)
                 lines.append(f"- conversation {r['conversation']} turn {r['turn'] + 1} {r['kind']}: "
                              f"{'right' if r['correct'] else 'wrong'} — {r['reply'][:80]!r}"
                              + (f" ![]({shown})" if shown else ""))
+            f.write(json.dumps({**{key: v for key, v in r.items() if key != "image"}, "image": shown}) + "\n")
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
