@@ -73,6 +73,42 @@ def test_exchanges_after_a_wrong_drawing_are_summarised_apart(docs):
     assert out["edit"]["first_turn"] == {"accuracy": 1.0, "n": len(opening)} and opening
 
 
+def test_follow_ups_of_a_partial_drawing_are_not_context_right(docs):
+    """A GenEval-form request names part of the world's scene ("draw an orange circle"); a drawing that meets it
+    but leaves out the rest is a right reply, yet the follow-ups ("how many objects?") were written about the whole
+    scene: they are not context right (the reference does not hold for what the model drew)."""
+    from mixmodal.data.shapes.geneval import Prompt, judge, scene_things
+
+    partial: set[int] = set()
+
+    class DrawsOnlyWhatIsAsked(Scripted):
+        def generate(self, prompts, config, seed):
+            out = super().generate(prompts, config, seed)
+            for prompt, result in zip(prompts, out):
+                doc = self.by_first[id(prompt.parts[0])]
+                turn = sum(role == "user" for role, _ in prompt.metadata["turns"]) - 1
+                exchange = doc.metadata["exchanges"][turn]
+                if exchange["kind"] != "generate" or not exchange.get("prompt"):
+                    continue
+                scene = Scene.from_dict(doc.metadata["scenes"][exchange["image"]])
+                for k in range(len(scene.objects)):  # leave out an object the request does not need
+                    less = Scene(scene.objects[:k] + scene.objects[k + 1:], scene.background)
+                    if less.objects and judge(Prompt.from_dict(exchange["prompt"]), scene_things(less))[0]:
+                        partial.add(next(c for c, d in enumerate(docs) if d is doc))
+                        result.document.parts[:] = [Image(render(less, 48))]
+                        break
+            return out
+
+    config = ChatEvalConfig(num_conversations=60, cfg=1.0, diffusion_steps=1, image_temperature=1.0)
+    rows = play(DrawsOnlyWhatIsAsked(docs), docs, config, lambda _: None)
+    drawn = [r for r in rows if r["kind"] == "generate" and r["conversation"] in partial]
+    assert drawn and all(r["correct"] == 1.0 and r["exact"] == 0.0 for r in drawn)
+    after = [r for r in rows if r["conversation"] in partial and r["turn"] > 0]
+    assert after and not any(r["context_ok"] for r in after)
+    others = [r for r in rows if r["conversation"] not in partial and r["turn"] > 0]
+    assert any(r["context_ok"] for r in others)
+
+
 def test_breakdowns_group_the_context_right_misses(docs):
     """VQA by question type and object count, edits by operation: a model that answers only colour questions
     wrongly misses exactly the colour group (a question's type is from data/shapes/text.py), and every group's

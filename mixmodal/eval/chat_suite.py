@@ -18,9 +18,12 @@ A reply's modality is the one its exchange asks for (an image for generate and e
 caption and vqa). Stories are played as context but not scored (the model writes its own plot).
 "Multi-turn consistency" is the accuracy of follow-up exchanges (turn 2 and later) whose earlier
 images the model drew exactly right, so the reference answer holds for what it drew. Each kind is also
-summarised on its exchanges whose context is right (`context_right`: no earlier drawing wrong, no story
-before it): an edit of a picture the model drew wrongly starts from a scene the reference edit does not
-describe, so the plain accuracy mixes editing with the earlier drawing. Edits are
+summarised on its exchanges whose context is right (`context_right`: every earlier drawing is the scene
+the conversation goes on about, no story before it): an edit of a picture the model drew wrongly starts
+from a scene the reference edit does not describe, so the plain accuracy mixes editing with the earlier
+drawing. A GenEval-form request ("draw an orange circle") is judged right when the drawing satisfies it,
+but the follow-ups ("how many objects?") were written about the world's whole scene, of which the request
+named a part: they count as context right only when the drawing is that scene exactly. Edits are
 also run with 3-stream instruct guidance (`edit_image_cfg`, InstructPix2Pix / Meta's Chameleon)
 beside 2-stream guidance, as `edit_3stream`.
 """
@@ -110,14 +113,16 @@ def score_reply(exchange: dict, reply: Document, scenes: list[Scene]) -> dict[st
     images, text = reply.images, " ".join(reply.texts).strip()
     if kind in ("generate", "edit"):
         if not images:
-            return {"correct": 0.0, **({"exact": 0.0, "target": 0.0, "kept": 0.0} if kind == "edit" else {})}
+            return {"correct": 0.0, "exact": 0.0, **({"target": 0.0, "kept": 0.0} if kind == "edit" else {})}
         drawn = parse_image(images[0])
         if kind == "edit":
             s = score_edit(drawn, scenes[exchange["before"]], Edit.from_dict(exchange["edit"]))
             return {"correct": s["exact"], **s}
+        exact = float(drawn == scenes[exchange["image"]])  # the scene the follow-ups are written about
         if exchange.get("prompt"):
-            return {"correct": float(judge(Prompt.from_dict(exchange["prompt"]), scene_things(drawn))[0])}
-        return {"correct": float(drawn == scenes[exchange["image"]])}
+            return {"correct": float(judge(Prompt.from_dict(exchange["prompt"]), scene_things(drawn))[0]),
+                    "exact": exact}
+        return {"correct": exact, "exact": exact}
     if kind == "caption":
         try:
             return {"correct": float(parse_caption(text) == scenes[exchange["image"]])}
@@ -192,8 +197,8 @@ def play(engine, docs: list[Document], config: ChatEvalConfig, progress: Callabl
                     rows.append({"conversation": c, "turn": turn, "kind": kind, "context_ok": context_ok[c],
                                  "reply": " ".join(reply.texts).strip(), "image": (reply.images or [None])[0],
                                  **_details(exchange, scenes[c]), **verdict})
-                    if kind in ("generate", "edit") and verdict["correct"] < 1:
-                        context_ok[c] = False
+                    if kind in ("generate", "edit") and verdict["exact"] < 1:
+                        context_ok[c] = False  # the follow-ups' reference answers are about a scene not drawn
                 progress(f"shapes-chat turn {turn + 1} {kind}: {min(start + len(chunk), len(batch))}/{len(batch)}")
     return rows
 
