@@ -374,6 +374,24 @@ def test_a_chat_session_carries_the_conversation_and_saves_it(text_tokenizer, tm
     assert session.document().metadata["turns"] == [["system", 1]]
 
 
+def test_mixmodal_chat_starts_from_the_models_stated_sampling(text_tokenizer, tmp_path, monkeypatch):
+    """`mixmodal chat` draws as the model's generation.yaml image_sampling says (what the shapes-chat eval
+    scores and `mixmodal generate` uses), and its flags go over it."""
+    import mixmodal.inference.chat as chat
+    from mixmodal.cli import main
+    from tiny import save_engine_folder
+
+    save_engine_folder(tiny_engine("latents", text_tokenizer), tmp_path / "model", chat_template="mixmodal",
+                       image_sampling={"cfg": 3.0, "diffusion_steps": 4, "guidance_interval": [0.0, 0.8]})
+    sessions = []
+    monkeypatch.setattr(chat, "run_repl", lambda session: sessions.append(session) or 0)
+    assert main(["chat", str(tmp_path / "model")]) == 0
+    assert main(["chat", str(tmp_path / "model"), "--cfg", "2", "--steps", "9"]) == 0
+    stated, flagged = (s.config for s in sessions)
+    assert (stated.guidance.scale, stated.diffusion_steps, stated.guidance.interval) == (3.0, 4, [0.0, 0.8])
+    assert (flagged.guidance.scale, flagged.diffusion_steps, flagged.guidance.interval) == (2.0, 9, [0.0, 0.8])
+
+
 def test_mixmodal_chat_in_a_terminal(text_tokenizer, tmp_path):
     """Drive the REPL in a pseudo-terminal as a user would: a message, a bad attachment, a drawn image,
     /save, /quit."""

@@ -398,6 +398,34 @@ def test_the_server_answers_what_mixmodal_generate_writes(text_tokenizer, tmp_pa
         assert PIL.Image.open(io.BytesIO(png)).convert("RGB").tobytes() == mine.tobytes()
 
 
+def test_the_server_starts_from_the_models_stated_sampling(text_tokenizer, tmp_path):
+    """A request that names no cfg or steps is drawn as the model's generation.yaml image_sampling says, as
+    `mixmodal generate` draws it; a request's own cfg and steps go over it."""
+    import mixmodal
+    from mixmodal.inference.checkpoint import load_checkpoint
+    from tiny import save_engine_folder
+
+    save_engine_folder(_engine("latents", text_tokenizer), tmp_path / "model", max_length=160,
+                       image_sampling={"cfg": 3.0, "diffusion_steps": 4})
+    folder = tmp_path / "model"
+    stated = mixmodal.generate(str(folder), "two red circles", mode="image", seed=9, num=1)
+    plain = mixmodal.generate(str(folder), "two red circles", mode="image", cfg=1.0, steps=2, seed=9, num=1)
+    app = create_app(Scheduler(load_checkpoint(folder)), model_name="model")
+    with TestClient(app) as client:
+        def served(**options) -> bytes:
+            reply = client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "two red circles"}], "mode": "image", "seed": 9, **options})
+            part = next(p for p in reply.json()["choices"][0]["message"]["content"] if p["type"] == "image_url")
+            png = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+            return PIL.Image.open(io.BytesIO(png)).convert("RGB").tobytes()
+
+        def image(generated) -> bytes:
+            return next(p.image for p in generated.results[0].document.parts if hasattr(p, "image")).tobytes()
+
+        assert served() == image(stated) != image(plain)
+        assert served(cfg=1.0, steps=2) == image(plain)
+
+
 def test_retrieved_documents_are_read_before_the_prompt_as_generate_lays_them_out(text_tokenizer):
     from mixmodal.documents import Document, Text
 

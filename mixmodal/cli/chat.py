@@ -36,8 +36,11 @@ def cmd_chat(args: argparse.Namespace, overrides: list[str]) -> int:
     from mixmodal.inference.chat import ChatSession, run_repl
     from mixmodal.inference.checkpoint import load_checkpoint
     from mixmodal.inference.generate import DTYPES, generation_config
+    from mixmodal.model.bundle import read_image_sampling
 
-    config = generation_config(**given(args, GENERATION_FLAGS), overrides=overrides)
+    # the model's stated image sampling first (generation.yaml; what the shapes-chat eval scores), flags over it
+    config = generation_config(**given(args, GENERATION_FLAGS), overrides=overrides,
+                               image_sampling=read_image_sampling(args.checkpoint))
     engine = load_checkpoint(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype],
                              require_image_tokenizer=config.mode != "text", compile=args.compile)
     if engine.chat_template is None:

@@ -49,12 +49,14 @@ class Generated:
     seconds: float
 
 
-def generation_config(*, overrides: Sequence[str] = (), **options) -> GenerationConfig:
-    """Defaults <- the options (keywords of GENERATION_FLAGS, mixmodal/flags.py: mode, cfg, image_cfg,
-    steps, max_new_tokens, max_images, temperature; None = not given) <- `key=value` overrides
-    (e.g. `image.top_k=100`)."""
+def generation_config(*, overrides: Sequence[str] = (), image_sampling: dict | None = None,
+                      **options) -> GenerationConfig:
+    """Defaults <- the model's stated image sampling (`image_sampling`: its generation.yaml's, e.g. the token
+    recipe's plausibility; what `mixmodal generate`, `mixmodal chat` and the server start from) <- the options
+    (keywords of GENERATION_FLAGS, mixmodal/flags.py: mode, cfg, image_cfg, steps, max_new_tokens, max_images,
+    temperature; None = not given) <- `key=value` overrides (e.g. `image.top_k=100`)."""
     flags = flag_overrides(GENERATION_FLAGS, options, "generation_config")
-    return build_config(GenerationConfig, None, [*flags, *overrides])
+    return build_config(GenerationConfig, None, [*image_sampling_overrides(image_sampling), *flags, *overrides])
 
 
 def generate(checkpoint: str | os.PathLike, prompt: str | Sequence[str] = "", *, images: Sequence[str | os.PathLike] = (),

@@ -184,7 +184,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
         mode = body.mode or _mode(body.modalities)
         config = _config(body, limits, mode=mode, max_tokens=max_tokens, temperature=body.temperature,
                          top_p=body.top_p, image_cfg=body.image_cfg, sampler=body.sampler, max_images=body.max_images,
-                         preview_every=body.preview_every if body.stream else None, ignore_eos=body.ignore_eos)
+                         preview_every=body.preview_every if body.stream else None, ignore_eos=body.ignore_eos,
+                         image_sampling=engine.image_sampling)
         context = await _retrieve(retriever, prompt, body.retrieve)
         tickets = _submit(scheduler, prompt, config, body, request, context)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -205,7 +206,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
             raise ApiError(400, "this model has no image tokenizer: it cannot draw images", "model")
         if body.size is not None and body.size != f"{resolution}x{resolution}":
             raise ApiError(400, f"size: this model draws {resolution}x{resolution} images; got {body.size!r}", "size")
-        config = _config(body, limits, mode="image", max_tokens=engine.per_image + 2)
+        config = _config(body, limits, mode="image", max_tokens=engine.per_image + 2,
+                         image_sampling=engine.image_sampling)
         prompt = Document([Text(body.prompt)] if body.prompt else [])
         tickets = _submit(scheduler, prompt, config, body, request, await _retrieve(retriever, prompt, body.retrieve))
         ends = await _collect(scheduler, tickets, request)
@@ -237,7 +239,8 @@ def _mode(modalities: list[str] | None) -> str | None:
 
 
 def _config(body: Sampling, limits: Limits, *, mode: str | None, max_tokens: int | None, temperature=None,
-            top_p=None, image_cfg=None, sampler=None, max_images=None, preview_every=None, ignore_eos=False):
+            top_p=None, image_cfg=None, sampler=None, max_images=None, preview_every=None, ignore_eos=False,
+            image_sampling: dict | None = None):
     if body.model is not None and body.model != limits.model_name:
         raise ApiError(404, f"model: {body.model!r} is not served here; GET /v1/models lists {limits.model_name!r}",
                        "model")
@@ -254,7 +257,7 @@ def _config(body: Sampling, limits: Limits, *, mode: str | None, max_tokens: int
     try:
         return generation_config(mode=mode, cfg=body.cfg, image_cfg=image_cfg, steps=body.steps,
                                  max_new_tokens=max_tokens or limits.max_tokens, max_images=max_images,
-                                 temperature=temperature, overrides=overrides)
+                                 temperature=temperature, overrides=overrides, image_sampling=image_sampling)
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e), None) from None
 
