@@ -37,13 +37,14 @@ def text_tokenizer():
 
 
 def _engine(mode: str, text_tokenizer, *, kind: str = "ddpm", grid: int = 4, max_length: int | None = None,
-            seed: int = 0, rope_2d: bool = False) -> Engine:
+            seed: int = 0, rope_2d: bool = False, slot_embedding: bool = False) -> Engine:
     """A random model with logits far from uniform (init_std 0.5), so sampling is not a coin toss."""
     torch.manual_seed(seed)
     if mode == "tokens":
         image_tokenizer = VQTokenizer(VQConfig(**{**TRUNK, "resolution": 2 * grid}, latent_channels=8,
                                                codebook_size=32, codebook_dim=4))
-        image = ImageConfig(mode="tokens", num_codes=32, grid_size=grid)
+        image = ImageConfig(mode="tokens", num_codes=32, grid_size=grid, slot_embedding=slot_embedding,
+                            position_std=0.5 if slot_embedding else 0.0)
     else:
         image_tokenizer = VAETokenizer(VAEConfig(**TRUNK, latent_channels=4))
         image = ImageConfig(mode="latents", latent_channels=4, grid_size=8, patch_size=4, rope_2d=rope_2d)  # 4 patches
@@ -104,10 +105,12 @@ def _full_forward(engine: Engine, ids: list[int], images: list[tuple[int, torch.
     return model(input_ids, **kwargs)
 
 
-@pytest.mark.parametrize("mode", ["tokens", "latents", "latents-rope-2d"])
+@pytest.mark.parametrize("mode", ["tokens", "tokens-slots", "latents", "latents-rope-2d"])
 def test_cached_decoding_equals_the_full_forward(text_tokenizer, mode):
-    engine = _engine(mode.removesuffix("-rope-2d"), text_tokenizer, rope_2d=mode.endswith("rope-2d"))
-    mode = mode.removesuffix("-rope-2d")
+    """tokens-slots: each code numbered by its place in the grid, one code a step, as the full forward numbers it."""
+    engine = _engine(mode.split("-")[0], text_tokenizer, rope_2d=mode.endswith("rope-2d"),
+                     slot_embedding=mode.endswith("slots"))
+    mode = mode.split("-")[0]
     spy = _Spy(engine)
     _image_after(engine, 4)
     config = GenerationConfig(mode="interleaved", max_new_tokens=60 if mode == "latents" else 60 + 2 * 18, max_images=2, diffusion_steps=3,

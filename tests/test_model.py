@@ -352,6 +352,32 @@ def test_token_mode_rejects_latents():
               image_times=torch.zeros(1), image_index=torch.zeros(1, 4, dtype=torch.long))
 
 
+def test_image_slots_number_each_code_by_its_place_in_its_grid():
+    """image.slot_embedding: a code's slot counts from its image's <boi> (0..P-1, row-major), text is -1; a chunk
+    that starts inside an image (the engine's decode) goes on from slot_start; the embedding moves only codes."""
+    from mixmodal.vocab import Vocab
+
+    grid = 2
+    config = ModelConfig(text_vocab_size=300, image=ImageConfig(mode="tokens", num_codes=16, grid_size=grid,
+                                                               slot_embedding=True),
+                         transformer=TransformerConfig(dim=16, num_layers=1, num_heads=2))
+    model = FusionModel(config)
+    v = Vocab(300, 16)
+    code = v.image_code_to_id(torch.tensor(5)).item()
+    ids = torch.tensor([[20, v.boi, code, code, code, code, v.eoi, 21, v.boi, code, code, code, code, v.eoi]])
+    assert model.image_slots(ids).tolist() == [[-1, -1, 0, 1, 2, 3, -1, -1, -1, 0, 1, 2, 3, -1]]
+    decode = torch.tensor([[code, v.eoi], [code, 20]])
+    assert model.image_slots(decode, torch.tensor([3, 1])).tolist() == [[3, -1], [1, -1]]
+    with pytest.raises(ValueError, match="slot_embedding is for image.mode=tokens"):
+        ImageConfig(mode="latents", slot_embedding=True)
+    plain = FusionModel(ModelConfig(text_vocab_size=300, image=ImageConfig(mode="tokens", num_codes=16, grid_size=grid),
+                                    transformer=TransformerConfig(dim=16, num_layers=1, num_heads=2)))
+    plain.load_state_dict({k: w for k, w in model.state_dict().items() if not k.startswith("image_")})
+    text = torch.tensor([[20, 21, 22]])
+    torch.testing.assert_close(model(text).logits, plain(text).logits)  # text alone: nothing added
+    assert not torch.allclose(model(ids).logits[0, 3:], plain(ids).logits[0, 3:])
+
+
 def test_cache_without_positions_and_mask_is_refused():
     """The defaults (positions from 0, a causal mask over the new tokens) are wrong once keys come
     from a cache: SDPA's is_causal aligns the first query with the first cached key."""

@@ -32,6 +32,7 @@ class Block:
     latent: tuple[int, torch.Tensor, float | torch.Tensor] | None = None
     denoise: bool = False  # the latent is a noisy image to predict (not committed)
     prompt_images: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # prefill: (offset, clean latents)
+    slot_start: int = 0  # codes of the open image already cached before this block (image.slot_embedding)
 
 
 @dataclass

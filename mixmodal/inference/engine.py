@@ -275,6 +275,8 @@ class Engine:
         if latents:
             kwargs = dict(image_latents=torch.stack(latents).to(device), image_times=torch.as_tensor(times, device=device),
                           image_index=torch.stack(index).to(device))
+        if self.model.config.image.slot_embedding:  # where each block's codes sit in their image's grid
+            kwargs["slot_start"] = torch.tensor([b.slot_start for b in blocks], dtype=torch.long, device=device)
         with self._autocast():
             out = (self._half.model() if self._half else self.model)(ids.to(device), positions=positions, cache=cache,
                                                                      mask=mask, logits_index=(new - 1).clamp(min=0)[:, None].to(device), **kwargs)
@@ -315,12 +317,13 @@ class Engine:
                                        config.guidance.image_scale, config.guidance.plausibility)
                 token = self._sample(seq, scores, config.image)
             seq.codes.append(token)
+            slot = len(seq.codes) - 1  # the fed code's place in the grid
             if len(seq.codes) == self.per_image:
-                self._feed(seq, [token, self.vocab.eoi])
+                self._feed(seq, [token, self.vocab.eoi], slot_start=slot)
                 g = self.model.config.image.grid_size
                 yield from self._finish_image(seq, self.vocab.id_to_image_code(torch.tensor(seq.codes)).view(g, g))
             else:
-                self._feed(seq, [token])
+                self._feed(seq, [token], slot_start=slot)
             return
         # text phase: pick the next id, if there is room for one
         if self._room(seq) < 1:
@@ -414,12 +417,12 @@ class Engine:
         yield ImageDone(seq.index, len(seq.images) - 1, pil, content)
 
     def _feed(self, seq: SequenceState, ids: list[int], *, commit: int | None = None, latent=None,
-              denoise: bool = False) -> None:
+              denoise: bool = False, slot_start: int = 0) -> None:
         """Next step's block for every stream of `seq`; the committed ids are generated output."""
         commit = len(ids) if commit is None else commit
         seq.generated += ids[:commit]
         seq.seen += ids[:commit]
-        seq.blocks = [Block(list(ids), commit, latent, denoise) for _ in seq.rows]
+        seq.blocks = [Block(list(ids), commit, latent, denoise, slot_start=slot_start) for _ in seq.rows]
 
     def _room(self, seq: SequenceState, pending: int = 0) -> int:
         """Positions this sequence may still add: its budget, and the context after what is cached

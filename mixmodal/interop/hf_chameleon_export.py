@@ -124,6 +124,9 @@ def convert_to_hf_chameleon(src: str | os.PathLike, out: str | os.PathLike) -> t
         raise ConversionError(f"{src / CONFIG_FILE}: image.code_embedding={config.image.code_embedding}; Chameleon "
                               "has one embedding and one lm_head row per code and no shared map of code vectors "
                               "(train with image.code_embedding=learned to export)")
+    if config.image.slot_embedding:
+        raise ConversionError(f"{src / CONFIG_FILE}: image.slot_embedding=true; Chameleon's image codes carry no row "
+                              "or column embedding (train without it to export)")
     try:
         state = read_model_state(src)  # a LoRA run's folder: its adapter merged into the weights
     except ModelDirError as e:

@@ -1,7 +1,8 @@
 """The early-fusion model: one transformer over interleaved text and images.
 
     image.mode = tokens   (Chameleon, CM3Leon)  image codes are ids of the shared vocabulary:
-                          embed_tokens -> transformer -> lm_head, nothing else.
+                          embed_tokens -> transformer -> lm_head (image.slot_embedding: + a
+                          learned row and column embedding on each code, by its place in the grid).
     image.mode = latents  (Transfusion)         each image is a VAE latent [C, h, w], noised by
                           the objective, cut into (h/p)(w/p) patches of p x p and projected to
                           the model width (a linear layer, or U-Net down blocks); a timestep
@@ -22,6 +23,7 @@ Packed-row inputs (all optional but input_ids; the data pipeline builds them):
     image_times   [N]     diffusion time in [0, 1] of each image
     image_index   [N, P]  flat index (b * T + t) of each image's P patch positions
     logits_index  [B, K]  compute logits only at these positions (-> [B, K, V]); the engine's use
+    slot_start    [B]     image.slot_embedding: codes of the open image already in the cache (default 0)
 """
 
 from __future__ import annotations
@@ -54,7 +56,13 @@ class ImageConfig:
     bidirectional: bool | None = None  # attention among one image's positions; None: yes for latents, no for tokens
     # latents: init std of the patches' learned row and column embeddings; 0 = the transformer's init_std (0.02),
     # which leaves them ~1/30 of a patch's content (DiT's fixed 2D sin-cos embedding is ~1 per element)
+    # (tokens with slot_embedding: the same, for the codes' row and column embeddings)
     position_std: float = 0.0
+    # tokens: learned row and column embeddings added to each image code's input by its place in the grid (its
+    # "slot", counted from the image's <boi>), as a latent model's patches always have. Without them a code's state
+    # knows its cell only through RoPE distances, so text that reads the picture binds objects to cells by its own
+    # distance from it (benchmarks/study/reading_gap.py) and a question asked after the picture misplaces them
+    slot_embedding: bool = False
     # latents: 2-D rotary positions for the patches (transformer.grid_positions): a patch's rotation carries
     # its row and its column on separate axes instead of its place in the row-major sequence
     rope_2d: bool = False
@@ -105,6 +113,9 @@ class ImageConfig:
         if self.mode == "latents" and self.grid_size and self.grid_size % self.patch_size:
             raise ValueError(f"image.patch_size={self.patch_size} does not divide the latent grid "
                              f"({self.grid_size} x {self.grid_size}); pick a divisor of {self.grid_size}")
+        if self.slot_embedding and self.mode != "tokens":
+            raise ValueError("image.slot_embedding is for image.mode=tokens (a latent model's patches always have row "
+                             "and column embeddings: image.position_std sets them); drop it")
         if self.rope_2d and self.mode != "latents":
             raise ValueError("image.rope_2d is for image.mode=latents (a token model writes its codes one by one); drop it")
         if self.patch_size < 1:
@@ -324,6 +335,12 @@ class FusionModel(nn.Module):
             # the code they repeat and take its probability; they score UNUSED_CODE_LOGIT instead
             self.register_buffer("code_unused", torch.zeros(image.num_codes, dtype=torch.bool), persistent=False)
             self.register_load_state_dict_post_hook(lambda model, keys: model._find_unused_codes())
+        if image.slot_embedding:  # tokens: the same row and column embeddings a latent model's patches have
+            if not image.grid_size:
+                raise ValueError("image.slot_embedding needs image.grid_size (from the image tokenizer)")
+            std = image.position_std or t.init_std
+            self.image_rows = nn.Parameter(torch.randn(image.grid_size, t.dim) * std)
+            self.image_cols = nn.Parameter(torch.randn(image.grid_size, t.dim) * std)
         if image.mode == "latents":
             if not image.latent_channels or not image.grid_size:
                 raise ValueError("latent mode needs image.latent_channels and image.grid_size (from the VAE tokenizer)")
@@ -418,6 +435,19 @@ class FusionModel(nn.Module):
     def image_position_embedding(self) -> torch.Tensor:  # [P, D]
         return (self.image_rows[:, None] + self.image_cols[None, :]).flatten(0, 1)
 
+    def image_slots(self, input_ids: torch.Tensor, slot_start: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] each image code's place in its image's grid (row-major, counted from the last <boi> before it),
+        -1 elsewhere. `slot_start` [B]: codes of an image already in the KV cache before this chunk (the engine's
+        decode), the numbering of a row's codes before its first <boi> goes on from there."""
+        is_code = self.vocab.is_image_code(input_ids)
+        is_boi = input_ids == self.vocab.boi
+        count = is_code.long().cumsum(1)  # codes so far in the row
+        at_boi = torch.where(is_boi, count, 0).cummax(1).values  # ... as of the last <boi>
+        slots = count - at_boi - 1
+        if slot_start is not None:
+            slots = slots + torch.where(is_boi.long().cummax(1).values.bool(), 0, slot_start.to(slots)[:, None])
+        return torch.where(is_code, slots.clamp(0, self.config.image.positions_per_image - 1), -1)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -431,6 +461,7 @@ class FusionModel(nn.Module):
         cache: KVCache | None = None,
         mask: AttentionMask | None = None,
         logits_index: torch.Tensor | None = None,
+        slot_start: torch.Tensor | None = None,
     ) -> FusionOutput:
         b, t = input_ids.shape
         if cache is not None and (positions is None or mask is None):
@@ -440,6 +471,10 @@ class FusionModel(nn.Module):
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         x = self.embed(input_ids)
+        if self.config.image.slot_embedding:
+            slots = self.image_slots(input_ids, slot_start)
+            rows = self.image_position_embedding()[slots.clamp(min=0)]
+            x = x + torch.where(slots[..., None] >= 0, rows, torch.zeros((), dtype=rows.dtype)).to(x.dtype)
         skip = temb = None
         if image_latents is not None:
             if not self.is_latent:
