@@ -260,3 +260,39 @@ def test_reading_gap_moves_only_the_positions_after_the_picture_and_restores():
     finally:
         restore()
     assert KVCache(1, 1, 64, "cpu").begin_step(14).tolist() == [list(range(14))]
+
+
+def test_question_order_asks_the_same_questions_in_three_layouts_and_scores_each():
+    """question_order.py: the question before the picture, after it, or in a user turn; each layout's answers are
+    scored by type against the reference (an engine that answers only chat prompts right scores 1 there, 0 else)."""
+    from mixmodal.documents import Document, Image, Text
+    from mixmodal.inference.events import GenerationResult
+
+    spec = importlib.util.spec_from_file_location("study_order", Path(__file__).parents[1] / "benchmarks/study/question_order.py")
+    order = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(order)
+    docs = order.questions(24, 48)
+    answers = {d.metadata["question"]: d.metadata["answer"] for d in docs}
+
+    class AnswersInChat:
+        def __init__(self):
+            self.prompts = []
+
+        def generate(self, prompts, config, seed):
+            out = []
+            for prompt in prompts:
+                self.prompts.append(prompt)
+                question = next(p.text for p in prompt.parts if isinstance(p, Text)).removeprefix("Question: ")
+                reply = answers[question] if "turns" in prompt.metadata else "purple"
+                out.append(GenerationResult(len(out), Document([Text(reply)]), []))
+            return out
+
+    engine = AnswersInChat()
+    table = {form: order.accuracy(engine, docs, form, batch_size=10) for form in order.FORMS}
+    assert table["chat"]["all"] == {"accuracy": 1.0, "n": 24}
+    assert table["question-first"]["all"]["accuracy"] == table["image-first"]["all"]["accuracy"] == 0.0
+    assert sum(m["n"] for k, m in table["chat"].items() if k != "all") == 24
+    first, after, chat = engine.prompts[0], engine.prompts[24], engine.prompts[48]
+    assert isinstance(first.parts[0], Text) and isinstance(first.parts[1], Image)
+    assert isinstance(after.parts[0], Image) and after.parts[1].text.startswith("Question: ")
+    assert isinstance(chat.parts[0], Image) and chat.metadata["turns"] == [["user", 2]]
