@@ -184,6 +184,29 @@ def test_resume_refuses_a_different_architecture(tmp_path):
         fit(config, tmp_path)
 
 
+def test_resume_reads_an_option_the_checkpoint_predates_as_its_default(tmp_path):
+    """A checkpoint written before an architecture option existed lacks its key: it resumes when the config sets
+    the option's default (the weights are the same), and is refused when it sets anything else."""
+    fit(toy_config(steps=2), tmp_path)
+
+    class Later(ToyTask):  # the same task after a `gate` option (default off) was added to its architecture
+        def architecture(self):
+            return {"width": self.config.width, "gate": self.gate}
+
+        def architecture_defaults(self):
+            return {"width": 8, "gate": False}
+
+    for gate in (False, True):
+        task = Later(toy_config(steps=3, resume=True))
+        task.gate = gate
+        if gate:
+            with pytest.raises(ckpt.CheckpointError, match=r"gate: False -> True"):
+                Trainer(task, task.config.trainer, tmp_path).fit()
+        else:
+            Trainer(task, task.config.trainer, tmp_path).fit()
+            assert ckpt.latest_checkpoint(tmp_path).name == "step_000003"
+
+
 def test_existing_run_without_resume_is_refused(tmp_path):
     fit(toy_config(steps=2), tmp_path)
     with pytest.raises(TrainingError, match="--resume"):

@@ -182,6 +182,17 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def with_defaults(saved: Any, defaults: Any) -> Any:
+    """`saved` (a plain config) with every key it lacks taken from `defaults`, nested dicts merged: a checkpoint
+    written before an option existed behaved as that option's default."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    out = dict(saved)
+    for k, v in defaults.items():
+        out[k] = with_defaults(saved[k], v) if k in saved else v
+    return out
+
+
 def config_differences(old: Any, new: Any) -> list[str]:
     """"key: old -> new" for every dotted key whose value differs between two plain configs."""
     a, b = _flatten(old or {}), _flatten(new or {})

@@ -59,6 +59,7 @@ class Task(Protocol):
 
     def setup(self, device: torch.device) -> None: ...  # first call: where models and batches will live
     def architecture(self) -> dict: ...  # the config values the weights depend on; must match on resume
+    def architecture_defaults(self) -> dict: ...  # what a key a checkpoint's architecture lacks meant (added later)
     def build_models(self) -> dict[str, nn.Module]: ...  # called after seeding: init is reproducible
     def optimizers(self, models: dict[str, nn.Module]) -> dict[str, OptimizerSpec]: ...
     def data_iterator(self) -> DataIterator: ...
@@ -90,6 +91,11 @@ class TaskBase:
         pass
 
     def architecture(self) -> dict:
+        return {}
+
+    def architecture_defaults(self) -> dict:
+        """The architecture's values when no option is set: a checkpoint written before an option existed lacks
+        its key, and behaved as its default (on resume, a key it lacks is read as this)."""
         return {}
 
     def generators(self) -> dict[str, torch.Generator]:

@@ -206,6 +206,8 @@ class Trainer:
 
     def _resume(self, checkpoint: ckpt.Checkpoint) -> None:
         saved, now = checkpoint.state.get("architecture"), jsonable(self.task.architecture())
+        if saved is not None:  # an option added since the checkpoint was written: it ran as the default
+            saved = ckpt.with_defaults(saved, jsonable(self.task.architecture_defaults()))
         if saved != now:
             diff = "\n  ".join(config_differences(saved, now))
             raise ckpt.CheckpointError(
