@@ -325,7 +325,7 @@ def test_patch_code_head_classifies_clean_patches_and_a_fine_tune_can_add_it(tok
     """model.image.patch_codes: K centroids of the clean latent patches, fitted from data.source when the run
     starts and saved with the weights; the head's loss is logged. init_from a run without the head adds a fresh
     one and loads everything else; a different K than the folder's is a contradiction."""
-    from mixmodal.model.fusion import patchify
+    from mixmodal.model.patches import patchify
     from mixmodal.model.io import load_model_dir, read_model_state
     from mixmodal.tokenizers.patch import nearest_centroid
     from mixmodal.train.fusion import FusionTask, fill_model_config

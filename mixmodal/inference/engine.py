@@ -317,13 +317,11 @@ class Engine:
                                        config.guidance.image_scale, config.guidance.plausibility)
                 token = self._sample(seq, scores, config.image)
             seq.codes.append(token)
-            slot = len(seq.codes) - 1  # the fed code's place in the grid
-            if len(seq.codes) == self.per_image:
-                self._feed(seq, [token, self.vocab.eoi], slot_start=slot)
+            done = len(seq.codes) == self.per_image  # (slot_start: the fed code's place in the grid)
+            self._feed(seq, [token, self.vocab.eoi] if done else [token], slot_start=len(seq.codes) - 1)
+            if done:
                 g = self.model.config.image.grid_size
                 yield from self._finish_image(seq, self.vocab.id_to_image_code(torch.tensor(seq.codes)).view(g, g))
-            else:
-                self._feed(seq, [token], slot_start=slot)
             return
         # text phase: pick the next id, if there is room for one
         if self._room(seq) < 1:
@@ -477,14 +475,12 @@ class Engine:
 
     @torch.no_grad()
     def _decode_codes(self, codes: torch.Tensor):
-        device = tokenizer_device(self.image_tokenizer)
-        return self._pixels.to_images(self.image_tokenizer.decode(codes.to(device)))
+        return self._pixels.to_images(self.image_tokenizer.decode(codes.to(tokenizer_device(self.image_tokenizer))))
 
     @torch.no_grad()
     def _decode_latents(self, latents: torch.Tensor):
         tok = self.image_tokenizer
-        device = tokenizer_device(tok)
-        return self._pixels.to_images(tok.decode(tok.unscale_latents(latents.to(device))))
+        return self._pixels.to_images(tok.decode(tok.unscale_latents(latents.to(tokenizer_device(tok)))))
 
 
 def _is_single_prompt(prompts) -> bool:
