@@ -163,6 +163,29 @@ def test_partial_categories_weight_the_captions_forms_and_leave_the_default_stre
         ShapesConfig(partial_categories=[f"{c}:0" for c in GENEVAL_CATEGORIES])
 
 
+def test_vqa_after_image_puts_a_share_of_questions_after_the_picture_and_leaves_the_default_stream_alone():
+    """vqa_after_image: that share of VQA documents is [image] "Question: Q" "Answer: A" (marked after_image), the
+    same question and answer as the question-first layout; 0 draws nothing (the documents of earlier versions)."""
+    from mixmodal.documents import Image, Text
+
+    base = ShapesConfig(resolution=32, tasks=["vqa"])
+    plain = [shapes_document(base, "train", i) for i in range(200)]
+    same = [shapes_document(ShapesConfig(**{**base.__dict__, "vqa_after_image": 0.0}), "train", i) for i in range(200)]
+    assert [d.texts for d in same] == [d.texts for d in plain]
+    assert all(isinstance(d.parts[1], Image) and "after_image" not in d.metadata for d in plain)
+    half = [shapes_document(ShapesConfig(**{**base.__dict__, "vqa_after_image": 0.5}), "train", i) for i in range(200)]
+    after = [d for d in half if d.metadata.get("after_image")]
+    assert 60 < len(after) < 140
+    for d in after:
+        assert isinstance(d.parts[0], Image) and [type(p) for p in d.parts[1:]] == [Text, Text]
+        assert d.metadata["keep_order"]  # the pipeline's caption-first reordering leaves it as it is
+        assert d.texts == [f"Question: {d.metadata['question']}", f"Answer: {d.metadata['answer']}"]
+    assert all(isinstance(d.parts[1], Image) for d in half if not d.metadata.get("after_image"))
+    assert open_source("shapes:split=train,num=4,tasks=vqa,vqa_after_image=1").config.vqa_after_image == 1.0
+    with pytest.raises(ValueError, match="vqa_after_image must be a share"):
+        ShapesConfig(vqa_after_image=1.5)
+
+
 def test_repeat_shapes_draws_counts_of_three_and_four_and_keeps_the_rules():
     def most_of_one_shape(config, n=2000):
         return Counter(max(Counter(o.shape for o in sample_scene(config, "train", i).objects).values())

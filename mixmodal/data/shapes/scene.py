@@ -219,6 +219,10 @@ class ShapesConfig:
     # Share of caption documents whose text is a GenEval-form partial caption ("a photo of a red
     # star", data/shapes/geneval.py) instead of a full one; such documents keep caption-first order.
     partial_captions: float = 0.0
+    # Share of VQA documents laid out picture first ([image] "Question: ..." "Answer: ..."), as a conversation asks:
+    # the question then has to find its answer in a picture already read (docs/instruct.md, twentieth session:
+    # question-first training leaves "where" questions after the picture at 0.6-0.8). 0 keeps every question first.
+    vqa_after_image: float = 0.0
     # Share of scenes drawn with one shape repeated 2-4 times (colours and sizes still random), so
     # "three stars" is seen: uniform scenes hold 3+ of a shape in only ~3% of draws.
     repeat_shapes: float = 0.0
@@ -256,6 +260,8 @@ class ShapesConfig:
             raise ValueError(f"chat_turns must be between 1 and 8 exchanges; got {self.chat_turns!r}")
         if not 0.0 <= self.partial_captions <= 1.0:
             raise ValueError(f"partial_captions must be a share in [0, 1]; got {self.partial_captions!r}")
+        if not 0.0 <= self.vqa_after_image <= 1.0:
+            raise ValueError(f"vqa_after_image must be a share in [0, 1]; got {self.vqa_after_image!r}")
         if not 0.0 <= self.repeat_shapes <= 1.0:
             raise ValueError(f"repeat_shapes must be a share in [0, 1]; got {self.repeat_shapes!r}")
         if self.repeat_shapes > 0 and self.max_objects < 2:

@@ -11,7 +11,9 @@ scene (so its first scene is `sample_scene(config, split, index)`), then its tas
                           `keep_order` (a prompt, never a caption to write)
     vqa      T I T        "Question: ...", the image, "Answer: ..." (the question first: after a bare
                           image the world only ever continues with a caption, so an image alone
-                          prompts a caption, and the question says what to look for)
+                          prompts a caption, and the question says what to look for); a share
+                          `vqa_after_image` of them I T T, the question after the picture, as
+                          a conversation asks it (marked `after_image`)
     plan     T T I        a GenEval-form partial caption, "Plan: " + a full caption of the scene, the
                           image: a prompt, the scene the model means to draw for it, and the drawing
                           (the eval's `plan` sampling writes the plan, then draws; eval/shapes_tasks.py)
@@ -83,6 +85,9 @@ def shapes_document(config: ShapesConfig, split: str, index: int) -> Document:
     elif task == "vqa":
         question, answer, kind = vqa(scene, rng)
         layout = [f"Question: {question}", 0, f"Answer: {answer}"]
+        if config.vqa_after_image > 0 and rng.random() < config.vqa_after_image:  # (no draw at 0: the old stream)
+            layout = [0, f"Question: {question}", f"Answer: {answer}"]
+            meta.update(after_image=True, keep_order=True)
         meta.update(question=question, answer=answer, question_type=kind)
     elif task == "edit":
         edit = _next_edit(rng, scene, config, split)
