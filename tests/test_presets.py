@@ -55,3 +55,20 @@ def test_preset_resolves(path, pretrained):
 def test_demo_preset_equals_the_defaults():
     """configs/demo.yaml documents the defaults `make demo` runs with; they must not drift."""
     assert build_config(DemoConfig, CONFIGS / "demo.yaml") == DemoConfig()
+
+
+@pytest.mark.parametrize("base, chat, differ", [
+    ("tokens-48", "tokens-48-chat", {("data", "source"), ("model", "image", "slot_embedding")}),
+    ("latents-48", "latents-48-chat", {("data", "source")}),
+])
+def test_chat_bases_are_their_recipes_but_for_the_named_fields(base, chat, differ):
+    """The SFT bases copy their recipe file (configs have no inheritance): they must not drift from it."""
+    import dataclasses
+
+    def flat(node, key=()):
+        if isinstance(node, dict):
+            return {k: v for name, sub in node.items() for k, v in flat(sub, key + (name,)).items()}
+        return {key: node}
+
+    a, b = (flat(dataclasses.asdict(load_run_config(CONFIGS / "recipes" / f"{n}.yaml"))) for n in (base, chat))
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == differ
